@@ -1,0 +1,396 @@
+//! Configuration of one MoE layer and its validation.
+//!
+//! [`MoeConfig::validate`] is the single gate every other part of the crate relies on: a
+//! config that passes it can be planned, allocated and launched without any arithmetic
+//! overflow or out-of-range index. Every refusal is an [`Error::InvalidConfig`] that
+//! names the field and the limit.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Hidden and intermediate sizes must be multiples of this: it is the K and N depth of
+/// one GEMM tile in the kernel, and it keeps every row 16-byte aligned in every dtype.
+pub const DIM_MULTIPLE: usize = 64;
+/// Largest hidden or intermediate size accepted (per expert).
+pub const MAX_DIM: usize = 65_536;
+/// Largest number of tokens per rank in one launch.
+pub const MAX_TOKENS: usize = 1 << 20;
+/// Largest number of routed experts.
+pub const MAX_EXPERTS: usize = 1024;
+/// Largest top-k (the kernel keeps a token's k choices in registers).
+pub const MAX_TOP_K: usize = 16;
+/// Largest world (number of ranks).
+pub const MAX_WORLD: usize = 1024;
+/// Largest number of shared experts.
+pub const MAX_SHARED_EXPERTS: usize = 16;
+/// Largest capacity factor; beyond it, use [`Capacity::Dropless`].
+pub const MAX_CAPACITY_FACTOR: f32 = 1024.0;
+
+/// Storage type of tokens and weights on the device. Accumulation is always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Dtype {
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+    /// IEEE single.
+    F32,
+}
+
+impl Dtype {
+    /// Bytes of one element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::Bf16 | Dtype::F16 => 2,
+            Dtype::F32 => 4,
+        }
+    }
+
+    /// Rounds an f32 to the nearest value this dtype can store (round to nearest even).
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Dtype::Bf16 => half::bf16::from_f32(x).to_f32(),
+            Dtype::F16 => half::f16::from_f32(x).to_f32(),
+            Dtype::F32 => x,
+        }
+    }
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+            Dtype::F32 => "f32",
+        }
+    }
+}
+
+/// The expert MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MlpKind {
+    /// `down(silu(gate x) * up x)`.
+    SwiGlu,
+    /// `down(gelu(gate x) * up x)` (tanh approximation of GELU).
+    GeGlu,
+    /// `down(gelu(up x))` (tanh approximation of GELU).
+    Gelu,
+    /// `down(relu(up x))`.
+    Relu,
+}
+
+impl MlpKind {
+    /// Whether the first GEMM produces a gate and an up projection.
+    pub fn is_gated(self) -> bool {
+        matches!(self, MlpKind::SwiGlu | MlpKind::GeGlu)
+    }
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            MlpKind::SwiGlu => "swiglu",
+            MlpKind::GeGlu => "geglu",
+            MlpKind::Gelu => "gelu",
+            MlpKind::Relu => "relu",
+        }
+    }
+}
+
+/// How tokens pick their experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Router {
+    /// Softmax over all experts' logits, then top-k; with `renormalize`, the k weights are
+    /// divided by their sum (Mixtral, Qwen3); without, the raw probabilities are used.
+    Softmax {
+        /// Divide the k selected probabilities by their sum.
+        renormalize: bool,
+    },
+    /// DeepSeek-V3: sigmoid scores; a per-expert bias is added for the selection only; the
+    /// weights are the unbiased scores, renormalised over the k chosen if asked.
+    SigmoidBias {
+        /// Divide the k selected scores by their sum.
+        renormalize: bool,
+    },
+    /// The caller gives the expert ids and weights of every token.
+    Given,
+}
+
+/// How many rows each (source rank, expert) pair may send.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Capacity {
+    /// `ceil(factor * tokens * top_k / experts)` rows, rounded up to the tile height; pairs
+    /// past it are dropped and counted.
+    Factor(f32),
+    /// Room for every token: nothing is ever dropped.
+    Dropless,
+}
+
+/// Which rank owns which expert.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Placement {
+    /// Contiguous blocks: with E experts on R ranks, the first `E % R` ranks own
+    /// `E / R + 1` experts and the others `E / R`.
+    Blocked,
+    /// An explicit expert -> rank map of length `experts`; ranks may own different numbers
+    /// of experts, including none.
+    Map(Vec<u32>),
+}
+
+/// Experts that every token goes through, on its own rank (DeepSeekMoE, Qwen2-MoE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedExperts {
+    /// Number of shared experts (DeepSeek fuses them into one MLP of `count * intermediate`).
+    pub count: usize,
+    /// Intermediate size of each shared expert.
+    pub intermediate: usize,
+    /// Scale the shared output by `sigmoid(x . w_gate)` (Qwen2-MoE's `shared_expert_gate`).
+    pub gated: bool,
+}
+
+/// One MoE layer as the runtime sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    /// Largest number of tokens any rank brings to one launch (ranks may bring fewer).
+    pub tokens: usize,
+    /// Model (hidden) size.
+    pub hidden: usize,
+    /// Intermediate size of one routed expert.
+    pub intermediate: usize,
+    /// Number of routed experts.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Capacity per (source rank, expert).
+    pub capacity: Capacity,
+    /// Storage type of tokens and weights.
+    pub dtype: Dtype,
+    /// The expert MLP.
+    pub mlp: MlpKind,
+    /// The router.
+    pub router: Router,
+    /// Multiplier applied to the routed weights after selection and renormalisation
+    /// (DeepSeek's `routed_scaling_factor`; 1.0 elsewhere).
+    pub routed_scale: f32,
+    /// Always-on experts, if any.
+    pub shared: Option<SharedExperts>,
+    /// Number of ranks.
+    pub world: usize,
+    /// Expert placement.
+    pub placement: Placement,
+}
+
+impl MoeConfig {
+    /// A small single-rank config with sensible defaults (softmax top-k, SwiGLU, bf16,
+    /// capacity factor 1.25).
+    pub fn new(
+        tokens: usize,
+        hidden: usize,
+        intermediate: usize,
+        experts: usize,
+        top_k: usize,
+    ) -> Self {
+        MoeConfig {
+            tokens,
+            hidden,
+            intermediate,
+            experts,
+            top_k,
+            capacity: Capacity::Factor(1.25),
+            dtype: Dtype::Bf16,
+            mlp: MlpKind::SwiGlu,
+            router: Router::Softmax { renormalize: true },
+            routed_scale: 1.0,
+            shared: None,
+            world: 1,
+            placement: Placement::Blocked,
+        }
+    }
+
+    /// Checks every field; the first violation is returned as [`Error::InvalidConfig`].
+    pub fn validate(&self) -> Result<()> {
+        if self.tokens > MAX_TOKENS {
+            return Err(Error::config(
+                "tokens",
+                self.tokens,
+                format!("at most {MAX_TOKENS} per rank"),
+            ));
+        }
+        check_dim("hidden", self.hidden)?;
+        check_dim("intermediate", self.intermediate)?;
+        if self.experts == 0 || self.experts > MAX_EXPERTS {
+            return Err(Error::config(
+                "experts",
+                self.experts,
+                format!("between 1 and {MAX_EXPERTS}"),
+            ));
+        }
+        if self.top_k == 0 || self.top_k > MAX_TOP_K {
+            return Err(Error::config(
+                "top_k",
+                self.top_k,
+                format!("between 1 and {MAX_TOP_K}"),
+            ));
+        }
+        if self.top_k > self.experts {
+            return Err(Error::config(
+                "top_k",
+                self.top_k,
+                format!("at most `experts` = {}", self.experts),
+            ));
+        }
+        if let Capacity::Factor(f) = self.capacity {
+            if !f.is_finite() || f <= 0.0 || f > MAX_CAPACITY_FACTOR {
+                return Err(Error::config(
+                    "capacity",
+                    f,
+                    format!("a finite factor in (0, {MAX_CAPACITY_FACTOR}], or Dropless"),
+                ));
+            }
+        }
+        if !self.routed_scale.is_finite() || self.routed_scale <= 0.0 {
+            return Err(Error::config(
+                "routed_scale",
+                self.routed_scale,
+                "finite and > 0",
+            ));
+        }
+        if let Some(s) = &self.shared {
+            if s.count == 0 || s.count > MAX_SHARED_EXPERTS {
+                return Err(Error::config(
+                    "shared.count",
+                    s.count,
+                    format!("between 1 and {MAX_SHARED_EXPERTS} (use None for no shared experts)"),
+                ));
+            }
+            check_dim("shared.intermediate", s.intermediate)?;
+        }
+        if self.world == 0 || self.world > MAX_WORLD {
+            return Err(Error::config(
+                "world",
+                self.world,
+                format!("between 1 and {MAX_WORLD}"),
+            ));
+        }
+        if let Placement::Map(map) = &self.placement {
+            if map.len() != self.experts {
+                return Err(Error::config(
+                    "placement",
+                    format!("a map of length {}", map.len()),
+                    format!("length must equal `experts` = {}", self.experts),
+                ));
+            }
+            if let Some((e, r)) = map
+                .iter()
+                .enumerate()
+                .find(|(_, &r)| r as usize >= self.world)
+            {
+                return Err(Error::config(
+                    "placement",
+                    format!("expert {e} -> rank {r}"),
+                    format!("ranks must be < `world` = {}", self.world),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The rank that owns each expert (validated config assumed; unknown ranks are kept).
+    pub fn expert_owners(&self) -> Vec<u32> {
+        match &self.placement {
+            Placement::Map(map) => map.clone(),
+            Placement::Blocked => {
+                let (e, r) = (self.experts, self.world.max(1));
+                let (base, extra) = (e / r, e % r);
+                let mut owners = Vec::with_capacity(e);
+                for rank in 0..r {
+                    let n = base + usize::from(rank < extra);
+                    owners.extend(std::iter::repeat_n(rank as u32, n));
+                }
+                owners
+            }
+        }
+    }
+
+    /// Width of the first GEMM's output: `2 * intermediate` when gated.
+    pub fn gemm0_width(&self) -> usize {
+        if self.mlp.is_gated() {
+            2 * self.intermediate
+        } else {
+            self.intermediate
+        }
+    }
+}
+
+fn check_dim(field: &'static str, v: usize) -> Result<()> {
+    if v == 0 || v > MAX_DIM || v % DIM_MULTIPLE != 0 {
+        return Err(Error::config(
+            field,
+            v,
+            format!("a multiple of {DIM_MULTIPLE} between {DIM_MULTIPLE} and {MAX_DIM}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Routing given by the caller for [`Router::Given`]: `ids[t * top_k + j]` is token t's
+/// j-th expert and `weights[t * top_k + j]` its weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GivenRouting {
+    /// Expert ids, `tokens * top_k`.
+    pub ids: Vec<u32>,
+    /// Weights, `tokens * top_k`.
+    pub weights: Vec<f32>,
+}
+
+impl GivenRouting {
+    /// Checks lengths, ids in range, no repeated expert within a token, finite weights.
+    pub fn validate(&self, tokens: usize, cfg: &MoeConfig) -> Result<()> {
+        let n = tokens * cfg.top_k;
+        if self.ids.len() != n {
+            return Err(Error::input(
+                "routing.ids",
+                format!("length {} != tokens * top_k = {n}", self.ids.len()),
+            ));
+        }
+        if self.weights.len() != n {
+            return Err(Error::input(
+                "routing.weights",
+                format!("length {} != tokens * top_k = {n}", self.weights.len()),
+            ));
+        }
+        for (i, &id) in self.ids.iter().enumerate() {
+            if id as usize >= cfg.experts {
+                return Err(Error::input(
+                    "routing.ids",
+                    format!(
+                        "token {} choice {}: expert {id} >= experts = {}",
+                        i / cfg.top_k,
+                        i % cfg.top_k,
+                        cfg.experts
+                    ),
+                ));
+            }
+            let t0 = i - i % cfg.top_k;
+            if self.ids[t0..i].contains(&id) {
+                return Err(Error::input(
+                    "routing.ids",
+                    format!("token {} names expert {id} twice", i / cfg.top_k),
+                ));
+            }
+        }
+        if let Some(i) = self.weights.iter().position(|w| !w.is_finite()) {
+            return Err(Error::input(
+                "routing.weights",
+                format!(
+                    "token {} choice {}: weight {} is not finite",
+                    i / cfg.top_k,
+                    i % cfg.top_k,
+                    self.weights[i]
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

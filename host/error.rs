@@ -1,0 +1,138 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Every error the flashmoe library returns.
+///
+/// Variants name the field, the stage or the rank involved so that a caller can act on
+/// them without parsing text.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is outside what the runtime supports.
+    #[error("invalid config: `{field}` = {value}: {limit}")]
+    InvalidConfig {
+        /// The configuration field, as spelled in `MoeConfig`.
+        field: &'static str,
+        /// The value that was given.
+        value: String,
+        /// The limit it broke.
+        limit: String,
+    },
+
+    /// A run-time input (tensor shape, caller routing, buffer) is invalid.
+    #[error("invalid input: `{field}`: {reason}")]
+    InvalidInput {
+        /// The input that is wrong.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The plan's memory does not fit the address arithmetic or the stated limit.
+    #[error("plan too large: {what}")]
+    PlanTooLarge {
+        /// Which quantity overflowed.
+        what: String,
+    },
+
+    /// A wait of the CPU executor or the device ran past its deadline.
+    #[error("timeout on rank {rank} in stage {stage}: awaited {awaited} (expected {expected}, observed {observed}) after {waited_ms} ms")]
+    Timeout {
+        /// The rank that was waiting.
+        rank: usize,
+        /// The protocol stage (gate, dispatch, expert, combine).
+        stage: &'static str,
+        /// What it was waiting for.
+        awaited: String,
+        /// The value it expected.
+        expected: u64,
+        /// The value it last saw.
+        observed: u64,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+
+    /// The device kernel reported an invalid state through its status word.
+    #[error("device error on rank {rank} in stage {stage}: {what} (expected {expected}, observed {observed})")]
+    Device {
+        /// The rank whose block group reported it.
+        rank: usize,
+        /// The protocol stage.
+        stage: &'static str,
+        /// What was found.
+        what: String,
+        /// The value expected.
+        expected: u64,
+        /// The value observed.
+        observed: u64,
+    },
+
+    /// No usable GPU (no driver, no device, or the wrong architecture).
+    #[error("no GPU: {0}")]
+    NoGpu(String),
+
+    /// The library was compiled without CUDA kernels.
+    #[error("flashmoe was built without CUDA kernels: {0}")]
+    NoKernels(String),
+
+    /// An error from the CUDA driver.
+    #[error("CUDA driver: {0}")]
+    Cuda(String),
+
+    /// An error from NVSHMEM's host library.
+    #[error("NVSHMEM: {0}")]
+    Nvshmem(#[from] nvshmem_sys::Error),
+
+    /// A bad or missing environment variable of the launcher convention.
+    #[error("environment variable `{var}`: {reason}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The multi-process bootstrap failed (peer missing, connection refused, bad message).
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
+
+    /// A checkpoint could not be read or does not match the expected layout.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// An I/O error with the path it concerned.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Builds an [`Error::InvalidConfig`].
+    pub fn config(field: &'static str, value: impl ToString, limit: impl ToString) -> Self {
+        Error::InvalidConfig {
+            field,
+            value: value.to_string(),
+            limit: limit.to_string(),
+        }
+    }
+
+    /// Builds an [`Error::InvalidInput`].
+    pub fn input(field: &'static str, reason: impl ToString) -> Self {
+        Error::InvalidInput {
+            field,
+            reason: reason.to_string(),
+        }
+    }
+}

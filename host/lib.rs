@@ -1,0 +1,17 @@
+//! flashmoe: a distributed Mixture-of-Experts layer as one persistent CUDA kernel per GPU.
+//!
+//! The host side plans ([`plan::LayerPlan`]) and launches; the same plan drives the CPU
+//! executor (the reference implementation of the protocol, and the backend on machines
+//! without a GPU). See the README and `DESIGN.md` for the architecture.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod params;
+pub mod plan;
+
+pub use config::{
+    Capacity, Dtype, GivenRouting, MlpKind, MoeConfig, Placement, Router, SharedExperts,
+};
+pub use error::{Error, Result};
+pub use plan::LayerPlan;

@@ -1,0 +1,243 @@
+//! `#[repr(C)]` mirror of `kernel/include/flashmoe/params.h`.
+//!
+//! `tests/params_layout.rs` compiles the header with the host C compiler and checks that
+//! every field offset and struct size agrees with these definitions.
+
+use crate::config::{Dtype, MlpKind, MoeConfig, Router};
+use crate::plan::{LayerPlan, TILE_K, TILE_M, TILE_N};
+
+/// `FM_PARAMS_VERSION`.
+pub const PARAMS_VERSION: u32 = 1;
+/// `FM_MAX_LAUNCH_RANKS`: ranks one launch can emulate.
+pub const MAX_LAUNCH_RANKS: usize = 8;
+
+/// Status codes (`FM_STATUS_*`).
+pub mod status {
+    /// No error.
+    pub const OK: u64 = 0;
+    /// A wait ran past its deadline.
+    pub const TIMEOUT: u64 = 1;
+    /// The kernel found parameters it cannot run.
+    pub const BAD_PARAMS: u64 = 2;
+    /// Invalid routing (expert id out of range, non-finite weight).
+    pub const BAD_ROUTING: u64 = 3;
+    /// A signal carried a count that cannot be.
+    pub const BAD_SIGNAL: u64 = 4;
+    /// More tasks than the queue holds.
+    pub const QUEUE_OVERFLOW: u64 = 5;
+}
+
+/// Stage codes (`FM_STAGE_*`).
+pub mod stage {
+    /// Parameter checks.
+    pub const SETUP: u64 = 0;
+    /// Router.
+    pub const GATE: u64 = 1;
+    /// Token dispatch.
+    pub const DISPATCH: u64 = 2;
+    /// Expert GEMMs.
+    pub const EXPERT: u64 = 3;
+    /// Combine.
+    pub const COMBINE: u64 = 4;
+
+    /// Name of a stage code.
+    pub fn name(code: u64) -> &'static str {
+        match code {
+            SETUP => "setup",
+            GATE => "gate",
+            DISPATCH => "dispatch",
+            EXPERT => "expert",
+            COMBINE => "combine",
+            _ => "unknown",
+        }
+    }
+}
+
+/// `FmLayerParams`: shape and layout, identical for every rank.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[allow(missing_docs)]
+pub struct LayerParams {
+    pub version: u32,
+    pub world: u32,
+    pub tokens_max: u32,
+    pub hidden: u32,
+    pub intermediate: u32,
+    pub experts: u32,
+    pub top_k: u32,
+    pub max_local: u32,
+    pub capacity: u32,
+    pub dtype: u32,
+    pub mlp: u32,
+    pub router: u32,
+    pub renormalize: u32,
+    pub shared_width: u32,
+    pub shared_gated: u32,
+    pub tile_m: u32,
+    pub tile_n: u32,
+    pub tile_k: u32,
+    pub routed_scale: f32,
+    pub pad0: u32,
+    pub timeout_cycles: u64,
+    pub heap_stride_row: u64,
+    pub heap_stride_expert: u64,
+    pub heap_stride_cell: u64,
+    pub heap_stride_stage: u64,
+    pub heap_stride_peer: u64,
+    pub heap_cells: u64,
+    pub heap_dispatch_signals: u64,
+    pub heap_combine_signals: u64,
+    pub heap_bytes: u64,
+    pub ws_epoch: u64,
+    pub ws_status: u64,
+    pub ws_dropped: u64,
+    pub ws_expert_counts: u64,
+    pub ws_route_ids: u64,
+    pub ws_route_weights: u64,
+    pub ws_route_slots: u64,
+    pub ws_act: u64,
+    pub ws_act_stride_row: u64,
+    pub ws_act_stride_expert: u64,
+    pub ws_act_stride_source: u64,
+    pub ws_gemm0_done: u64,
+    pub ws_gemm1_done: u64,
+    pub ws_queue_ctl: u64,
+    pub ws_queue: u64,
+    pub ws_queue_capacity: u64,
+    pub ws_bytes: u64,
+    pub expert_owner: u64,
+    pub router_weight: u64,
+    pub router_bias: u64,
+}
+
+/// `FmRankParams`: the pointers of one rank.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[allow(missing_docs)]
+pub struct RankParams {
+    pub rank: u32,
+    pub tokens: u32,
+    pub local_experts: u32,
+    pub pad0: u32,
+    pub heap: u64,
+    pub peers: u64,
+    pub workspace: u64,
+    pub x: u64,
+    pub out: u64,
+    pub w0: u64,
+    pub w1: u64,
+    pub shared_w0: u64,
+    pub shared_w1: u64,
+    pub shared_gate: u64,
+    pub given_ids: u64,
+    pub given_weights: u64,
+}
+
+/// `FmKernelParams`: the kernel's one parameter.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[allow(missing_docs)]
+pub struct KernelParams {
+    pub layer: LayerParams,
+    pub launch_ranks: u32,
+    pub pad0: u32,
+    pub rank: [RankParams; MAX_LAUNCH_RANKS],
+}
+
+/// Codes of the config enums as the kernel sees them.
+pub fn dtype_code(d: Dtype) -> u32 {
+    match d {
+        Dtype::Bf16 => 0,
+        Dtype::F16 => 1,
+        Dtype::F32 => 2,
+    }
+}
+
+/// `FM_MLP_*` code.
+pub fn mlp_code(m: MlpKind) -> u32 {
+    match m {
+        MlpKind::SwiGlu => 0,
+        MlpKind::GeGlu => 1,
+        MlpKind::Gelu => 2,
+        MlpKind::Relu => 3,
+    }
+}
+
+/// `FM_ROUTER_*` code and the renormalise flag.
+pub fn router_code(r: Router) -> (u32, u32) {
+    match r {
+        Router::Softmax { renormalize } => (0, renormalize as u32),
+        Router::SigmoidBias { renormalize } => (1, renormalize as u32),
+        Router::Given => (2, 0),
+    }
+}
+
+impl LayerParams {
+    /// The layout part of the parameters, from the plan. Device table pointers
+    /// (`expert_owner`, `router_weight`, `router_bias`) are left 0 for the runtime to fill.
+    pub fn from_plan(plan: &LayerPlan, timeout_cycles: u64) -> Self {
+        let cfg: &MoeConfig = &plan.config;
+        let (router, renormalize) = router_code(cfg.router);
+        let (h, w) = (&plan.heap, &plan.workspace);
+        LayerParams {
+            version: PARAMS_VERSION,
+            world: cfg.world as u32,
+            tokens_max: cfg.tokens as u32,
+            hidden: cfg.hidden as u32,
+            intermediate: cfg.intermediate as u32,
+            experts: cfg.experts as u32,
+            top_k: cfg.top_k as u32,
+            max_local: plan.max_local as u32,
+            capacity: plan.capacity as u32,
+            dtype: dtype_code(cfg.dtype),
+            mlp: mlp_code(cfg.mlp),
+            router,
+            renormalize,
+            shared_width: cfg.shared.map_or(0, |s| (s.count * s.intermediate) as u32),
+            shared_gated: cfg.shared.is_some_and(|s| s.gated) as u32,
+            tile_m: TILE_M as u32,
+            tile_n: TILE_N as u32,
+            tile_k: TILE_K as u32,
+            routed_scale: cfg.routed_scale,
+            pad0: 0,
+            timeout_cycles,
+            heap_stride_row: h.stride_row,
+            heap_stride_expert: h.stride_expert,
+            heap_stride_cell: h.stride_cell,
+            heap_stride_stage: h.stride_stage,
+            heap_stride_peer: h.stride_peer,
+            heap_cells: h.cells,
+            heap_dispatch_signals: h.dispatch_signals,
+            heap_combine_signals: h.combine_signals,
+            heap_bytes: h.bytes,
+            ws_epoch: w.epoch,
+            ws_status: w.status,
+            ws_dropped: w.dropped,
+            ws_expert_counts: w.expert_counts,
+            ws_route_ids: w.route_ids,
+            ws_route_weights: w.route_weights,
+            ws_route_slots: w.route_slots,
+            ws_act: w.act,
+            ws_act_stride_row: w.act_stride_row,
+            ws_act_stride_expert: w.act_stride_expert,
+            ws_act_stride_source: w.act_stride_source,
+            ws_gemm0_done: w.gemm0_done,
+            ws_gemm1_done: w.gemm1_done,
+            ws_queue_ctl: w.queue_ctl,
+            ws_queue: w.queue,
+            ws_queue_capacity: w.queue_capacity,
+            ws_bytes: w.bytes,
+            expert_owner: 0,
+            router_weight: 0,
+            router_bias: 0,
+        }
+    }
+}
+
+/// The `expert_owner` table the kernel reads: `(rank << 16) | local` per expert.
+pub fn expert_owner_table(plan: &LayerPlan) -> Vec<u32> {
+    plan.owners
+        .iter()
+        .map(|o| (o.rank << 16) | o.local)
+        .collect()
+}

@@ -1,0 +1,144 @@
+// flashmoe kernel parameters: the ONE contract between the Rust host and the kernel.
+//
+// Plain C, fixed-width fields, no padding holes (every struct is a multiple of 8 bytes and
+// every u64 sits at an 8-byte offset). The Rust mirror is host/params.rs; the test
+// tests/params_layout.rs compiles this header with the host C compiler and checks every
+// field's offset and every struct's size against the Rust side.
+//
+// Every offset below is computed by the host (host/plan.rs). The kernel computes no layout:
+// it adds these offsets and strides to the base pointers it is given.
+#ifndef FLASHMOE_PARAMS_H
+#define FLASHMOE_PARAMS_H
+
+#include <stdint.h>
+
+#define FM_PARAMS_VERSION 1u
+// Ranks one launch can emulate (block groups acting as ranks on one GPU).
+#define FM_MAX_LAUNCH_RANKS 8
+
+// dtype codes
+#define FM_DTYPE_BF16 0u
+#define FM_DTYPE_F16 1u
+#define FM_DTYPE_F32 2u
+// MLP codes
+#define FM_MLP_SWIGLU 0u
+#define FM_MLP_GEGLU 1u
+#define FM_MLP_GELU 2u
+#define FM_MLP_RELU 3u
+// router codes
+#define FM_ROUTER_SOFTMAX 0u
+#define FM_ROUTER_SIGMOID_BIAS 1u
+#define FM_ROUTER_GIVEN 2u
+
+// Status codes written by the kernel into the workspace status words.
+#define FM_STATUS_OK 0u
+#define FM_STATUS_TIMEOUT 1u
+#define FM_STATUS_BAD_PARAMS 2u
+#define FM_STATUS_BAD_ROUTING 3u
+#define FM_STATUS_BAD_SIGNAL 4u
+#define FM_STATUS_QUEUE_OVERFLOW 5u
+
+// Stage codes (status word 1).
+#define FM_STAGE_SETUP 0u
+#define FM_STAGE_GATE 1u
+#define FM_STAGE_DISPATCH 2u
+#define FM_STAGE_EXPERT 3u
+#define FM_STAGE_COMBINE 4u
+
+// Shape and layout of the layer: identical for every rank.
+typedef struct FmLayerParams {
+    uint32_t version;            // FM_PARAMS_VERSION
+    uint32_t world;              // ranks in the whole world
+    uint32_t tokens_max;         // rows of the per-rank token buffers
+    uint32_t hidden;
+    uint32_t intermediate;
+    uint32_t experts;
+    uint32_t top_k;
+    uint32_t max_local;          // experts dimension of the heap (max experts per rank)
+    uint32_t capacity;           // rows per (source, expert); multiple of tile_m
+    uint32_t dtype;              // FM_DTYPE_*
+    uint32_t mlp;                // FM_MLP_*
+    uint32_t router;             // FM_ROUTER_*
+    uint32_t renormalize;        // 1: divide the k weights by their sum
+    uint32_t shared_width;       // count * intermediate of the fused shared experts, 0 if none
+    uint32_t shared_gated;       // 1: scale shared output by sigmoid(x . shared_gate)
+    uint32_t tile_m;
+    uint32_t tile_n;
+    uint32_t tile_k;
+    float routed_scale;
+    uint32_t pad0;
+    uint64_t timeout_cycles;     // deadline of every device wait, in clock64 cycles
+
+    // Symmetric heap layout, bytes (see host/plan.rs).
+    uint64_t heap_stride_row;
+    uint64_t heap_stride_expert;
+    uint64_t heap_stride_cell;
+    uint64_t heap_stride_stage;
+    uint64_t heap_stride_peer;
+    uint64_t heap_cells;
+    uint64_t heap_dispatch_signals;
+    uint64_t heap_combine_signals;
+    uint64_t heap_bytes;
+
+    // Private workspace layout, bytes.
+    uint64_t ws_epoch;
+    uint64_t ws_status;
+    uint64_t ws_dropped;
+    uint64_t ws_expert_counts;
+    uint64_t ws_route_ids;
+    uint64_t ws_route_weights;
+    uint64_t ws_route_slots;
+    uint64_t ws_act;
+    uint64_t ws_act_stride_row;
+    uint64_t ws_act_stride_expert;
+    uint64_t ws_act_stride_source;
+    uint64_t ws_gemm0_done;
+    uint64_t ws_gemm1_done;
+    uint64_t ws_queue_ctl;
+    uint64_t ws_queue;
+    uint64_t ws_queue_capacity;
+    uint64_t ws_bytes;
+
+    // Device tables shared by all ranks of the launch.
+    uint64_t expert_owner;       // u32 [experts]: (rank << 16) | local index
+    uint64_t router_weight;      // dtype [experts][hidden]
+    uint64_t router_bias;        // f32 [experts], or 0
+} FmLayerParams;
+
+// Pointers of one rank (one block group of the launch).
+typedef struct FmRankParams {
+    uint32_t rank;               // this rank's id in the world
+    uint32_t tokens;             // tokens this launch brings (<= tokens_max)
+    uint32_t local_experts;      // experts this rank owns (<= max_local)
+    uint32_t pad0;
+    uint64_t heap;               // this rank's symmetric heap
+    uint64_t peers;              // u64 [world]: every peer's heap as this rank can store to it, 0 if unreachable
+    uint64_t workspace;          // this rank's private workspace
+    uint64_t x;                  // dtype [tokens][hidden]
+    uint64_t out;                // dtype [tokens][hidden]
+    uint64_t w0;                 // dtype [local_experts][gemm0 width][hidden]; gated: gate rows then up rows
+    uint64_t w1;                 // dtype [local_experts][hidden][intermediate]
+    uint64_t shared_w0;          // dtype [gemm0 width of shared][hidden], or 0
+    uint64_t shared_w1;          // dtype [hidden][shared_width], or 0
+    uint64_t shared_gate;        // dtype [hidden], or 0
+    uint64_t given_ids;          // i32 [tokens][top_k] when router == GIVEN
+    uint64_t given_weights;      // f32 [tokens][top_k] when router == GIVEN
+} FmRankParams;
+
+// The kernel's one parameter.
+typedef struct FmKernelParams {
+    FmLayerParams layer;
+    uint32_t launch_ranks;       // block groups in this launch (1 for Single and NVSHMEM)
+    uint32_t pad0;
+    FmRankParams rank[FM_MAX_LAUNCH_RANKS];
+} FmKernelParams;
+
+#ifdef __cplusplus
+static_assert(sizeof(FmLayerParams) % 8 == 0, "FmLayerParams must have no tail padding");
+static_assert(sizeof(FmRankParams) % 8 == 0, "FmRankParams must have no tail padding");
+// Kernel parameters are limited to 4 KiB on sm_70+ (32 KiB from CUDA 12.1 on Volta+,
+// but staying small keeps the launch cheap).
+static_assert(sizeof(FmKernelParams) <= 4096, "kernel parameters must fit in 4 KiB");
+#endif
+
+#endif  // FLASHMOE_PARAMS_H
