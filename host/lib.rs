@@ -9,9 +9,11 @@ pub mod config;
 pub mod error;
 pub mod params;
 pub mod plan;
+pub mod weights;
 
 pub use config::{
     Capacity, Dtype, GivenRouting, MlpKind, MoeConfig, Placement, Router, SharedExperts,
 };
 pub use error::{Error, Result};
 pub use plan::LayerPlan;
+pub use weights::{ExpertWeights, LayerWeights};
