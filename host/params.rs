@@ -11,6 +11,9 @@ pub const PARAMS_VERSION: u32 = 1;
 /// `FM_MAX_LAUNCH_RANKS`: ranks one launch can emulate.
 pub const MAX_LAUNCH_RANKS: usize = 8;
 
+/// `FM_NO_FAULT`: no fault injected.
+pub const NO_FAULT: u32 = u32::MAX;
+
 /// Status codes (`FM_STATUS_*`).
 pub mod status {
     /// No error.
@@ -77,8 +80,8 @@ pub struct LayerParams {
     pub tile_n: u32,
     pub tile_k: u32,
     pub routed_scale: f32,
-    pub pad0: u32,
-    pub timeout_cycles: u64,
+    pub fault_silent_rank: u32,
+    pub timeout_ns: u64,
     pub heap_stride_row: u64,
     pub heap_stride_expert: u64,
     pub heap_stride_cell: u64,
@@ -108,6 +111,7 @@ pub struct LayerParams {
     pub expert_owner: u64,
     pub router_weight: u64,
     pub router_bias: u64,
+    pub logit_bias: u64,
 }
 
 /// `FmRankParams`: the pointers of one rank.
@@ -174,8 +178,8 @@ pub fn router_code(r: Router) -> (u32, u32) {
 
 impl LayerParams {
     /// The layout part of the parameters, from the plan. Device table pointers
-    /// (`expert_owner`, `router_weight`, `router_bias`) are left 0 for the runtime to fill.
-    pub fn from_plan(plan: &LayerPlan, timeout_cycles: u64) -> Self {
+    /// (`expert_owner`, `router_weight`, `router_bias`, `logit_bias`) are left 0 for the runtime to fill.
+    pub fn from_plan(plan: &LayerPlan, timeout_ns: u64) -> Self {
         let cfg: &MoeConfig = &plan.config;
         let (router, renormalize) = router_code(cfg.router);
         let (h, w) = (&plan.heap, &plan.workspace);
@@ -199,8 +203,8 @@ impl LayerParams {
             tile_n: TILE_N as u32,
             tile_k: TILE_K as u32,
             routed_scale: cfg.routed_scale,
-            pad0: 0,
-            timeout_cycles,
+            fault_silent_rank: NO_FAULT,
+            timeout_ns,
             heap_stride_row: h.stride_row,
             heap_stride_expert: h.stride_expert,
             heap_stride_cell: h.stride_cell,
@@ -230,6 +234,7 @@ impl LayerParams {
             expert_owner: 0,
             router_weight: 0,
             router_bias: 0,
+            logit_bias: 0,
         }
     }
 }

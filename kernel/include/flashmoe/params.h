@@ -15,6 +15,8 @@
 #define FM_PARAMS_VERSION 1u
 // Ranks one launch can emulate (block groups acting as ranks on one GPU).
 #define FM_MAX_LAUNCH_RANKS 8
+// fault_silent_rank value meaning no fault is injected.
+#define FM_NO_FAULT 0xFFFFFFFFu
 
 // dtype codes
 #define FM_DTYPE_BF16 0u
@@ -66,8 +68,8 @@ typedef struct FmLayerParams {
     uint32_t tile_n;
     uint32_t tile_k;
     float routed_scale;
-    uint32_t pad0;
-    uint64_t timeout_cycles;     // deadline of every device wait, in clock64 cycles
+    uint32_t fault_silent_rank;  // test hook: this rank sends no signals (0xFFFFFFFF: none)
+    uint64_t timeout_ns;         // deadline of every device wait, in %globaltimer nanoseconds
 
     // Symmetric heap layout, bytes (see host/plan.rs).
     uint64_t heap_stride_row;
@@ -102,7 +104,8 @@ typedef struct FmLayerParams {
     // Device tables shared by all ranks of the launch.
     uint64_t expert_owner;       // u32 [experts]: (rank << 16) | local index
     uint64_t router_weight;      // dtype [experts][hidden]
-    uint64_t router_bias;        // f32 [experts], or 0
+    uint64_t router_bias;        // f32 [experts] selection bias (SIGMOID_BIAS), or 0
+    uint64_t logit_bias;         // f32 [experts] added to the router logits (research override), or 0
 } FmLayerParams;
 
 // Pointers of one rank (one block group of the launch).
