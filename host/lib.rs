@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod params;
 pub mod plan;
+pub mod presets;
 pub mod weights;
 
 pub use config::{
