@@ -1,4 +1,5 @@
 //! Unit tests of the oracle on cases whose answers are derived here from the definitions.
+#![allow(clippy::needless_range_loop)]
 
 use super::*;
 use crate::config::{Capacity, MlpKind, MoeConfig, Router, SharedExperts};
