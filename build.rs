@@ -84,7 +84,11 @@ fn run() -> Result<(), String> {
     let nvcc = match find_nvcc(&manifest)? {
         Some(n) => n,
         None => {
-            let why = format!("nvcc not found, GPU backend disabled: {HOW_TO_ENABLE}");
+            let why = if env::var("FLASHMOE_NVCC").is_ok_and(|v| v.trim() == "none") {
+                format!("FLASHMOE_NVCC=none, GPU backend disabled; to enable: {HOW_TO_ENABLE}")
+            } else {
+                format!("nvcc not found, GPU backend disabled; to enable: {HOW_TO_ENABLE}")
+            };
             if require {
                 return Err(format!("FLASHMOE_REQUIRE_KERNELS=1 but {why}"));
             }

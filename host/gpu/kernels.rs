@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 /// Cubin bytes with an alignment that ELF loaders are happy with (`include_bytes!` alone
 /// guarantees none).
 #[repr(C, align(128))]
+#[cfg_attr(not(flashmoe_kernels), allow(dead_code))]
 struct Aligned<T: ?Sized>(T);
 
 // Defines CUBINS, SKIPPED, ARCH and BUILD_NOTE.
