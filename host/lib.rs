@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod params;
 pub mod plan;
+pub mod reference;
 pub mod weights;
 
 pub use config::{
