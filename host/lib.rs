@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod error;
+pub mod model;
 pub mod params;
 pub mod plan;
 pub mod reference;

@@ -113,7 +113,10 @@ impl Checkpoint {
             entries.sort_by(|a, b| a.0.cmp(b.0));
             for (name, file) in entries {
                 let file = file.as_str().ok_or_else(|| {
-                    ckpt_err(&index_path, format!("weight_map[`{name}`] is not a file name"))
+                    ckpt_err(
+                        &index_path,
+                        format!("weight_map[`{name}`] is not a file name"),
+                    )
                 })?;
                 let shard = match by_file.get(file) {
                     Some(&i) => i,

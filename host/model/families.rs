@@ -68,9 +68,7 @@ pub const FAMILIES: [Family; 7] = [
 impl Family {
     /// The family of a `model_type` string, if known.
     pub fn from_model_type(model_type: &str) -> Option<Family> {
-        FAMILIES
-            .into_iter()
-            .find(|f| f.model_type() == model_type)
+        FAMILIES.into_iter().find(|f| f.model_type() == model_type)
     }
 
     /// The `model_type` of `config.json`.

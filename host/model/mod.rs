@@ -132,7 +132,11 @@ impl MoeModel {
         F: FnMut(&ModelLayer, LayerPlan, Arc<LayerWeights>) -> Result<Box<dyn LayerBackend>>,
     {
         let Some(first) = layers.first() else {
-            return Err(Error::config("layers", 0, "a model needs at least one MoE layer"));
+            return Err(Error::config(
+                "layers",
+                0,
+                "a model needs at least one MoE layer",
+            ));
         };
         let (hidden, world) = (first.config.hidden, first.config.world);
         let mut tokens = first.config.tokens;
@@ -143,14 +147,20 @@ impl MoeModel {
                 return Err(Error::config(
                     "hidden",
                     layer.config.hidden,
-                    format!("every layer must share hidden = {hidden} (layer {})", layer.index),
+                    format!(
+                        "every layer must share hidden = {hidden} (layer {})",
+                        layer.index
+                    ),
                 ));
             }
             if layer.config.world != world {
                 return Err(Error::config(
                     "world",
                     layer.config.world,
-                    format!("every layer must share world = {world} (layer {})", layer.index),
+                    format!(
+                        "every layer must share world = {world} (layer {})",
+                        layer.index
+                    ),
                 ));
             }
             tokens = tokens.min(layer.config.tokens);
@@ -231,7 +241,11 @@ impl MoeModel {
         if x.len() != self.world {
             return Err(Error::input(
                 "x",
-                format!("{} rank blocks, the model's world is {}", x.len(), self.world),
+                format!(
+                    "{} rank blocks, the model's world is {}",
+                    x.len(),
+                    self.world
+                ),
             ));
         }
         let mut tokens = Vec::with_capacity(x.len());

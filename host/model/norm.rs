@@ -56,7 +56,11 @@ impl RmsNorm {
             return out;
         }
         for row in x.chunks(hidden) {
-            let ms = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / hidden as f64;
+            let ms = row
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+                / hidden as f64;
             let r = 1.0 / (ms as f32 + self.eps).sqrt();
             out.extend(
                 row.iter()
@@ -99,7 +103,9 @@ mod tests {
     #[test]
     fn bf16_output_is_representable() {
         let n = RmsNorm {
-            weight: (0..64).map(|i| Dtype::Bf16.round(1.0 + i as f32 / 100.0)).collect(),
+            weight: (0..64)
+                .map(|i| Dtype::Bf16.round(1.0 + i as f32 / 100.0))
+                .collect(),
             eps: 1e-5,
         };
         let x: Vec<f32> = (0..64).map(|i| (i as f32).sin()).collect();
@@ -111,9 +117,21 @@ mod tests {
     #[test]
     fn validate_names_the_field() {
         let n = RmsNorm::ones(32, 1e-5);
-        assert!(matches!(n.validate(64), Err(Error::InvalidInput { field: "norm.weight", .. })));
+        assert!(matches!(
+            n.validate(64),
+            Err(Error::InvalidInput {
+                field: "norm.weight",
+                ..
+            })
+        ));
         let n = RmsNorm::ones(64, 0.0);
-        assert!(matches!(n.validate(64), Err(Error::InvalidInput { field: "norm.eps", .. })));
+        assert!(matches!(
+            n.validate(64),
+            Err(Error::InvalidInput {
+                field: "norm.eps",
+                ..
+            })
+        ));
         RmsNorm::ones(64, 1e-5).validate(64).unwrap();
     }
 }

@@ -181,8 +181,8 @@ impl SyntheticSpec {
                     .collect(),
                 eps: self.eps,
             };
-            let logit_bias =
-                (self.zipf > 0.0).then(|| zipf_logit_bias(self.config.experts, self.zipf, &mut rng));
+            let logit_bias = (self.zipf > 0.0)
+                .then(|| zipf_logit_bias(self.config.experts, self.zipf, &mut rng));
             let layer = ModelLayer {
                 index: l,
                 config: self.config.clone(),

@@ -1,0 +1,206 @@
+use super::*;
+use safetensors::tensor::TensorView;
+use std::io::Write;
+
+/// Writes one safetensors file with the given f32 tensors stored as `dtype`.
+fn write(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)], dtype: StDtype) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| match dtype {
+            StDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            StDtype::BF16 => v
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+            StDtype::F16 => v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            StDtype::F64 => v.iter().flat_map(|x| f64::from(*x).to_le_bytes()).collect(),
+            StDtype::I32 => v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect(),
+            _ => unreachable!("test writer"),
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| (n.to_string(), TensorView::new(dtype, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn config(dir: &Path) {
+    std::fs::write(dir.join(CONFIG_FILE), r#"{"model_type": "mixtral"}"#).unwrap();
+}
+
+#[test]
+fn reads_every_float_dtype_and_checks_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path());
+    let vals: Vec<f32> = vec![1.0, -2.5, 0.15625, 3.0e-3, 7.0, -0.0];
+    for (i, dt) in [StDtype::F32, StDtype::BF16, StDtype::F16, StDtype::F64]
+        .into_iter()
+        .enumerate()
+    {
+        write(
+            &dir.path().join(format!("m{i}.safetensors")),
+            &[(&format!("t{i}"), vec![2, 3], vals.clone())],
+            dt,
+        );
+    }
+    let c = Checkpoint::open(dir.path()).unwrap();
+    assert_eq!(c.shard_count(), 4);
+    assert_eq!(c.tensor_names(), vec!["t0", "t1", "t2", "t3"]);
+    assert_eq!(c.shape("t1"), Some(&[2usize, 3][..]));
+    for (i, round) in [None, Some(Dtype::Bf16), Some(Dtype::F16), None]
+        .into_iter()
+        .enumerate()
+    {
+        let got = c.read(&format!("t{i}"), &[2, 3], None).unwrap();
+        let want: Vec<f32> = vals
+            .iter()
+            .map(|&v| round.map_or(v, |d: Dtype| d.round(v)))
+            .collect();
+        assert_eq!(got, want, "t{i}");
+    }
+    // Rounding on read.
+    let got = c.read("t0", &[2, 3], Some(Dtype::Bf16)).unwrap();
+    assert_eq!(got[4], 7.0);
+    assert_eq!(got[3], Dtype::Bf16.round(3.0e-3));
+
+    match c.read("t0", &[3, 2], None) {
+        Err(Error::Checkpoint { reason, .. }) => {
+            assert!(
+                reason.contains("`t0`") && reason.contains("[2, 3]") && reason.contains("[3, 2]")
+            )
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    match c.read("nope", &[4], None) {
+        Err(Error::Checkpoint { reason, .. }) => {
+            assert!(
+                reason.contains("`nope`") && reason.contains("missing") && reason.contains("[4]")
+            )
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn integer_tensors_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path());
+    write(
+        &dir.path().join("a.safetensors"),
+        &[("ints", vec![4], vec![1.0, 2.0, 3.0, 4.0])],
+        StDtype::I32,
+    );
+    let c = Checkpoint::open(dir.path()).unwrap();
+    match c.read("ints", &[4], None) {
+        Err(Error::UnsupportedModel { key, value, .. }) => {
+            assert_eq!(key, "ints");
+            assert_eq!(value, "I32");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn index_maps_names_to_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path());
+    write(
+        &dir.path().join("s1.safetensors"),
+        &[("a", vec![2], vec![1.0, 2.0])],
+        StDtype::F32,
+    );
+    write(
+        &dir.path().join("s2.safetensors"),
+        &[("b", vec![1], vec![3.0])],
+        StDtype::F32,
+    );
+    // A stray file the index does not name is ignored.
+    write(
+        &dir.path().join("stray.safetensors"),
+        &[("c", vec![1], vec![9.0])],
+        StDtype::F32,
+    );
+    let index = r#"{"metadata": {"total_size": 12},
+        "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}"#;
+    std::fs::write(dir.path().join(INDEX_FILE), index).unwrap();
+    let c = Checkpoint::open(dir.path()).unwrap();
+    assert_eq!(c.shard_count(), 2);
+    assert!(c.contains("a") && c.contains("b") && !c.contains("c"));
+    assert_eq!(c.read("b", &[1], None).unwrap(), vec![3.0]);
+
+    // An index naming a tensor its shard lacks is refused with both names.
+    let bad = r#"{"weight_map": {"a": "s2.safetensors"}}"#;
+    std::fs::write(dir.path().join(INDEX_FILE), bad).unwrap();
+    match Checkpoint::open(dir.path()) {
+        Err(Error::Checkpoint { path, reason }) => {
+            assert!(path.ends_with("s2.safetensors") && reason.contains("`a`"))
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // An index pointing outside the directory is refused.
+    let escape = r#"{"weight_map": {"a": "../s1.safetensors"}}"#;
+    std::fs::write(dir.path().join(INDEX_FILE), escape).unwrap();
+    assert!(matches!(
+        Checkpoint::open(dir.path()),
+        Err(Error::Checkpoint { .. })
+    ));
+}
+
+#[test]
+fn broken_directories_give_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // No config.json.
+    assert!(matches!(
+        Checkpoint::open(dir.path()),
+        Err(Error::Io { .. })
+    ));
+    config(dir.path());
+    // No shards.
+    assert!(matches!(
+        Checkpoint::open(dir.path()),
+        Err(Error::Checkpoint { .. })
+    ));
+    // A truncated shard.
+    let p = dir.path().join("x.safetensors");
+    write(&p, &[("a", vec![4], vec![1.0; 4])], StDtype::F32);
+    let full = std::fs::read(&p).unwrap();
+    std::fs::File::create(&p)
+        .unwrap()
+        .write_all(&full[..full.len() - 3])
+        .unwrap();
+    match Checkpoint::open(dir.path()) {
+        Err(Error::Checkpoint { path, .. }) => assert_eq!(path, p),
+        other => panic!("unexpected {other:?}"),
+    }
+    // The same tensor in two shards (no index).
+    write(&p, &[("a", vec![1], vec![1.0])], StDtype::F32);
+    write(
+        &dir.path().join("y.safetensors"),
+        &[("a", vec![1], vec![2.0])],
+        StDtype::F32,
+    );
+    match Checkpoint::open(dir.path()) {
+        Err(Error::Checkpoint { reason, .. }) => assert!(reason.contains("`a`")),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Invalid config JSON.
+    std::fs::write(dir.path().join(CONFIG_FILE), "{").unwrap();
+    assert!(matches!(
+        Checkpoint::open(dir.path()),
+        Err(Error::Checkpoint { .. })
+    ));
+}
+
+#[test]
+fn decode_matches_half() {
+    let b = half::bf16::from_f32(1.5).to_le_bytes();
+    assert_eq!(decode(&b, StDtype::BF16), Some(vec![1.5]));
+    let f = half::f16::from_f32(-0.25).to_le_bytes();
+    assert_eq!(decode(&f, StDtype::F16), Some(vec![-0.25]));
+    assert_eq!(decode(&[0u8; 2], StDtype::U16), None);
+}
