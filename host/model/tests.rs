@@ -87,23 +87,26 @@ fn top_k_override_reaches_every_layer() {
 #[test]
 fn capacity_drops_are_reported_per_layer() {
     let mut s = spec(2, 1);
+    // 256 tokens x top-2 on 8 experts, capacity one 64-row tile, strong popularity skew:
+    // the most popular expert receives far more than 64 pairs.
+    s.config.tokens = 256;
     s.config.capacity = Capacity::Factor(0.25);
     s.zipf = 3.0;
     let layers = s.build().unwrap();
     let mut m = MoeModel::new(layers.clone(), Backend::Reference).unwrap();
-    let x = s.inputs(32, 9);
+    let x = s.inputs(256, 9);
     let out = m.forward(&x).unwrap();
     assert_eq!(out.hidden, by_hand(&layers, &x, None));
-    // Capacity is one 64-row tile; strong skew on 8 experts with 64 pairs need not drop,
-    // so the check is against the reference's own count.
+    assert!(out.layers[0].dropped > 0, "{}", out.layers[0].summary());
     let plan = LayerPlan::new(&layers[0].config).unwrap();
+    assert_eq!(plan.capacity, 64);
     let normed = layers[0].norm.apply(&x[0], Dtype::F32);
     let r: LayerOutput = reference::forward(
         &plan,
         &layers[0].weights,
         &[RankInput {
             x: &normed,
-            tokens: 32,
+            tokens: 256,
             routing: None,
         }],
         &RouteOverrides {
@@ -114,6 +117,8 @@ fn capacity_drops_are_reported_per_layer() {
     .unwrap();
     assert_eq!(out.layers[0].dropped, r.dropped);
     assert_eq!(out.layers[0].expert_counts, r.expert_counts);
+    let kept: u64 = r.expert_counts.iter().map(|&c| c.min(64)).sum();
+    assert_eq!(kept + r.dropped, 512);
 }
 
 #[test]
