@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod model;
 pub mod params;
@@ -16,6 +17,8 @@ pub mod weights;
 pub use config::{
     Capacity, Dtype, GivenRouting, MlpKind, MoeConfig, Placement, Router, SharedExperts,
 };
+pub use cpu::CpuExecutor;
 pub use error::{Error, Result};
 pub use plan::LayerPlan;
+pub use reference::{GateOutput, LayerOutput, RankInput, RouteOverrides};
 pub use weights::{ExpertWeights, LayerWeights};
