@@ -7,7 +7,7 @@
 //! [`MoeModel::with_factory`](super::MoeModel::with_factory); the driver does not depend
 //! on it, so the crate's CPU side builds and tests without it.
 
-// CPU-EXECUTOR-PENDING use crate::cpu::CpuExecutor;
+use crate::cpu::CpuExecutor;
 use crate::error::Result;
 use crate::plan::LayerPlan;
 use crate::reference::{self, LayerOutput, RankInput, RouteOverrides};
@@ -52,7 +52,6 @@ impl LayerBackend for ReferenceLayer {
     }
 }
 
-/* CPU-EXECUTOR-PENDING
 impl LayerBackend for CpuExecutor {
     fn name(&self) -> &'static str {
         "cpu"
@@ -62,7 +61,6 @@ impl LayerBackend for CpuExecutor {
         self.forward(inputs, ov)
     }
 }
-*/
 
 /// The built-in backends a model can be built with. The GPU layer is attached through
 /// [`MoeModel::with_factory`](super::MoeModel::with_factory) instead (see the module docs).
@@ -70,7 +68,7 @@ impl LayerBackend for CpuExecutor {
 pub enum Backend {
     /// `reference::forward` per layer.
     Reference,
-    /// One [`CpuExecutor`] per layer (threads as ranks), with an optional wait deadline.
+    /// One [`CpuExecutor`] per layer (threads as ranks), with its default wait deadline.
     #[default]
     Cpu,
     /// One [`CpuExecutor`] per layer with the given wait deadline.
@@ -86,9 +84,12 @@ impl Backend {
     ) -> Result<Box<dyn LayerBackend>> {
         Ok(match self {
             Backend::Reference => Box::new(ReferenceLayer::new(plan, weights)),
-            Backend::Cpu | Backend::CpuWithTimeout(_) => {
-                Box::new(ReferenceLayer::new(plan, weights))
-            } // CPU-EXECUTOR-PENDING
+            Backend::Cpu => Box::new(CpuExecutor::new(plan, weights)?),
+            Backend::CpuWithTimeout(t) => {
+                let mut ex = CpuExecutor::new(plan, weights)?;
+                ex.set_timeout(t);
+                Box::new(ex)
+            }
         })
     }
 }

@@ -243,3 +243,31 @@ fn factory_hook_runs_custom_backends() {
         })
     ));
 }
+
+#[test]
+fn cpu_backend_agrees_with_the_reference_on_two_ranks() {
+    let s = spec(3, 2);
+    let layers = s.build().unwrap();
+    let mut cpu = MoeModel::new(layers.clone(), Backend::Cpu).unwrap();
+    assert_eq!(cpu.backend_names(), vec!["cpu"; 3]);
+    let mut refm = MoeModel::new(layers, Backend::Reference).unwrap();
+    let x = s.inputs(32, 21);
+    for _ in 0..2 {
+        // Two forwards: the executors' epochs advance without a reset.
+        let (a, b) = (cpu.forward(&x).unwrap(), refm.forward(&x).unwrap());
+        for (ra, rb) in a.hidden.iter().zip(&b.hidden) {
+            let scale = rb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = ra
+                .iter()
+                .zip(rb)
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(err <= 1e-5 * scale, "err {err} scale {scale}");
+        }
+        for (la, lb) in a.layers.iter().zip(&b.layers) {
+            assert_eq!(
+                (&la.expert_counts, la.dropped),
+                (&lb.expert_counts, lb.dropped)
+            );
+        }
+    }
+}
