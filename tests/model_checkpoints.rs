@@ -830,3 +830,22 @@ fn dtype_override_rounds_the_weights() {
     let mut m = MoeModel::new(loaded.layers, Backend::Cpu).unwrap();
     m.forward(&inputs(1, 3, Dtype::F16)).unwrap();
 }
+
+#[test]
+fn host_memory_cap_refuses_big_selections() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = mixtral_case(false);
+    let (tensors, _) = generate(&case, 13);
+    write_checkpoint(dir.path(), &case.config, &tensors, 1);
+    let mut opts = LoadOptions::new(TOKENS);
+    opts.progress = false;
+    // One layer: 8 experts x 3 x 128 x 64 f32 = 786432 bytes plus router and norm.
+    opts.max_host_bytes = 8 * 3 * 128 * 64 * 4;
+    assert!(matches!(
+        model::load(dir.path(), &opts),
+        Err(Error::PlanTooLarge { .. })
+    ));
+    opts.layers = Some(vec![1]);
+    opts.max_host_bytes = 2 * 8 * 3 * 128 * 64 * 4;
+    assert_eq!(model::load(dir.path(), &opts).unwrap().layers.len(), 1);
+}

@@ -29,10 +29,15 @@ struct Shard {
     metadata: Metadata,
 }
 
+/// Default FP8 block size (DeepSeek-V3: `quantization_config.weight_block_size`).
+pub const FP8_BLOCK: [usize; 2] = [128, 128];
+
 /// An opened checkpoint directory.
 pub struct Checkpoint {
     dir: PathBuf,
     config: Value,
+    /// Rows and columns covered by one `weight_scale_inv` value of an FP8 weight.
+    fp8_block: [usize; 2],
     shards: Vec<Shard>,
     /// Tensor name -> index into `shards`.
     location: HashMap<String, usize>,
@@ -168,9 +173,11 @@ impl Checkpoint {
                 shards.push(shard);
             }
         }
+        let fp8_block = fp8_block(&dir, &config)?;
         Ok(Checkpoint {
             dir,
             config,
+            fp8_block,
             shards,
             location,
         })
@@ -216,6 +223,11 @@ impl Checkpoint {
     /// Reads tensor `name`, which must have exactly `shape`, as f32 (bf16, f16, f32 and
     /// f64 are converted exactly or by rounding to nearest), then rounds every value to
     /// `round_to` when given. Errors name the tensor and both shapes.
+    ///
+    /// FP8 weights (`F8_E4M3`, `F8_E5M2`, as in DeepSeek-V3's release) are dequantised
+    /// with their companion `{name}_scale_inv`: one f32 per block of
+    /// `quantization_config.weight_block_size` (default 128 x 128) elements, multiplied
+    /// into every value of its block.
     pub fn read(&self, name: &str, shape: &[usize], round_to: Option<Dtype>) -> Result<Vec<f32>> {
         let Some((shard, info)) = self.info(name) else {
             return Err(ckpt_err(
@@ -241,10 +253,13 @@ impl Checkpoint {
             path: shard.path.clone(),
             key: name.to_string(),
             value: format!("{:?}", info.dtype),
-            reason: "tensor dtype not supported; supported: BF16, F16, F32, F64 \
-                     (FP8 checkpoints must be dequantised first)"
+            reason: "tensor dtype not supported; supported: BF16, F16, F32, F64, and \
+                     F8_E4M3 / F8_E5M2 with a block `weight_scale_inv`"
                 .into(),
         })?;
+        if matches!(info.dtype, StDtype::F8_E4M3 | StDtype::F8_E5M2) {
+            self.dequantise(name, &shard.path, shape, &mut values)?;
+        }
         let count: usize = shape.iter().product();
         if values.len() != count {
             return Err(ckpt_err(
@@ -261,6 +276,83 @@ impl Checkpoint {
             }
         }
         Ok(values)
+    }
+}
+
+impl Checkpoint {
+    /// Multiplies an FP8 weight by its block scales (`{name}_scale_inv`).
+    fn dequantise(
+        &self,
+        name: &str,
+        path: &Path,
+        shape: &[usize],
+        values: &mut [f32],
+    ) -> Result<()> {
+        let scale_name = format!("{name}_scale_inv");
+        let &[rows, cols] = shape else {
+            return Err(Error::UnsupportedModel {
+                path: path.to_path_buf(),
+                key: name.to_string(),
+                value: format!("FP8 of shape {shape:?}"),
+                reason: "only 2-D FP8 weights with block scales are supported".into(),
+            });
+        };
+        if !self.contains(&scale_name) {
+            return Err(Error::UnsupportedModel {
+                path: path.to_path_buf(),
+                key: name.to_string(),
+                value: "FP8 without scales".into(),
+                reason: format!("an FP8 weight needs its block scales `{scale_name}`"),
+            });
+        }
+        let [br, bc] = self.fp8_block;
+        let (sr, sc) = (rows.div_ceil(br), cols.div_ceil(bc));
+        let scales = self.read(&scale_name, &[sr, sc], None)?;
+        for (r, row) in values.chunks_exact_mut(cols.max(1)).enumerate() {
+            let srow = &scales[(r / br) * sc..(r / br + 1) * sc];
+            for (c, v) in row.iter_mut().enumerate() {
+                *v *= srow[c / bc];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `quantization_config.weight_block_size` of `config.json`, or [`FP8_BLOCK`].
+fn fp8_block(dir: &Path, config: &Value) -> Result<[usize; 2]> {
+    let Some(v) = config
+        .get("quantization_config")
+        .and_then(|q| q.get("weight_block_size"))
+    else {
+        return Ok(FP8_BLOCK);
+    };
+    let parsed: Option<Vec<usize>> = v.as_array().map(|a| {
+        a.iter()
+            .filter_map(|x| x.as_u64().and_then(|n| usize::try_from(n).ok()))
+            .filter(|&n| n > 0)
+            .collect()
+    });
+    match parsed.as_deref() {
+        Some(&[r, c]) if v.as_array().is_some_and(|a| a.len() == 2) => Ok([r, c]),
+        _ => Err(ckpt_err(
+            &dir.join(CONFIG_FILE),
+            format!("config key `quantization_config.weight_block_size`: expected two positive integers, found {v}"),
+        )),
+    }
+}
+
+/// Decodes one FP8 E4M3FN value (OCP "fn" variant: no infinities, S.1111.111 is NaN).
+pub fn f8_e4m3fn_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let exp = i32::from((b >> 3) & 0x0f);
+    let man = f32::from(b & 0x07);
+    if exp == 0x0f && b & 0x07 == 0x07 {
+        return f32::NAN;
+    }
+    if exp == 0 {
+        sign * man * (2.0f32).powi(-9)
+    } else {
+        sign * (1.0 + man / 8.0) * (2.0f32).powi(exp - 7)
     }
 }
 
@@ -282,6 +374,12 @@ pub fn decode(bytes: &[u8], dtype: StDtype) -> Option<Vec<f32>> {
         StDtype::F16 => bytes
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        StDtype::F8_E4M3 => bytes.iter().map(|&b| f8_e4m3fn_to_f32(b)).collect(),
+        // E5M2 is the upper byte of an IEEE half.
+        StDtype::F8_E5M2 => bytes
+            .iter()
+            .map(|&b| half::f16::from_bits(u16::from(b) << 8).to_f32())
             .collect(),
         _ => return None,
     };

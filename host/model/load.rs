@@ -40,11 +40,17 @@ pub struct LoadOptions {
     pub layers: Option<Vec<usize>>,
     /// Draw a progress bar on stderr (only when stderr is a terminal).
     pub progress: bool,
+    /// Refuse (before reading any tensor) when the selected layers' weights, held as f32
+    /// on the host, would take more bytes than this.
+    pub max_host_bytes: u64,
 }
+
+/// Default of [`LoadOptions::max_host_bytes`]: 32 GiB.
+pub const DEFAULT_MAX_HOST_BYTES: u64 = 32 << 30;
 
 impl LoadOptions {
     /// Defaults: one rank, capacity factor 1.25, blocked placement, the checkpoint's dtype,
-    /// every MoE layer, progress bar on.
+    /// every MoE layer, progress bar on, at most [`DEFAULT_MAX_HOST_BYTES`].
     pub fn new(tokens: usize) -> Self {
         LoadOptions {
             tokens,
@@ -54,6 +60,7 @@ impl LoadOptions {
             dtype: None,
             layers: None,
             progress: true,
+            max_host_bytes: DEFAULT_MAX_HOST_BYTES,
         }
     }
 }
@@ -121,6 +128,18 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
         options.placement.clone(),
     );
     config.validate()?;
+    let bytes = host_bytes_per_layer(&family).saturating_mul(selected.len() as u64);
+    if bytes > options.max_host_bytes {
+        return Err(Error::PlanTooLarge {
+            what: format!(
+                "loading {} MoE layers of this {} checkpoint takes {bytes} bytes of host \
+                 memory (f32), max_host_bytes = {}: select fewer layers",
+                selected.len(),
+                family.family,
+                options.max_host_bytes
+            ),
+        });
+    }
 
     let per_layer = tensors_per_layer(&family);
     let bar = ProgressBar::new((per_layer * selected.len()) as u64);
@@ -163,6 +182,15 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
         layers,
         skipped_dense,
     })
+}
+
+/// Host bytes of one MoE layer's weights as f32.
+fn host_bytes_per_layer(f: &FamilyConfig) -> u64 {
+    let (h, e, i) = (f.hidden as u64, f.experts as u64, f.intermediate as u64);
+    let shared = f
+        .shared
+        .map_or(0, |s| 3 * (s.count * s.intermediate) as u64 * h + h);
+    4 * (e * 3 * i * h + e * h + e + shared + h)
 }
 
 /// Tensors read per layer (for the progress bar; the fused layout reads fewer).

@@ -204,3 +204,82 @@ fn decode_matches_half() {
     assert_eq!(decode(&f, StDtype::F16), Some(vec![-0.25]));
     assert_eq!(decode(&[0u8; 2], StDtype::U16), None);
 }
+
+/// Independent FP8 E4M3FN table entries (OCP spec): value of a few bit patterns.
+#[test]
+fn fp8_e4m3fn_known_values() {
+    let cases: [(u8, f32); 8] = [
+        (0x00, 0.0),
+        (0x38, 1.0),
+        (0x40, 2.0),
+        (0xc0, -2.0),
+        (0x7e, 448.0),
+        (0x01, 1.0 / 512.0),
+        (0x08, 1.0 / 64.0),
+        (0x3c, 1.5),
+    ];
+    for (b, v) in cases {
+        assert_eq!(f8_e4m3fn_to_f32(b), v, "{b:#x}");
+    }
+    assert!(f8_e4m3fn_to_f32(0x7f).is_nan() && f8_e4m3fn_to_f32(0xff).is_nan());
+    // E5M2: 0x3c = 1.0, 0x7b = 57344 (max), 0x7c = inf.
+    let e5 = decode(&[0x3c, 0x7b, 0xc0], StDtype::F8_E5M2).unwrap();
+    assert_eq!(e5, vec![1.0, 57344.0, -2.0]);
+}
+
+#[test]
+fn fp8_weights_are_dequantised_by_block() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(CONFIG_FILE),
+        r#"{"model_type": "deepseek_v3", "quantization_config": {"weight_block_size": [2, 2]}}"#,
+    )
+    .unwrap();
+    // A [3, 5] weight of 1.0 (0x38) and 2.0 (0x40), blocks of 2 x 2 -> scales [2, 3].
+    let w: Vec<u8> = (0..15)
+        .map(|i| if i % 2 == 0 { 0x38 } else { 0x40 })
+        .collect();
+    let scales: Vec<f32> = vec![1.0, 10.0, 100.0, 0.5, 0.25, 4.0];
+    let sbytes: Vec<u8> = scales.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let views = vec![
+        (
+            "w.weight".to_string(),
+            TensorView::new(StDtype::F8_E4M3, vec![3, 5], &w).unwrap(),
+        ),
+        (
+            "w.weight_scale_inv".to_string(),
+            TensorView::new(StDtype::F32, vec![2, 3], &sbytes).unwrap(),
+        ),
+        (
+            "lonely.weight".to_string(),
+            TensorView::new(StDtype::F8_E4M3, vec![3, 5], &w).unwrap(),
+        ),
+    ];
+    safetensors::serialize_to_file(views, None, &dir.path().join("m.safetensors")).unwrap();
+    let c = Checkpoint::open(dir.path()).unwrap();
+    let got = c.read("w.weight", &[3, 5], None).unwrap();
+    for r in 0..3 {
+        for col in 0..5 {
+            let i = r * 5 + col;
+            let base = if i % 2 == 0 { 1.0 } else { 2.0 };
+            assert_eq!(got[i], base * scales[(r / 2) * 3 + col / 2], "({r}, {col})");
+        }
+    }
+    match c.read("lonely.weight", &[3, 5], None) {
+        Err(Error::UnsupportedModel { key, reason, .. }) => {
+            assert_eq!(key, "lonely.weight");
+            assert!(reason.contains("lonely.weight_scale_inv"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // A bad block size is named.
+    std::fs::write(
+        dir.path().join(CONFIG_FILE),
+        r#"{"quantization_config": {"weight_block_size": [0, 2]}}"#,
+    )
+    .unwrap();
+    match Checkpoint::open(dir.path()) {
+        Err(Error::Checkpoint { reason, .. }) => assert!(reason.contains("weight_block_size")),
+        other => panic!("unexpected {other:?}"),
+    }
+}
