@@ -20,7 +20,7 @@ use std::time::Duration;
 /// `inputs` holds one entry per rank of the layer's world (`plan.world()`), each with at
 /// most `config.tokens` rows of `hidden` values; the output holds one row block per rank,
 /// rounded to the layer dtype, plus the routing and the counts.
-pub trait LayerBackend: Send {
+pub trait LayerBackend {
     /// A short name for reports (`reference`, `cpu`, `gpu`).
     fn name(&self) -> &'static str;
 

@@ -27,6 +27,9 @@
 //!   plain sum (the sum of k sigmoids is far above 1e-20, so the results agree in f32).
 //! - Qwen2-MoE computes the shared-expert gate's sigmoid in the model dtype; the runtime
 //!   computes it in f32/f64.
+//! - DeepSeek-V3's FP8 release is read: every FP8 weight is dequantised with its
+//!   `weight_scale_inv` blocks ([`Checkpoint::read`](super::Checkpoint::read)). Its MTP
+//!   layer (`model.layers.61`) lies past `num_hidden_layers` and is never loaded.
 //! - `hidden_act` must be `silu` (SwiGLU) or a tanh GELU (`gelu_pytorch_tanh`,
 //!   `gelu_new`: GeGLU); the exact erf GELU is refused.
 
@@ -136,7 +139,7 @@ pub struct Naming {
     pub shared_module: Option<&'static str>,
     /// Whether the shared output is gated (`shared_expert_gate.weight` [1, H]).
     pub shared_gate: bool,
-    /// Whether the router has `gate.e_score_correction_bias` [E].
+    /// Whether the router has `gate.e_score_correction_bias` `[E]`.
     pub router_bias: bool,
 }
 

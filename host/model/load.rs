@@ -72,7 +72,7 @@ pub struct LoadedModel {
     pub family: FamilyConfig,
     /// The loaded MoE layers, in decoder order.
     pub layers: Vec<ModelLayer>,
-    /// Dense decoder layers that were skipped (not MoE blocks).
+    /// The checkpoint's dense decoder layers (never loaded: they are not MoE blocks).
     pub skipped_dense: Vec<usize>,
 }
 
@@ -113,12 +113,7 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
             list.clone()
         }
     };
-    let skipped_dense = family
-        .dense_layers
-        .iter()
-        .copied()
-        .filter(|l| options.layers.is_none() || !selected.contains(l))
-        .collect();
+    let skipped_dense = family.dense_layers.clone();
     let dtype = options.dtype.or(family.dtype).unwrap_or(Dtype::Bf16);
     let config = family.layer_config(
         options.tokens,

@@ -2,14 +2,14 @@
 //! after layer on one backend per layer.
 //!
 //! This is not a full transformer: attention and dense MLP layers are not part of it. It
-//! chains the MoE blocks of a real checkpoint ([`load`]) or of a synthetic model
+//! chains the MoE blocks of a real checkpoint ([`load()`](load::load)) or of a synthetic model
 //! ([`synthetic`]), so that routing, load imbalance and dropping can be measured across
 //! layers with realistic weights. Every layer keeps its own [`MoeConfig`] (sizes, router,
 //! dtype may differ); all layers share the hidden size and the world.
 //!
 //! - [`checkpoint`]: memory-mapped safetensors shards of a Hugging Face directory.
 //! - [`families`]: `config.json` -> runtime config and tensor names, per model family.
-//! - [`load()`]: a checkpoint's MoE layers as [`ModelLayer`]s.
+//! - [`load()`](load::load): a checkpoint's MoE layers as [`ModelLayer`]s.
 //! - [`synthetic`]: random models with skewed expert popularity, from presets.
 //! - [`backend`]: the [`LayerBackend`] hook (reference, CPU executor, GPU later).
 
