@@ -30,6 +30,10 @@
 //! - DeepSeek-V3's FP8 release is read: every FP8 weight is dequantised with its
 //!   `weight_scale_inv` blocks ([`Checkpoint::read`](super::Checkpoint::read)). Its MTP
 //!   layer (`model.layers.61`) lies past `num_hidden_layers` and is never loaded.
+//! - Router logits are computed from the dtype-rounded normed rows with f64 (reference)
+//!   or f32 (executors) accumulation and are not rounded; Mixtral, Qwen and OLMoE compute
+//!   them in the model dtype (bf16), so a near-tie between two experts can resolve
+//!   differently from transformers.
 //! - `hidden_act` must be `silu` (SwiGLU) or a tanh GELU (`gelu_pytorch_tanh`,
 //!   `gelu_new`: GeGLU); the exact erf GELU is refused.
 

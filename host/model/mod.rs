@@ -126,7 +126,18 @@ impl MoeModel {
 
     /// Builds the model with a backend made by `factory` for each layer, from the layer,
     /// its plan and its weights. This is the hook for the GPU layer: implement
-    /// [`LayerBackend`] for it and pass a factory that constructs it.
+    /// [`LayerBackend`] for it and pass a factory that constructs it, e.g.
+    ///
+    /// ```text
+    /// impl LayerBackend for gpu::layer::MoeLayer {
+    ///     fn name(&self) -> &'static str { "gpu" }
+    ///     fn forward_host(&mut self, inputs: &[RankInput], ov: &RouteOverrides)
+    ///         -> Result<LayerOutput> { MoeLayer::forward_host(self, inputs, ov) }
+    /// }
+    /// let model = MoeModel::with_factory(layers, |_, plan, weights| {
+    ///     Ok(Box::new(MoeLayer::new(&world, plan, weights)?))
+    /// })?;
+    /// ```
     pub fn with_factory<F>(layers: Vec<ModelLayer>, mut factory: F) -> Result<Self>
     where
         F: FnMut(&ModelLayer, LayerPlan, Arc<LayerWeights>) -> Result<Box<dyn LayerBackend>>,
