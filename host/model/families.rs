@@ -19,10 +19,10 @@
 //!   [`FamilyConfig::dense_layers`] and never loaded. Asking for one explicitly is an error.
 //! - **Group-limited selection** (DeepSeek `n_group` / `topk_group`) is not implemented by
 //!   the routers; it is accepted only where it cannot change the choice (`n_group` <= 1 or
-//!   `topk_group` >= `n_group`), otherwise refused with [`Error::UnsupportedModel`].
+//!   `topk_group` >= `n_group`), otherwise refused with [`Error::UnsupportedModel`](crate::Error::UnsupportedModel).
 //! - **PhiMoE** routes with sparsemixer and normalises with LayerNorm (weight and bias);
 //!   neither exists in the runtime, so PhiMoE checkpoints are refused with
-//!   [`Error::UnsupportedModel`].
+//!   [`Error::UnsupportedModel`](crate::Error::UnsupportedModel).
 //! - DeepSeek-V3 renormalises with `+ 1e-20` in transformers; the runtime divides by the
 //!   plain sum (the sum of k sigmoids is far above 1e-20, so the results agree in f32).
 //! - Qwen2-MoE computes the shared-expert gate's sigmoid in the model dtype; the runtime
@@ -38,9 +38,12 @@
 //!   `gelu_new`: GeGLU); the exact erf GELU is refused.
 
 use crate::config::{Capacity, Dtype, MlpKind, MoeConfig, Placement, Router, SharedExperts};
-use crate::error::{Error, Result};
+use crate::error::Result;
+use keys::Keys;
 use serde_json::Value;
 use std::path::Path;
+
+mod keys;
 
 /// A supported (or recognised) model family, from `config.json`'s `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -364,177 +367,6 @@ impl FamilyConfig {
             world,
             placement,
         }
-    }
-}
-
-/// Typed access to the keys of a `config.json`.
-struct Keys<'a> {
-    path: &'a Path,
-    json: &'a Value,
-}
-
-impl Keys<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.json.get(key).filter(|v| !v.is_null())
-    }
-
-    fn bad(&self, key: &str, want: &str) -> Error {
-        let found = match self.get(key) {
-            None => "missing".to_string(),
-            Some(v) => format!("found {v}"),
-        };
-        Error::Checkpoint {
-            path: self.path.to_path_buf(),
-            reason: format!("config key `{key}`: expected {want}, {found}"),
-        }
-    }
-
-    fn unsupported(&self, key: &str, value: impl ToString, reason: impl ToString) -> Error {
-        Error::UnsupportedModel {
-            path: self.path.to_path_buf(),
-            key: key.to_string(),
-            value: value.to_string(),
-            reason: reason.to_string(),
-        }
-    }
-
-    fn phimoe_refusal(&self) -> Error {
-        self.unsupported(
-            "model_type",
-            "phimoe",
-            "PhiMoE routes with sparsemixer and normalises with LayerNorm (weight + bias); \
-             the runtime's routers are softmax top-k and sigmoid+bias, its norm is RMSNorm",
-        )
-    }
-
-    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .and_then(|n| usize::try_from(n).ok())
-                .map(Some)
-                .ok_or_else(|| self.bad(key, "an unsigned integer")),
-        }
-    }
-
-    fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?
-            .ok_or_else(|| self.bad(key, "an unsigned integer"))
-    }
-
-    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .filter(|x| x.is_finite())
-                .map(Some)
-                .ok_or_else(|| self.bad(key, "a finite number")),
-        }
-    }
-
-    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.bad(key, "true or false")),
-        }
-    }
-
-    fn opt_string(&self, key: &str) -> Result<Option<String>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(|s| Some(s.to_string()))
-                .ok_or_else(|| self.bad(key, "a string")),
-        }
-    }
-
-    fn string(&self, key: &str) -> Result<String> {
-        self.opt_string(key)?
-            .ok_or_else(|| self.bad(key, "a string"))
-    }
-
-    fn opt_usize_list(&self, key: &str) -> Result<Vec<usize>> {
-        match self.get(key) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| {
-                    v.as_u64()
-                        .and_then(|n| usize::try_from(n).ok())
-                        .ok_or_else(|| self.bad(key, "a list of unsigned integers"))
-                })
-                .collect(),
-            Some(_) => Err(self.bad(key, "a list of unsigned integers")),
-        }
-    }
-
-    /// `torch_dtype` (transformers 4) or `dtype` (transformers 5).
-    fn dtype(&self) -> Result<Option<Dtype>> {
-        for key in ["torch_dtype", "dtype"] {
-            if let Some(s) = self.opt_string(key)? {
-                return match s.as_str() {
-                    "bfloat16" => Ok(Some(Dtype::Bf16)),
-                    "float16" => Ok(Some(Dtype::F16)),
-                    "float32" => Ok(Some(Dtype::F32)),
-                    other => Err(self.unsupported(
-                        key,
-                        other,
-                        "supported model dtypes: bfloat16, float16, float32 \
-                         (or pass a dtype in the load options)",
-                    )),
-                };
-            }
-        }
-        Ok(None)
-    }
-
-    /// Refuses DeepSeek group-limited selection unless it cannot change the choice.
-    fn check_groups(&self, family: Family) -> Result<()> {
-        let n_group = self.opt_usize("n_group")?;
-        let topk_group = self.opt_usize("topk_group")?;
-        let method = self.opt_string("topk_method")?;
-        let grouped = match family {
-            Family::DeepseekV2 => method.as_deref() == Some("group_limited_greedy"),
-            _ => true,
-        };
-        if let Some(m) = method.as_deref() {
-            let known: &[&str] = match family {
-                Family::DeepseekV2 => &["greedy", "group_limited_greedy"],
-                _ => &["noaux_tc"],
-            };
-            if !known.contains(&m) {
-                return Err(self.unsupported(
-                    "topk_method",
-                    m,
-                    format!("supported for {family}: {}", known.join(", ")),
-                ));
-            }
-        }
-        if !grouped {
-            return Ok(());
-        }
-        // transformers' DeepSeek-V3 defaults are n_group 8, topk_group 4.
-        let (defaults_n, defaults_k) = match family {
-            Family::DeepseekV3 => (8, 4),
-            _ => (1, 1),
-        };
-        let n = n_group.unwrap_or(defaults_n);
-        let k = topk_group.unwrap_or(defaults_k);
-        if n > 1 && k < n {
-            return Err(self.unsupported(
-                "n_group/topk_group",
-                format!("{n}/{k}"),
-                "group-limited expert selection is not implemented; only n_group <= 1 or \
-                 topk_group >= n_group (every group kept) can be run",
-            ));
-        }
-        Ok(())
     }
 }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::error::Error;
 use serde_json::json;
 
 fn parse(v: Value) -> Result<FamilyConfig> {
