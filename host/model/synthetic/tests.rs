@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::{Capacity, Router, SharedExperts};
 use crate::model::{Backend, MoeModel};
 
 fn tiny(layers: usize) -> SyntheticSpec {
