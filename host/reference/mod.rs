@@ -88,13 +88,6 @@ pub struct GateOutput {
     pub dropped: u64,
 }
 
-impl GateOutput {
-    /// Experts per token of this output.
-    pub fn top_k(&self, tokens: usize) -> usize {
-        self.ids.len().checked_div(tokens).unwrap_or(0)
-    }
-}
-
 /// The tokens one rank brings to a forward.
 #[derive(Debug, Clone, Copy)]
 pub struct RankInput<'a> {
