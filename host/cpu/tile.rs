@@ -112,6 +112,11 @@ pub struct TiledMlp<'a> {
     pub hidden: usize,
     /// Intermediate width.
     pub width: usize,
+    /// GEMM0 column tiles per row block (`width / TILE_N`; the plan's `gemm0_per_block`
+    /// for routed experts).
+    pub gemm0_tiles: usize,
+    /// GEMM1 column tiles per row block (the plan's `gemm1_per_block`: `hidden / TILE_N`).
+    pub gemm1_tiles: usize,
     /// The weights.
     pub w: &'a ExpertWeights,
 }
@@ -120,8 +125,8 @@ impl TiledMlp<'_> {
     /// Runs `rows <= TILE_M` rows of `x` (`[rows][hidden]`) through the MLP into `y`
     /// (`[rows][hidden]`, rounded to the dtype). `a` is scratch of `TILE_M * width`.
     ///
-    /// GEMM0 runs in `width / TILE_N` column tiles (each covers the gate and up columns),
-    /// GEMM1 in `hidden / TILE_N` column tiles, as the kernel's tile tasks do.
+    /// GEMM0 runs in `gemm0_tiles` column tiles of `TILE_N` (each covers the gate and up
+    /// columns), GEMM1 in `gemm1_tiles`, as the kernel's tile tasks do.
     pub fn run_block(&self, x: &[f32], rows: usize, a: &mut [f32], y: &mut [f32]) {
         let (h, wd) = (self.hidden, self.width);
         let rows = rows.min(TILE_M);
@@ -130,7 +135,7 @@ impl TiledMlp<'_> {
         }
         let mut z = [0f32; TILE_M * TILE_N];
         let mut u = [0f32; TILE_M * TILE_N];
-        for tile in 0..wd / TILE_N {
+        for tile in 0..self.gemm0_tiles.min(wd / TILE_N) {
             let n0 = tile * TILE_N;
             gemm_nt(x, rows, h, &self.w.w0, n0, TILE_N, &mut z, TILE_N);
             if self.kind.is_gated() {
@@ -148,7 +153,7 @@ impl TiledMlp<'_> {
                 }
             }
         }
-        for tile in 0..h / TILE_N {
+        for tile in 0..self.gemm1_tiles.min(h / TILE_N) {
             let o0 = tile * TILE_N;
             gemm_nt(a, rows, wd, &self.w.w1, o0, TILE_N, &mut y[o0..], h);
         }
@@ -241,6 +246,8 @@ mod tests {
                 dtype: Dtype::F32,
                 hidden: 128,
                 width: 64,
+                gemm0_tiles: 1,
+                gemm1_tiles: 2,
                 w: &w.experts[0],
             };
             let mut a = vec![0f32; TILE_M * 64];
