@@ -16,9 +16,11 @@
 //!   past the plan's capacity is dropped (`-1`) and counted;
 //! - `out[t] = sum_j w_j y_j (+ g S(x_t))`, rounded to the dtype at the end.
 
+mod compare;
 mod gate;
 mod mlp;
 
+pub use compare::{normalised_error, tolerance};
 pub use gate::gate;
 pub(crate) use gate::gate_checked;
 pub use mlp::{activation, expert_mlp};
