@@ -10,6 +10,7 @@ pub mod error;
 pub mod params;
 pub mod plan;
 pub mod weights;
+pub mod world;
 
 pub use config::{
     Capacity, Dtype, GivenRouting, MlpKind, MoeConfig, Placement, Router, SharedExperts,
