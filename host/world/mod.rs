@@ -10,3 +10,4 @@ pub mod nvshmem;
 pub use bootstrap::{exchange_unique_id, BootstrapOptions, Rendezvous};
 pub use env::WorldEnv;
 pub use launcher::{emit_result, launch_local, launch_local_with, LaunchOptions, RankReport};
+pub use nvshmem::{NvshmemOptions, NvshmemWorld, PeerReport, SymmetricHeap};
