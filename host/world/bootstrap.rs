@@ -21,6 +21,9 @@ pub use wire::{MAGIC, MAX_DATA, PROTOCOL};
 
 /// Bytes of NVSHMEM's unique id.
 pub const UNIQUE_ID_BYTES: usize = 128;
+/// How long rank 0 waits for the hello of a fresh connection (a peer sends it at once;
+/// a silent stranger must not hold up the others).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of each bootstrap step unless configured.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -182,7 +185,9 @@ impl Rendezvous {
             let hello = s
                 .set_nonblocking(false)
                 .and_then(|_| s.set_nodelay(true))
-                .and_then(|_| wire::recv_header(&mut s, deadline));
+                .and_then(|_| {
+                    wire::recv_header(&mut s, deadline.min(Instant::now() + HELLO_TIMEOUT))
+                });
             let h = match hello {
                 Ok(h) => h,
                 Err(e) => {

@@ -311,7 +311,7 @@ pub fn launch_local_with(
                 .status
                 .map_or("unknown status".to_string(), |s| s.to_string());
             let killed: Vec<usize> = running;
-            let mut reason = format!("{status}");
+            let mut reason = status;
             if !killed.is_empty() {
                 reason.push_str(&format!("; killed the other running ranks {killed:?}"));
             }

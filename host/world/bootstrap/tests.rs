@@ -209,3 +209,19 @@ fn exchange_unique_id_in_a_world_of_one_opens_no_socket() {
     assert_eq!(got, id);
     assert_eq!(rv.all_gather(b"me").unwrap(), vec![b"me".to_vec()]);
 }
+
+#[test]
+fn a_silent_connection_does_not_hold_up_the_rendezvous_past_the_hello_timeout() {
+    let l = listener();
+    let addr = l.local_addr().unwrap();
+    let silent = TcpStream::connect(addr).unwrap(); // connects, never speaks
+    thread::sleep(Duration::from_millis(50));
+    let peer = thread::spawn(move || Rendezvous::peer(1, 2, addr, opts(20_000)).map(|_| ()));
+    let start = Instant::now();
+    let rv = Rendezvous::master(l, 2, opts(20_000));
+    let took = start.elapsed();
+    assert!(rv.is_ok(), "{rv:?}");
+    assert!(took < HELLO_TIMEOUT + Duration::from_secs(3), "{took:?}");
+    peer.join().unwrap().unwrap();
+    drop(silent);
+}
