@@ -91,6 +91,54 @@ impl Drop for Session {
     }
 }
 
+/// Loads `cubin`, recovers its `CUmodule` through `entry` and registers it with NVSHMEM.
+fn register_module(
+    session: &Session,
+    cubin: &[u8],
+    entry: &str,
+) -> Result<(Arc<CudaModule>, sys::CUmodule)> {
+    let module = session
+        .ctx
+        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
+        .map_err(|e| cuda("load cubin", e))?;
+    let func = module
+        .load_function(entry)
+        .map_err(|e| cuda(&format!("kernel `{entry}`"), e))?;
+    let mut raw: sys::CUmodule = std::ptr::null_mut();
+    // SAFETY: `func` is a live function of `module`; the driver writes its module handle.
+    unsafe { sys::cuFuncGetModule(&mut raw, func.cu_function()) }
+        .result()
+        .map_err(|e| cuda("cuFuncGetModule", e))?;
+    // SAFETY: NVSHMEM is initialised and `raw` is a module loaded in the current context.
+    unsafe { session.lib.cumodule_init(raw.cast())? };
+    Ok((module, raw))
+}
+
+/// Longest error text one rank shares with the others in [`agree`].
+const MAX_SHARED_ERROR: usize = 4096;
+
+/// Every rank shares whether its local step succeeded; all fail together, with this rank's
+/// own error first, else the first failing rank's.
+fn agree(rv: &mut Rendezvous, step: &str, local: Result<()>) -> Result<()> {
+    let mine = match &local {
+        Ok(()) => Vec::new(),
+        Err(e) => {
+            let mut text = format!("!{e}").into_bytes();
+            text.truncate(MAX_SHARED_ERROR);
+            text
+        }
+    };
+    let all = rv.all_gather(&mine)?;
+    local?;
+    match all.iter().enumerate().find(|(_, m)| !m.is_empty()) {
+        None => Ok(()),
+        Some((rank, m)) => Err(Error::Bootstrap(format!(
+            "rank {rank} failed {step}: {}",
+            String::from_utf8_lossy(&m[1..])
+        ))),
+    }
+}
+
 /// Which peers this rank reaches with loads and stores (P2P) and which only through the
 /// network (RDMA).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,7 +213,7 @@ impl NvshmemWorld {
         let ctx = CudaContext::new(env.local_rank).map_err(|e| cuda("context", e))?;
         ctx.bind_to_thread().map_err(|e| cuda("bind context", e))?;
 
-        let (uid, rendezvous) =
+        let (uid, mut rendezvous) =
             exchange_unique_id(env, opts.bootstrap, || Ok(lib.get_uniqueid()?.to_bytes()))?;
         let uid = UniqueId::from_bytes(&uid);
         if !uid.has_expected_version() {
@@ -193,21 +241,13 @@ impl NvshmemWorld {
             )));
         }
 
-        let module = session
-            .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
-            .map_err(|e| cuda("load cubin", e))?;
-        let func = module
-            .load_function(entry)
-            .map_err(|e| cuda(&format!("kernel `{entry}`"), e))?;
-        let mut raw: sys::CUmodule = std::ptr::null_mut();
-        // SAFETY: `func` is a live function of `module`; the driver writes its module handle.
-        unsafe { sys::cuFuncGetModule(&mut raw, func.cu_function()) }
-            .result()
-            .map_err(|e| cuda("cuFuncGetModule", e))?;
-        // SAFETY: NVSHMEM is initialised and `raw` is a module loaded in the current context.
-        unsafe { session.lib.cumodule_init(raw.cast())? };
-        session.module = Some((module, raw));
+        // Loading can fail on one rank only; agree before the next collective call so no
+        // rank is left waiting in it.
+        let local = register_module(&session, cubin, entry);
+        if let Ok(m) = &local {
+            session.module = Some(m.clone());
+        }
+        agree(&mut rendezvous, "loading the cubin", local.map(|_| ()))?;
 
         // Reachability: probe a small symmetric allocation on every PE.
         // SAFETY: NVSHMEM is initialised and every rank makes the same calls in order.
@@ -420,6 +460,53 @@ mod tests {
         ));
         drop(first);
         drop(Claim::take().unwrap());
+    }
+
+    fn agree_among(failing: &[usize]) -> Vec<Result<()>> {
+        use std::net::TcpListener;
+        use std::time::Duration;
+        let opts = BootstrapOptions {
+            timeout: Duration::from_secs(5),
+            retry_interval: Duration::from_millis(20),
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let world = 3;
+        let local = |r: usize| {
+            if failing.contains(&r) {
+                Err(Error::Cuda(format!("no kernel on rank {r}")))
+            } else {
+                Ok(())
+            }
+        };
+        let peers: Vec<_> = (1..world)
+            .map(|r| {
+                let mine = local(r);
+                std::thread::spawn(move || {
+                    let mut rv = Rendezvous::peer(r, world, addr, opts).unwrap();
+                    agree(&mut rv, "loading the cubin", mine)
+                })
+            })
+            .collect();
+        let mut rv = Rendezvous::master(l, world, opts).unwrap();
+        let mut out = vec![agree(&mut rv, "loading the cubin", local(0))];
+        out.extend(peers.into_iter().map(|p| p.join().unwrap()));
+        out
+    }
+
+    #[test]
+    fn agree_succeeds_only_when_every_rank_did() {
+        assert!(agree_among(&[]).iter().all(|r| r.is_ok()));
+        let out = agree_among(&[2]);
+        for (r, res) in out.iter().enumerate() {
+            let msg = res.as_ref().unwrap_err().to_string();
+            if r == 2 {
+                assert!(matches!(res, Err(Error::Cuda(_))), "{msg}");
+            } else {
+                assert!(msg.contains("rank 2 failed loading the cubin"), "{msg}");
+                assert!(msg.contains("no kernel on rank 2"), "{msg}");
+            }
+        }
     }
 
     #[test]
