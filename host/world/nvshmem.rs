@@ -8,6 +8,12 @@
 //! with `nvshmemx_cumodule_init`. The host library's version is checked before anything
 //! else. Everything is finalised on drop.
 //!
+//! NVSHMEM's own bootstrap (the uid plugin, found next to `libnvshmem_host.so.3` through
+//! its `$ORIGIN` RPATH) opens its own sockets between the ranks: on machines without a
+//! routable interface set `NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo`; without InfiniBand,
+//! `NVSHMEM_REMOTE_TRANSPORT=none` and `NVSHMEM_DISABLE_NCCL=1` may be needed. The heap
+//! comes from NVSHMEM's symmetric region (`NVSHMEM_SYMMETRIC_SIZE`, 1 GiB by default).
+//!
 //! Status: compiled and checked on a machine without GPU only. The paths that need no GPU
 //! (library loading, version check, refusing without a GPU, the bootstrap) are tested; the
 //! GPU path has never run.
