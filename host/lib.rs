@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod error;
+pub mod gpu;
 pub mod params;
 pub mod plan;
 pub mod weights;
