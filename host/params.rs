@@ -152,6 +152,9 @@ pub struct LayerParams {
     pub router_weight: u64,
     pub router_bias: u64,
     pub logit_bias: u64,
+    /// Effective top-k of this call (`RouteOverrides::top_k`), 1..=`top_k`; 0 means `top_k`.
+    pub route_k: u32,
+    pub pad1: u32,
 }
 
 /// `FmRankParams`: the pointers of one rank.
@@ -282,6 +285,8 @@ impl LayerParams {
             router_weight: 0,
             router_bias: 0,
             logit_bias: 0,
+            route_k: cfg.top_k as u32,
+            pad1: 0,
         }
     }
 }

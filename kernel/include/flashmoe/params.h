@@ -80,7 +80,7 @@ typedef struct FmLayerParams {
     uint32_t hidden;
     uint32_t intermediate;
     uint32_t experts;
-    uint32_t top_k;
+    uint32_t top_k;              // the config's top-k (row stride of given_ids / given_weights)
     uint32_t max_local;          // experts dimension of the heap (max experts per rank)
     uint32_t capacity;           // rows per (source, expert); multiple of tile_m
     uint32_t dtype;              // FM_DTYPE_*
@@ -138,6 +138,12 @@ typedef struct FmLayerParams {
     uint64_t router_weight;      // dtype [experts][hidden]
     uint64_t router_bias;        // f32 [experts] selection bias (SIGMOID_BIAS), or 0
     uint64_t logit_bias;         // f32 [experts] added to the router logits (research override), or 0
+
+    // Per-call routing.
+    uint32_t route_k;            // effective top-k of this call, 1..=top_k (0 means top_k).
+                                 // ws_route_* rows have route_k entries; given_* rows keep top_k
+                                 // and their first route_k choices are used.
+    uint32_t pad1;
 } FmLayerParams;
 
 // Pointers of one rank (one block group of the launch).
