@@ -10,6 +10,7 @@ pub mod error;
 pub mod gpu;
 pub mod params;
 pub mod plan;
+pub mod reference;
 pub mod weights;
 
 pub use config::{
