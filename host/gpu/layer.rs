@@ -43,30 +43,34 @@
 //! # Ok(()) }
 //! ```
 
-mod abi;
 mod device_buffers;
 mod grid;
+mod host_io;
 mod pack;
 mod status;
 
-pub use abi::{entry_point, BLOCK_THREADS, CUBIN, MIN_BLOCKS_PER_RANK};
 pub use grid::{blocks_per_rank, GridShape, Residency};
 pub use pack::{from_dtype_bytes, pack_rank_experts, to_dtype_bytes, PackedExperts};
-pub use status::{describe_wait, LayerStats, STATUS_WORDS};
+pub use status::{describe_wait, LayerStats, StatusContext, STATUS_WORDS};
 
 use crate::config::Router;
 use crate::error::{Error, Result};
 use crate::gpu::kernels;
 use crate::params::{
-    expert_owner_table, KernelParams, LayerParams, RankParams, MAX_LAUNCH_RANKS, NO_FAULT,
+    entry_point, expert_owner_table, smem_bytes, KernelParams, LayerParams, RankParams,
+    BLOCK_THREADS, MAX_LAUNCH_RANKS, MIN_BLOCKS_PER_RANK, NO_FAULT,
 };
 use crate::plan::{LayerPlan, MemoryFigure};
 use crate::weights::LayerWeights;
 use cudarc::driver::{result, sys, CudaEvent, CudaFunction, CudaGraph, CudaStream};
 use cudarc::nvrtc::Ptx;
-use device_buffers::{cuda, poison, DeviceBuffer};
+use device_buffers::{cuda, DeviceBuffer};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Name of the layer kernel's cubin (`kernel/flashmoe.cu`) for [`kernels::cubin`]; the
+/// entry point per dtype is [`entry_point`].
+pub const CUBIN: &str = "flashmoe";
 
 /// Which ranks one [`MoeLayer`] runs on its GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +146,8 @@ impl Default for GpuOptions {
 }
 
 /// Routing given by the caller on the device ([`Router::Given`]): `i32 [tokens][top_k]`
-/// expert ids and `f32 [tokens][top_k]` weights, with the effective top-k.
+/// expert ids and `f32 [tokens][top_k]` weights, rows of the config's `top_k`; with a
+/// top-k override the first `k` choices of each row are used, verbatim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceRouting {
     /// Device address of the ids.
@@ -303,7 +308,7 @@ impl MoeLayer {
         let func = module
             .load_function(entry_point(cfg.dtype))
             .map_err(cuda("find kernel entry point"))?;
-        let smem = abi::smem_bytes(cfg.dtype);
+        let smem = smem_bytes(cfg.dtype);
         func.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             smem as i32,
@@ -318,14 +323,13 @@ impl MoeLayer {
         let residency = Residency {
             blocks_per_sm: per_sm as usize,
             sms: sms.max(0) as usize,
-            min_blocks_per_rank: MIN_BLOCKS_PER_RANK,
+            min_blocks_per_rank: MIN_BLOCKS_PER_RANK as usize,
         };
         let bpr = blocks_per_rank(residency, world.ranks(), opts.blocks_per_rank)?;
         let grid = GridShape {
             ranks: world.ranks() as u32,
-            blocks_per_rank: u32::try_from(bpr).map_err(|_| {
-                Error::config("GpuOptions::blocks_per_rank", bpr, "fits in u32")
-            })?,
+            blocks_per_rank: u32::try_from(bpr)
+                .map_err(|_| Error::config("GpuOptions::blocks_per_rank", bpr, "fits in u32"))?,
             threads: BLOCK_THREADS,
             smem_bytes: smem,
         };
@@ -355,17 +359,23 @@ impl MoeLayer {
             shared_w0: weights
                 .shared
                 .as_ref()
-                .map(|s| DeviceBuffer::from_bytes(&stream, &to_dtype_bytes(dtype, &s.w0), "shared w0"))
+                .map(|s| {
+                    DeviceBuffer::from_bytes(&stream, &to_dtype_bytes(dtype, &s.w0), "shared w0")
+                })
                 .transpose()?,
             shared_w1: weights
                 .shared
                 .as_ref()
-                .map(|s| DeviceBuffer::from_bytes(&stream, &to_dtype_bytes(dtype, &s.w1), "shared w1"))
+                .map(|s| {
+                    DeviceBuffer::from_bytes(&stream, &to_dtype_bytes(dtype, &s.w1), "shared w1")
+                })
                 .transpose()?,
             shared_gate: weights
                 .shared_gate
                 .as_ref()
-                .map(|g| DeviceBuffer::from_bytes(&stream, &to_dtype_bytes(dtype, g), "shared gate"))
+                .map(|g| {
+                    DeviceBuffer::from_bytes(&stream, &to_dtype_bytes(dtype, g), "shared gate")
+                })
                 .transpose()?,
         };
 
@@ -378,7 +388,11 @@ impl MoeLayer {
             let packed = pack_rank_experts(&plan, weights, r);
             ranks.push(RankBuffers {
                 heap: DeviceBuffer::zeroed(&stream, plan.heap.bytes as usize, "heap")?,
-                workspace: DeviceBuffer::zeroed(&stream, plan.workspace.bytes as usize, "workspace")?,
+                workspace: DeviceBuffer::zeroed(
+                    &stream,
+                    plan.workspace.bytes as usize,
+                    "workspace",
+                )?,
                 peers: DeviceBuffer::zeroed(&stream, 8 * world.ranks(), "peers table")?,
                 w0: DeviceBuffer::from_bytes(&stream, &packed.w0, "expert w0")?,
                 w1: DeviceBuffer::from_bytes(&stream, &packed.w1, "expert w1")?,
@@ -510,9 +524,12 @@ impl MoeLayer {
             }
             // Earlier launches may still read the old bias.
             self.wait_done()?;
-            self.tables
-                .logit_bias
-                .upload(&self.stream, 0, &bytes_of_f32(b), "overrides.logit_bias")?;
+            self.tables.logit_bias.upload(
+                &self.stream,
+                0,
+                &bytes_of_f32(b),
+                "overrides.logit_bias",
+            )?;
         }
         self.top_k = k;
         self.logit_bias_on = logit_bias.is_some();
@@ -524,7 +541,11 @@ impl MoeLayer {
         if io.len() != self.world.ranks() {
             return Err(Error::input(
                 "io",
-                format!("{} ranks given, the world has {}", io.len(), self.world.ranks()),
+                format!(
+                    "{} ranks given, the world has {}",
+                    io.len(),
+                    self.world.ranks()
+                ),
             ));
         }
         let given = matches!(cfg.router, Router::Given);
@@ -546,7 +567,10 @@ impl MoeLayer {
                     ))
                 }
                 (true, Some(d)) if rio.tokens > 0 && (d.ids == 0 || d.weights == 0) => {
-                    return Err(Error::input("io.routing", format!("rank {r}: null pointer")))
+                    return Err(Error::input(
+                        "io.routing",
+                        format!("rank {r}: null pointer"),
+                    ))
                 }
                 (false, Some(_)) => {
                     return Err(Error::input(
@@ -564,7 +588,8 @@ impl MoeLayer {
     fn launch_params(&self, io: &[RankIo]) -> Result<KernelParams> {
         self.check_io(io)?;
         let mut p = self.params;
-        p.layer.top_k = self.top_k as u32;
+        // layer.top_k stays the config's (row stride of given_*); route_k is this call's k.
+        p.layer.route_k = self.top_k as u32;
         p.layer.logit_bias = if self.logit_bias_on {
             self.tables.logit_bias.ptr()
         } else {
@@ -674,15 +699,23 @@ impl MoeLayer {
                 .download(&self.stream, ws.dropped as usize, &mut d, "dropped count")?;
             stats.dropped.push(u64::from_le_bytes(d));
             let mut c = vec![0u8; 4 * experts];
-            rb.workspace
-                .download(&self.stream, ws.expert_counts as usize, &mut c, "expert counts")?;
+            rb.workspace.download(
+                &self.stream,
+                ws.expert_counts as usize,
+                &mut c,
+                "expert counts",
+            )?;
             stats.expert_counts.push(
                 c.chunks_exact(4)
                     .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect(),
             );
         }
-        if let Err(e) = status::first_error(&words, self.plan.max_local) {
+        let cx = StatusContext {
+            world: self.plan.world(),
+            top_k: self.plan.config.top_k,
+        };
+        if let Err(e) = status::first_error(&words, cx) {
             self.reset()?;
             return Err(e);
         }
@@ -709,8 +742,12 @@ impl MoeLayer {
             .ok_or_else(|| Error::input("rank", format!("{rank} >= {}", self.ranks.len())))?;
         self.wait_done()?;
         let mut b = [0u8; 8];
-        rb.workspace
-            .download(&self.stream, self.plan.workspace.epoch as usize, &mut b, "epoch")?;
+        rb.workspace.download(
+            &self.stream,
+            self.plan.workspace.epoch as usize,
+            &mut b,
+            "epoch",
+        )?;
         Ok(u64::from_le_bytes(b))
     }
 
@@ -737,9 +774,10 @@ impl MoeLayer {
 
     /// Launches the captured graph (asynchronously, on the stream it was captured on).
     pub fn replay(&mut self) -> Result<()> {
-        let (graph, stream) = self.graph.as_ref().ok_or_else(|| {
-            Error::input("graph", "no graph captured: call capture_graph first")
-        })?;
+        let (graph, stream) = self
+            .graph
+            .as_ref()
+            .ok_or_else(|| Error::input("graph", "no graph captured: call capture_graph first"))?;
         graph.launch().map_err(cuda("graph launch"))?;
         self.done.record(stream).map_err(cuda("record event"))
     }

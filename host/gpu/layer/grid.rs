@@ -59,7 +59,7 @@ pub fn blocks_per_rank(res: Residency, ranks: usize, requested: Option<usize>) -
     let ranks = ranks.max(1);
     let bpr = match requested {
         Some(req) => {
-            let total = req.checked_mul(ranks).unwrap_or(usize::MAX);
+            let total = req.saturating_mul(ranks);
             if total > cap {
                 return Err(Error::config(
                     "GpuOptions::blocks_per_rank",
@@ -162,7 +162,10 @@ mod tests {
         };
         assert!(matches!(
             blocks_per_rank(none, 1, None),
-            Err(Error::InvalidConfig { field: "kernel occupancy", .. })
+            Err(Error::InvalidConfig {
+                field: "kernel occupancy",
+                ..
+            })
         ));
     }
 

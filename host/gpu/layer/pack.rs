@@ -150,7 +150,10 @@ mod tests {
             let locals = &plan.local_experts[rank];
             let w0 = from_dtype_bytes(Dtype::F32, &p.w0);
             let w1 = from_dtype_bytes(Dtype::F32, &p.w1);
-            let (n0, n1) = (cfg.gemm0_width() * cfg.hidden, cfg.hidden * cfg.intermediate);
+            let (n0, n1) = (
+                cfg.gemm0_width() * cfg.hidden,
+                cfg.hidden * cfg.intermediate,
+            );
             assert_eq!(w0.len(), locals.len() * n0);
             assert_eq!(w1.len(), locals.len() * n1);
             for (l, &e) in locals.iter().enumerate() {

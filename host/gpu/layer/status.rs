@@ -38,87 +38,120 @@ impl LayerStats {
     }
 }
 
-/// Describes what a wait at `where_` in `stage_code` was waiting for. Signal waits index
-/// their signal word as `peer * max_local + local` (plan.rs `dispatch_signal` /
-/// `combine_signal`).
-pub fn describe_wait(stage_code: u64, where_: u64, max_local: usize) -> String {
-    let l = max_local.max(1) as u64;
+/// `where` flag of a rank-group barrier wait (`0x2000000 | barrier index`).
+const WHERE_BARRIER: u64 = 0x200_0000;
+/// `where` flag of an expert-stage wait for a task (`0x1000000 | queue ticket`).
+const WHERE_TICKET: u64 = 0x100_0000;
+/// `where` of the combine wait for the local shared-expert tiles.
+const WHERE_SHARED: u64 = 0xFFFF_FFFF;
+
+/// Describes what a wait at `where_` in `stage_code` was waiting for (kernel/README.md,
+/// "Status"). Signal waits encode `(peer << 16) | local expert`; `world` tells a barrier
+/// flag apart from a large peer id.
+pub fn describe_wait(stage_code: u64, where_: u64, world: usize) -> String {
+    let peer = where_ >> 16;
+    let local = where_ & 0xFFFF;
+    if where_ != WHERE_SHARED && where_ & WHERE_BARRIER != 0 && peer >= world as u64 {
+        return format!(
+            "the rank-group barrier #{} of stage {}",
+            where_ & (WHERE_BARRIER - 1),
+            stage::name(stage_code)
+        );
+    }
     match stage_code {
-        stage::DISPATCH => format!(
-            "dispatch signal from rank {} for local expert {}",
-            where_ / l,
-            where_ % l
-        ),
-        stage::COMBINE => format!(
-            "combine signal from rank {} for its local expert {}",
-            where_ / l,
-            where_ % l
-        ),
-        other => format!("{} wait #{where_}", stage::name(other)),
+        stage::DISPATCH => {
+            format!("the dispatch signal from rank {peer} for local expert {local}")
+        }
+        stage::COMBINE if where_ == WHERE_SHARED => "the local shared-expert tiles".into(),
+        stage::COMBINE => {
+            format!("the combine signal from rank {peer} for its local expert {local}")
+        }
+        stage::EXPERT if where_ & WHERE_TICKET != 0 => {
+            format!("a task for queue ticket {}", where_ & (WHERE_TICKET - 1))
+        }
+        other => format!("{} wait at {where_:#x}", stage::name(other)),
     }
 }
 
+/// Names the parameter a `FM_STATUS_BAD_PARAMS` refers to (`where` 1..=11).
+pub fn bad_param_name(where_: u64) -> &'static str {
+    match where_ {
+        1 => "params version",
+        2 => "tile sizes",
+        3 => "dtype of the entry point",
+        4 => "grid / blocks per rank",
+        5 => "top_k",
+        6 => "experts",
+        7 => "launch_ranks",
+        8 => "block size",
+        9 => "a peers table entry is 0",
+        10 => "dynamic shared memory too small",
+        11 => "world / rank",
+        _ => "unknown parameter",
+    }
+}
+
+/// What [`decode`] needs to know about the layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusContext {
+    /// Ranks in the world.
+    pub world: usize,
+    /// The config's top-k (row stride of the caller's routing).
+    pub top_k: usize,
+}
+
 /// Decodes one rank's status words: `Ok(())` when the code is `FM_STATUS_OK`.
-pub fn decode(rank: usize, words: &[u64; STATUS_WORDS], max_local: usize) -> Result<()> {
+pub fn decode(rank: usize, words: &[u64; STATUS_WORDS], cx: StatusContext) -> Result<()> {
     let [code, st, where_, expected, observed, waited_ns, ..] = *words;
     let stage_name = stage::name(st);
-    let what = |kind: &str| format!("{kind} at {}", describe_wait(st, where_, max_local));
+    let device = |what: String| Error::Device {
+        rank,
+        stage: stage_name,
+        what,
+        expected,
+        observed,
+    };
+    let k = cx.top_k.max(1) as u64;
     match code {
         status::OK => Ok(()),
         status::TIMEOUT => Err(Error::Timeout {
             rank,
             stage: stage_name,
-            awaited: describe_wait(st, where_, max_local),
+            awaited: describe_wait(st, where_, cx.world),
             expected,
             observed,
             waited_ms: waited_ns / 1_000_000,
         }),
-        status::BAD_PARAMS => Err(Error::Device {
-            rank,
-            stage: stage_name,
-            what: format!("kernel parameters refused (field #{where_})"),
-            expected,
-            observed,
-        }),
-        status::BAD_ROUTING => Err(Error::Device {
-            rank,
-            stage: stage_name,
-            what: format!("invalid routing at (token, choice) pair #{where_}"),
-            expected,
-            observed,
-        }),
-        status::BAD_SIGNAL => Err(Error::Device {
-            rank,
-            stage: stage_name,
-            what: what("signal with an impossible row count"),
-            expected,
-            observed,
-        }),
-        status::QUEUE_OVERFLOW => Err(Error::Device {
-            rank,
-            stage: stage_name,
-            what: format!("task queue overflow at entry {where_}"),
-            expected,
-            observed,
-        }),
-        other => Err(Error::Device {
-            rank,
-            stage: stage_name,
-            what: format!("unknown status code {other} (where {where_})"),
-            expected,
-            observed,
-        }),
+        status::BAD_PARAMS => Err(device(format!(
+            "kernel refused its parameters: {}",
+            bad_param_name(where_)
+        ))),
+        status::BAD_ROUTING => Err(device(format!(
+            "invalid routing at token {} choice {} (expected = experts, observed = id or weight bits)",
+            where_ / k,
+            where_ % k
+        ))),
+        status::BAD_SIGNAL => Err(device(format!(
+            "a signal carried an impossible row count: {}",
+            describe_wait(st, where_, cx.world)
+        ))),
+        status::QUEUE_OVERFLOW => Err(device(
+            "task queue overflow (expected = capacity, observed = entries needed)".into(),
+        )),
+        other => Err(device(format!(
+            "unknown status code {other} (where {where_:#x})"
+        ))),
     }
 }
 
 /// The error of a launch from every rank's status words: the first non-timeout error in
 /// rank order (the cause: a timeout elsewhere is usually its consequence), else the first
 /// timeout, else `Ok(())`.
-pub fn first_error(words: &[[u64; STATUS_WORDS]], max_local: usize) -> Result<()> {
+pub fn first_error(words: &[[u64; STATUS_WORDS]], cx: StatusContext) -> Result<()> {
     let errors: Vec<Error> = words
         .iter()
         .enumerate()
-        .filter_map(|(rank, w)| decode(rank, w, max_local).err())
+        .filter_map(|(rank, w)| decode(rank, w, cx).err())
         .collect();
     let mut first_timeout = None;
     for e in errors {
@@ -135,20 +168,27 @@ pub fn first_error(words: &[[u64; STATUS_WORDS]], max_local: usize) -> Result<()
 mod tests {
     use super::*;
 
+    const CX: StatusContext = StatusContext { world: 4, top_k: 2 };
+
     fn words(code: u64, st: u64, where_: u64) -> [u64; STATUS_WORDS] {
         [code, st, where_, 11, 7, 2_500_000_000, 0, 0]
     }
 
     #[test]
     fn ok_is_ok() {
-        assert!(decode(0, &[0; STATUS_WORDS], 4).is_ok());
-        assert!(first_error(&[[0; STATUS_WORDS]; 3], 4).is_ok());
+        assert!(decode(0, &[0; STATUS_WORDS], CX).is_ok());
+        assert!(first_error(&[[0; STATUS_WORDS]; 3], CX).is_ok());
     }
 
     #[test]
     fn timeout_names_rank_stage_and_awaited_peer() {
-        // rank 2 waited for the dispatch signal of source rank 1, local expert 3 (max_local 4).
-        let e = decode(2, &words(status::TIMEOUT, stage::DISPATCH, 4 + 3), 4).unwrap_err();
+        // rank 2 waited for the dispatch signal of source rank 1, local expert 3.
+        let e = decode(
+            2,
+            &words(status::TIMEOUT, stage::DISPATCH, (1 << 16) | 3),
+            CX,
+        )
+        .unwrap_err();
         match e {
             Error::Timeout {
                 rank,
@@ -160,12 +200,24 @@ mod tests {
             } => {
                 assert_eq!(rank, 2);
                 assert_eq!(stage, "dispatch");
-                assert!(awaited.contains("rank 1"), "{awaited}");
+                assert!(awaited.contains("from rank 1 "), "{awaited}");
                 assert!(awaited.contains("local expert 3"), "{awaited}");
                 assert_eq!((expected, observed, waited_ms), (11, 7, 2500));
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn waits_are_described_by_stage() {
+        let d = |st, w| describe_wait(st, w, 4);
+        assert!(d(stage::COMBINE, (3 << 16) | 1).contains("combine signal from rank 3"));
+        assert!(d(stage::COMBINE, WHERE_SHARED).contains("shared-expert"));
+        assert!(d(stage::EXPERT, WHERE_TICKET | 17).contains("ticket 17"));
+        assert!(d(stage::GATE, WHERE_BARRIER | 2).contains("barrier #2"));
+        assert!(d(stage::DISPATCH, WHERE_BARRIER | 5).contains("barrier #5"));
+        // With a large world the same bits are a peer id.
+        assert!(describe_wait(stage::DISPATCH, WHERE_BARRIER | 5, 1024).contains("rank 512"));
     }
 
     #[test]
@@ -177,13 +229,21 @@ mod tests {
             status::QUEUE_OVERFLOW,
             99,
         ] {
-            match decode(5, &words(code, stage::GATE, 3), 2) {
+            match decode(5, &words(code, stage::GATE, 3), CX) {
                 Err(Error::Device { rank, stage, .. }) => {
                     assert_eq!(rank, 5);
                     assert_eq!(stage, "gate");
                 }
                 other => panic!("code {code}: {other:?}"),
             }
+        }
+        match decode(0, &words(status::BAD_ROUTING, stage::GATE, 7), CX) {
+            Err(Error::Device { what, .. }) => assert!(what.contains("token 3 choice 1"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        match decode(0, &words(status::BAD_PARAMS, stage::SETUP, 4), CX) {
+            Err(Error::Device { what, .. }) => assert!(what.contains("blocks per rank"), "{what}"),
+            other => panic!("{other:?}"),
         }
     }
 
@@ -195,12 +255,12 @@ mod tests {
             words(status::TIMEOUT, stage::DISPATCH, 1),
         ];
         assert!(matches!(
-            first_error(&all, 2),
+            first_error(&all, CX),
             Err(Error::Device { rank: 1, .. })
         ));
         let timeouts = [[0; STATUS_WORDS], words(status::TIMEOUT, stage::COMBINE, 1)];
         assert!(matches!(
-            first_error(&timeouts, 2),
+            first_error(&timeouts, CX),
             Err(Error::Timeout { rank: 1, .. })
         ));
     }

@@ -1,0 +1,140 @@
+//! [`MoeLayer::forward_host`]: the convenience path over host vectors (tests, benches,
+//! the model driver): upload, poison the outputs with NaN, launch, wait, check the status,
+//! download the outputs and the router's decisions.
+
+use super::device_buffers::poison;
+use super::pack::{from_dtype_bytes, nan_pattern, to_dtype_bytes};
+use super::{DeviceRouting, MoeLayer, RankIo};
+use crate::error::{Error, Result};
+use crate::reference::{check_input, GateOutput, LayerOutput, RankInput, RouteOverrides};
+
+fn le_i32(bytes: &[u8]) -> Vec<i32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+impl MoeLayer {
+    /// One forward over host data, one [`RankInput`] per rank of the world. The outputs
+    /// are poisoned with NaN before the launch, and a row still NaN afterwards is reported
+    /// as [`Error::Device`]; device faults come back as from [`MoeLayer::status`]. The
+    /// returned gates are the kernel's own decisions (ids, weights, slots, counts).
+    pub fn forward_host(
+        &mut self,
+        inputs: &[RankInput],
+        ov: &RouteOverrides,
+    ) -> Result<LayerOutput> {
+        let cfg = self.plan.config.clone();
+        let k = ov.effective_top_k(&cfg)?;
+        if inputs.len() != self.ranks.len() {
+            return Err(Error::input(
+                "inputs",
+                format!(
+                    "{} rank inputs != {} ranks of {:?}",
+                    inputs.len(),
+                    self.ranks.len(),
+                    self.world
+                ),
+            ));
+        }
+        for input in inputs {
+            check_input(&cfg, input.x, input.tokens, input.routing)?;
+        }
+        self.set_route_overrides(ov.top_k, ov.logit_bias.as_deref())?;
+        // Earlier launches may still use the layer's token buffers.
+        self.wait_done()?;
+
+        let (dtype, h) = (cfg.dtype, cfg.hidden);
+        let stream = self.stream.clone();
+        let mut io = Vec::with_capacity(inputs.len());
+        for (rb, input) in self.ranks.iter().zip(inputs) {
+            rb.x.upload(&stream, 0, &to_dtype_bytes(dtype, input.x), "x")?;
+            // SAFETY: `out` holds config.tokens * hidden elements >= tokens * hidden.
+            unsafe {
+                poison(
+                    &stream,
+                    rb.out.ptr(),
+                    input.tokens * h,
+                    nan_pattern(dtype),
+                    "poison out",
+                )?
+            };
+            let routing = match (input.routing, &rb.given_ids, &rb.given_weights) {
+                (Some(g), Some(ids), Some(weights)) => {
+                    let id_bytes: Vec<u8> = g
+                        .ids
+                        .iter()
+                        .flat_map(|&e| (e as i32).to_le_bytes())
+                        .collect();
+                    let w_bytes: Vec<u8> = g.weights.iter().flat_map(|w| w.to_le_bytes()).collect();
+                    ids.upload(&stream, 0, &id_bytes, "routing.ids")?;
+                    weights.upload(&stream, 0, &w_bytes, "routing.weights")?;
+                    Some(DeviceRouting {
+                        ids: ids.ptr(),
+                        weights: weights.ptr(),
+                    })
+                }
+                _ => None,
+            };
+            io.push(RankIo {
+                x: rb.x.ptr(),
+                out: rb.out.ptr(),
+                tokens: input.tokens,
+                routing,
+            });
+        }
+        // SAFETY: every pointer is one of this layer's own buffers, sized for the config's
+        // tokens (checked above); nothing else writes them until status() has returned.
+        unsafe { self.forward(&io, &stream)? };
+        let stats = self.status()?;
+
+        let ws = self.plan.workspace;
+        let mut outs = Vec::with_capacity(inputs.len());
+        let mut gates = Vec::with_capacity(inputs.len());
+        for (r, (rb, input)) in self.ranks.iter().zip(inputs).enumerate() {
+            let mut raw = vec![0u8; input.tokens * h * dtype.size()];
+            rb.out.download(&stream, 0, &mut raw, "out")?;
+            let out = from_dtype_bytes(dtype, &raw);
+            if let Some(i) = out.iter().position(|v| v.is_nan()) {
+                return Err(Error::Device {
+                    rank: r,
+                    stage: "combine",
+                    what: format!(
+                        "output row {} (element {}) was not written: still the NaN poison",
+                        i / h,
+                        i % h
+                    ),
+                    expected: 0,
+                    observed: out[i].to_bits() as u64,
+                });
+            }
+            outs.push(out);
+            let pairs = input.tokens * k;
+            let mut ids = vec![0u8; 4 * pairs];
+            let mut weights = vec![0u8; 4 * pairs];
+            let mut slots = vec![0u8; 4 * pairs];
+            rb.workspace
+                .download(&stream, ws.route_ids as usize, &mut ids, "route ids")?;
+            rb.workspace.download(
+                &stream,
+                ws.route_weights as usize,
+                &mut weights,
+                "route weights",
+            )?;
+            rb.workspace
+                .download(&stream, ws.route_slots as usize, &mut slots, "route slots")?;
+            gates.push(GateOutput {
+                ids: le_i32(&ids).into_iter().map(|e| e as u32).collect(),
+                weights: weights
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                slots: le_i32(&slots),
+                expert_counts: stats.expert_counts.get(r).cloned().unwrap_or_default(),
+                dropped: stats.dropped.get(r).copied().unwrap_or(0),
+            });
+        }
+        Ok(LayerOutput::from_ranks(cfg.experts, outs, gates))
+    }
+}
