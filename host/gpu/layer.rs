@@ -751,6 +751,37 @@ impl MoeLayer {
         Ok(u64::from_le_bytes(b))
     }
 
+    /// Test hook: from the next launch on, `rank` sends no signal (its peers then time
+    /// out); `None` switches the fault off. A captured graph keeps the setting it was
+    /// captured with.
+    pub fn set_fault_silent_rank(&mut self, rank: Option<usize>) -> Result<()> {
+        if let Some(r) = rank {
+            if r >= self.world.ranks() {
+                return Err(Error::config(
+                    "GpuOptions::fault_silent_rank",
+                    r,
+                    format!("a rank < {}", self.world.ranks()),
+                ));
+            }
+        }
+        self.opts.fault_silent_rank = rank;
+        self.params.layer.fault_silent_rank = rank.map_or(NO_FAULT, |r| r as u32);
+        Ok(())
+    }
+
+    /// Diagnostic: a copy of `rank`'s whole symmetric heap after the last launch (laid out
+    /// as `plan().heap` says), for tests that check where every row landed.
+    pub fn download_heap(&self, rank: usize) -> Result<Vec<u8>> {
+        let rb = self
+            .ranks
+            .get(rank)
+            .ok_or_else(|| Error::input("rank", format!("{rank} >= {}", self.ranks.len())))?;
+        self.wait_done()?;
+        let mut out = vec![0u8; self.plan.heap.bytes as usize];
+        rb.heap.download(&self.stream, 0, &mut out, "heap")?;
+        Ok(out)
+    }
+
     /// Captures one launch over `io` into a CUDA graph on `stream` (replacing any earlier
     /// one). Replays ([`MoeLayer::replay`]) need no reset: the kernel advances the epoch.
     ///

@@ -117,7 +117,7 @@ mod tests {
 
     #[test]
     fn conversion_rounds_like_the_dtype() {
-        let v = [1.0f32 + 1.0 / 512.0, 3.14159, -2.7e-3];
+        let v = [1.0f32 + 1.0 / 512.0, 1.234_567, -2.7e-3];
         for dtype in [Dtype::Bf16, Dtype::F16] {
             let back = from_dtype_bytes(dtype, &to_dtype_bytes(dtype, &v));
             let want: Vec<f32> = v.iter().map(|&x| dtype.round(x)).collect();

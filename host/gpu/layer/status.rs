@@ -144,24 +144,26 @@ pub fn decode(rank: usize, words: &[u64; STATUS_WORDS], cx: StatusContext) -> Re
     }
 }
 
-/// The error of a launch from every rank's status words: the first non-timeout error in
-/// rank order (the cause: a timeout elsewhere is usually its consequence), else the first
-/// timeout, else `Ok(())`.
+/// The error of a launch from every rank's status words, the likeliest cause first:
+/// any non-timeout error (in rank order), else a timeout on a dispatch signal (it names the
+/// rank that never sent), else on a combine signal, else any other timeout (a task or a
+/// barrier, usually a consequence), each in rank order; `Ok(())` when all are OK.
 pub fn first_error(words: &[[u64; STATUS_WORDS]], cx: StatusContext) -> Result<()> {
-    let errors: Vec<Error> = words
+    let priority = |w: &[u64; STATUS_WORDS]| match (w[0], w[1]) {
+        (status::TIMEOUT, stage::DISPATCH) if w[2] & WHERE_BARRIER == 0 => 1,
+        (status::TIMEOUT, stage::COMBINE) if w[2] & WHERE_BARRIER == 0 => 2,
+        (status::TIMEOUT, _) => 3,
+        _ => 0,
+    };
+    let best = words
         .iter()
         .enumerate()
-        .filter_map(|(rank, w)| decode(rank, w, cx).err())
-        .collect();
-    let mut first_timeout = None;
-    for e in errors {
-        if matches!(e, Error::Timeout { .. }) {
-            first_timeout.get_or_insert(e);
-        } else {
-            return Err(e);
-        }
+        .filter(|(_, w)| w[0] != status::OK)
+        .min_by_key(|(rank, w)| (priority(w), *rank));
+    match best {
+        Some((rank, w)) => decode(rank, w, cx),
+        None => Ok(()),
     }
-    first_timeout.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
@@ -261,6 +263,29 @@ mod tests {
         let timeouts = [[0; STATUS_WORDS], words(status::TIMEOUT, stage::COMBINE, 1)];
         assert!(matches!(
             first_error(&timeouts, CX),
+            Err(Error::Timeout { rank: 1, .. })
+        ));
+        // A dispatch-signal timeout names the silent rank: preferred over a task wait of a
+        // lower rank and over combine waits.
+        let mixed = [
+            words(status::TIMEOUT, stage::EXPERT, WHERE_TICKET | 3),
+            words(status::TIMEOUT, stage::COMBINE, 2 << 16),
+            words(status::TIMEOUT, stage::DISPATCH, 3 << 16),
+            words(status::TIMEOUT, stage::DISPATCH, WHERE_BARRIER | 1),
+        ];
+        match first_error(&mixed, CX) {
+            Err(Error::Timeout { rank, awaited, .. }) => {
+                assert_eq!(rank, 2);
+                assert!(awaited.contains("from rank 3 "), "{awaited}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let no_dispatch = [
+            words(status::TIMEOUT, stage::EXPERT, WHERE_TICKET | 3),
+            words(status::TIMEOUT, stage::COMBINE, 2 << 16),
+        ];
+        assert!(matches!(
+            first_error(&no_dispatch, CX),
             Err(Error::Timeout { rank: 1, .. })
         ));
     }
