@@ -706,3 +706,115 @@ fn grid_that_cannot_be_co_resident_is_a_typed_error() {
     assert_eq!(g.ranks, 8);
     assert!(g.blocks_per_rank >= 2);
 }
+
+// ---- CPU checks of the test machinery itself (run everywhere) ----
+
+#[test]
+fn sampled_cases_cover_every_pair_of_values_within_the_budget() {
+    let cases = sample_cases();
+    let lens = [
+        DTYPES.len(),
+        MLPS.len(),
+        ROUTERS.len(),
+        EXPERTS.len(),
+        TOP_K.len(),
+        TOKENS.len(),
+        WORLDS.len(),
+        2,
+    ];
+    for (d, &n) in lens.iter().enumerate() {
+        for v in 0..n {
+            assert!(
+                cases.iter().any(|p| p[d] == v),
+                "dimension {d} value {v} never sampled"
+            );
+        }
+    }
+    // Every pair of values that fits the budget appears together.
+    for a in 0..8 {
+        for b in a + 1..8 {
+            for va in 0..lens[a] {
+                for vb in 0..lens[b] {
+                    let feasible = (0..lens[4]).any(|k| {
+                        (0..lens[5]).any(|t| {
+                            (0..lens[6]).any(|r| {
+                                let mut p: Point = [0; 9];
+                                p[4] = k;
+                                p[5] = t;
+                                p[6] = r;
+                                p[a] = va;
+                                p[b] = vb;
+                                point_cost(&p) <= PAIR_BUDGET && TOP_K[p[4]] <= EXPERTS[p[3]]
+                            })
+                        })
+                    });
+                    if feasible {
+                        assert!(
+                            cases.iter().any(|p| p[a] == va && p[b] == vb),
+                            "pair ({a}={va}, {b}={vb}) not covered"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(cases.iter().all(|p| point_cost(p) <= PAIR_BUDGET));
+    let pairs: usize = cases.iter().map(point_cost).sum();
+    println!(
+        "{} cases, {pairs} (token, choice) pairs in all",
+        cases.len()
+    );
+    assert!(
+        cases.len() < 120,
+        "{} cases is too many to run in minutes",
+        cases.len()
+    );
+    for (i, p) in cases.iter().enumerate() {
+        let case = case_from_point(p, i);
+        LayerPlan::new(&case.cfg).unwrap_or_else(|e| panic!("case {i}: {e}"));
+    }
+}
+
+/// The comparison accepts the reference's own output and rejects a perturbed one: the GPU
+/// tests cannot pass by a lenient checker.
+#[test]
+fn reference_check_accepts_the_oracle_and_rejects_a_perturbation() {
+    for dtype in DTYPES {
+        let mut cfg = MoeConfig::new(16, 64, 64, 8, 2);
+        cfg.dtype = dtype;
+        cfg.world = 2;
+        let plan = LayerPlan::new(&cfg).unwrap();
+        let w = LayerWeights::random(&cfg, 4);
+        let inputs = Inputs::random(&cfg, 4);
+        let ri = inputs.rank_inputs(&cfg);
+        let ov = RouteOverrides::default();
+        let want = reference::forward(&plan, &w, &ri, &ov).unwrap();
+        let (err, tol, flipped) = check_against_reference(&plan, &w, &ri, &ov, &want, "oracle");
+        assert_eq!((err, flipped), (0.0, 0));
+        if dtype == Dtype::F32 {
+            assert_eq!(tol, 1e-5);
+        } else {
+            assert!(tol > 1e-2 && tol < 0.1, "{} tolerance {tol}", dtype.name());
+        }
+        let mut bad = want.clone();
+        for v in bad.out[1].iter_mut().take(cfg.hidden) {
+            *v = -*v + 0.5;
+        }
+        let r = std::panic::catch_unwind(|| {
+            check_against_reference(&plan, &w, &ri, &ov, &bad, "perturbed output")
+        });
+        assert!(r.is_err(), "{}: a wrong output row passed", dtype.name());
+        let mut bad = want.clone();
+        bad.gates[0].slots[0] = -1;
+        let r = std::panic::catch_unwind(|| {
+            check_against_reference(&plan, &w, &ri, &ov, &bad, "perturbed slots")
+        });
+        assert!(r.is_err(), "{}: a wrong slot passed", dtype.name());
+        let mut bad = want.clone();
+        bad.gates[1].ids.swap(0, 1);
+        let r = std::panic::catch_unwind(|| {
+            check_against_reference(&plan, &w, &ri, &ov, &bad, "swapped choices")
+        });
+        assert!(r.is_err(), "{}: swapped choices passed", dtype.name());
+    }
+}

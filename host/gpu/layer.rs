@@ -813,3 +813,59 @@ impl MoeLayer {
         self.done.record(stream).map_err(cuda("record event"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MoeConfig;
+
+    fn plan(world: usize) -> LayerPlan {
+        let mut cfg = MoeConfig::new(64, 128, 128, 16, 2);
+        cfg.world = world;
+        LayerPlan::new(&cfg).unwrap()
+    }
+
+    #[test]
+    fn worlds_must_match_the_plan_and_the_launch_limit() {
+        assert!(GpuWorld::Single.check(&plan(1)).is_ok());
+        assert!(GpuWorld::Emulated { ranks: 4 }.check(&plan(4)).is_ok());
+        assert!(GpuWorld::Emulated { ranks: 8 }.check(&plan(8)).is_ok());
+        for (w, p) in [(GpuWorld::Single, 2), (GpuWorld::Emulated { ranks: 2 }, 4)] {
+            assert!(matches!(
+                w.check(&plan(p)),
+                Err(Error::InvalidConfig { field: "world", .. })
+            ));
+        }
+        for ranks in [0, 1, 9, 16] {
+            assert!(matches!(
+                GpuWorld::Emulated { ranks }.check(&plan(ranks.max(1))),
+                Err(Error::InvalidConfig {
+                    field: "GpuWorld::Emulated.ranks",
+                    ..
+                })
+            ));
+        }
+        assert_eq!(GpuWorld::Emulated { ranks: 3 }.ranks(), 3);
+        assert_eq!(GpuWorld::Single.ranks(), 1);
+    }
+
+    #[test]
+    fn memory_is_known_per_rank_before_allocation() {
+        let p = plan(4);
+        let m = memory_required(&p, GpuWorld::Emulated { ranks: 4 });
+        assert_eq!(m.len(), 4);
+        for (r, fig) in m.iter().enumerate() {
+            assert_eq!(*fig, p.memory(r));
+            assert_eq!(fig.heap, p.heap.bytes);
+            assert!(fig.total() > fig.heap);
+        }
+    }
+
+    #[test]
+    fn default_options_have_a_finite_deadline_and_no_fault() {
+        let o = GpuOptions::default();
+        assert!(o.timeout > Duration::ZERO);
+        assert_eq!(o.fault_silent_rank, None);
+        assert_eq!(o.blocks_per_rank, None);
+    }
+}
