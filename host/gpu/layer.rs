@@ -198,21 +198,30 @@ struct Tables {
 
 /// One MoE layer resident on one GPU. See the [module docs](self).
 pub struct MoeLayer {
-    plan: LayerPlan,
-    world: GpuWorld,
-    opts: GpuOptions,
-    stream: Arc<CudaStream>,
-    func: CudaFunction,
-    grid: GridShape,
-    memory: Vec<MemoryFigure>,
-    // Declared before the buffers so that a captured graph is destroyed first.
+    // Fields drop in this order: the graph and the event first, then the device memory,
+    // then the kernel module, the stream last (after `Drop` has waited for the launch).
     graph: Option<(CudaGraph, Arc<CudaStream>)>,
     done: CudaEvent,
     ranks: Vec<RankBuffers>,
     tables: Tables,
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+    plan: LayerPlan,
+    world: GpuWorld,
+    opts: GpuOptions,
+    grid: GridShape,
+    memory: Vec<MemoryFigure>,
     params: KernelParams,
     top_k: usize,
     logit_bias_on: bool,
+}
+
+impl Drop for MoeLayer {
+    fn drop(&mut self) {
+        // The memory must outlive the last launch; a hung launch is bounded by the host
+        // deadline, and an error here cannot be reported from Drop.
+        let _ = self.wait_done();
+    }
 }
 
 impl std::fmt::Debug for MoeLayer {
@@ -510,6 +519,12 @@ impl MoeLayer {
             ));
         }
         if let Some(b) = logit_bias {
+            if cfg.router == Router::Given {
+                return Err(Error::input(
+                    "overrides.logit_bias",
+                    "has no effect with Router::Given",
+                ));
+            }
             if b.len() != cfg.experts {
                 return Err(Error::input(
                     "overrides.logit_bias",
