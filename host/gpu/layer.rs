@@ -657,16 +657,23 @@ impl MoeLayer {
     /// launch has finished.
     pub unsafe fn forward(&mut self, io: &[RankIo], stream: &CudaStream) -> Result<()> {
         let p = self.launch_params(io)?;
+        // Launches of one layer share its heaps and workspaces: order this one after the
+        // previous launch even when it was issued on another stream.
+        stream
+            .wait(&self.done)
+            .map_err(cuda("order after the previous launch"))?;
         self.launch_raw(&p, stream)?;
         self.done.record(stream).map_err(cuda("record event"))
     }
 
     /// Waits for the last launch (with the host deadline) without reading anything.
     fn wait_done(&self) -> Result<()> {
-        let limit = self
-            .opts
-            .host_timeout
-            .unwrap_or(self.opts.timeout * 4 + Duration::from_secs(10));
+        let limit = self.opts.host_timeout.unwrap_or_else(|| {
+            self.opts
+                .timeout
+                .saturating_mul(4)
+                .saturating_add(Duration::from_secs(10))
+        });
         let start = Instant::now();
         let mut nap = Duration::from_micros(20);
         loop {
@@ -799,11 +806,14 @@ impl MoeLayer {
 
     /// Captures one launch over `io` into a CUDA graph on `stream` (replacing any earlier
     /// one). Replays ([`MoeLayer::replay`]) need no reset: the kernel advances the epoch.
+    /// The graph keeps the overrides and fault setting of the moment of capture. Waits on
+    /// the host for the previous launch first (a capture cannot wait on it on the device).
     ///
     /// # Safety
     /// As [`MoeLayer::forward`], for as long as the graph is replayed.
     pub unsafe fn capture_graph(&mut self, io: &[RankIo], stream: &Arc<CudaStream>) -> Result<()> {
         let p = self.launch_params(io)?;
+        self.wait_done()?;
         self.graph = None;
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -824,6 +834,9 @@ impl MoeLayer {
             .graph
             .as_ref()
             .ok_or_else(|| Error::input("graph", "no graph captured: call capture_graph first"))?;
+        stream
+            .wait(&self.done)
+            .map_err(cuda("order after the previous launch"))?;
         graph.launch().map_err(cuda("graph launch"))?;
         self.done.record(stream).map_err(cuda("record event"))
     }
