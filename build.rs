@@ -111,6 +111,7 @@ fn run() -> Result<(), String> {
     );
     let mut built = Vec::new();
     let mut skipped = Vec::new();
+    let mut to_build = Vec::new();
     for k in &kernels {
         if k.name.ends_with("_nvshmem") && nvshmem.is_none() {
             let why = format!(
@@ -124,9 +125,20 @@ fn run() -> Result<(), String> {
             println!("cargo::warning=flashmoe: {why}");
             let _ = writeln!(report, "\n== {} ==\n{why}", k.name);
             skipped.push((k.name.clone(), why));
-            continue;
+        } else {
+            to_build.push(k);
         }
-        let log = compile(&nvcc, &arch, k, &kernel_dir, &out_dir, nvshmem.as_deref())?;
+    }
+    let logs = compile_all(
+        &nvcc,
+        &arch,
+        &to_build,
+        &kernel_dir,
+        &out_dir,
+        nvshmem.as_deref(),
+    );
+    for (k, log) in to_build.iter().zip(logs) {
+        let log = log?;
         for line in spill_lines(&log) {
             println!("cargo::warning=flashmoe: {}: {line}", k.name);
         }
@@ -327,6 +339,39 @@ fn nvcc_step(nvcc: &Path, args: &[String], what: &str) -> Result<String, String>
     Ok(log)
 }
 
+/// Compiles the kernels, up to `$NUM_JOBS` (cargo's job count) at a time; results in order.
+fn compile_all(
+    nvcc: &Path,
+    arch: &str,
+    kernels: &[&Kernel],
+    kernel_dir: &Path,
+    out_dir: &Path,
+    nvshmem: Option<&Path>,
+) -> Vec<Result<String, String>> {
+    let jobs = env::var("NUM_JOBS")
+        .ok()
+        .and_then(|j| j.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut results = Vec::with_capacity(kernels.len());
+    for chunk in kernels.chunks(jobs) {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|k| scope.spawn(move || compile(nvcc, arch, k, kernel_dir, out_dir, nvshmem)))
+                .collect();
+            for (h, k) in handles.into_iter().zip(chunk) {
+                results.push(
+                    h.join().unwrap_or_else(|_| {
+                        Err(format!("compiling kernel/{}.cu panicked", k.name))
+                    }),
+                );
+            }
+        });
+    }
+    results
+}
+
 /// Compiles one kernel into `$OUT_DIR/<name>.cubin`; returns nvcc's output (the ptxas report).
 fn compile(
     nvcc: &Path,
@@ -393,23 +438,27 @@ fn compile(
     }
 }
 
-/// ptxas lines that report a non-zero spill.
+/// `<function>: <ptxas line>` for every function whose ptxas report shows a non-zero spill.
 fn spill_lines(log: &str) -> Vec<String> {
-    log.lines()
-        .filter(|l| {
-            l.contains("spill")
-                && l.split(',').any(|part| {
-                    let part = part.trim();
-                    part.contains("spill")
-                        && part
-                            .split_whitespace()
-                            .next()
-                            .and_then(|n| n.parse::<u64>().ok())
-                            .is_some_and(|n| n > 0)
-                })
-        })
-        .map(|l| l.trim().to_string())
-        .collect()
+    let mut function = "?";
+    let mut out = Vec::new();
+    for line in log.lines() {
+        if let Some(f) = line.split("Function properties for ").nth(1) {
+            function = f.trim();
+        }
+        let spills = line.split(',').any(|part| {
+            part.contains("spill")
+                && part
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|n| n > 0)
+        });
+        if spills {
+            out.push(format!("{function}: {}", line.trim()));
+        }
+    }
+    out
 }
 
 /// Writes `$OUT_DIR/kernels.rs`: the embedded cubins, the skipped kernels and a note.

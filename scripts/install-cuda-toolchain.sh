@@ -64,6 +64,11 @@ else
     printf '  %s\n' $todo >&2
     exit 1
   fi
+  # A build made before this install found no nvcc and does not watch .toolchain (cargo
+  # would rerun build.rs on every build if it watched a missing path): make it rerun once.
+  if [[ -f "$repo/build.rs" ]]; then
+    touch "$repo/build.rs"
+  fi
 fi
 
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
