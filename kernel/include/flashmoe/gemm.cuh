@@ -6,8 +6,7 @@
 //
 // bf16/f16: mma.sync.m16n8k16 (f32 accumulate) from ldmatrix'ed shared memory, cp.async
 // double buffering. 8 warps as 4 (M) x 2 (N), each 16 x 32 outputs per B matrix.
-// f32: FFMA (exact f32 products, no TF32) from k-major shared memory, one stage with the
-// next K step prefetched into registers. 16 x 16 threads, each 4 x 4 outputs per B matrix.
+// f32: FFMA (exact f32 products, no TF32) from k-major shared memory, one stage. 16 x 16 threads, each 4 x 4 outputs per B matrix.
 // Both paths leave the same accumulator shape float[2][4][4]; the epilogue stages the
 // final f32 tile in shared memory and stores rows < out_rows with 16-byte vectors.
 #ifndef FLASHMOE_GEMM_CUH
@@ -219,9 +218,12 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
     float* Bu = Bg + kTileK * kLdF;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const uint32_t nk = t.k / kTileK;
-    F32Prefetch<kGated> p;
-    f32_fetch<kGated>(t, 0, p);
     for (uint32_t kc = 0; kc < nk; ++kc) {
+        // All loads of the step are issued before the first shared store (12 x 16 bytes in
+        // flight per thread). No prefetch across the FMAs: it would push the gated tile
+        // past the 128-register budget of 2 blocks per SM and spill.
+        F32Prefetch<kGated> p;
+        f32_fetch<kGated>(t, kc, p);
         __syncthreads();  // the previous step's reads are done
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -232,7 +234,6 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
             if constexpr (kGated) f32_put(Bu, r, k4, p.bu[i]);
         }
         __syncthreads();
-        if (kc + 1 < nk) f32_fetch<kGated>(t, kc + 1, p);  // in flight during the FMAs
 #pragma unroll 4
         for (int kk = 0; kk < kTileK; ++kk) {
             const float4 a = *reinterpret_cast<const float4*>(As + kk * kLdF + ty * 4);

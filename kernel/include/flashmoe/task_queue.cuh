@@ -58,7 +58,7 @@ __device__ __forceinline__ uint32_t dispatch_rows(const Ctx& c, uint32_t s, uint
 // then polls this rank's (source, local expert) dispatch signals and pushes each arrived
 // pair's GEMM0 tasks (0 rows: the combine signal is answered at once), then publishes the
 // total. Returns false on error (block-uniform).
-__device__ bool schedule(const Ctx& c) {
+__device__ __noinline__ bool schedule(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     const uint32_t local = c.R->local_experts;
     const uint32_t pairs = L.world * local;
@@ -251,42 +251,48 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
     return block_bcast(c, threadIdx.x == 0 ? ok : true);
 }
 
+enum TakeState : uint32_t { kTakeTask = 1, kTakeDone = 2, kTakeStop = 3 };
+
+// Thread 0 takes the next ticket and waits for its entry or for the end of the queue;
+// the outcome goes to Misc (task, state).
+__device__ __noinline__ void take_task(const Ctx& c) {
+    const uint64_t cap = c.L->ws_queue_capacity;
+    const uint32_t ticket = atomicAdd(c.queue_ctl() + 1, 1u);
+    uint32_t task = 0, state = 0;
+    const bool ok = wait_until(
+        c, [&](uint64_t& seen) {
+            if (ticket < cap) {
+                const uint64_t e = ld_acquire_gpu(c.queue() + ticket);
+                if (signal_is(e, c.n)) {
+                    task = uint32_t(e);
+                    state = kTakeTask;
+                    return true;
+                }
+                seen = e;
+            }
+            const uint64_t tw = ld_acquire_gpu(c.queue_total());
+            if (signal_is(tw, c.n) && ticket >= uint32_t(tw)) {
+                state = kTakeDone;
+                return true;
+            }
+            return false;
+        },
+        FM_STAGE_EXPERT, 0x1000000ull | ticket, c.n << 32);
+    c.misc->task = task;
+    c.misc->state = ok ? state : kTakeStop;
+}
+
 // Takes tickets and runs tasks until the published total says the queue is exhausted.
 // Returns false on error (block-uniform).
 template <class D>
-__device__ bool process_tasks(const Ctx& c) {
-    const uint64_t cap = c.L->ws_queue_capacity;
+__device__ __noinline__ bool process_tasks(const Ctx& c) {
     while (true) {
-        if (threadIdx.x == 0) {
-            const uint32_t ticket = atomicAdd(c.queue_ctl() + 1, 1u);
-            uint32_t task = 0, state = 0;
-            const bool ok = wait_until(
-                c, [&](uint64_t& seen) {
-                    if (ticket < cap) {
-                        const uint64_t e = ld_acquire_gpu(c.queue() + ticket);
-                        if (signal_is(e, c.n)) {
-                            task = uint32_t(e);
-                            state = 1;
-                            return true;
-                        }
-                        seen = e;
-                    }
-                    const uint64_t tw = ld_acquire_gpu(c.queue_total());
-                    if (signal_is(tw, c.n) && ticket >= uint32_t(tw)) {
-                        state = 2;
-                        return true;
-                    }
-                    return false;
-                },
-                FM_STAGE_EXPERT, 0x1000000ull | ticket, c.n << 32);
-            c.misc->task = task;
-            c.misc->state = ok ? state : 3;
-        }
+        if (threadIdx.x == 0) take_task(c);
         __syncthreads();
         const uint32_t task = c.misc->task, state = c.misc->state;
         __syncthreads();
-        if (state == 2) return true;
-        if (state != 1) return false;
+        if (state == kTakeDone) return true;
+        if (state != kTakeTask) return false;
         if (!run_task<D>(c, task)) return false;
     }
 }
