@@ -62,6 +62,16 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
     if (uint64_t(L.world) * R.local_experts > kMaxSignalPairs)
         return bad(12, kMaxSignalPairs, uint64_t(L.world) * R.local_experts);
     if (L.router > FM_ROUTER_GIVEN || L.mlp > FM_MLP_RELU) return bad(13, FM_ROUTER_GIVEN, L.router);
+    // Pointers the configuration needs (observed: which one is missing).
+    if (L.expert_owner == 0) return bad(14, 1, 0);
+    if (L.router != FM_ROUTER_GIVEN && L.router_weight == 0) return bad(14, 1, 1);
+    if (L.router == FM_ROUTER_SIGMOID_BIAS && L.router_bias == 0) return bad(14, 1, 2);
+    if (L.router == FM_ROUTER_GIVEN && (R.given_ids == 0 || R.given_weights == 0)) return bad(14, 1, 3);
+    if (R.tokens != 0 && (R.x == 0 || R.out == 0)) return bad(14, 1, 4);
+    if (R.local_experts != 0 && (R.w0 == 0 || R.w1 == 0)) return bad(14, 1, 5);
+    if (L.shared_width != 0 && (R.shared_w0 == 0 || R.shared_w1 == 0)) return bad(14, 1, 6);
+    if (L.shared_width != 0 && L.shared_gated && R.shared_gate == 0) return bad(14, 1, 7);
+    if (R.heap == 0 || R.peers == 0 || R.workspace == 0) return bad(14, 1, 8);
     return 0;
 }
 
