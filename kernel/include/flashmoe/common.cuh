@@ -1,0 +1,161 @@
+// Shared definitions of the flashmoe kernel: tunables, dtype traits, the per-block context.
+#ifndef FLASHMOE_COMMON_CUH
+#define FLASHMOE_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "flashmoe/params.h"
+
+namespace fm {
+
+// ---- tunables -------------------------------------------------------------------------
+constexpr int kThreads = FM_BLOCK_THREADS;
+constexpr int kWarps = kThreads / 32;
+// The GEMM tile. Must equal the plan's TILE_M/N/K (host/plan.rs): capacities, activation
+// blocks and the task decomposition are laid out in these units; the kernel also checks
+// layer.tile_m/n/k at start and reports FM_STATUS_BAD_PARAMS when they differ.
+constexpr int kTileM = 64;
+constexpr int kTileN = 64;
+constexpr int kTileK = 64;
+constexpr uint32_t kMaxTopK = 16;       // == MAX_TOP_K in host/config.rs (choices live in lanes)
+constexpr uint32_t kMaxExperts = 1024;  // == MAX_EXPERTS (top-k keeps a 32-bit mask per lane)
+constexpr int kMiscBytes = 256;         // block-private scalars at the start of dynamic smem
+constexpr int kGateChunk = FM_GATE_CHUNK;
+// The scheduler tracks the dispatch signals it has seen in one 64-bit mask per thread.
+constexpr uint32_t kMaxSignalPairs = 64u * kThreads;
+
+static_assert(kThreads == 256, "the warp layouts of gate, GEMM and combine assume 8 warps");
+static_assert(kTileM == 64 && kTileN == 64 && kTileK == 64,
+              "the GEMM warp tiling (4 x 2 warps of 16 x 32) and loaders assume 64^3 tiles");
+static_assert(kTileM % 16 == 0 && kTileN % 16 == 0 && kTileK % 16 == 0,
+              "mma.m16n8k16 needs multiples of 16 in every tile dimension");
+static_assert(kGateChunk == kWarps * 8, "the gate gives each warp 8 tokens of a chunk");
+static_assert(kMaxTopK <= 32, "a token's choices live one per lane");
+static_assert(kMaxExperts <= 32 * 32, "top-k marks chosen experts in one 32-bit word per lane");
+
+// ---- dtype traits -------------------------------------------------------------------------
+template <uint32_t Code>
+struct Dt;
+
+template <>
+struct Dt<FM_DTYPE_BF16> {
+    using T = __nv_bfloat16;
+    static constexpr uint32_t kCode = FM_DTYPE_BF16;
+    static constexpr bool kTensorCore = true;
+    __device__ static float to_f(T v) { return __bfloat162float(v); }
+    __device__ static T from_f(float f) { return __float2bfloat16_rn(f); }
+};
+
+template <>
+struct Dt<FM_DTYPE_F16> {
+    using T = __half;
+    static constexpr uint32_t kCode = FM_DTYPE_F16;
+    static constexpr bool kTensorCore = true;
+    __device__ static float to_f(T v) { return __half2float(v); }
+    __device__ static T from_f(float f) { return __float2half_rn(f); }
+};
+
+template <>
+struct Dt<FM_DTYPE_F32> {
+    using T = float;
+    static constexpr uint32_t kCode = FM_DTYPE_F32;
+    static constexpr bool kTensorCore = false;
+    __device__ static float to_f(T v) { return v; }
+    __device__ static T from_f(float f) { return f; }
+};
+
+// Elements of a 16-byte vector.
+template <class D>
+constexpr int kVec = 16 / int(sizeof(typename D::T));
+
+// Loads 16 bytes of dtype elements and widens them to f32.
+template <class D>
+__device__ __forceinline__ void load_vec(const void* p, float (&v)[kVec<D>]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const typename D::T* e = reinterpret_cast<const typename D::T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kVec<D>; ++i) v[i] = D::to_f(e[i]);
+}
+
+// Rounds f32 values to the dtype and stores them as one 16-byte vector.
+template <class D>
+__device__ __forceinline__ void store_vec(void* p, const float (&v)[kVec<D>]) {
+    uint4 raw;
+    typename D::T* e = reinterpret_cast<typename D::T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kVec<D>; ++i) e[i] = D::from_f(v[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// Bytes of dynamic shared memory after Misc (the "arena"), by dtype: the GEMM stages.
+// bf16/f16: 2 cp.async stages x (A, B gate, B up) x 64 rows x (64 + 8 pad) halves; the pad
+// makes the 8 rows of an ldmatrix 8x8 land in distinct 16-byte bank groups.
+// f32: 1 stage x (A, B gate, B up) x 64 k x (64 + 4 pad) floats, k-major for float4 reads.
+template <class D>
+constexpr int kArenaBytes = D::kTensorCore ? 2 * 3 * kTileM * (kTileK + 8) * 2
+                                           : 3 * kTileK * (kTileM + 4) * 4;
+
+// Block-private scalars (first kMiscBytes of dynamic shared memory).
+struct Misc {
+    int flag;                 // block-wide broadcast of a decision of thread 0
+    uint32_t task;            // task taken by thread 0
+    uint32_t state;           // state of the task take
+    uint32_t pad;
+    unsigned long long sum;   // block reductions
+};
+static_assert(sizeof(Misc) <= kMiscBytes, "Misc must fit its reserved bytes");
+
+// Everything a block knows about the rank it plays.
+struct Ctx {
+    const FmLayerParams* L;
+    const FmRankParams* R;
+    uint32_t me;        // world rank played by this block group
+    uint32_t blk;       // block index inside the group
+    uint32_t nblk;      // blocks per group
+    uint32_t k;         // effective top-k
+    uint64_t n;         // epoch of this launch
+    char* ws;           // private workspace
+    char* heap;         // own symmetric heap
+    const uint64_t* peers;
+    char* smem;         // dynamic shared memory after Misc
+    Misc* misc;
+
+    __device__ uint64_t* status() const { return reinterpret_cast<uint64_t*>(ws + L->ws_status); }
+    __device__ uint32_t* sync() const { return reinterpret_cast<uint32_t*>(ws + L->ws_sync); }
+    __device__ uint32_t* queue_ctl() const { return reinterpret_cast<uint32_t*>(ws + L->ws_queue_ctl); }
+    __device__ uint64_t* queue_total() const {
+        return reinterpret_cast<uint64_t*>(ws + L->ws_queue_ctl + 8);
+    }
+    __device__ uint64_t* queue() const { return reinterpret_cast<uint64_t*>(ws + L->ws_queue); }
+    __device__ int32_t* route_ids() const { return reinterpret_cast<int32_t*>(ws + L->ws_route_ids); }
+    __device__ float* route_weights() const {
+        return reinterpret_cast<float*>(ws + L->ws_route_weights);
+    }
+    __device__ int32_t* route_slots() const {
+        return reinterpret_cast<int32_t*>(ws + L->ws_route_slots);
+    }
+    __device__ uint32_t* gate_hist() const { return reinterpret_cast<uint32_t*>(ws + L->ws_gate_hist); }
+    __device__ uint32_t* expert_counts() const {
+        return reinterpret_cast<uint32_t*>(ws + L->ws_expert_counts);
+    }
+    __device__ const uint32_t* owners() const {
+        return reinterpret_cast<const uint32_t*>(L->expert_owner);
+    }
+    __device__ uint32_t gate_chunks() const { return (R->tokens + kGateChunk - 1) / kGateChunk; }
+    __device__ uint32_t row_blocks() const { return L->capacity / kTileM; }
+    __device__ uint32_t token_row_blocks() const { return (R->tokens + kTileM - 1) / kTileM; }
+    __device__ uint32_t gemm0_width() const {
+        return (L->mlp == FM_MLP_SWIGLU || L->mlp == FM_MLP_GEGLU) ? 2 * L->intermediate
+                                                                   : L->intermediate;
+    }
+    __device__ bool gated() const { return L->mlp == FM_MLP_SWIGLU || L->mlp == FM_MLP_GEGLU; }
+    __device__ bool silent() const { return L->fault_silent_rank == me; }
+};
+
+__device__ __forceinline__ uint32_t min_u32(uint32_t a, uint32_t b) { return a < b ? a : b; }
+
+}  // namespace fm
+
+#endif  // FLASHMOE_COMMON_CUH
