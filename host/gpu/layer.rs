@@ -610,13 +610,16 @@ impl MoeLayer {
         } else {
             0
         };
-        for (g, rio) in io.iter().enumerate() {
+        for (g, (rio, rb)) in io.iter().zip(&self.ranks).enumerate() {
             let rp = &mut p.rank[g];
             rp.tokens = rio.tokens as u32;
             rp.x = rio.x;
             rp.out = rio.out;
-            rp.given_ids = rio.routing.map_or(0, |d| d.ids);
-            rp.given_weights = rio.routing.map_or(0, |d| d.weights);
+            // The kernel wants the routing pointers of the Given router even for a rank
+            // with no token: the layer's own (unread) buffers stand in.
+            let own = |b: &Option<DeviceBuffer>| b.as_ref().map_or(0, DeviceBuffer::ptr);
+            rp.given_ids = rio.routing.map_or(own(&rb.given_ids), |d| d.ids);
+            rp.given_weights = rio.routing.map_or(own(&rb.given_weights), |d| d.weights);
         }
         Ok(p)
     }

@@ -2,7 +2,7 @@
 //! the model driver): upload, poison the outputs with NaN, launch, wait, check the status,
 //! download the outputs and the router's decisions.
 
-use super::device_buffers::poison;
+use super::device_buffers::{cuda, poison};
 use super::pack::{from_dtype_bytes, nan_pattern, to_dtype_bytes};
 use super::{DeviceRouting, MoeLayer, RankIo};
 use crate::error::{Error, Result};
@@ -25,6 +25,79 @@ impl MoeLayer {
         inputs: &[RankInput],
         ov: &RouteOverrides,
     ) -> Result<LayerOutput> {
+        let (io, k) = self.stage(inputs, ov)?;
+        let stream = self.stream.clone();
+        // SAFETY: every pointer is one of this layer's own buffers, sized for the config's
+        // tokens (checked by stage); nothing else writes them until status() has returned.
+        unsafe { self.forward(&io, &stream)? };
+        self.collect(inputs, k)
+    }
+
+    /// Benchmark helper: uploads `inputs` once (one checked forward), then times `iters`
+    /// launches (after `warmup` untimed ones) with device events around each, on the
+    /// layer's stream: as plain cooperative launches, or as replays of a CUDA graph of the
+    /// launch when `graph`. Returns milliseconds per launch; the last launch's status is
+    /// checked and its output must equal the first one's.
+    pub fn time_launches(
+        &mut self,
+        inputs: &[RankInput],
+        ov: &RouteOverrides,
+        warmup: usize,
+        iters: usize,
+        graph: bool,
+    ) -> Result<Vec<f64>> {
+        let first = self.forward_host(inputs, ov)?;
+        let (io, k) = self.stage(inputs, ov)?;
+        let stream = self.stream.clone();
+        if graph {
+            // SAFETY: as in forward_host; the graph lives in `self` with the buffers.
+            unsafe { self.capture_graph(&io, &stream)? };
+        }
+        let launch = |layer: &mut MoeLayer| -> Result<()> {
+            if graph {
+                layer.replay()
+            } else {
+                // SAFETY: as in forward_host.
+                unsafe { layer.forward(&io, &stream) }
+            }
+        };
+        for _ in 0..warmup {
+            launch(self)?;
+        }
+        self.status()?;
+        let ctx = stream.context().clone();
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut events = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let start = ctx.new_event(timing).map_err(cuda("timing event"))?;
+            let end = ctx.new_event(timing).map_err(cuda("timing event"))?;
+            start.record(&stream).map_err(cuda("timing event"))?;
+            launch(self)?;
+            end.record(&stream).map_err(cuda("timing event"))?;
+            events.push((start, end));
+        }
+        self.status()?;
+        let ms = events
+            .iter()
+            .map(|(s, e)| s.elapsed_ms(e).map(f64::from).map_err(cuda("elapsed time")))
+            .collect::<Result<Vec<f64>>>()?;
+        let last = self.collect(inputs, k)?;
+        if last.out != first.out {
+            return Err(Error::Device {
+                rank: 0,
+                stage: "combine",
+                what: "the timed launches produced a different output than the first".into(),
+                expected: 0,
+                observed: 1,
+            });
+        }
+        Ok(ms)
+    }
+
+    /// Checks `inputs`, applies the overrides, uploads the tokens and the caller's routing
+    /// into the layer's buffers and poisons the outputs; returns the launch's buffers and
+    /// the effective top-k.
+    fn stage(&mut self, inputs: &[RankInput], ov: &RouteOverrides) -> Result<(Vec<RankIo>, usize)> {
         let cfg = self.plan.config.clone();
         let k = ov.effective_top_k(&cfg)?;
         if inputs.len() != self.ranks.len() {
@@ -84,17 +157,21 @@ impl MoeLayer {
                 routing,
             });
         }
-        // SAFETY: every pointer is one of this layer's own buffers, sized for the config's
-        // tokens (checked above); nothing else writes them until status() has returned.
-        unsafe { self.forward(&io, &stream)? };
-        let stats = self.status()?;
+        Ok((io, k))
+    }
 
+    /// Waits for the launch and reads the outputs and the router's decisions back.
+    fn collect(&self, inputs: &[RankInput], k: usize) -> Result<LayerOutput> {
+        let stats = self.status()?;
+        let cfg = &self.plan.config;
+        let (dtype, h) = (cfg.dtype, cfg.hidden);
+        let stream = &self.stream;
         let ws = self.plan.workspace;
         let mut outs = Vec::with_capacity(inputs.len());
         let mut gates = Vec::with_capacity(inputs.len());
         for (r, (rb, input)) in self.ranks.iter().zip(inputs).enumerate() {
             let mut raw = vec![0u8; input.tokens * h * dtype.size()];
-            rb.out.download(&stream, 0, &mut raw, "out")?;
+            rb.out.download(stream, 0, &mut raw, "out")?;
             let out = from_dtype_bytes(dtype, &raw);
             if let Some(i) = out.iter().position(|v| v.is_nan()) {
                 return Err(Error::Device {
@@ -115,15 +192,15 @@ impl MoeLayer {
             let mut weights = vec![0u8; 4 * pairs];
             let mut slots = vec![0u8; 4 * pairs];
             rb.workspace
-                .download(&stream, ws.route_ids as usize, &mut ids, "route ids")?;
+                .download(stream, ws.route_ids as usize, &mut ids, "route ids")?;
             rb.workspace.download(
-                &stream,
+                stream,
                 ws.route_weights as usize,
                 &mut weights,
                 "route weights",
             )?;
             rb.workspace
-                .download(&stream, ws.route_slots as usize, &mut slots, "route slots")?;
+                .download(stream, ws.route_slots as usize, &mut slots, "route slots")?;
             gates.push(GateOutput {
                 ids: le_i32(&ids).into_iter().map(|e| e as u32).collect(),
                 weights: weights

@@ -73,7 +73,7 @@ pub fn describe_wait(stage_code: u64, where_: u64, world: usize) -> String {
     }
 }
 
-/// Names the parameter a `FM_STATUS_BAD_PARAMS` refers to (`where` 1..=11).
+/// Names the parameter a `FM_STATUS_BAD_PARAMS` refers to (`where` 1..=14).
 pub fn bad_param_name(where_: u64) -> &'static str {
     match where_ {
         1 => "params version",
@@ -86,8 +86,27 @@ pub fn bad_param_name(where_: u64) -> &'static str {
         8 => "block size",
         9 => "a peers table entry is 0",
         10 => "dynamic shared memory too small",
-        11 => "world / rank",
+        11 => "world / rank / local_experts / tokens",
+        12 => "world * local_experts above the scheduler's 16384-signal mask",
+        13 => "unknown router or MLP code",
+        14 => "a pointer the config needs is 0",
         _ => "unknown parameter",
+    }
+}
+
+/// The pointer a `BAD_PARAMS` 14 names by its observed value.
+pub fn null_pointer_name(observed: u64) -> &'static str {
+    match observed {
+        0 => "expert_owner",
+        1 => "router_weight",
+        2 => "router_bias",
+        3 => "given_ids / given_weights",
+        4 => "x / out",
+        5 => "w0 / w1",
+        6 => "shared_w0 / shared_w1",
+        7 => "shared_gate",
+        8 => "heap / peers / workspace",
+        _ => "unknown pointer",
     }
 }
 
@@ -122,6 +141,11 @@ pub fn decode(rank: usize, words: &[u64; STATUS_WORDS], cx: StatusContext) -> Re
             observed,
             waited_ms: waited_ns / 1_000_000,
         }),
+        status::BAD_PARAMS if where_ == 14 => Err(device(format!(
+            "kernel refused its parameters: {} ({})",
+            bad_param_name(where_),
+            null_pointer_name(observed)
+        ))),
         status::BAD_PARAMS => Err(device(format!(
             "kernel refused its parameters: {}",
             bad_param_name(where_)
@@ -241,6 +265,12 @@ mod tests {
         }
         match decode(0, &words(status::BAD_ROUTING, stage::GATE, 7), CX) {
             Err(Error::Device { what, .. }) => assert!(what.contains("token 3 choice 1"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        let mut null = words(status::BAD_PARAMS, stage::SETUP, 14);
+        null[4] = 3;
+        match decode(0, &null, CX) {
+            Err(Error::Device { what, .. }) => assert!(what.contains("given_ids"), "{what}"),
             other => panic!("{other:?}"),
         }
         match decode(0, &words(status::BAD_PARAMS, stage::SETUP, 4), CX) {
