@@ -13,6 +13,9 @@
 //! as R block groups of the same launch, each with its own heap and workspace, talking only
 //! through the peers table and signals exactly as separate GPUs would.
 //!
+//! Status: written and compiled on a machine without a GPU; tests/gpu_layer.rs is the
+//! check to run on one (it skips where there is none).
+//!
 //! # Engine-facing use
 //!
 //! An engine that owns its CUDA context, buffers and stream (candle, mistral.rs, ...)
@@ -889,6 +892,26 @@ mod tests {
             assert_eq!(*fig, p.memory(r));
             assert_eq!(fig.heap, p.heap.bytes);
             assert!(fig.total() > fig.heap);
+        }
+    }
+
+    #[test]
+    fn embedded_layer_cubin_has_every_entry_point() {
+        if !kernels::built_with_kernels() {
+            return;
+        }
+        let bytes = kernels::cubin(CUBIN).unwrap();
+        for dtype in [
+            crate::config::Dtype::Bf16,
+            crate::config::Dtype::F16,
+            crate::config::Dtype::F32,
+        ] {
+            let name = entry_point(dtype).as_bytes();
+            assert!(
+                bytes.windows(name.len()).any(|w| w == name),
+                "cubin `{CUBIN}` lacks `{}`",
+                entry_point(dtype)
+            );
         }
     }
 
