@@ -818,3 +818,82 @@ fn reference_check_accepts_the_oracle_and_rejects_a_perturbation() {
         assert!(r.is_err(), "{}: swapped choices passed", dtype.name());
     }
 }
+
+#[test]
+fn plan_larger_than_the_device_is_refused_before_allocating() {
+    // Small weights, a 128 GiB heap (1M dropless rows of 4096 bf16 per expert and stage).
+    let mut cfg = MoeConfig::new(1 << 20, 4096, 64, 8, 8);
+    cfg.capacity = Capacity::Dropless;
+    let plan = LayerPlan::new(&cfg).unwrap();
+    assert!(plan.memory(0).total() > 100 << 30);
+    let Some(stream) = gpu_stream("plan_larger_than_the_device_is_refused_before_allocating")
+    else {
+        return;
+    };
+    let w = LayerWeights::random(&cfg, 1);
+    let (free_before, _) = stream.context().mem_get_info().unwrap();
+    match MoeLayer::new(
+        stream.clone(),
+        plan,
+        &w,
+        GpuWorld::Single,
+        GpuOptions::default(),
+    ) {
+        Err(Error::PlanTooLarge { what }) => assert!(what.contains("free"), "{what}"),
+        other => panic!("expected PlanTooLarge, got {other:?}"),
+    }
+    let (free_after, _) = stream.context().mem_get_info().unwrap();
+    assert!(
+        free_after + (64 << 20) >= free_before,
+        "memory was allocated before refusing"
+    );
+}
+
+#[test]
+fn bad_launch_inputs_are_refused_before_launching() {
+    let Some(stream) = gpu_stream("bad_launch_inputs_are_refused_before_launching") else {
+        return;
+    };
+    let cfg = engine_config(2);
+    let plan = LayerPlan::new(&cfg).unwrap();
+    let w = LayerWeights::random(&cfg, 2);
+    let inputs = Inputs::random(&cfg, 2);
+    let mut layer =
+        MoeLayer::new(stream.clone(), plan, &w, world(2), GpuOptions::default()).unwrap();
+    let dio = DeviceIo::new(&stream, &cfg, &inputs, 1);
+    let good = dio.io(&stream, 0);
+    let mut cases: Vec<(&str, Vec<RankIo>)> = vec![("one rank missing", good[..1].to_vec())];
+    let mut too_many = good.clone();
+    too_many[0].tokens = cfg.tokens + 1;
+    cases.push(("too many tokens", too_many));
+    let mut null = good.clone();
+    null[1].out = 0;
+    cases.push(("null output", null));
+    let mut routed = good.clone();
+    routed[0].routing = Some(flashmoe::gpu::layer::DeviceRouting {
+        ids: good[0].x,
+        weights: good[0].x,
+    });
+    cases.push(("routing with a softmax router", routed));
+    for (what, io) in cases {
+        // SAFETY: refused before any launch (the valid pointers are live anyway).
+        let r = unsafe { layer.forward(&io, &stream) };
+        assert!(
+            matches!(r, Err(Error::InvalidInput { .. })),
+            "{what}: {r:?}"
+        );
+    }
+    // Overrides are checked too.
+    assert!(layer.set_route_overrides(Some(0), None).is_err());
+    assert!(layer
+        .set_route_overrides(Some(cfg.top_k + 1), None)
+        .is_err());
+    assert!(layer.set_route_overrides(None, Some(&[0.0; 3])).is_err());
+    assert!(layer
+        .set_route_overrides(None, Some(&vec![f32::NAN; cfg.experts]))
+        .is_err());
+    // And the layer still works.
+    // SAFETY: valid buffers.
+    unsafe { layer.forward(&good, &stream).unwrap() };
+    layer.status().unwrap();
+}
