@@ -46,6 +46,9 @@ impl MoeLayer {
         iters: usize,
         graph: bool,
     ) -> Result<Vec<f64>> {
+        if iters == 0 {
+            return Err(Error::input("iters", "at least one timed launch"));
+        }
         let first = self.forward_host(inputs, ov)?;
         let (io, k) = self.stage(inputs, ov)?;
         let stream = self.stream.clone();
