@@ -199,11 +199,22 @@ struct Tables {
     shared_gate: Option<DeviceBuffer>,
 }
 
+/// A captured launch and the stream it replays on.
+struct LayerGraph {
+    graph: CudaGraph,
+    stream: Arc<CudaStream>,
+}
+
+// SAFETY: a CUDA graph may be used from any thread as long as calls on it are serialised
+// (CUDA driver API, "Graph object thread safety"); it is only reached through
+// `&mut MoeLayer` (capture, replay) or dropped with it, and `LayerGraph` is not `Sync`.
+unsafe impl Send for LayerGraph {}
+
 /// One MoE layer resident on one GPU. See the [module docs](self).
 pub struct MoeLayer {
     // Fields drop in this order: the graph and the event first, then the device memory,
     // then the kernel module, the stream last (after `Drop` has waited for the launch).
-    graph: Option<(CudaGraph, Arc<CudaStream>)>,
+    graph: Option<LayerGraph>,
     done: CudaEvent,
     ranks: Vec<RankBuffers>,
     tables: Tables,
@@ -830,13 +841,16 @@ impl MoeLayer {
         let graph = graph.map_err(cuda("end graph capture"))?;
         let graph =
             graph.ok_or_else(|| Error::Cuda("graph capture produced an empty graph".into()))?;
-        self.graph = Some((graph, stream.clone()));
+        self.graph = Some(LayerGraph {
+            graph,
+            stream: stream.clone(),
+        });
         Ok(())
     }
 
     /// Launches the captured graph (asynchronously, on the stream it was captured on).
     pub fn replay(&mut self) -> Result<()> {
-        let (graph, stream) = self
+        let LayerGraph { graph, stream } = self
             .graph
             .as_ref()
             .ok_or_else(|| Error::input("graph", "no graph captured: call capture_graph first"))?;
@@ -893,6 +907,12 @@ mod tests {
             assert_eq!(fig.heap, p.heap.bytes);
             assert!(fig.total() > fig.heap);
         }
+    }
+
+    #[test]
+    fn layer_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<MoeLayer>();
     }
 
     #[test]
