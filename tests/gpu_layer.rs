@@ -897,3 +897,27 @@ fn bad_launch_inputs_are_refused_before_launching() {
     unsafe { layer.forward(&good, &stream).unwrap() };
     layer.status().unwrap();
 }
+
+#[test]
+fn timed_launches_are_checked_and_sampled_per_launch() {
+    let Some(stream) = gpu_stream("timed_launches_are_checked_and_sampled_per_launch") else {
+        return;
+    };
+    let cfg = engine_config(2);
+    let plan = LayerPlan::new(&cfg).unwrap();
+    let w = LayerWeights::random(&cfg, 6);
+    let inputs = Inputs::random(&cfg, 6);
+    let ri = inputs.rank_inputs(&cfg);
+    let ov = RouteOverrides::default();
+    let mut layer = MoeLayer::new(stream, plan, &w, world(2), GpuOptions::default()).unwrap();
+    for graph in [false, true] {
+        let ms = layer.time_launches(&ri, &ov, 3, 9, graph).unwrap();
+        assert_eq!(ms.len(), 9);
+        assert!(
+            ms.iter().all(|t| t.is_finite() && *t > 0.0 && *t < 1e4),
+            "{ms:?}"
+        );
+        println!("graph={graph}: {ms:?} ms");
+    }
+    assert!(layer.time_launches(&ri, &ov, 0, 0, false).is_err());
+}
