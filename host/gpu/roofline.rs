@@ -162,7 +162,8 @@ fn time_ms(
     Ok(median(times))
 }
 
-/// Measures both ceilings on `stream`'s device: a bf16 `gemm_n`^3 cuBLAS GEMM with f32
+/// Measures both ceilings on `stream`'s device (needs libcublas on the loader path;
+/// [`Error::Cuda`] saying so otherwise): a bf16 `gemm_n`^3 cuBLAS GEMM with f32
 /// compute (its result spot-checked against the host) and a `copy_bytes` device-to-device
 /// copy counted as bytes read plus bytes written. Medians of `reps` event-timed runs.
 pub fn measure(stream: &Arc<CudaStream>, opts: RooflineOptions) -> Result<Roofline> {
@@ -171,6 +172,14 @@ pub fn measure(stream: &Arc<CudaStream>, opts: RooflineOptions) -> Result<Roofli
         return Err(Error::input(
             "RooflineOptions",
             "gemm_n must be in 1..=32768 and copy_bytes >= 4",
+        ));
+    }
+    // SAFETY: only tries to dlopen libcublas; cudarc would panic on first use without it.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(Error::Cuda(
+            "libcublas not found (tried libcublas.so, .so.13, .so.12, ...): put the CUDA \
+             toolkit's lib64/ or the nvidia-cublas wheel's lib/ on LD_LIBRARY_PATH"
+                .into(),
         ));
     }
     let blas_err = |what: &'static str| move |e| Error::Cuda(format!("{what}: {e:?}"));
