@@ -683,7 +683,8 @@ impl MoeLayer {
         self.done.record(stream).map_err(cuda("record event"))
     }
 
-    /// Waits for the last launch (with the host deadline) without reading anything.
+    /// Waits for the last launch (with the host deadline) without reading anything. Polls
+    /// the event with naps of at most 100 us, so a short launch is not made long.
     fn wait_done(&self) -> Result<()> {
         let limit = self.opts.host_timeout.unwrap_or_else(|| {
             self.opts
@@ -692,7 +693,7 @@ impl MoeLayer {
                 .saturating_add(Duration::from_secs(10))
         });
         let start = Instant::now();
-        let mut nap = Duration::from_micros(20);
+        let mut nap = Duration::from_micros(5);
         loop {
             if self.done.try_is_complete().map_err(cuda("launch"))? {
                 return Ok(());
@@ -710,7 +711,7 @@ impl MoeLayer {
                 });
             }
             std::thread::sleep(nap);
-            nap = (nap * 2).min(Duration::from_millis(2));
+            nap = (nap * 2).min(Duration::from_micros(100));
         }
     }
 
