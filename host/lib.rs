@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod error;
 pub mod gpu;
 pub mod metrics;
+pub mod model;
 pub mod params;
 pub mod plan;
 pub mod presets;

@@ -12,11 +12,20 @@ use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One rank's symmetric heap.
-#[derive(Debug)]
 pub struct SymHeap {
     rank: usize,
     dtype: Dtype,
     words: Vec<AtomicU64>,
+}
+
+impl std::fmt::Debug for SymHeap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SymHeap")
+            .field("rank", &self.rank)
+            .field("dtype", &self.dtype)
+            .field("bytes", &self.bytes())
+            .finish()
+    }
 }
 
 fn encode(dtype: Dtype, v: f32) -> u64 {

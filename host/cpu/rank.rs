@@ -228,10 +228,10 @@ fn serve_experts(sh: &Shared, me: usize) -> Res<()> {
             dtype: cfg.dtype,
             hidden: h,
             width,
+            gemm0_tiles: plan.tiles.gemm0_per_block,
+            gemm1_tiles: plan.tiles.gemm1_per_block,
             w: &sh.w.experts[e],
         };
-        debug_assert_eq!(width / TILE_N, plan.tiles.gemm0_per_block);
-        debug_assert_eq!(h / TILE_N, plan.tiles.gemm1_per_block);
         for block in 0..rows.div_ceil(TILE_M) {
             let r0 = block * TILE_M;
             let n = (rows - r0).min(TILE_M);
@@ -264,6 +264,8 @@ fn shared_experts(sh: &Shared, x: &[f32], tokens: usize) -> Res<Option<(Vec<f32>
         dtype: cfg.dtype,
         hidden: h,
         width,
+        gemm0_tiles: width / TILE_N,
+        gemm1_tiles: sh.plan.tiles.gemm1_per_block,
         w: sw,
     };
     let mut y = vec![0f32; tokens * h];

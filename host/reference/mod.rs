@@ -16,9 +16,11 @@
 //!   past the plan's capacity is dropped (`-1`) and counted;
 //! - `out[t] = sum_j w_j y_j (+ g S(x_t))`, rounded to the dtype at the end.
 
+mod compare;
 mod gate;
 mod mlp;
 
+pub use compare::{normalised_error, tolerance};
 pub use gate::gate;
 pub(crate) use gate::gate_checked;
 pub use mlp::{activation, expert_mlp};
@@ -86,13 +88,6 @@ pub struct GateOutput {
     pub expert_counts: Vec<u32>,
     /// Pairs dropped because their slot was at or past the capacity.
     pub dropped: u64,
-}
-
-impl GateOutput {
-    /// Experts per token of this output.
-    pub fn top_k(&self, tokens: usize) -> usize {
-        self.ids.len().checked_div(tokens).unwrap_or(0)
-    }
 }
 
 /// The tokens one rank brings to a forward.
