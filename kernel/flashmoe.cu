@@ -98,6 +98,7 @@ __device__ void zero_counters(const Ctx& c) {
 // The last block of the group to leave resets the barrier and exit counts and advances the
 // epoch (also after an error: stale signals of this launch must never match the next).
 __device__ void rank_exit(const Ctx& c) {
+    transport_quiet();
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
@@ -155,7 +156,13 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
     if (ok && c.blk == 0) {
         bool peers_ok = true;
         for (uint32_t q = threadIdx.x; q < c.L->world; q += kThreads) {
-            if (c.peers[q] == 0) {
+#ifdef FM_NVSHMEM
+            // RDMA peers (0 entries) need the send cells; this rank's own entry never is 0.
+            const bool peer_bad = c.peers[q] == 0 && (q == c.me || c.L->heap_cells < 2);
+#else
+            const bool peer_bad = c.peers[q] == 0;
+#endif
+            if (peer_bad) {
                 fail(c, FM_STATUS_BAD_PARAMS, FM_STAGE_SETUP, 9, 1, q, 0);
                 peers_ok = false;
             }

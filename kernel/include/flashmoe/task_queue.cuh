@@ -102,7 +102,7 @@ __device__ __noinline__ bool schedule(const Ctx& c) {
             }
             const uint32_t nrb = (rows + kTileM - 1) / kTileM;
             if (nrb == 0) {
-                if (!c.silent()) send_signal(combine_signal(L, peer_heap(c, s), c.me, l), c.n, 0);
+                if (!c.silent()) deliver(c, s, kStageCombine, l, 0, combine_signal_off(L, c.me, l));
             } else {
                 const uint32_t unit0 = (s * L.max_local + l) * rbs;
                 failed |= !push_tasks(c, kTaskG0, unit0 * g0, nrb * g0);
@@ -186,8 +186,7 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
             t.b_stride = I * es;
             t.k = I;
             // Straight into the source's combine receive cell, in the source's slot order.
-            t.out = peer_heap(c, s) + heap_row(L, c.me, kStageCombine, kCellRecv, l, rb * kTileM) +
-                    uint64_t(nt) * kTileN * es;
+            t.out = row_target(c, s, kStageCombine, l, rb * kTileM) + uint64_t(nt) * kTileN * es;
             t.out_stride = L.heap_stride_row;
             t.out_rows = valid;
             run_tile<D, kEpiStore>(t, c.smem, L.mlp);
@@ -197,7 +196,7 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
                                  (s * L.max_local + l);
                 const uint32_t nrb = (rows + kTileM - 1) / kTileM;
                 if (atom_add_acq_rel(done, 1) + 1 == nrb * g1 && !c.silent()) {
-                    send_signal(combine_signal(L, peer_heap(c, s), c.me, l), c.n, rows);
+                    deliver(c, s, kStageCombine, l, rows, combine_signal_off(L, c.me, l));
                 }
             }
         }
