@@ -17,7 +17,7 @@ namespace fm {
 // copies kept rows with 16-byte vectors into row(my rank, DISPATCH, RECV, local, slot) of
 // the owner's heap. Nothing is signalled here: the caller fences and barriers first.
 template <class D>
-__device__ __noinline__ void dispatch_chunk(const Ctx& c, uint32_t chunk) {
+__device__ FM_PHASE void dispatch_chunk(const Ctx& c, uint32_t chunk) {
     const FmLayerParams& L = *c.L;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t E = L.experts, k = c.k, cap = L.capacity;
@@ -65,7 +65,7 @@ __device__ __noinline__ void dispatch_chunk(const Ctx& c, uint32_t chunk) {
 
 // Block 0 of the group, after the barrier that follows every copy: one release signal per
 // expert with the rows kept for it (also 0), and the dropped count of this launch.
-__device__ __noinline__ void send_dispatch_signals(const Ctx& c) {
+__device__ FM_PHASE void send_dispatch_signals(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     if (threadIdx.x == 0) c.misc->sum = 0;
     __syncthreads();

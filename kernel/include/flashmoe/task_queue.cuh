@@ -58,7 +58,7 @@ __device__ __forceinline__ uint32_t dispatch_rows(const Ctx& c, uint32_t s, uint
 // then polls this rank's (source, local expert) dispatch signals and pushes each arrived
 // pair's GEMM0 tasks (0 rows: the combine signal is answered at once), then publishes the
 // total. Returns false on error (block-uniform).
-__device__ __noinline__ bool schedule(const Ctx& c) {
+__device__ FM_PHASE bool schedule(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     const uint32_t local = c.R->local_experts;
     const uint32_t pairs = L.world * local;
@@ -254,7 +254,7 @@ enum TakeState : uint32_t { kTakeTask = 1, kTakeDone = 2, kTakeStop = 3 };
 
 // Thread 0 takes the next ticket and waits for its entry or for the end of the queue;
 // the outcome goes to Misc (task, state).
-__device__ __noinline__ void take_task(const Ctx& c) {
+__device__ FM_PHASE void take_task(const Ctx& c) {
     const uint64_t cap = c.L->ws_queue_capacity;
     const uint32_t ticket = atomicAdd(c.queue_ctl() + 1, 1u);
     uint32_t task = 0, state = 0;
@@ -284,7 +284,7 @@ __device__ __noinline__ void take_task(const Ctx& c) {
 // Takes tickets and runs tasks until the published total says the queue is exhausted.
 // Returns false on error (block-uniform).
 template <class D>
-__device__ __noinline__ bool process_tasks(const Ctx& c) {
+__device__ FM_PHASE bool process_tasks(const Ctx& c) {
     while (true) {
         if (threadIdx.x == 0) take_task(c);
         __syncthreads();
