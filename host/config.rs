@@ -342,9 +342,21 @@ pub struct GivenRouting {
 }
 
 impl GivenRouting {
-    /// Checks lengths, ids in range, no repeated expert within a token, finite weights.
+    /// Checks the token count (at most `cfg.tokens`), lengths, ids in range, no repeated
+    /// expert within a token, finite weights.
     pub fn validate(&self, tokens: usize, cfg: &MoeConfig) -> Result<()> {
-        let n = tokens * cfg.top_k;
+        if tokens > cfg.tokens {
+            return Err(Error::input(
+                "tokens",
+                format!("{tokens} > config.tokens = {}", cfg.tokens),
+            ));
+        }
+        let n = tokens.checked_mul(cfg.top_k).ok_or_else(|| {
+            Error::input(
+                "routing.ids",
+                format!("tokens * top_k = {tokens} * {} overflows", cfg.top_k),
+            )
+        })?;
         if self.ids.len() != n {
             return Err(Error::input(
                 "routing.ids",

@@ -105,6 +105,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// A checkpoint is readable but uses a feature this runtime does not implement
+    /// (a router, a norm, a weight format); `key` is the config.json key or tensor name.
+    #[error("checkpoint {path}: `{key}` = {value}: {reason}")]
+    UnsupportedModel {
+        /// The file or directory.
+        path: PathBuf,
+        /// The config.json key or the tensor that asks for the feature.
+        key: String,
+        /// Its value.
+        value: String,
+        /// What is not supported, and what is.
+        reason: String,
+    },
+
     /// An I/O error with the path it concerned.
     #[error("I/O error on {path}: {source}")]
     Io {

@@ -6,14 +6,22 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod cpu;
 pub mod error;
+pub mod gpu;
+pub mod metrics;
+pub mod model;
 pub mod params;
 pub mod plan;
+pub mod presets;
+pub mod reference;
 pub mod weights;
 
 pub use config::{
     Capacity, Dtype, GivenRouting, MlpKind, MoeConfig, Placement, Router, SharedExperts,
 };
+pub use cpu::CpuExecutor;
 pub use error::{Error, Result};
 pub use plan::LayerPlan;
+pub use reference::{GateOutput, LayerOutput, RankInput, RouteOverrides};
 pub use weights::{ExpertWeights, LayerWeights};

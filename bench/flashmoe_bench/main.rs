@@ -1,1 +1,59 @@
-fn main() {}
+//! `flashmoe-bench`: checks and times flashmoe MoE layers and models.
+//!
+//! Every benchmark checks its output against the f64 reference before it is timed, and
+//! refuses to time a wrong result.
+
+mod args;
+mod backend;
+mod gpu_backend;
+mod layer;
+mod model;
+mod nproc;
+mod report;
+mod stats;
+
+use args::{Cli, Command};
+use clap::Parser;
+use std::process::ExitCode;
+
+fn probe() -> flashmoe::Result<()> {
+    match flashmoe::gpu::kernels::cubin_available() {
+        Ok(()) => println!("kernels: built ({})", flashmoe::gpu::kernels::names().join(", ")),
+        Err(e) => println!("kernels: {e}"),
+    }
+    match flashmoe::gpu::probe::probe() {
+        Ok(gpus) => {
+            for g in gpus {
+                println!("gpu: {g}");
+            }
+        }
+        Err(e) => println!("gpu: {e}"),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Layer(a) if a.nproc.is_some() => nproc::run(a),
+        Command::Layer(a) => layer::run(a).map(|r| {
+            if a.shape.json {
+                match serde_json::to_string(&r) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => eprintln!("flashmoe-bench: cannot encode the report: {e}"),
+                }
+            } else {
+                r.print_table();
+            }
+        }),
+        Command::Model(a) => model::run(a),
+        Command::Probe => probe(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flashmoe-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

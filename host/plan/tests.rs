@@ -1,1 +1,295 @@
+//! The plan's layout: disjoint, aligned, in range, consistent with the placement.
 
+use super::*;
+use crate::config::{Dtype, MlpKind, Placement, SharedExperts};
+use proptest::prelude::*;
+
+/// Half-open byte intervals `[start, end)` with a name, for overlap checks.
+type Region = (u64, u64, String);
+
+/// Asserts the regions are pairwise disjoint, inside `[0, total)` and 16-byte aligned.
+fn assert_disjoint(mut regions: Vec<Region>, total: u64) -> std::result::Result<(), TestCaseError> {
+    regions.sort();
+    for (start, end, name) in &regions {
+        prop_assert!(start < end, "{} is empty", name);
+        prop_assert!(*end <= total, "{} ends at {} past {}", name, end, total);
+        prop_assert_eq!(
+            start % 16,
+            0,
+            "{} at {} is not 16-byte aligned",
+            name,
+            start
+        );
+    }
+    for pair in regions.windows(2) {
+        prop_assert!(
+            pair[0].1 <= pair[1].0,
+            "{} [{}, {}) overlaps {} [{}, {})",
+            pair[0].2,
+            pair[0].0,
+            pair[0].1,
+            pair[1].2,
+            pair[1].0,
+            pair[1].1
+        );
+    }
+    Ok(())
+}
+
+fn heap_regions(p: &LayerPlan) -> Vec<Region> {
+    let h = &p.heap;
+    let mut v = Vec::new();
+    for peer in 0..p.world() {
+        for stage in [STAGE_DISPATCH, STAGE_COMBINE] {
+            for cell in 0..h.cells as usize {
+                for local in 0..p.max_local {
+                    for slot in 0..p.capacity {
+                        let at = h.row(peer, stage, cell, local, slot);
+                        v.push((
+                            at,
+                            at + h.stride_row,
+                            format!("row({peer},{stage},{cell},{local},{slot})"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let words = 8 * (p.world() * p.max_local) as u64;
+    v.push((
+        h.dispatch_signals,
+        h.dispatch_signals + words,
+        "dispatch signals".into(),
+    ));
+    v.push((
+        h.combine_signals,
+        h.combine_signals + words,
+        "combine signals".into(),
+    ));
+    v
+}
+
+fn workspace_regions(p: &LayerPlan) -> Vec<Region> {
+    let w = &p.workspace;
+    let c = &p.config;
+    let tk = (c.tokens * c.top_k) as u64;
+    let blocks = (p.world() * p.max_local * p.tiles.row_blocks) as u64;
+    let mut v: Vec<Region> = vec![
+        (w.epoch, w.epoch + 8, "epoch".into()),
+        (w.status, w.status + 64, "status".into()),
+        (w.dropped, w.dropped + 8, "dropped".into()),
+        (
+            w.expert_counts,
+            w.expert_counts + 4 * c.experts as u64,
+            "expert counts".into(),
+        ),
+        (
+            w.act,
+            w.act + p.world() as u64 * w.act_stride_source,
+            "act".into(),
+        ),
+        (w.gemm0_done, w.gemm0_done + 4 * blocks, "gemm0 done".into()),
+        (
+            w.gemm1_done,
+            w.gemm1_done + 4 * (p.world() * p.max_local) as u64,
+            "gemm1 done".into(),
+        ),
+        (w.queue_ctl, w.queue_ctl + 8, "queue ctl".into()),
+        (w.queue, w.queue + 4 * w.queue_capacity, "queue".into()),
+    ];
+    // Route arrays are empty when the config has no tokens.
+    if tk > 0 {
+        v.push((w.route_ids, w.route_ids + 4 * tk, "route ids".into()));
+        v.push((
+            w.route_weights,
+            w.route_weights + 4 * tk,
+            "route weights".into(),
+        ));
+        v.push((w.route_slots, w.route_slots + 4 * tk, "route slots".into()));
+    }
+    v
+}
+
+fn valid_config() -> impl Strategy<Value = MoeConfig> {
+    (
+        (1usize..=8, 1usize..=16, 0usize..=200),
+        (1usize..=3, 1usize..=4, any::<bool>()),
+        (
+            prop_oneof![Just(None), (0.05f32..4.0).prop_map(Some)],
+            0usize..3,
+            0usize..4,
+        ),
+        prop::collection::vec(0u32..8, 16),
+        any::<bool>(),
+    )
+        .prop_flat_map(
+            |((world, experts, tokens), (h, i, blocked), (factor, dt, mlp), map, shared)| {
+                (1..=experts.min(8)).prop_map(move |top_k| {
+                    let mut c = MoeConfig::new(tokens, 64 * h, 64 * i, experts, top_k);
+                    c.world = world;
+                    c.capacity = factor.map_or(Capacity::Dropless, Capacity::Factor);
+                    c.dtype = [Dtype::Bf16, Dtype::F16, Dtype::F32][dt];
+                    c.mlp = [
+                        MlpKind::SwiGlu,
+                        MlpKind::GeGlu,
+                        MlpKind::Gelu,
+                        MlpKind::Relu,
+                    ][mlp];
+                    c.placement = if blocked {
+                        Placement::Blocked
+                    } else {
+                        Placement::Map(map[..experts].iter().map(|&r| r % world as u32).collect())
+                    };
+                    c.shared = shared.then_some(SharedExperts {
+                        count: 2,
+                        intermediate: 64,
+                        gated: true,
+                    });
+                    c
+                })
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn layout_is_disjoint_aligned_and_consistent(c in valid_config(), staging in any::<bool>()) {
+        let p = LayerPlan::with_staging(&c, staging).expect("valid config plans");
+        let h = &p.heap;
+
+        // Capacity: a whole number of tiles, at least the raw capacity, no more than a
+        // tile above it.
+        let raw = raw_capacity(&c);
+        prop_assert_eq!(p.capacity % TILE_M, 0);
+        prop_assert!(p.capacity >= raw && p.capacity >= TILE_M);
+        prop_assert!(p.capacity < raw.max(1) + TILE_M);
+        if c.capacity == Capacity::Dropless {
+            prop_assert!(p.capacity >= c.tokens);
+        }
+
+        // Heap: rows, blocks and signals disjoint, in range, aligned.
+        prop_assert_eq!(h.cells, if staging { 2 } else { 1 });
+        prop_assert_eq!(h.stride_row, (c.hidden * c.dtype.size()) as u64);
+        assert_disjoint(heap_regions(&p), h.bytes)?;
+        prop_assert_eq!(h.dispatch_signal(p.world() - 1, p.max_local - 1, p.max_local) + 8,
+            h.dispatch_signals + 8 * (p.world() * p.max_local) as u64);
+
+        // Workspace: disjoint, in range, aligned; the activation blocks fit their strides.
+        let w = &p.workspace;
+        prop_assert_eq!(w.act_stride_row, (c.intermediate * c.dtype.size()) as u64);
+        prop_assert!(w.act_stride_expert >= p.capacity as u64 * w.act_stride_row);
+        prop_assert!(w.act_stride_source >= p.max_local as u64 * w.act_stride_expert);
+        assert_disjoint(workspace_regions(&p), w.bytes)?;
+
+        // Placement: owners and local lists agree with the config's owner map.
+        let owner_ranks = c.expert_owners();
+        prop_assert_eq!(p.owners.len(), c.experts);
+        prop_assert_eq!(p.local_experts.len(), c.world);
+        for (e, o) in p.owners.iter().enumerate() {
+            prop_assert_eq!(o.rank, owner_ranks[e]);
+            prop_assert_eq!(p.local_experts[o.rank as usize][o.local as usize], e as u32);
+        }
+        let total: usize = p.local_experts.iter().map(Vec::len).sum();
+        prop_assert_eq!(total, c.experts);
+        for list in &p.local_experts {
+            prop_assert!(list.windows(2).all(|w| w[0] < w[1]), "local order is global order");
+        }
+        prop_assert_eq!(p.max_local, p.local_experts.iter().map(Vec::len).max().unwrap_or(0).max(1));
+
+        // Tiles.
+        let t = &p.tiles;
+        prop_assert_eq!(t.row_blocks * TILE_M, p.capacity);
+        prop_assert_eq!(t.gemm0_per_block * TILE_N, c.intermediate);
+        prop_assert_eq!(t.gemm1_per_block * TILE_N, c.hidden);
+        prop_assert_eq!(
+            t.max_tasks_per_rank,
+            c.world * p.max_local * t.row_blocks * (t.gemm0_per_block + t.gemm1_per_block)
+        );
+        prop_assert_eq!(w.queue_capacity, t.max_tasks_per_rank as u64);
+    }
+}
+
+#[test]
+fn blocked_placement_splits_unevenly_front_first() {
+    // 10 experts on 4 ranks: 10 = 4 * 2 + 2, so ranks 0 and 1 own 3, ranks 2 and 3 own 2.
+    let mut c = MoeConfig::new(16, 64, 64, 10, 2);
+    c.world = 4;
+    let p = LayerPlan::new(&c).expect("plan");
+    assert_eq!(
+        p.local_experts,
+        vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7], vec![8, 9]]
+    );
+    assert_eq!(p.max_local, 3);
+    assert_eq!(p.owners[5], Owner { rank: 1, local: 2 });
+    assert_eq!(p.owners[6], Owner { rank: 2, local: 0 });
+
+    // 3 experts on 5 ranks: ranks 3 and 4 own nothing, the heap still has one expert slot.
+    c.experts = 3;
+    c.world = 5;
+    let p = LayerPlan::new(&c).expect("plan");
+    assert_eq!(
+        p.local_experts,
+        vec![vec![0], vec![1], vec![2], vec![], vec![]]
+    );
+    assert_eq!(p.max_local, 1);
+}
+
+#[test]
+fn a_map_with_an_empty_rank() {
+    let mut c = MoeConfig::new(16, 64, 64, 5, 1);
+    c.world = 3;
+    c.placement = Placement::Map(vec![2, 0, 2, 2, 0]);
+    let p = LayerPlan::new(&c).expect("plan");
+    assert_eq!(p.local_experts, vec![vec![1, 4], vec![], vec![0, 2, 3]]);
+    assert_eq!(p.max_local, 3);
+    assert_eq!(p.owners[3], Owner { rank: 2, local: 2 });
+}
+
+#[test]
+fn memory_figure_of_a_small_layer() {
+    // 128 tokens, hidden 64, intermediate 128, 4 experts, top-2, bf16, SwiGLU, world 2.
+    let mut c = MoeConfig::new(128, 64, 128, 4, 2);
+    c.world = 2;
+    let p = LayerPlan::new(&c).expect("plan");
+    // Capacity: ceil(1.25 * 128 * 2 / 4) = 80 rows -> 2 tiles = 128 rows.
+    assert_eq!(p.capacity, 128);
+    // Heap: row 64 * 2 = 128 B; expert block 128 rows = 16 KiB; 2 local experts, 1 cell,
+    // 2 stages, 2 peers = 128 KiB; then two signal arrays of 2 * 2 words = 32 B, each
+    // padded to 256 B.
+    assert_eq!(p.heap.bytes, 131_072 + 512);
+    let m = p.memory(0);
+    assert_eq!(m.heap, 131_584);
+    // Weights of rank 0: 2 experts * (w0 256 x 64 + w1 64 x 128) * 2 B = 98 304, plus the
+    // router 4 x 64 * 2 B = 512 and its f32 bias 16 B.
+    assert_eq!(m.weights, 98_304 + 512 + 16);
+    // Tokens in and out: 2 * 128 * 64 * 2 B.
+    assert_eq!(m.tokens, 32_768);
+    assert_eq!(m.workspace, p.workspace.bytes);
+    assert_eq!(m.total(), m.heap + m.workspace + m.weights + m.tokens);
+    // A rank that does not exist owns no experts.
+    assert_eq!(p.memory(9).weights, 512 + 16);
+
+    // Shared experts (2 x 64, gated): w0 256 x 64 + w1 64 x 128 = 24 576 values = 49 152 B,
+    // plus the gate vector 64 * 2 B.
+    c.shared = Some(SharedExperts {
+        count: 2,
+        intermediate: 64,
+        gated: true,
+    });
+    let p = LayerPlan::new(&c).expect("plan");
+    assert_eq!(p.memory(0).weights, 98_304 + 512 + 16 + 49_152 + 128);
+    assert!(p.memory(0).to_string().contains("MiB per rank"));
+}
+
+#[test]
+fn plans_that_overflow_are_typed_errors() {
+    let mut c = MoeConfig::new(crate::config::MAX_TOKENS, 65_536, 65_536, 1024, 16);
+    c.world = 1024;
+    c.capacity = Capacity::Dropless;
+    assert!(matches!(
+        LayerPlan::new(&c),
+        Err(Error::PlanTooLarge { .. })
+    ));
+}

@@ -1,0 +1,308 @@
+//! Command line of `flashmoe-bench`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use flashmoe::config::{Capacity, Dtype, MlpKind, MoeConfig, Placement, Router, SharedExperts};
+use flashmoe::{presets, Error, Result};
+
+/// Benchmarks flashmoe MoE layers and models; every run checks its output against the
+/// reference before it is timed.
+#[derive(Debug, Parser)]
+#[command(name = "flashmoe-bench", version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Time one MoE layer (default: the `auto` preset).
+    Layer(LayerArgs),
+    /// Time a stack of MoE layers (synthetic or from a checkpoint).
+    Model(ModelArgs),
+    /// Report the GPUs and kernels this build can use.
+    Probe,
+}
+
+/// Where to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// The GPU when one is usable and the kernels were built, else the CPU executor.
+    Auto,
+    /// The CPU executor (one thread per rank).
+    Cpu,
+    /// The persistent CUDA kernel.
+    Gpu,
+}
+
+/// The world of ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorldArg {
+    /// R ranks: threads on the CPU, emulated block groups on one GPU.
+    Ranks(usize),
+    /// R ranks emulated inside one GPU launch (`emulated:R`).
+    Emulated(usize),
+}
+
+impl WorldArg {
+    /// Number of ranks.
+    pub fn ranks(self) -> usize {
+        match self {
+            WorldArg::Ranks(r) | WorldArg::Emulated(r) => r,
+        }
+    }
+}
+
+fn parse_world(s: &str) -> std::result::Result<WorldArg, String> {
+    let bad = || format!("`{s}`: expected N or emulated:R (R in 1..=8)");
+    if let Some(r) = s.strip_prefix("emulated:") {
+        let r: usize = r.parse().map_err(|_| bad())?;
+        if !(1..=8).contains(&r) {
+            return Err(bad());
+        }
+        return Ok(WorldArg::Emulated(r));
+    }
+    let n: usize = s.parse().map_err(|_| bad())?;
+    if n == 0 {
+        return Err(bad());
+    }
+    Ok(WorldArg::Ranks(n))
+}
+
+fn parse_capacity(s: &str) -> std::result::Result<Capacity, String> {
+    if s == "dropless" {
+        return Ok(Capacity::Dropless);
+    }
+    s.parse::<f32>()
+        .map(Capacity::Factor)
+        .map_err(|_| format!("`{s}`: expected a factor such as 1.25, or `dropless`"))
+}
+
+/// Router choice on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RouterArg {
+    /// Softmax, top-k, renormalised.
+    SoftmaxNorm,
+    /// Softmax, top-k, raw probabilities.
+    Softmax,
+    /// Sigmoid scores + selection bias, renormalised (DeepSeek-V3).
+    SigmoidBias,
+    /// Routing given by the caller (random, uniform).
+    Given,
+}
+
+/// Storage dtype on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+    /// IEEE single.
+    F32,
+}
+
+/// MLP kind on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MlpArg {
+    /// Gated SiLU.
+    Swiglu,
+    /// Gated GELU.
+    Geglu,
+    /// Plain GELU.
+    Gelu,
+    /// Plain ReLU.
+    Relu,
+}
+
+/// The layer shape and run options shared by `layer` and `model`.
+#[derive(Debug, Clone, Args)]
+pub struct ShapeArgs {
+    /// Layer shape preset: auto (flashmoe-paper on a GPU, tiny on the CPU), tiny,
+    /// flashmoe-paper, mixtral-8x7b, qwen3-30b-a3b, olmoe-1b-7b, deepseek-v3.
+    #[arg(long, default_value = "auto")]
+    pub preset: String,
+    /// Tokens per rank (default: the preset's).
+    #[arg(long)]
+    pub tokens: Option<usize>,
+    /// Hidden size.
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Intermediate size of one expert.
+    #[arg(long)]
+    pub intermediate: Option<usize>,
+    /// Number of routed experts.
+    #[arg(long)]
+    pub experts: Option<usize>,
+    /// Experts per token.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Storage dtype.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    /// Expert MLP.
+    #[arg(long, value_enum)]
+    pub mlp: Option<MlpArg>,
+    /// Router.
+    #[arg(long, value_enum)]
+    pub router: Option<RouterArg>,
+    /// Capacity factor, or `dropless`.
+    #[arg(long, value_parser = parse_capacity)]
+    pub capacity: Option<Capacity>,
+    /// Number of shared experts (each as wide as a routed expert).
+    #[arg(long)]
+    pub shared: Option<usize>,
+    /// World: N ranks, or emulated:R on one GPU.
+    #[arg(long, value_parser = parse_world, default_value = "1")]
+    pub world: WorldArg,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Backend,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Untimed warm-up iterations.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Seed of weights and tokens.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Tokens per rank checked against the f64 reference (all when the layer is small).
+    #[arg(long, default_value_t = 64)]
+    pub check_tokens: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `flashmoe-bench layer`.
+#[derive(Debug, Clone, Args)]
+pub struct LayerArgs {
+    /// Shape and run options.
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+    /// Start N local ranks (one process per GPU, NVSHMEM world) and gather their results.
+    #[arg(long)]
+    pub nproc: Option<usize>,
+}
+
+/// `flashmoe-bench model`.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Shape and run options (preset shapes for synthetic models).
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+    /// Hugging Face style checkpoint directory (config.json + safetensors).
+    #[arg(long)]
+    pub checkpoint: Option<std::path::PathBuf>,
+    /// Layers: a count for synthetic models, or a range `a..b` of a checkpoint's layers.
+    #[arg(long, default_value = "4")]
+    pub layers: String,
+    /// Skew of synthetic expert popularity (Zipf exponent; 0 = uniform).
+    #[arg(long, default_value_t = 1.0)]
+    pub skew: f64,
+}
+
+impl ShapeArgs {
+    /// Builds and validates the layer config: preset first, then every explicit option.
+    pub fn config(&self, gpu: bool) -> Result<(String, MoeConfig)> {
+        let name = match self.preset.as_str() {
+            "auto" if gpu => "flashmoe-paper",
+            "auto" => "tiny",
+            other => other,
+        };
+        let mut c = presets::preset(name)?.config;
+        if let Some(v) = self.tokens {
+            c.tokens = v;
+        }
+        if let Some(v) = self.hidden {
+            c.hidden = v;
+        }
+        if let Some(v) = self.intermediate {
+            c.intermediate = v;
+        }
+        if let Some(v) = self.experts {
+            c.experts = v;
+        }
+        if let Some(v) = self.top_k {
+            c.top_k = v;
+        }
+        if let Some(v) = self.dtype {
+            c.dtype = match v {
+                DtypeArg::Bf16 => Dtype::Bf16,
+                DtypeArg::F16 => Dtype::F16,
+                DtypeArg::F32 => Dtype::F32,
+            };
+        }
+        if let Some(v) = self.mlp {
+            c.mlp = match v {
+                MlpArg::Swiglu => MlpKind::SwiGlu,
+                MlpArg::Geglu => MlpKind::GeGlu,
+                MlpArg::Gelu => MlpKind::Gelu,
+                MlpArg::Relu => MlpKind::Relu,
+            };
+        }
+        if let Some(v) = self.router {
+            c.router = match v {
+                RouterArg::SoftmaxNorm => Router::Softmax { renormalize: true },
+                RouterArg::Softmax => Router::Softmax { renormalize: false },
+                RouterArg::SigmoidBias => Router::SigmoidBias { renormalize: true },
+                RouterArg::Given => Router::Given,
+            };
+        }
+        if let Some(v) = self.capacity {
+            c.capacity = v;
+        }
+        match self.shared {
+            Some(0) => c.shared = None,
+            Some(n) => {
+                c.shared = Some(SharedExperts {
+                    count: n,
+                    intermediate: c.intermediate,
+                    gated: false,
+                })
+            }
+            None => {}
+        }
+        c.world = self.world.ranks();
+        c.placement = Placement::Blocked;
+        if self.iters == 0 {
+            return Err(Error::config("iters", 0, "at least 1"));
+        }
+        c.validate()?;
+        Ok((name.to_string(), c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn world_parses_counts_and_emulated() {
+        assert_eq!(parse_world("4"), Ok(WorldArg::Ranks(4)));
+        assert_eq!(parse_world("emulated:8"), Ok(WorldArg::Emulated(8)));
+        assert!(parse_world("emulated:9").is_err());
+        assert!(parse_world("0").is_err());
+        assert!(parse_world("x").is_err());
+    }
+
+    #[test]
+    fn capacity_parses_factor_and_dropless() {
+        assert_eq!(parse_capacity("dropless"), Ok(Capacity::Dropless));
+        assert_eq!(parse_capacity("1.5"), Ok(Capacity::Factor(1.5)));
+        assert!(parse_capacity("lots").is_err());
+    }
+
+    #[test]
+    fn explicit_options_override_the_preset_and_are_validated() {
+        let cli = Cli::parse_from(["flashmoe-bench", "layer", "--preset", "tiny", "--top-k", "3", "--world", "2"]);
+        let Command::Layer(a) = cli.command else { panic!("not layer") };
+        let (name, c) = a.shape.config(false).unwrap();
+        assert_eq!((name.as_str(), c.top_k, c.world), ("tiny", 3, 2));
+        let cli = Cli::parse_from(["flashmoe-bench", "layer", "--preset", "tiny", "--top-k", "99"]);
+        let Command::Layer(a) = cli.command else { panic!("not layer") };
+        assert!(matches!(a.shape.config(false), Err(Error::InvalidConfig { field: "top_k", .. })));
+    }
+}

@@ -1,0 +1,210 @@
+//! `flashmoe-bench layer`: check one layer against the reference, then time it.
+
+use crate::args::{LayerArgs, ShapeArgs, WorldArg};
+use crate::backend::{self, Runner};
+use crate::report::Report;
+use crate::stats::summarize;
+use flashmoe::config::{Dtype, GivenRouting, MoeConfig, Router};
+use flashmoe::metrics::LayerWork;
+use flashmoe::reference::{self, LayerOutput, RankInput, RouteOverrides};
+use flashmoe::weights::{random_tokens, LayerWeights};
+use flashmoe::{Error, LayerPlan, Result};
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+
+/// Tolerance of the check, relative to the reference's largest magnitude (DESIGN.md).
+pub fn tolerance(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::F32 => 1e-5,
+        Dtype::Bf16 | Dtype::F16 => 2e-2,
+    }
+}
+
+/// Random caller routing: k distinct experts per token, equal weights.
+pub fn random_routing(cfg: &MoeConfig, tokens: usize, seed: u64) -> GivenRouting {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut ids = Vec::with_capacity(tokens * cfg.top_k);
+    for _ in 0..tokens {
+        ids.extend(sample(&mut rng, cfg.experts, cfg.top_k).into_iter().map(|e| e as u32));
+    }
+    GivenRouting {
+        weights: vec![1.0 / cfg.top_k as f32; ids.len()],
+        ids,
+    }
+}
+
+/// Token rows to check on each rank: all of them, or `n` spread evenly.
+pub fn sample_rows(tokens: usize, n: usize) -> Vec<usize> {
+    if tokens <= n {
+        return (0..tokens).collect();
+    }
+    (0..n).map(|i| i * tokens / n).collect()
+}
+
+/// Compares sampled rows of `got` with the reference; returns the max relative error.
+pub fn check(
+    plan: &LayerPlan,
+    weights: &LayerWeights,
+    inputs: &[RankInput],
+    ov: &RouteOverrides,
+    got: &LayerOutput,
+    check_tokens: usize,
+) -> Result<f64> {
+    let rows: Vec<Vec<usize>> = inputs.iter().map(|i| sample_rows(i.tokens, check_tokens)).collect();
+    let want = reference::forward_rows(plan, weights, inputs, ov, &rows)?;
+    let h = plan.config.hidden;
+    let (mut max_err, mut max_ref) = (0.0f64, 0.0f64);
+    for (r, rank_rows) in rows.iter().enumerate() {
+        for (i, &t) in rank_rows.iter().enumerate() {
+            let g = &got.out[r][t * h..(t + 1) * h];
+            for (a, b) in g.iter().zip(&want[r][i]) {
+                if !a.is_finite() {
+                    return Err(Error::input("output", format!("rank {r} token {t} holds {a}")));
+                }
+                max_err = max_err.max((*a as f64 - b).abs());
+                max_ref = max_ref.max(b.abs());
+            }
+        }
+    }
+    Ok(if max_ref > 0.0 { max_err / max_ref } else { max_err })
+}
+
+/// Kept rows per expert over all ranks, from the gates of a run.
+pub fn kept_per_expert(cfg: &MoeConfig, out: &LayerOutput) -> Vec<u64> {
+    let mut kept = vec![0u64; cfg.experts];
+    for g in &out.gates {
+        for (&id, &slot) in g.ids.iter().zip(&g.slots) {
+            if slot >= 0 {
+                kept[id as usize] += 1;
+            }
+        }
+    }
+    kept
+}
+
+/// Runs the `layer` subcommand.
+pub fn run(args: &LayerArgs) -> Result<Report> {
+    let shape: &ShapeArgs = &args.shape;
+    let gpu = backend::wants_gpu(shape.backend, shape.world)?;
+    let (preset, cfg) = shape.config(gpu)?;
+    let plan = LayerPlan::new(&cfg)?;
+    let memory = plan.memory(0).to_string();
+    if !shape.json {
+        eprintln!("plan: {memory}");
+    }
+    let weights = LayerWeights::random(&cfg, shape.seed);
+    let xs: Vec<Vec<f32>> = (0..cfg.world)
+        .map(|r| random_tokens(&cfg, cfg.tokens, shape.seed.wrapping_add(1 + r as u64)))
+        .collect();
+    let routing: Vec<Option<GivenRouting>> = (0..cfg.world)
+        .map(|r| {
+            matches!(cfg.router, Router::Given)
+                .then(|| random_routing(&cfg, cfg.tokens, shape.seed.wrapping_add(100 + r as u64)))
+        })
+        .collect();
+    let inputs: Vec<RankInput> = xs
+        .iter()
+        .zip(&routing)
+        .map(|(x, g)| RankInput {
+            x,
+            tokens: cfg.tokens,
+            routing: g.as_ref(),
+        })
+        .collect();
+    let ov = RouteOverrides::default();
+
+    let mut runner: Box<dyn Runner> = if gpu {
+        backend::gpu_runner(&plan, &weights, shape.world)?
+    } else {
+        backend::cpu_runner(&plan, &weights)?
+    };
+    let first = runner.run(&inputs, &ov)?;
+    let err = check(&plan, &weights, &inputs, &ov, &first, shape.check_tokens)?;
+    let tol = tolerance(cfg.dtype);
+    if err > tol {
+        return Err(Error::input(
+            "output",
+            format!("max relative error {err:.3e} exceeds the tolerance {tol:.0e}: not timing a wrong result"),
+        ));
+    }
+    let samples = runner.time(&inputs, &ov, shape.warmup, shape.iters)?;
+    let latency = summarize(&samples).ok_or_else(|| Error::input("timing", "no finite samples"))?;
+    let kept = kept_per_expert(&cfg, &first);
+    let total_tokens = (cfg.tokens * cfg.world) as u64;
+    let work = LayerWork::new(&cfg, total_tokens, &kept);
+    let secs = latency.median / 1e3;
+    let peaks = runner.peaks()?;
+    let roofline_fraction = peaks.map(|p| work.floor_seconds(p.flops, p.bytes_per_s) / secs);
+    Ok(Report {
+        preset,
+        config: describe(&cfg, &plan),
+        backend: runner.describe(),
+        world: match shape.world {
+            WorldArg::Emulated(r) => format!("emulated:{r} (one launch)"),
+            WorldArg::Ranks(r) => format!("{r} rank(s)"),
+        },
+        memory,
+        latency_ms: latency,
+        tokens_per_s: total_tokens as f64 / secs,
+        flops_per_s: work.flops / secs,
+        bytes_per_s: work.bytes / secs,
+        work,
+        peaks,
+        roofline_fraction,
+        max_rel_error: err,
+        tolerance: tol,
+        checked_tokens: shape.check_tokens.min(cfg.tokens),
+        dropped: first.dropped,
+        pairs: total_tokens * cfg.top_k as u64,
+    })
+}
+
+/// One-line description of a config and its planned capacity.
+pub fn describe(cfg: &MoeConfig, plan: &LayerPlan) -> String {
+    let router = match cfg.router {
+        Router::Softmax { renormalize: true } => "softmax-norm",
+        Router::Softmax { renormalize: false } => "softmax",
+        Router::SigmoidBias { .. } => "sigmoid-bias",
+        Router::Given => "given",
+    };
+    let cap = match cfg.capacity {
+        flashmoe::Capacity::Factor(f) => format!("capacity {f} ({} rows)", plan.capacity),
+        flashmoe::Capacity::Dropless => format!("dropless ({} rows)", plan.capacity),
+    };
+    let shared = cfg.shared.map_or(String::new(), |s| format!(" shared {}x{}", s.count, s.intermediate));
+    format!(
+        "tokens/rank {} hidden {} intermediate {} experts {} top-{} {} {} {} x{}{} {}",
+        cfg.tokens,
+        cfg.hidden,
+        cfg.intermediate,
+        cfg.experts,
+        cfg.top_k,
+        cfg.mlp.name(),
+        cfg.dtype.name(),
+        router,
+        cfg.routed_scale,
+        shared,
+        cap
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampled_rows_are_distinct_and_in_range() {
+        assert_eq!(sample_rows(5, 64), vec![0, 1, 2, 3, 4]);
+        let s = sample_rows(1000, 10);
+        assert_eq!(s.len(), 10);
+        assert!(s.windows(2).all(|w| w[0] < w[1]) && *s.last().unwrap() < 1000);
+    }
+
+    #[test]
+    fn random_routing_is_valid() {
+        let cfg = MoeConfig::new(16, 64, 64, 8, 3);
+        let r = random_routing(&cfg, 16, 7);
+        r.validate(16, &cfg).unwrap();
+    }
+}

@@ -1,0 +1,108 @@
+//! The result of one benchmark, as a table or JSON.
+
+use crate::stats::Summary;
+use flashmoe::metrics::LayerWork;
+use serde::Serialize;
+
+/// Peaks measured in the same run on the same device.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Peaks {
+    /// Dense bf16 GEMM FLOP/s (cuBLAS).
+    pub flops: f64,
+    /// Device-to-device copy bytes/s.
+    pub bytes_per_s: f64,
+}
+
+/// Everything a layer benchmark reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Preset name.
+    pub preset: String,
+    /// One-line config summary.
+    pub config: String,
+    /// Backend and device.
+    pub backend: String,
+    /// World description.
+    pub world: String,
+    /// Memory per rank as the plan computed it.
+    pub memory: String,
+    /// Latency of one launch (ms).
+    pub latency_ms: Summary,
+    /// Tokens (all ranks) per second at the median.
+    pub tokens_per_s: f64,
+    /// Work of one launch.
+    pub work: LayerWork,
+    /// Achieved FLOP/s at the median.
+    pub flops_per_s: f64,
+    /// Achieved bytes/s at the median.
+    pub bytes_per_s: f64,
+    /// Peaks of the device, when measured.
+    pub peaks: Option<Peaks>,
+    /// Fraction of the roofline floor reached (floor / median), when peaks are known.
+    pub roofline_fraction: Option<f64>,
+    /// Largest error relative to the reference's largest magnitude.
+    pub max_rel_error: f64,
+    /// Tolerance the check used.
+    pub tolerance: f64,
+    /// Tokens per rank that were checked.
+    pub checked_tokens: usize,
+    /// Dropped (token, expert) pairs in one launch.
+    pub dropped: u64,
+    /// (token, expert) pairs routed in one launch.
+    pub pairs: u64,
+}
+
+fn si(x: f64) -> String {
+    let (v, unit) = if x >= 1e12 {
+        (x / 1e12, "T")
+    } else if x >= 1e9 {
+        (x / 1e9, "G")
+    } else if x >= 1e6 {
+        (x / 1e6, "M")
+    } else if x >= 1e3 {
+        (x / 1e3, "k")
+    } else {
+        (x, "")
+    };
+    format!("{v:.2} {unit}")
+}
+
+impl Report {
+    /// Prints the human-readable table.
+    pub fn print_table(&self) {
+        let l = &self.latency_ms;
+        println!("flashmoe-bench layer: preset {}", self.preset);
+        println!("  {:<10} {}", "config", self.config);
+        println!("  {:<10} {}", "backend", self.backend);
+        println!("  {:<10} {}", "world", self.world);
+        println!("  {:<10} {}", "memory", self.memory);
+        println!(
+            "  {:<10} max rel error {:.2e} on {} tokens/rank vs the f64 reference (tolerance {:.0e}): ok",
+            "check", self.max_rel_error, self.checked_tokens, self.tolerance
+        );
+        println!("  {:<10} {} of {} pairs", "dropped", self.dropped, self.pairs);
+        println!(
+            "  {:<10} median {:.4} ms   p10 {:.4}   p90 {:.4}   ({} timed runs)",
+            "latency", l.median, l.p10, l.p90, l.n
+        );
+        println!(
+            "  {:<10} {}tokens/s   {}FLOP/s   {}B/s   ({}FLOP, {}B per launch)",
+            "rate",
+            si(self.tokens_per_s),
+            si(self.flops_per_s),
+            si(self.bytes_per_s),
+            si(self.work.flops),
+            si(self.work.bytes)
+        );
+        match (self.peaks, self.roofline_fraction) {
+            (Some(p), Some(f)) => println!(
+                "  {:<10} {:.1}% of the floor max(FLOP/{}FLOP/s, B/{}B/s) measured in this run",
+                "roofline",
+                100.0 * f,
+                si(p.flops),
+                si(p.bytes_per_s)
+            ),
+            _ => println!("  {:<10} not measured on this backend", "roofline"),
+        }
+    }
+}

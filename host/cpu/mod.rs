@@ -1,0 +1,205 @@
+//! The CPU executor: the layer's protocol with one thread per rank.
+//!
+//! It runs a [`LayerPlan`] through the same symmetric layout and protocol as the GPU
+//! kernel, with threads as ranks and atomics as the interconnect:
+//!
+//! 1. gate (the reference router, on the tokens rounded to the dtype), slots by prefix sums;
+//! 2. dispatch: each kept row into its owner's heap at
+//!    `row(source, DISPATCH, RECV, local, slot)` (through the source's send cell when the
+//!    plan stages), then a signal `(epoch << 32) | rows` for every (source, local expert)
+//!    pair, 0 rows included;
+//! 3. experts: as dispatch signals arrive, the owner runs the expert MLP block by block
+//!    (`TILE_M` rows, `TILE_N` column tiles) and writes the results into the source's heap
+//!    at `row(owner, COMBINE, RECV, local, slot)`, then signals combine;
+//! 4. combine: the source waits for every expert's combine signal and sums in choice
+//!    order, plus the shared experts computed on its own rows.
+//!
+//! Everything stored in a heap is in the layer's dtype, the activation between the GEMMs
+//! too, so results match the device's rounding. Epochs advance per forward; nothing is
+//! reset between calls. Every wait has a deadline ([`CpuExecutor::set_timeout`]) and ends in
+//! [`Error::Timeout`] naming the rank, the stage and the signal it awaited. Protocol
+//! violations (a signal with an impossible row count, an access outside a heap) are
+//! reported as [`Error::Device`], as the kernel reports them through its status word.
+
+mod heap;
+mod rank;
+mod signal;
+mod tile;
+
+pub use heap::SymHeap;
+pub use signal::word as signal_word;
+
+use crate::error::{Error, Result};
+use crate::plan::LayerPlan;
+use crate::reference::{check_input, LayerOutput, RankInput, RouteOverrides};
+use crate::weights::LayerWeights;
+use signal::{next_epoch, Stop};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Default longest wait for one signal.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a layer on the CPU with one thread per rank.
+#[derive(Debug)]
+pub struct CpuExecutor {
+    plan: LayerPlan,
+    weights: Arc<LayerWeights>,
+    heaps: Vec<SymHeap>,
+    epoch: u64,
+    timeout: Duration,
+    silent: Option<usize>,
+}
+
+/// `w` with every value rounded to `dtype`, or `None` when it already is.
+fn rounded(w: &LayerWeights, dtype: crate::Dtype) -> Option<LayerWeights> {
+    let exact = |v: &[f32]| v.iter().all(|&x| dtype.round(x) == x);
+    let all_exact = exact(&w.router)
+        && w.experts.iter().all(|e| exact(&e.w0) && exact(&e.w1))
+        && w.shared
+            .as_ref()
+            .is_none_or(|s| exact(&s.w0) && exact(&s.w1))
+        && w.shared_gate.as_deref().is_none_or(exact);
+    if all_exact {
+        return None;
+    }
+    let r = |v: &[f32]| v.iter().map(|&x| dtype.round(x)).collect::<Vec<f32>>();
+    let mlp = |e: &crate::ExpertWeights| crate::ExpertWeights {
+        w0: r(&e.w0),
+        w1: r(&e.w1),
+    };
+    Some(LayerWeights {
+        router: r(&w.router),
+        router_bias: w.router_bias.clone(),
+        experts: w.experts.iter().map(mlp).collect(),
+        shared: w.shared.as_ref().map(mlp),
+        shared_gate: w.shared_gate.as_deref().map(r),
+    })
+}
+
+impl CpuExecutor {
+    /// An executor for `plan` with `weights`, which are checked against the config.
+    /// Weights not already representable in the dtype are rounded to it (as an upload to
+    /// the device would); the router bias stays f32. Allocates one heap per rank.
+    pub fn new(plan: LayerPlan, weights: Arc<LayerWeights>) -> Result<Self> {
+        weights.validate(&plan.config)?;
+        let weights = match rounded(&weights, plan.config.dtype) {
+            Some(w) => Arc::new(w),
+            None => weights,
+        };
+        let heaps = (0..plan.world())
+            .map(|r| SymHeap::new(r, plan.heap.bytes, plan.config.dtype))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CpuExecutor {
+            plan,
+            weights,
+            heaps,
+            epoch: 0,
+            timeout: DEFAULT_TIMEOUT,
+            silent: None,
+        })
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &LayerPlan {
+        &self.plan
+    }
+
+    /// Longest a rank waits for one signal before failing with [`Error::Timeout`].
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Test hook (fault injection): rank `rank` sends no signals at all, so its peers'
+    /// waits end in [`Error::Timeout`]. `None` turns it off.
+    pub fn set_silent_rank(&mut self, rank: Option<usize>) {
+        self.silent = rank;
+    }
+
+    /// The epoch of the last forward (0 before the first); signal words carry its low 32
+    /// bits.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Rank `rank`'s symmetric heap, for inspection after a forward.
+    pub fn heap(&self, rank: usize) -> Option<&SymHeap> {
+        self.heaps.get(rank)
+    }
+
+    /// One forward over every rank: `inputs[r]` are rank r's tokens.
+    pub fn forward(&mut self, inputs: &[RankInput], ov: &RouteOverrides) -> Result<LayerOutput> {
+        let cfg = &self.plan.config;
+        let k = ov.effective_top_k(cfg)?;
+        if inputs.len() != cfg.world {
+            return Err(Error::input(
+                "inputs",
+                format!("{} rank inputs != world = {}", inputs.len(), cfg.world),
+            ));
+        }
+        for input in inputs {
+            check_input(cfg, input.x, input.tokens, input.routing)?;
+        }
+        // The epoch advances even if this forward fails, so its signals are never
+        // mistaken for the next one's.
+        let epoch = next_epoch(self.epoch);
+        self.epoch = epoch;
+        let abort = AtomicBool::new(false);
+        let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        let shared = rank::Shared {
+            plan: &self.plan,
+            w: &self.weights,
+            heaps: &self.heaps,
+            epoch,
+            k,
+            logit_bias: ov.logit_bias.as_deref(),
+            silent: self.silent,
+            timeout: self.timeout,
+            abort: &abort,
+        };
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = inputs
+                .iter()
+                .enumerate()
+                .map(|(r, input)| {
+                    let (shared, abort, first_error) = (&shared, &abort, &first_error);
+                    scope.spawn(move || {
+                        let res = rank::run(shared, r, input);
+                        if let Err(Stop::Failed(e)) = res {
+                            // The first failure is the cause; later ones are its echoes.
+                            if let Ok(mut slot) = first_error.lock() {
+                                slot.get_or_insert(e);
+                            }
+                            abort.store(true, Ordering::Relaxed);
+                            return None;
+                        }
+                        res.ok()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let first = first_error.into_inner().ok().flatten();
+        if let Some(e) = first {
+            return Err(e);
+        }
+        let mut outs = Vec::with_capacity(results.len());
+        let mut gates = Vec::with_capacity(results.len());
+        for (r, res) in results.into_iter().enumerate() {
+            let (out, g) = res.ok_or_else(|| Error::Device {
+                rank: r,
+                stage: "forward",
+                what: "rank stopped without an error".into(),
+                expected: 0,
+                observed: 1,
+            })?;
+            outs.push(out);
+            gates.push(g);
+        }
+        Ok(LayerOutput::from_ranks(cfg.experts, outs, gates))
+    }
+}

@@ -1,0 +1,374 @@
+//! Model families: how each one's `config.json` maps to a [`MoeConfig`], which decoder
+//! layers are MoE, and how the MoE tensors of a layer are named.
+//!
+//! The facts come from `shared/notes/model-families.md` (transformers 4.57 and 5.x):
+//!
+//! | family | router | renormalise | scale | shared experts |
+//! |---|---|---|---|---|
+//! | Mixtral | softmax | always | 1 | none |
+//! | Qwen2-MoE (Qwen1.5, Qwen2) | softmax | `norm_topk_prob` (default false) | 1 | one, gated by `sigmoid(x . shared_expert_gate)` |
+//! | Qwen3-MoE | softmax | `norm_topk_prob` (default false) | 1 | none |
+//! | OLMoE | softmax | `norm_topk_prob` (default false) | 1 | none |
+//! | DeepSeek-V2 / V2-Lite | softmax | never (transformers ignores `norm_topk_prob`) | `routed_scaling_factor` | `n_shared_experts`, ungated |
+//! | DeepSeek-V3 | sigmoid + `e_score_correction_bias` for selection | `norm_topk_prob` (default true) | `routed_scaling_factor` | `n_shared_experts`, ungated |
+//!
+//! Decisions where the runtime does less than the model:
+//! - **Dense layers are skipped.** DeepSeek's first `first_k_dense_replace` layers and
+//!   Qwen's `mlp_only_layers` / `decoder_sparse_step` layers hold a dense MLP, not an MoE
+//!   block; the model driver chains MoE blocks only, so they are listed in
+//!   [`FamilyConfig::dense_layers`] and never loaded. Asking for one explicitly is an error.
+//! - **Group-limited selection** (DeepSeek `n_group` / `topk_group`) is not implemented by
+//!   the routers; it is accepted only where it cannot change the choice (`n_group` <= 1 or
+//!   `topk_group` >= `n_group`), otherwise refused with [`Error::UnsupportedModel`](crate::Error::UnsupportedModel).
+//! - **PhiMoE** routes with sparsemixer and normalises with LayerNorm (weight and bias);
+//!   neither exists in the runtime, so PhiMoE checkpoints are refused with
+//!   [`Error::UnsupportedModel`](crate::Error::UnsupportedModel).
+//! - DeepSeek-V3 renormalises with `+ 1e-20` in transformers; the runtime divides by the
+//!   plain sum (the sum of k sigmoids is far above 1e-20, so the results agree in f32).
+//! - Qwen2-MoE computes the shared-expert gate's sigmoid in the model dtype; the runtime
+//!   computes it in f32/f64.
+//! - DeepSeek-V3's FP8 release is read: every FP8 weight is dequantised with its
+//!   `weight_scale_inv` blocks ([`Checkpoint::read`](super::Checkpoint::read)). Its MTP
+//!   layer (`model.layers.61`) lies past `num_hidden_layers` and is never loaded.
+//! - Router logits are computed from the dtype-rounded normed rows with f64 (reference)
+//!   or f32 (executors) accumulation and are not rounded; Mixtral, Qwen and OLMoE compute
+//!   them in the model dtype (bf16), so a near-tie between two experts can resolve
+//!   differently from transformers.
+//! - `hidden_act` must be `silu` (SwiGLU) or a tanh GELU (`gelu_pytorch_tanh`,
+//!   `gelu_new`: GeGLU); the exact erf GELU is refused.
+
+use crate::config::{Capacity, Dtype, MlpKind, MoeConfig, Placement, Router, SharedExperts};
+use crate::error::Result;
+use keys::Keys;
+use serde_json::Value;
+use std::path::Path;
+
+mod keys;
+
+/// A supported (or recognised) model family, from `config.json`'s `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// `mixtral`.
+    Mixtral,
+    /// `qwen2_moe` (Qwen1.5-MoE, Qwen2-57B-A14B).
+    Qwen2Moe,
+    /// `qwen3_moe`.
+    Qwen3Moe,
+    /// `olmoe`.
+    Olmoe,
+    /// `deepseek_v2` (V2 and V2-Lite).
+    DeepseekV2,
+    /// `deepseek_v3`.
+    DeepseekV3,
+    /// `phimoe` (recognised, refused: sparsemixer routing and LayerNorm).
+    PhiMoe,
+}
+
+/// Every family, in documentation order.
+pub const FAMILIES: [Family; 7] = [
+    Family::Mixtral,
+    Family::Qwen2Moe,
+    Family::Qwen3Moe,
+    Family::Olmoe,
+    Family::DeepseekV2,
+    Family::DeepseekV3,
+    Family::PhiMoe,
+];
+
+impl Family {
+    /// The family of a `model_type` string, if known.
+    pub fn from_model_type(model_type: &str) -> Option<Family> {
+        FAMILIES.into_iter().find(|f| f.model_type() == model_type)
+    }
+
+    /// The `model_type` of `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Mixtral => "mixtral",
+            Family::Qwen2Moe => "qwen2_moe",
+            Family::Qwen3Moe => "qwen3_moe",
+            Family::Olmoe => "olmoe",
+            Family::DeepseekV2 => "deepseek_v2",
+            Family::DeepseekV3 => "deepseek_v3",
+            Family::PhiMoe => "phimoe",
+        }
+    }
+
+    /// How this family names the tensors of an MoE block.
+    pub fn naming(self) -> Naming {
+        let qwen_like = Naming {
+            moe_prefixes: &["mlp"],
+            proj: ["gate_proj", "up_proj", "down_proj"],
+            shared_module: None,
+            shared_gate: false,
+            router_bias: false,
+        };
+        match self {
+            // transformers 5 renames `.block_sparse_moe.` to `.mlp.` when it fuses.
+            Family::Mixtral | Family::PhiMoe => Naming {
+                moe_prefixes: &["block_sparse_moe", "mlp"],
+                proj: ["w1", "w3", "w2"],
+                ..qwen_like
+            },
+            Family::Qwen2Moe => Naming {
+                shared_module: Some("shared_expert"),
+                shared_gate: true,
+                ..qwen_like
+            },
+            Family::Qwen3Moe | Family::Olmoe => qwen_like,
+            Family::DeepseekV2 => Naming {
+                shared_module: Some("shared_experts"),
+                ..qwen_like
+            },
+            Family::DeepseekV3 => Naming {
+                shared_module: Some("shared_experts"),
+                router_bias: true,
+                ..qwen_like
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
+/// Tensor naming of one family's MoE block, relative to `model.layers.{i}.`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Naming {
+    /// Module prefixes of the MoE block, tried in order (`block_sparse_moe`, `mlp`).
+    pub moe_prefixes: &'static [&'static str],
+    /// Names of the gate, up and down projections of one expert.
+    pub proj: [&'static str; 3],
+    /// Module name of the shared expert(s) under the MoE prefix, if the family has them.
+    pub shared_module: Option<&'static str>,
+    /// Whether the shared output is gated (`shared_expert_gate.weight` [1, H]).
+    pub shared_gate: bool,
+    /// Whether the router has `gate.e_score_correction_bias` `[E]`.
+    pub router_bias: bool,
+}
+
+impl Naming {
+    /// `model.layers.{layer}.post_attention_layernorm.weight`.
+    pub fn norm(layer: usize) -> String {
+        format!("model.layers.{layer}.post_attention_layernorm.weight")
+    }
+
+    /// `model.layers.{layer}.{prefix}`.
+    pub fn block(layer: usize, prefix: &str) -> String {
+        format!("model.layers.{layer}.{prefix}")
+    }
+}
+
+/// The MoE-relevant content of a `config.json`, mapped to the runtime's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FamilyConfig {
+    /// The family.
+    pub family: Family,
+    /// `hidden_size`.
+    pub hidden: usize,
+    /// `num_hidden_layers`.
+    pub layers: usize,
+    /// Routed experts.
+    pub experts: usize,
+    /// `num_experts_per_tok`.
+    pub top_k: usize,
+    /// Width of one routed expert.
+    pub intermediate: usize,
+    /// The router.
+    pub router: Router,
+    /// Multiplier of the routed weights (DeepSeek `routed_scaling_factor`, else 1).
+    pub routed_scale: f32,
+    /// Shared experts.
+    pub shared: Option<SharedExperts>,
+    /// The expert MLP (from `hidden_act`).
+    pub mlp: MlpKind,
+    /// `rms_norm_eps` (family default when absent).
+    pub eps: f32,
+    /// `torch_dtype` / `dtype`, when given and one the runtime stores.
+    pub dtype: Option<Dtype>,
+    /// Decoder layers that hold a dense MLP instead of an MoE block (skipped).
+    pub dense_layers: Vec<usize>,
+}
+
+impl FamilyConfig {
+    /// Reads a parsed `config.json`; `path` is used in errors.
+    pub fn parse(path: &Path, json: &Value) -> Result<FamilyConfig> {
+        let keys = Keys { path, json };
+        let model_type = keys.string("model_type")?;
+        let family = Family::from_model_type(&model_type).ok_or_else(|| {
+            keys.unsupported(
+                "model_type",
+                &model_type,
+                format!(
+                    "not a supported MoE family; known: {}",
+                    FAMILIES.map(Family::model_type).join(", ")
+                ),
+            )
+        })?;
+        if family == Family::PhiMoe {
+            return Err(keys.phimoe_refusal());
+        }
+        let hidden = keys.usize("hidden_size")?;
+        let layers = keys.usize("num_hidden_layers")?;
+        let top_k = keys.usize("num_experts_per_tok")?;
+        let mlp = match keys.string("hidden_act")?.as_str() {
+            "silu" | "swish" => MlpKind::SwiGlu,
+            "gelu_pytorch_tanh" | "gelu_new" => MlpKind::GeGlu,
+            other => {
+                return Err(keys.unsupported(
+                    "hidden_act",
+                    other,
+                    "supported: silu (SwiGLU), gelu_pytorch_tanh / gelu_new (GeGLU, tanh GELU)",
+                ))
+            }
+        };
+        let default_eps = match family {
+            Family::Mixtral | Family::Olmoe => 1e-5,
+            _ => 1e-6,
+        };
+        let eps = keys.opt_f64("rms_norm_eps")?.unwrap_or(default_eps) as f32;
+        let dtype = keys.dtype()?;
+        let norm_topk = keys.opt_bool("norm_topk_prob")?;
+        let mut routed_scale = 1.0f32;
+        let mut shared = None;
+        let mut dense_layers = Vec::new();
+        let (experts, intermediate, router) = match family {
+            Family::Mixtral => (
+                keys.usize("num_local_experts")?,
+                keys.usize("intermediate_size")?,
+                Router::Softmax { renormalize: true },
+            ),
+            Family::Olmoe => (
+                keys.usize("num_experts")?,
+                keys.usize("intermediate_size")?,
+                Router::Softmax {
+                    renormalize: norm_topk.unwrap_or(false),
+                },
+            ),
+            Family::Qwen2Moe | Family::Qwen3Moe => {
+                let experts = keys.usize("num_experts")?;
+                let step = keys.opt_usize("decoder_sparse_step")?.unwrap_or(1);
+                let only = keys.opt_usize_list("mlp_only_layers")?;
+                if step == 0 {
+                    return Err(keys.unsupported("decoder_sparse_step", "0", "must be >= 1"));
+                }
+                dense_layers = (0..layers)
+                    .filter(|i| only.contains(i) || experts == 0 || (i + 1) % step != 0)
+                    .collect();
+                if family == Family::Qwen2Moe {
+                    let width = keys.opt_usize("shared_expert_intermediate_size")?;
+                    shared = width.filter(|&w| w > 0).map(|w| SharedExperts {
+                        count: 1,
+                        intermediate: w,
+                        gated: true,
+                    });
+                }
+                (
+                    experts,
+                    keys.usize("moe_intermediate_size")?,
+                    Router::Softmax {
+                        renormalize: norm_topk.unwrap_or(false),
+                    },
+                )
+            }
+            Family::DeepseekV2 | Family::DeepseekV3 => {
+                let experts = keys.usize("n_routed_experts")?;
+                let intermediate = keys.usize("moe_intermediate_size")?;
+                routed_scale = keys.opt_f64("routed_scaling_factor")?.unwrap_or(1.0) as f32;
+                let first_dense = keys.opt_usize("first_k_dense_replace")?.unwrap_or(0);
+                let freq = keys.opt_usize("moe_layer_freq")?.unwrap_or(1);
+                if freq != 1 {
+                    return Err(keys.unsupported(
+                        "moe_layer_freq",
+                        freq,
+                        "only 1 (transformers ignores the key, the original code does not: \
+                         the MoE layer set would be ambiguous)",
+                    ));
+                }
+                dense_layers = (0..layers.min(first_dense)).collect();
+                let n_shared = keys.opt_usize("n_shared_experts")?.unwrap_or(0);
+                shared = (n_shared > 0).then_some(SharedExperts {
+                    count: n_shared,
+                    intermediate,
+                    gated: false,
+                });
+                keys.check_groups(family)?;
+                let router = if family == Family::DeepseekV2 {
+                    Router::Softmax { renormalize: false }
+                } else {
+                    if let Some(s) = keys.opt_string("scoring_func")? {
+                        if s != "sigmoid" {
+                            return Err(keys.unsupported(
+                                "scoring_func",
+                                &s,
+                                "DeepSeek-V3 routing is sigmoid (transformers hard-codes it)",
+                            ));
+                        }
+                    }
+                    Router::SigmoidBias {
+                        renormalize: norm_topk.unwrap_or(true),
+                    }
+                };
+                (experts, intermediate, router)
+            }
+            Family::PhiMoe => return Err(keys.phimoe_refusal()),
+        };
+        Ok(FamilyConfig {
+            family,
+            hidden,
+            layers,
+            experts,
+            top_k,
+            intermediate,
+            router,
+            routed_scale,
+            shared,
+            mlp,
+            eps,
+            dtype,
+            dense_layers,
+        })
+    }
+
+    /// Whether decoder layer `layer` holds an MoE block.
+    pub fn is_moe(&self, layer: usize) -> bool {
+        layer < self.layers && !self.dense_layers.contains(&layer)
+    }
+
+    /// The MoE decoder layers, in order.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.layers).filter(|&l| self.is_moe(l)).collect()
+    }
+
+    /// The runtime config of one MoE layer (not yet validated).
+    pub fn layer_config(
+        &self,
+        tokens: usize,
+        dtype: Dtype,
+        capacity: Capacity,
+        world: usize,
+        placement: Placement,
+    ) -> MoeConfig {
+        MoeConfig {
+            tokens,
+            hidden: self.hidden,
+            intermediate: self.intermediate,
+            experts: self.experts,
+            top_k: self.top_k,
+            capacity,
+            dtype,
+            mlp: self.mlp,
+            router: self.router,
+            routed_scale: self.routed_scale,
+            shared: self.shared,
+            world,
+            placement,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,265 @@
+use super::*;
+use crate::error::Error;
+use serde_json::json;
+
+fn parse(v: Value) -> Result<FamilyConfig> {
+    FamilyConfig::parse(Path::new("/ckpt/config.json"), &v)
+}
+
+/// Config values as in the released checkpoints (shared/notes/model-families.md §1).
+fn mixtral() -> Value {
+    json!({"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+           "num_local_experts": 8, "num_experts_per_tok": 2, "num_hidden_layers": 32,
+           "rms_norm_eps": 1e-5, "hidden_act": "silu", "torch_dtype": "bfloat16"})
+}
+
+fn qwen15() -> Value {
+    json!({"model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632,
+           "moe_intermediate_size": 1408, "num_experts": 60, "num_experts_per_tok": 4,
+           "shared_expert_intermediate_size": 5632, "norm_topk_prob": false,
+           "num_hidden_layers": 24, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+           "decoder_sparse_step": 1, "mlp_only_layers": []})
+}
+
+fn ds_v2_lite() -> Value {
+    json!({"model_type": "deepseek_v2", "hidden_size": 2048, "intermediate_size": 10944,
+           "moe_intermediate_size": 1408, "n_routed_experts": 64, "num_experts_per_tok": 6,
+           "n_shared_experts": 2, "norm_topk_prob": false, "topk_method": "greedy",
+           "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+           "first_k_dense_replace": 1, "moe_layer_freq": 1, "num_hidden_layers": 27,
+           "rms_norm_eps": 1e-6, "hidden_act": "silu", "torch_dtype": "bfloat16"})
+}
+
+fn ds_v3() -> Value {
+    json!({"model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
+           "moe_intermediate_size": 2048, "n_routed_experts": 256, "num_experts_per_tok": 8,
+           "n_shared_experts": 1, "norm_topk_prob": true, "topk_method": "noaux_tc",
+           "scoring_func": "sigmoid", "n_group": 8, "topk_group": 4,
+           "routed_scaling_factor": 2.5, "first_k_dense_replace": 3, "moe_layer_freq": 1,
+           "num_hidden_layers": 61, "rms_norm_eps": 1e-6, "hidden_act": "silu"})
+}
+
+fn with(mut v: Value, key: &str, value: Value) -> Value {
+    v[key] = value;
+    v
+}
+
+#[test]
+fn mixtral_renormalises_without_shared_experts() {
+    let f = parse(mixtral()).unwrap();
+    assert_eq!(f.family, Family::Mixtral);
+    assert_eq!(
+        (f.hidden, f.intermediate, f.experts, f.top_k),
+        (4096, 14336, 8, 2)
+    );
+    assert_eq!(f.router, Router::Softmax { renormalize: true });
+    assert_eq!(
+        (f.routed_scale, f.shared, f.mlp),
+        (1.0, None, MlpKind::SwiGlu)
+    );
+    assert_eq!((f.eps, f.dtype), (1e-5, Some(Dtype::Bf16)));
+    assert_eq!(f.moe_layers().len(), 32);
+    assert!(f.dense_layers.is_empty());
+    // Even an explicit norm_topk_prob = false does not switch Mixtral's renormalisation off.
+    let f = parse(with(mixtral(), "norm_topk_prob", json!(false))).unwrap();
+    assert_eq!(f.router, Router::Softmax { renormalize: true });
+}
+
+#[test]
+fn qwen2_moe_has_a_gated_shared_expert_and_no_renormalisation() {
+    let f = parse(qwen15()).unwrap();
+    assert_eq!(f.family, Family::Qwen2Moe);
+    assert_eq!((f.intermediate, f.experts, f.top_k), (1408, 60, 4));
+    assert_eq!(f.router, Router::Softmax { renormalize: false });
+    assert_eq!(
+        f.shared,
+        Some(SharedExperts {
+            count: 1,
+            intermediate: 5632,
+            gated: true
+        })
+    );
+    assert_eq!(f.dtype, None);
+}
+
+#[test]
+fn qwen_dense_layer_rule() {
+    let v = with(qwen15(), "mlp_only_layers", json!([0, 5]));
+    let f = parse(with(v, "decoder_sparse_step", json!(2))).unwrap();
+    // dense iff in mlp_only_layers or (i + 1) % step != 0
+    let expect: Vec<usize> = (0..24)
+        .filter(|i| *i == 0 || *i == 5 || (i + 1) % 2 != 0)
+        .collect();
+    assert_eq!(f.dense_layers, expect);
+    assert!(f.is_moe(3) && !f.is_moe(5) && !f.is_moe(4) && !f.is_moe(24));
+}
+
+#[test]
+fn qwen3_and_olmoe_follow_norm_topk_prob() {
+    let q3 = json!({"model_type": "qwen3_moe", "hidden_size": 2048, "moe_intermediate_size": 768,
+        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": true,
+        "num_hidden_layers": 48, "hidden_act": "silu"});
+    let f = parse(q3.clone()).unwrap();
+    assert_eq!(f.router, Router::Softmax { renormalize: true });
+    assert_eq!((f.intermediate, f.shared, f.eps), (768, None, 1e-6));
+    let f = parse(with(q3, "norm_topk_prob", json!(false))).unwrap();
+    assert_eq!(f.router, Router::Softmax { renormalize: false });
+
+    let olmoe = json!({"model_type": "olmoe", "hidden_size": 2048, "intermediate_size": 1024,
+        "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": false,
+        "num_hidden_layers": 16, "hidden_act": "silu"});
+    let f = parse(olmoe).unwrap();
+    assert_eq!(f.router, Router::Softmax { renormalize: false });
+    // rms_norm_eps absent -> OLMoE's default 1e-5
+    assert_eq!((f.intermediate, f.eps), (1024, 1e-5));
+}
+
+#[test]
+fn deepseek_v2_lite_scales_without_renormalising_and_skips_the_dense_layer() {
+    let f = parse(ds_v2_lite()).unwrap();
+    assert_eq!(f.router, Router::Softmax { renormalize: false });
+    assert_eq!(f.routed_scale, 1.0);
+    assert_eq!(
+        f.shared,
+        Some(SharedExperts {
+            count: 2,
+            intermediate: 1408,
+            gated: false
+        })
+    );
+    assert_eq!(f.dense_layers, vec![0]);
+    assert_eq!(f.moe_layers().len(), 26);
+    // DeepSeek-V2 (236B) values: scale 16, and the router still does not renormalise even
+    // if norm_topk_prob is set (transformers ignores it for V2).
+    let v = with(ds_v2_lite(), "routed_scaling_factor", json!(16.0));
+    let f = parse(with(v, "norm_topk_prob", json!(true))).unwrap();
+    assert_eq!(
+        (f.routed_scale, f.router),
+        (16.0, Router::Softmax { renormalize: false })
+    );
+}
+
+#[test]
+fn group_limited_selection_is_refused_unless_trivial() {
+    let v = with(ds_v2_lite(), "topk_method", json!("group_limited_greedy"));
+    let v = with(v, "n_group", json!(8));
+    let err = parse(with(v.clone(), "topk_group", json!(3))).unwrap_err();
+    match err {
+        Error::UnsupportedModel { key, value, .. } => {
+            assert_eq!(
+                (key.as_str(), value.as_str()),
+                ("n_group/topk_group", "8/3")
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Every group kept: the selection is plain top-k, accepted.
+    parse(with(v, "topk_group", json!(8))).unwrap();
+
+    // DeepSeek-V3 as released (8/4) is refused; 1/1 is accepted.
+    assert!(
+        matches!(parse(ds_v3()), Err(Error::UnsupportedModel { key, .. }) if key == "n_group/topk_group")
+    );
+    // Keys absent: transformers' V3 defaults (8/4) apply, so still refused.
+    let mut absent = ds_v3();
+    absent.as_object_mut().unwrap().remove("n_group");
+    absent.as_object_mut().unwrap().remove("topk_group");
+    assert!(parse(absent).is_err());
+    let v = with(with(ds_v3(), "n_group", json!(1)), "topk_group", json!(1));
+    let f = parse(v).unwrap();
+    assert_eq!(f.router, Router::SigmoidBias { renormalize: true });
+    assert_eq!(f.routed_scale, 2.5);
+    assert_eq!(f.dense_layers, vec![0, 1, 2]);
+    assert_eq!(
+        f.shared.map(|s| (s.count, s.intermediate, s.gated)),
+        Some((1, 2048, false))
+    );
+}
+
+#[test]
+fn phimoe_is_refused_with_the_reason() {
+    let v = with(mixtral(), "model_type", json!("phimoe"));
+    match parse(v) {
+        Err(Error::UnsupportedModel { key, reason, .. }) => {
+            assert_eq!(key, "model_type");
+            assert!(reason.contains("sparsemixer") && reason.contains("LayerNorm"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn bad_and_unknown_keys_name_the_key() {
+    match parse(with(mixtral(), "model_type", json!("llama"))) {
+        Err(Error::UnsupportedModel { key, value, .. }) => {
+            assert_eq!((key.as_str(), value.as_str()), ("model_type", "llama"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let mut v = mixtral();
+    v.as_object_mut().unwrap().remove("num_local_experts");
+    match parse(v) {
+        Err(Error::Checkpoint { reason, .. }) => assert!(reason.contains("num_local_experts")),
+        other => panic!("unexpected {other:?}"),
+    }
+    match parse(with(mixtral(), "hidden_size", json!("big"))) {
+        Err(Error::Checkpoint { reason, .. }) => {
+            assert!(reason.contains("hidden_size") && reason.contains("\"big\""))
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    match parse(with(mixtral(), "hidden_act", json!("gelu"))) {
+        Err(Error::UnsupportedModel { key, .. }) => assert_eq!(key, "hidden_act"),
+        other => panic!("unexpected {other:?}"),
+    }
+    match parse(with(ds_v2_lite(), "moe_layer_freq", json!(2))) {
+        Err(Error::UnsupportedModel { key, .. }) => assert_eq!(key, "moe_layer_freq"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let f = parse(with(mixtral(), "hidden_act", json!("gelu_pytorch_tanh"))).unwrap();
+    assert_eq!(f.mlp, MlpKind::GeGlu);
+}
+
+#[test]
+fn dtype_keys() {
+    let mut v = mixtral();
+    v.as_object_mut().unwrap().remove("torch_dtype");
+    assert_eq!(parse(v.clone()).unwrap().dtype, None);
+    assert_eq!(
+        parse(with(v.clone(), "dtype", json!("float16")))
+            .unwrap()
+            .dtype,
+        Some(Dtype::F16)
+    );
+    assert_eq!(
+        parse(with(v.clone(), "dtype", json!("float32")))
+            .unwrap()
+            .dtype,
+        Some(Dtype::F32)
+    );
+    assert!(matches!(
+        parse(with(v, "torch_dtype", json!("float8_e4m3fn"))),
+        Err(Error::UnsupportedModel { key, .. }) if key == "torch_dtype"
+    ));
+}
+
+#[test]
+fn layer_config_carries_the_runtime_fields() {
+    let f = parse(ds_v2_lite()).unwrap();
+    let cfg = f.layer_config(128, Dtype::Bf16, Capacity::Dropless, 2, Placement::Blocked);
+    assert_eq!(
+        (cfg.tokens, cfg.world, cfg.capacity),
+        (128, 2, Capacity::Dropless)
+    );
+    assert_eq!((cfg.experts, cfg.top_k, cfg.intermediate), (64, 6, 1408));
+    cfg.validate().unwrap();
+}
+
+#[test]
+fn model_types_round_trip() {
+    for f in FAMILIES {
+        assert_eq!(Family::from_model_type(f.model_type()), Some(f));
+        assert_eq!(f.to_string(), f.model_type());
+    }
+    assert_eq!(Family::from_model_type("llama"), None);
+}

@@ -1,0 +1,302 @@
+//! Loading the MoE layers of a checkpoint directory as [`ModelLayer`]s.
+//!
+//! Both expert layouts are read:
+//! - per expert (every released checkpoint, and transformers' `save_original_format`):
+//!   `{block}.experts.{j}.{gate,up,down}.weight` (Mixtral: `w1`, `w3`, `w2`);
+//! - fused (transformers >= 5 saving with `save_original_format=False`):
+//!   `{block}.experts.gate_up_proj` `[E, 2I, H]` (gate rows first) and
+//!   `{block}.experts.down_proj` `[E, H, I]`.
+//!
+//! `{block}` is `model.layers.{i}.mlp`, or for Mixtral `model.layers.{i}.block_sparse_moe`
+//! (transformers 5 renames it to `mlp`; both are tried). Dense layers are skipped (see
+//! [`families`](super::families)).
+
+use super::checkpoint::Checkpoint;
+use super::families::{FamilyConfig, Naming};
+use super::norm::RmsNorm;
+use super::ModelLayer;
+use crate::config::{Capacity, Dtype, Placement};
+use crate::error::{Error, Result};
+use crate::weights::{ExpertWeights, LayerWeights};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How to turn a checkpoint into runtime layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadOptions {
+    /// Most tokens per rank per forward.
+    pub tokens: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// Capacity per (source rank, expert).
+    pub capacity: Capacity,
+    /// Expert placement.
+    pub placement: Placement,
+    /// Storage dtype of the layers; `None` = the checkpoint's `torch_dtype` (bf16 if absent).
+    pub dtype: Option<Dtype>,
+    /// Decoder layers to load; `None` = every MoE layer. Naming a dense layer is an error.
+    pub layers: Option<Vec<usize>>,
+    /// Draw a progress bar on stderr (only when stderr is a terminal).
+    pub progress: bool,
+    /// Refuse (before reading any tensor) when the selected layers' weights, held as f32
+    /// on the host, would take more bytes than this.
+    pub max_host_bytes: u64,
+}
+
+/// Default of [`LoadOptions::max_host_bytes`]: 32 GiB.
+pub const DEFAULT_MAX_HOST_BYTES: u64 = 32 << 30;
+
+impl LoadOptions {
+    /// Defaults: one rank, capacity factor 1.25, blocked placement, the checkpoint's dtype,
+    /// every MoE layer, progress bar on, at most [`DEFAULT_MAX_HOST_BYTES`].
+    pub fn new(tokens: usize) -> Self {
+        LoadOptions {
+            tokens,
+            world: 1,
+            capacity: Capacity::Factor(1.25),
+            placement: Placement::Blocked,
+            dtype: None,
+            layers: None,
+            progress: true,
+            max_host_bytes: DEFAULT_MAX_HOST_BYTES,
+        }
+    }
+}
+
+/// The MoE layers of a checkpoint.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    /// What `config.json` said.
+    pub family: FamilyConfig,
+    /// The loaded MoE layers, in decoder order.
+    pub layers: Vec<ModelLayer>,
+    /// The checkpoint's dense decoder layers (never loaded: they are not MoE blocks).
+    pub skipped_dense: Vec<usize>,
+}
+
+/// Opens `dir` and loads the MoE layers `options` selects.
+pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<LoadedModel> {
+    let ckpt = Checkpoint::open(dir)?;
+    load_from(&ckpt, options)
+}
+
+/// Loads from an already opened checkpoint.
+pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel> {
+    let config_path = ckpt.dir().join(super::checkpoint::CONFIG_FILE);
+    let family = FamilyConfig::parse(&config_path, ckpt.config())?;
+    let selected = match &options.layers {
+        None => family.moe_layers(),
+        Some(list) => {
+            for &l in list {
+                if l >= family.layers {
+                    return Err(Error::config(
+                        "layers",
+                        l,
+                        format!("num_hidden_layers = {}", family.layers),
+                    ));
+                }
+                if !family.is_moe(l) {
+                    return Err(Error::config(
+                        "layers",
+                        l,
+                        format!(
+                            "layer {l} of this {} checkpoint is dense (not an MoE block); \
+                             MoE layers: {:?}",
+                            family.family,
+                            family.moe_layers()
+                        ),
+                    ));
+                }
+            }
+            list.clone()
+        }
+    };
+    let skipped_dense = family.dense_layers.clone();
+    let dtype = options.dtype.or(family.dtype).unwrap_or(Dtype::Bf16);
+    let config = family.layer_config(
+        options.tokens,
+        dtype,
+        options.capacity,
+        options.world,
+        options.placement.clone(),
+    );
+    config.validate()?;
+    let bytes = host_bytes_per_layer(&family).saturating_mul(selected.len() as u64);
+    if bytes > options.max_host_bytes {
+        return Err(Error::PlanTooLarge {
+            what: format!(
+                "loading {} MoE layers of this {} checkpoint takes {bytes} bytes of host \
+                 memory (f32), max_host_bytes = {}: select fewer layers",
+                selected.len(),
+                family.family,
+                options.max_host_bytes
+            ),
+        });
+    }
+
+    let per_layer = tensors_per_layer(&family);
+    let bar = ProgressBar::new((per_layer * selected.len()) as u64);
+    if !options.progress || !std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} tensors ({elapsed})")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let mut layers = Vec::with_capacity(selected.len());
+    for &l in &selected {
+        bar.set_message(format!("loading layer {l}"));
+        let reader = LayerReader {
+            ckpt,
+            family: &family,
+            layer: l,
+            dtype,
+            bar: &bar,
+        };
+        let weights = reader.weights()?;
+        let norm = RmsNorm {
+            weight: reader.read(&Naming::norm(l), &[family.hidden], Some(dtype))?,
+            eps: family.eps,
+        };
+        let layer = ModelLayer {
+            index: l,
+            config: config.clone(),
+            weights: Arc::new(weights),
+            norm,
+            logit_bias: None,
+        };
+        layer.validate()?;
+        layers.push(layer);
+    }
+    bar.finish_and_clear();
+    Ok(LoadedModel {
+        family,
+        layers,
+        skipped_dense,
+    })
+}
+
+/// Host bytes of one MoE layer's weights as f32.
+fn host_bytes_per_layer(f: &FamilyConfig) -> u64 {
+    let (h, e, i) = (f.hidden as u64, f.experts as u64, f.intermediate as u64);
+    let shared = f
+        .shared
+        .map_or(0, |s| 3 * (s.count * s.intermediate) as u64 * h + h);
+    4 * (e * 3 * i * h + e * h + e + shared + h)
+}
+
+/// Tensors read per layer (for the progress bar; the fused layout reads fewer).
+fn tensors_per_layer(f: &FamilyConfig) -> usize {
+    let naming = f.family.naming();
+    2 + usize::from(naming.router_bias)
+        + 3 * f.experts
+        + if f.shared.is_some() { 3 } else { 0 }
+        + usize::from(naming.shared_gate && f.shared.is_some())
+}
+
+struct LayerReader<'a> {
+    ckpt: &'a Checkpoint,
+    family: &'a FamilyConfig,
+    layer: usize,
+    dtype: Dtype,
+    bar: &'a ProgressBar,
+}
+
+impl LayerReader<'_> {
+    fn read(&self, name: &str, shape: &[usize], round: Option<Dtype>) -> Result<Vec<f32>> {
+        let v = self.ckpt.read(name, shape, round)?;
+        self.bar.inc(1);
+        Ok(v)
+    }
+
+    /// The MoE block's prefix: the first candidate whose router exists.
+    fn block(&self) -> Result<String> {
+        let naming = self.family.family.naming();
+        let candidates: Vec<String> = naming
+            .moe_prefixes
+            .iter()
+            .map(|p| Naming::block(self.layer, p))
+            .collect();
+        candidates
+            .iter()
+            .find(|b| self.ckpt.contains(&format!("{b}.gate.weight")))
+            .cloned()
+            .ok_or_else(|| Error::Checkpoint {
+                path: self.ckpt.dir().to_path_buf(),
+                reason: format!(
+                    "tensor `{}.gate.weight` is missing (expected shape [{}, {}]; \
+                     the MoE router of layer {})",
+                    candidates.first().map(String::as_str).unwrap_or("?"),
+                    self.family.experts,
+                    self.family.hidden,
+                    self.layer
+                ),
+            })
+    }
+
+    fn weights(&self) -> Result<LayerWeights> {
+        let f = self.family;
+        let naming = f.family.naming();
+        let (h, e, i) = (f.hidden, f.experts, f.intermediate);
+        let d = Some(self.dtype);
+        let block = self.block()?;
+        let router = self.read(&format!("{block}.gate.weight"), &[e, h], d)?;
+        let router_bias = if naming.router_bias {
+            // Kept in f32 as transformers does (`_keep_in_fp32_modules_strict`).
+            self.read(&format!("{block}.gate.e_score_correction_bias"), &[e], None)?
+        } else {
+            Vec::new()
+        };
+        let fused = format!("{block}.experts.gate_up_proj");
+        let experts = if self.ckpt.contains(&fused) {
+            let gate_up = self.read(&fused, &[e, 2 * i, h], d)?;
+            let down = self.read(&format!("{block}.experts.down_proj"), &[e, h, i], d)?;
+            self.bar.inc((e * 3).saturating_sub(2) as u64);
+            gate_up
+                .chunks_exact(2 * i * h)
+                .zip(down.chunks_exact(h * i))
+                .map(|(w0, w1)| ExpertWeights {
+                    w0: w0.to_vec(),
+                    w1: w1.to_vec(),
+                })
+                .collect()
+        } else {
+            (0..e)
+                .map(|j| self.mlp(&format!("{block}.experts.{j}"), naming.proj, i))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let shared = match (f.shared, naming.shared_module) {
+            (Some(s), Some(module)) => Some(self.mlp(
+                &format!("{block}.{module}"),
+                ["gate_proj", "up_proj", "down_proj"],
+                s.count * s.intermediate,
+            )?),
+            _ => None,
+        };
+        let shared_gate = if naming.shared_gate && f.shared.is_some() {
+            Some(self.read(&format!("{block}.shared_expert_gate.weight"), &[1, h], d)?)
+        } else {
+            None
+        };
+        Ok(LayerWeights {
+            router,
+            router_bias,
+            experts,
+            shared,
+            shared_gate,
+        })
+    }
+
+    /// One gated MLP stored as three `[out, in]` matrices under `prefix`.
+    fn mlp(&self, prefix: &str, proj: [&str; 3], width: usize) -> Result<ExpertWeights> {
+        let h = self.family.hidden;
+        let d = Some(self.dtype);
+        let mut w0 = self.read(&format!("{prefix}.{}.weight", proj[0]), &[width, h], d)?;
+        w0.extend(self.read(&format!("{prefix}.{}.weight", proj[1]), &[width, h], d)?);
+        let w1 = self.read(&format!("{prefix}.{}.weight", proj[2]), &[h, width], d)?;
+        Ok(ExpertWeights { w0, w1 })
+    }
+}

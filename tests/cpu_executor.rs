@@ -1,0 +1,688 @@
+//! The CPU executor against the reference, over a randomized matrix of configs, plus
+//! provenance (every row lands where the plan says), epochs and the timeout path.
+
+use flashmoe::cpu::signal_word;
+use flashmoe::plan::{CELL_RECV, CELL_SEND, STAGE_COMBINE, STAGE_DISPATCH};
+use flashmoe::reference::{self, LayerOutput, RankInput, RouteOverrides};
+use flashmoe::weights::random_tokens;
+use flashmoe::{
+    Capacity, CpuExecutor, Dtype, Error, GivenRouting, LayerPlan, LayerWeights, MlpKind, MoeConfig,
+    Placement, Router, SharedExperts,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+use std::time::Duration;
+
+const ROUTERS: [Router; 5] = [
+    Router::Softmax { renormalize: true },
+    Router::Softmax { renormalize: false },
+    Router::SigmoidBias { renormalize: true },
+    Router::SigmoidBias { renormalize: false },
+    Router::Given,
+];
+const MLPS: [MlpKind; 4] = [
+    MlpKind::SwiGlu,
+    MlpKind::GeGlu,
+    MlpKind::Gelu,
+    MlpKind::Relu,
+];
+
+/// One test case: config, staging, per-rank token counts, overrides.
+#[derive(Debug, Clone)]
+struct Case {
+    cfg: MoeConfig,
+    staging: bool,
+    tokens: Vec<usize>,
+    ov: RouteOverrides,
+    seed: u64,
+}
+
+impl Case {
+    fn new(cfg: MoeConfig) -> Self {
+        let tokens = vec![cfg.tokens; cfg.world];
+        Case {
+            cfg,
+            staging: false,
+            tokens,
+            ov: RouteOverrides::default(),
+            seed: 1,
+        }
+    }
+}
+
+/// `k` distinct experts per token, in random order, with random weights.
+fn random_routing(rng: &mut StdRng, tokens: usize, experts: usize, k: usize) -> GivenRouting {
+    let mut ids = Vec::with_capacity(tokens * k);
+    let mut perm: Vec<u32> = (0..experts as u32).collect();
+    for _ in 0..tokens {
+        for j in 0..k {
+            let p = rng.random_range(j..experts);
+            perm.swap(j, p);
+        }
+        ids.extend_from_slice(&perm[..k]);
+    }
+    let weights = (0..ids.len())
+        .map(|_| rng.random_range(0.05..1.0))
+        .collect();
+    GivenRouting { ids, weights }
+}
+
+struct Inputs {
+    tokens: Vec<usize>,
+    x: Vec<Vec<f32>>,
+    routing: Vec<Option<GivenRouting>>,
+}
+
+impl Inputs {
+    fn random(case: &Case) -> Self {
+        let mut rng = StdRng::seed_from_u64(case.seed ^ 0x5eed);
+        let cfg = &case.cfg;
+        let x = case
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(r, &t)| random_tokens(cfg, t, case.seed * 100 + r as u64))
+            .collect();
+        let routing = case
+            .tokens
+            .iter()
+            .map(|&t| {
+                (cfg.router == Router::Given)
+                    .then(|| random_routing(&mut rng, t, cfg.experts, cfg.top_k))
+            })
+            .collect();
+        Inputs {
+            tokens: case.tokens.clone(),
+            x,
+            routing,
+        }
+    }
+
+    fn rank_inputs(&self) -> Vec<RankInput<'_>> {
+        self.x
+            .iter()
+            .zip(&self.routing)
+            .zip(&self.tokens)
+            .map(|((x, r), &tokens)| RankInput {
+                x,
+                tokens,
+                routing: r.as_ref(),
+            })
+            .collect()
+    }
+}
+
+/// Asserts the executor's output equals the reference's: gates exactly, outputs within
+/// the dtype's tolerance relative to the largest reference value of the rank.
+fn assert_matches(what: &str, dtype: Dtype, got: &LayerOutput, want: &LayerOutput) {
+    assert_eq!(got.gates, want.gates, "{what}: gate decisions differ");
+    assert_eq!(got.dropped, want.dropped, "{what}: dropped");
+    assert_eq!(
+        got.expert_counts, want.expert_counts,
+        "{what}: expert counts"
+    );
+    assert_eq!(got.out.len(), want.out.len(), "{what}: ranks");
+    for (r, (g, w)) in got.out.iter().zip(&want.out).enumerate() {
+        let err = reference::normalised_error(g, w);
+        assert!(
+            err <= reference::tolerance(dtype),
+            "{what}: rank {r}: normalised error {err:e} (lengths {} / {})",
+            g.len(),
+            w.len()
+        );
+    }
+}
+
+/// Runs one case through the reference and the executor; returns the executor's output.
+fn check(case: &Case) -> LayerOutput {
+    let cfg = &case.cfg;
+    let plan = LayerPlan::with_staging(cfg, case.staging).expect("valid case");
+    let w = Arc::new(LayerWeights::random(cfg, case.seed));
+    let inputs = Inputs::random(case);
+    let ri = inputs.rank_inputs();
+    let want = reference::forward(&plan, &w, &ri, &case.ov).expect("reference");
+    let mut ex = CpuExecutor::new(plan, w).expect("executor");
+    let got = ex.forward(&ri, &case.ov).expect("executor forward");
+    assert_matches(&format!("{case:?}"), cfg.dtype, &got, &want);
+    got
+}
+
+fn base(world: usize, experts: usize, top_k: usize) -> MoeConfig {
+    let mut c = MoeConfig::new(24, 64, 64, experts, top_k);
+    c.world = world;
+    c.dtype = Dtype::F32;
+    c
+}
+
+/// A random valid config: world 1..=8, uneven maps (sometimes a rank with no experts),
+/// every router, MLP kind and dtype, shared experts, capacity factors and dropless.
+fn random_case(rng: &mut StdRng, seed: u64) -> Case {
+    let world = rng.random_range(1..=8usize);
+    let experts = rng.random_range(world.max(2)..=16usize);
+    let top_k = rng.random_range(1..=experts.min(8));
+    let tokens = if rng.random_bool(0.2) {
+        rng.random_range(65..=100)
+    } else {
+        rng.random_range(1..=40)
+    };
+    let mut c = MoeConfig::new(
+        tokens,
+        [64, 128][rng.random_range(0..2)],
+        [64, 128][rng.random_range(0..2)],
+        experts,
+        top_k,
+    );
+    c.world = world;
+    c.router = ROUTERS[rng.random_range(0..ROUTERS.len())];
+    c.mlp = MLPS[rng.random_range(0..MLPS.len())];
+    c.dtype = [Dtype::F32, Dtype::Bf16, Dtype::F16][rng.random_range(0..3)];
+    c.capacity = if rng.random_bool(0.3) {
+        Capacity::Dropless
+    } else {
+        Capacity::Factor(rng.random_range(0.1..2.0))
+    };
+    c.routed_scale = if rng.random_bool(0.5) { 1.0 } else { 2.5 };
+    c.shared = match rng.random_range(0..3) {
+        0 => None,
+        n => Some(SharedExperts {
+            count: rng.random_range(1..=2),
+            intermediate: 64,
+            gated: n == 2,
+        }),
+    };
+    if rng.random_bool(0.6) {
+        // Leave the last rank without experts half of the time (when possible).
+        let ranks = if world > 1 && rng.random_bool(0.5) {
+            world - 1
+        } else {
+            world
+        };
+        c.placement = Placement::Map(
+            (0..experts)
+                .map(|_| rng.random_range(0..ranks) as u32)
+                .collect(),
+        );
+    }
+    let tokens = (0..world)
+        .map(|_| match rng.random_range(0..5) {
+            0 => 0,
+            1 => c.tokens,
+            _ => rng.random_range(0..=c.tokens),
+        })
+        .collect();
+    let mut ov = RouteOverrides::default();
+    if rng.random_bool(0.2) {
+        ov.top_k = Some(rng.random_range(1..=top_k));
+    }
+    if c.router != Router::Given && rng.random_bool(0.2) {
+        ov.logit_bias = Some((0..experts).map(|_| rng.random_range(-1.0..1.0)).collect());
+    }
+    Case {
+        cfg: c,
+        staging: rng.random_bool(0.5),
+        tokens,
+        ov,
+        seed,
+    }
+}
+
+#[test]
+fn randomized_matrix_matches_the_reference() {
+    let mut rng = StdRng::seed_from_u64(2026);
+    let (mut dropped_cases, mut empty_rank_cases) = (0, 0);
+    for seed in 0..300 {
+        let case = random_case(&mut rng, seed);
+        let out = check(&case);
+        dropped_cases += usize::from(out.dropped > 0);
+        empty_rank_cases += usize::from(case.tokens.contains(&0));
+    }
+    // The matrix must actually reach the edge cases it claims to cover.
+    assert!(dropped_cases > 0, "no case dropped anything");
+    assert!(empty_rank_cases > 0, "no case had a rank with 0 tokens");
+}
+
+#[test]
+fn every_router_and_mlp_kind() {
+    for (i, &router) in ROUTERS.iter().enumerate() {
+        for (j, &mlp) in MLPS.iter().enumerate() {
+            let mut c = base(3, 7, 2);
+            c.router = router;
+            c.mlp = mlp;
+            c.hidden = 128;
+            let mut case = Case::new(c);
+            case.seed = (10 * i + j) as u64;
+            check(&case);
+        }
+    }
+}
+
+#[test]
+fn bf16_and_f16_within_tolerance() {
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        let mut c = base(4, 8, 2);
+        c.dtype = dtype;
+        c.hidden = 128;
+        c.intermediate = 128;
+        c.shared = Some(SharedExperts {
+            count: 1,
+            intermediate: 64,
+            gated: true,
+        });
+        check(&Case::new(c));
+    }
+}
+
+#[test]
+fn uneven_placement_with_a_rank_that_owns_nothing() {
+    let mut c = base(4, 6, 3);
+    c.placement = Placement::Map(vec![0, 0, 0, 2, 2, 3]);
+    let plan = LayerPlan::new(&c).expect("plan");
+    assert!(plan.local_experts[1].is_empty());
+    let mut case = Case::new(c);
+    case.tokens = vec![5, 24, 0, 17];
+    check(&case);
+}
+
+#[test]
+fn blocked_placement_with_uneven_split_and_staging() {
+    let mut c = base(3, 8, 2);
+    c.tokens = 40;
+    let mut case = Case::new(c);
+    case.staging = true;
+    case.tokens = vec![40, 1, 13];
+    check(&case);
+}
+
+#[test]
+fn zero_tokens_everywhere() {
+    let mut case = Case::new(base(3, 4, 2));
+    case.tokens = vec![0, 0, 0];
+    let out = check(&case);
+    assert!(out.out.iter().all(Vec::is_empty));
+    assert_eq!(out.expert_counts, vec![0; 4]);
+}
+
+/// Every token of every rank on expert `e` (and the next ids for the other choices).
+fn all_on_one_expert(c: &MoeConfig, tokens: &[usize], e: u32) -> Vec<GivenRouting> {
+    tokens
+        .iter()
+        .map(|&t| GivenRouting {
+            ids: (0..t)
+                .flat_map(|_| (0..c.top_k as u32).map(move |j| (e + j) % c.experts as u32))
+                .collect(),
+            weights: vec![0.5; t * c.top_k],
+        })
+        .collect()
+}
+
+fn run_given(
+    c: &MoeConfig,
+    tokens: &[usize],
+    routing: &[GivenRouting],
+) -> (LayerOutput, LayerOutput) {
+    let plan = LayerPlan::new(c).expect("plan");
+    let w = Arc::new(LayerWeights::random(c, 3));
+    let x: Vec<Vec<f32>> = tokens
+        .iter()
+        .enumerate()
+        .map(|(r, &t)| random_tokens(c, t, r as u64))
+        .collect();
+    let ri: Vec<RankInput> = x
+        .iter()
+        .zip(routing)
+        .zip(tokens)
+        .map(|((x, r), &tokens)| RankInput {
+            x,
+            tokens,
+            routing: Some(r),
+        })
+        .collect();
+    let ov = RouteOverrides::default();
+    let want = reference::forward(&plan, &w, &ri, &ov).expect("reference");
+    let got = CpuExecutor::new(plan, w)
+        .expect("executor")
+        .forward(&ri, &ov)
+        .expect("forward");
+    assert_matches("given routing", c.dtype, &got, &want);
+    (got, want)
+}
+
+#[test]
+fn every_token_on_one_expert_overflows_capacity() {
+    let mut c = base(2, 4, 1);
+    c.router = Router::Given;
+    c.tokens = 100;
+    c.capacity = Capacity::Factor(1.0); // ceil(100 / 4) = 25 -> one tile of 64 rows
+    let tokens = [100, 70];
+    let (got, _) = run_given(&c, &tokens, &all_on_one_expert(&c, &tokens, 2));
+    // Each source rank keeps 64 rows of expert 2 and drops the rest.
+    assert_eq!(got.dropped, (100 - 64) + (70 - 64));
+    assert_eq!(got.expert_counts, vec![0, 0, 170, 0]);
+    assert_eq!(got.gates[0].dropped, 36);
+    assert_eq!(got.gates[1].dropped, 6);
+}
+
+#[test]
+fn dropless_keeps_every_pair() {
+    let mut c = base(3, 4, 2);
+    c.router = Router::Given;
+    c.tokens = 130;
+    c.capacity = Capacity::Dropless;
+    let tokens = [130, 0, 129];
+    let (got, _) = run_given(&c, &tokens, &all_on_one_expert(&c, &tokens, 1));
+    assert_eq!(got.dropped, 0);
+    assert_eq!(got.expert_counts, vec![0, 259, 259, 0]);
+}
+
+#[test]
+fn top_k_from_1_to_8() {
+    for k in 1..=8 {
+        let mut c = base(2, 10, k);
+        c.router = if k % 2 == 0 {
+            Router::Softmax { renormalize: true }
+        } else {
+            Router::SigmoidBias { renormalize: true }
+        };
+        let mut case = Case::new(c);
+        case.seed = k as u64;
+        let out = check(&case);
+        assert_eq!(out.gates[0].ids.len(), 24 * k);
+    }
+}
+
+#[test]
+fn shared_experts_gated_and_ungated() {
+    for gated in [false, true] {
+        for count in [1, 3] {
+            let mut c = base(2, 4, 2);
+            c.shared = Some(SharedExperts {
+                count,
+                intermediate: 64,
+                gated,
+            });
+            c.routed_scale = 2.5;
+            let mut case = Case::new(c);
+            case.tokens = vec![24, 3];
+            check(&case);
+        }
+    }
+}
+
+#[test]
+fn back_to_back_forwards_advance_epochs_and_repeat_results() {
+    let mut c = base(4, 8, 2);
+    c.placement = Placement::Map(vec![0, 1, 1, 1, 3, 3, 0, 1]);
+    c.dtype = Dtype::Bf16;
+    let plan = LayerPlan::new(&c).expect("plan");
+    let w = Arc::new(LayerWeights::random(&c, 5));
+    let mut ex = CpuExecutor::new(plan.clone(), w.clone()).expect("executor");
+    let ov = RouteOverrides::default();
+    let xs: Vec<Vec<f32>> = (0..4).map(|r| random_tokens(&c, 24, r)).collect();
+    let ri: Vec<RankInput> = xs
+        .iter()
+        .map(|x| RankInput {
+            x,
+            tokens: 24,
+            routing: None,
+        })
+        .collect();
+    let first = ex.forward(&ri, &ov).expect("first");
+    assert_eq!(ex.epoch(), 1);
+    let second = ex.forward(&ri, &ov).expect("second");
+    assert_eq!(ex.epoch(), 2);
+    assert_eq!(
+        first, second,
+        "the same inputs must give bit-identical outputs"
+    );
+    // Fewer tokens next: stale rows and signals of the last epoch must not leak in.
+    let ri2: Vec<RankInput> = xs
+        .iter()
+        .enumerate()
+        .map(|(r, x)| RankInput {
+            x: &x[..r * 5 * c.hidden],
+            tokens: r * 5,
+            routing: None,
+        })
+        .collect();
+    let third = ex.forward(&ri2, &ov).expect("third");
+    let want = reference::forward(&plan, &w, &ri2, &ov).expect("reference");
+    assert_matches("third forward", c.dtype, &third, &want);
+}
+
+#[test]
+fn a_silent_rank_ends_in_a_typed_timeout_and_the_executor_recovers() {
+    let c = base(3, 6, 2);
+    let plan = LayerPlan::new(&c).expect("plan");
+    let w = Arc::new(LayerWeights::random(&c, 8));
+    let mut ex = CpuExecutor::new(plan.clone(), w.clone()).expect("executor");
+    ex.set_timeout(Duration::from_millis(200));
+    ex.set_silent_rank(Some(1));
+    let xs: Vec<Vec<f32>> = (0..3).map(|r| random_tokens(&c, 24, r)).collect();
+    let ri: Vec<RankInput> = xs
+        .iter()
+        .map(|x| RankInput {
+            x,
+            tokens: 24,
+            routing: None,
+        })
+        .collect();
+    let ov = RouteOverrides::default();
+    let started = std::time::Instant::now();
+    match ex.forward(&ri, &ov) {
+        Err(Error::Timeout {
+            stage,
+            awaited,
+            expected,
+            observed,
+            waited_ms,
+            ..
+        }) => {
+            assert!(stage == "dispatch" || stage == "combine", "{stage}");
+            assert!(awaited.contains("rank 1"), "{awaited}");
+            assert_eq!(expected, 1);
+            assert_eq!(observed, 0);
+            assert!(waited_ms >= 200);
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the other ranks must give up"
+    );
+    ex.set_silent_rank(None);
+    let got = ex.forward(&ri, &ov).expect("recovered");
+    assert_eq!(ex.epoch(), 2);
+    let want = reference::forward(&plan, &w, &ri, &ov).expect("reference");
+    assert_matches("after timeout", c.dtype, &got, &want);
+}
+
+#[test]
+fn invalid_inputs_are_refused_before_any_thread_starts() {
+    let c = base(2, 4, 2);
+    let plan = LayerPlan::new(&c).expect("plan");
+    let w = Arc::new(LayerWeights::random(&c, 1));
+    let mut ex = CpuExecutor::new(plan, w).expect("executor");
+    let x = random_tokens(&c, 2, 0);
+    let one = [RankInput {
+        x: &x,
+        tokens: 2,
+        routing: None,
+    }];
+    let field = |r: flashmoe::Result<LayerOutput>| match r {
+        Err(Error::InvalidInput { field, .. }) => field,
+        other => panic!("expected InvalidInput, got {other:?}"),
+    };
+    assert_eq!(
+        field(ex.forward(&one, &RouteOverrides::default())),
+        "inputs"
+    );
+    let two = [one[0], one[0]];
+    let ov = RouteOverrides {
+        top_k: Some(3),
+        logit_bias: None,
+    };
+    assert_eq!(field(ex.forward(&two, &ov)), "overrides.top_k");
+    let bad = [
+        one[0],
+        RankInput {
+            x: &x[1..],
+            tokens: 2,
+            routing: None,
+        },
+    ];
+    assert_eq!(field(ex.forward(&bad, &RouteOverrides::default())), "x");
+    assert_eq!(ex.epoch(), 0, "refused calls do not start an epoch");
+    let mut wrong = LayerWeights::random(&c, 1);
+    wrong.experts.pop();
+    assert!(matches!(
+        CpuExecutor::new(LayerPlan::new(&c).expect("plan"), Arc::new(wrong)),
+        Err(Error::InvalidInput {
+            field: "weights.experts",
+            ..
+        })
+    ));
+}
+
+/// Token rows that say where they come from, exact in bf16: element 0 is the rank,
+/// element 1 the token, the rest small integers mixing both.
+fn provenance_row(rank: usize, token: usize, hidden: usize) -> Vec<f32> {
+    (0..hidden)
+        .map(|j| match j {
+            0 => rank as f32,
+            1 => token as f32,
+            _ => ((rank * 31 + token * 17 + j) % 64) as f32 / 8.0 - 4.0,
+        })
+        .collect()
+}
+
+#[test]
+fn provenance_every_row_and_signal_lands_where_the_plan_says() {
+    for staging in [false, true] {
+        let mut c = base(4, 7, 3);
+        c.dtype = Dtype::Bf16;
+        c.router = Router::Given;
+        c.tokens = 90;
+        c.capacity = Capacity::Factor(1.0);
+        c.placement = Placement::Map(vec![3, 0, 0, 3, 2, 0, 3]);
+        let plan = LayerPlan::with_staging(&c, staging).expect("plan");
+        let h = c.hidden;
+        let tokens = [90, 0, 33, 64];
+        let mut rng = StdRng::seed_from_u64(77);
+        let xs: Vec<Vec<f32>> = tokens
+            .iter()
+            .enumerate()
+            .map(|(r, &t)| (0..t).flat_map(|i| provenance_row(r, i, h)).collect())
+            .collect();
+        for x in &xs {
+            assert!(
+                x.iter().all(|&v| Dtype::Bf16.round(v) == v),
+                "rows must be bf16-exact"
+            );
+        }
+        let routing: Vec<GivenRouting> = tokens
+            .iter()
+            .map(|&t| {
+                let mut r = random_routing(&mut rng, t, 7, 3);
+                // Skew towards expert 1 so some pairs overflow the capacity of 64.
+                for tok in 0..t {
+                    if !r.ids[tok * 3..tok * 3 + 3].contains(&1) {
+                        r.ids[tok * 3] = 1;
+                    }
+                }
+                r
+            })
+            .collect();
+        let ri: Vec<RankInput> = xs
+            .iter()
+            .zip(&routing)
+            .zip(&tokens)
+            .map(|((x, r), &tokens)| RankInput {
+                x,
+                tokens,
+                routing: Some(r),
+            })
+            .collect();
+        let w = Arc::new(LayerWeights::random(&c, 4));
+        let mut ex = CpuExecutor::new(plan.clone(), w.clone()).expect("executor");
+        let ov = RouteOverrides::default();
+        let got = ex.forward(&ri, &ov).expect("forward");
+        let want = reference::forward(&plan, &w, &ri, &ov).expect("reference");
+        assert_matches("provenance", c.dtype, &got, &want);
+        assert!(got.dropped > 0, "the case must overflow");
+        let epoch = ex.epoch();
+        let hl = &plan.heap;
+        for (s, g) in got.gates.iter().enumerate() {
+            let mut kept = vec![0usize; c.experts];
+            for (i, (&e, &slot)) in g.ids.iter().zip(&g.slots).enumerate() {
+                let t = i / 3;
+                let o = plan.owners[e as usize];
+                let (owner, local) = (o.rank as usize, o.local as usize);
+                if slot < 0 {
+                    continue;
+                }
+                kept[e as usize] += 1;
+                let slot = slot as usize;
+                let owner_heap = ex.heap(owner).expect("heap");
+                let row = owner_heap
+                    .values(hl.row(s, STAGE_DISPATCH, CELL_RECV, local, slot), h)
+                    .expect("row");
+                assert_eq!(
+                    row,
+                    provenance_row(s, t, h),
+                    "rank {s} token {t} -> expert {e}"
+                );
+                if staging && owner != s {
+                    let staged = ex
+                        .heap(s)
+                        .expect("heap")
+                        .values(hl.row(owner, STAGE_DISPATCH, CELL_SEND, local, slot), h)
+                        .expect("row");
+                    assert_eq!(staged, row, "staged copy of rank {s} token {t}");
+                }
+                // The result row sits in the source's combine cell, in the source's slot.
+                let y = ex
+                    .heap(s)
+                    .expect("heap")
+                    .values(hl.row(owner, STAGE_COMBINE, CELL_RECV, local, slot), h)
+                    .expect("row");
+                let y_ref = reference::expert_mlp(&c, &w.experts[e as usize], c.intermediate, &row);
+                let scale = y_ref.iter().fold(0f64, |m, v| m.max(v.abs()));
+                for (a, b) in y.iter().zip(&y_ref) {
+                    assert!(
+                        (f64::from(*a) - b).abs() <= 2e-2 * scale,
+                        "result of rank {s} token {t}"
+                    );
+                }
+            }
+            for (e, o) in plan.owners.iter().enumerate() {
+                let (owner, local) = (o.rank as usize, o.local as usize);
+                let dsig = ex
+                    .heap(owner)
+                    .expect("heap")
+                    .load_signal(hl.dispatch_signal(s, local, plan.max_local))
+                    .expect("signal");
+                assert_eq!(
+                    dsig,
+                    signal_word(epoch, kept[e]),
+                    "dispatch signal {s} -> expert {e}"
+                );
+                let csig = ex
+                    .heap(s)
+                    .expect("heap")
+                    .load_signal(hl.combine_signal(owner, local, plan.max_local))
+                    .expect("signal");
+                assert_eq!(
+                    csig,
+                    signal_word(epoch, kept[e]),
+                    "combine signal expert {e} -> {s}"
+                );
+                assert_eq!(
+                    kept[e] as u32,
+                    g.expert_counts[e].min(plan.capacity as u32),
+                    "kept rows of expert {e} from rank {s}"
+                );
+            }
+        }
+    }
+}
