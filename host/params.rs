@@ -23,8 +23,23 @@ pub const SMEM_BYTES_F16: u32 = 55552;
 pub const SMEM_BYTES_F32: u32 = 52480;
 /// `FM_GATE_CHUNK`: tokens per gate chunk (== [`crate::plan::GATE_CHUNK`]).
 pub const GATE_CHUNK: u32 = 64;
-/// Index of the rank-local abort flag among the status words (`FM_STATUS_ABORT`).
-pub const STATUS_ABORT: usize = 6;
+/// Indices of the status words (`ws_status`, u64[8]; `FM_STATUS_CODE` ... in params.h).
+pub mod status_word {
+    /// `FM_STATUS_*` code of the first error of the rank (0: none).
+    pub const CODE: usize = 0;
+    /// `FM_STAGE_*` of that error.
+    pub const STAGE: usize = 1;
+    /// Where it happened (meaning by stage and code: kernel/README.md).
+    pub const WHERE: usize = 2;
+    /// The value expected.
+    pub const EXPECTED: usize = 3;
+    /// The value observed.
+    pub const OBSERVED: usize = 4;
+    /// Nanoseconds waited (timeouts).
+    pub const WAITED: usize = 5;
+    /// Rank-local abort flag: non-zero once any block of the rank hit an error.
+    pub const ABORT: usize = 6;
+}
 
 /// Dynamic shared memory bytes of the entry point for `dtype`.
 pub fn smem_bytes(dtype: Dtype) -> u32 {

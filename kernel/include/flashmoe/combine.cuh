@@ -14,7 +14,7 @@ namespace fm {
 // pair, also with 0 rows) and for this rank's shared-expert tiles. The waits depend only on
 // other ranks' expert tasks and this rank's own tasks, which never wait on combine.
 // Returns false on error (block-uniform).
-__device__ __noinline__ bool combine_wait(const Ctx& c) {
+__device__ FM_PHASE bool combine_wait(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     const uint32_t* owners = c.owners();
     const uint32_t* counts = c.expert_counts();
@@ -54,7 +54,7 @@ __device__ __noinline__ bool combine_wait(const Ctx& c) {
 
 // One warp per token over the group's blocks.
 template <class D>
-__device__ __noinline__ void combine_tokens(const Ctx& c) {
+__device__ FM_PHASE void combine_tokens(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     const FmRankParams& R = *c.R;
     constexpr int V = kVec<D>;

@@ -8,6 +8,17 @@
 
 #include "flashmoe/params.h"
 
+// Phases of the kernel (gate chunk, scan, dispatch, scheduler, task loop, GEMM tile, combine)
+// are separate functions in the whole-program P2P build: ptxas then allocates registers per
+// phase (no phase's pressure spills into another's) and reports each one. The NVSHMEM build
+// is compiled with -rdc, where a non-inlined call uses the ABI and its callee-saved
+// registers show up as spills: there every phase is inlined into the entry point.
+#ifdef FM_NVSHMEM
+#define FM_PHASE __forceinline__
+#else
+#define FM_PHASE __noinline__
+#endif
+
 namespace fm {
 
 // ---- tunables -------------------------------------------------------------------------

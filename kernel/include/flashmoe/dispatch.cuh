@@ -17,7 +17,7 @@ namespace fm {
 // copies kept rows with 16-byte vectors into row(my rank, DISPATCH, RECV, local, slot) of
 // the owner's heap. Nothing is signalled here: the caller fences and barriers first.
 template <class D>
-__device__ __noinline__ void dispatch_chunk(const Ctx& c, uint32_t chunk) {
+__device__ FM_PHASE void dispatch_chunk(const Ctx& c, uint32_t chunk) {
     const FmLayerParams& L = *c.L;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t E = L.experts, k = c.k, cap = L.capacity;
@@ -57,8 +57,7 @@ __device__ __noinline__ void dispatch_chunk(const Ctx& c, uint32_t chunk) {
         const int32_t slot = slots_s[p];
         if (slot < 0) continue;
         const uint32_t o = __ldg(owners + ids_s[p]);
-        char* dst = peer_heap(c, o >> 16) +
-                    heap_row(L, c.me, kStageDispatch, kCellRecv, o & 0xFFFFu, uint32_t(slot));
+        char* dst = row_target(c, o >> 16, kStageDispatch, o & 0xFFFFu, uint32_t(slot));
         warp_copy(dst, x + uint64_t(t0 + p / k) * row_bytes, row_bytes, lane);
     }
     __syncthreads();
@@ -66,7 +65,7 @@ __device__ __noinline__ void dispatch_chunk(const Ctx& c, uint32_t chunk) {
 
 // Block 0 of the group, after the barrier that follows every copy: one release signal per
 // expert with the rows kept for it (also 0), and the dropped count of this launch.
-__device__ __noinline__ void send_dispatch_signals(const Ctx& c) {
+__device__ FM_PHASE void send_dispatch_signals(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     if (threadIdx.x == 0) c.misc->sum = 0;
     __syncthreads();
@@ -79,7 +78,8 @@ __device__ __noinline__ void send_dispatch_signals(const Ctx& c) {
         dropped += cnt - rows;
         if (!c.silent()) {
             const uint32_t o = __ldg(owners + e);
-            send_signal(dispatch_signal(L, peer_heap(c, o >> 16), c.me, o & 0xFFFFu), c.n, rows);
+            const uint32_t q = o >> 16, l = o & 0xFFFFu;
+            deliver(c, q, kStageDispatch, l, rows, dispatch_signal_off(L, c.me, l));
         }
     }
     atomicAdd(&c.misc->sum, dropped);

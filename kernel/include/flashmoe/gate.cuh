@@ -131,7 +131,7 @@ __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_
 // Routes the tokens of one chunk: route_ids / route_weights and the chunk's row of
 // gate_hist. Returns false if the caller's routing is invalid (status already written).
 template <class D>
-__device__ __noinline__ bool gate_chunk(const Ctx& c, uint32_t chunk) {
+__device__ FM_PHASE bool gate_chunk(const Ctx& c, uint32_t chunk) {
     const FmLayerParams& L = *c.L;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t E = L.experts, k = c.k;
@@ -205,7 +205,7 @@ __device__ __noinline__ bool gate_chunk(const Ctx& c, uint32_t chunk) {
 
 // Exclusive prefix over chunks of every expert's histogram (in place), and the per-expert
 // totals into expert_counts. One warp per expert across the rank's blocks.
-__device__ __noinline__ void gate_scan(const Ctx& c) {
+__device__ FM_PHASE void gate_scan(const Ctx& c) {
     const uint32_t E = c.L->experts, chunks = c.gate_chunks();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     uint32_t* hist = c.gate_hist();

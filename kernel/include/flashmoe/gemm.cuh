@@ -259,7 +259,7 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
 // ---- the tile ----------------------------------------------------------------------------------
 // Computes one output tile into t.out. Block-wide; starts and ends with the arena free.
 template <class D, int kEpi>
-__device__ __noinline__ void run_tile(const TileArgs& t, char* arena, uint32_t mlp) {
+__device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp) {
     constexpr bool kGated = kEpi == kEpiActGated;
     float acc[2][4][4];
 #pragma unroll

@@ -58,7 +58,7 @@ __device__ __forceinline__ uint32_t dispatch_rows(const Ctx& c, uint32_t s, uint
 // then polls this rank's (source, local expert) dispatch signals and pushes each arrived
 // pair's GEMM0 tasks (0 rows: the combine signal is answered at once), then publishes the
 // total. Returns false on error (block-uniform).
-__device__ __noinline__ bool schedule(const Ctx& c) {
+__device__ FM_PHASE bool schedule(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     const uint32_t local = c.R->local_experts;
     const uint32_t pairs = L.world * local;
@@ -102,7 +102,7 @@ __device__ __noinline__ bool schedule(const Ctx& c) {
             }
             const uint32_t nrb = (rows + kTileM - 1) / kTileM;
             if (nrb == 0) {
-                if (!c.silent()) send_signal(combine_signal(L, peer_heap(c, s), c.me, l), c.n, 0);
+                if (!c.silent()) deliver(c, s, kStageCombine, l, 0, combine_signal_off(L, c.me, l));
             } else {
                 const uint32_t unit0 = (s * L.max_local + l) * rbs;
                 failed |= !push_tasks(c, kTaskG0, unit0 * g0, nrb * g0);
@@ -186,8 +186,7 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
             t.b_stride = I * es;
             t.k = I;
             // Straight into the source's combine receive cell, in the source's slot order.
-            t.out = peer_heap(c, s) + heap_row(L, c.me, kStageCombine, kCellRecv, l, rb * kTileM) +
-                    uint64_t(nt) * kTileN * es;
+            t.out = row_target(c, s, kStageCombine, l, rb * kTileM) + uint64_t(nt) * kTileN * es;
             t.out_stride = L.heap_stride_row;
             t.out_rows = valid;
             run_tile<D, kEpiStore>(t, c.smem, L.mlp);
@@ -197,7 +196,7 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
                                  (s * L.max_local + l);
                 const uint32_t nrb = (rows + kTileM - 1) / kTileM;
                 if (atom_add_acq_rel(done, 1) + 1 == nrb * g1 && !c.silent()) {
-                    send_signal(combine_signal(L, peer_heap(c, s), c.me, l), c.n, rows);
+                    deliver(c, s, kStageCombine, l, rows, combine_signal_off(L, c.me, l));
                 }
             }
         }
@@ -255,7 +254,7 @@ enum TakeState : uint32_t { kTakeTask = 1, kTakeDone = 2, kTakeStop = 3 };
 
 // Thread 0 takes the next ticket and waits for its entry or for the end of the queue;
 // the outcome goes to Misc (task, state).
-__device__ __noinline__ void take_task(const Ctx& c) {
+__device__ FM_PHASE void take_task(const Ctx& c) {
     const uint64_t cap = c.L->ws_queue_capacity;
     const uint32_t ticket = atomicAdd(c.queue_ctl() + 1, 1u);
     uint32_t task = 0, state = 0;
@@ -285,7 +284,7 @@ __device__ __noinline__ void take_task(const Ctx& c) {
 // Takes tickets and runs tasks until the published total says the queue is exhausted.
 // Returns false on error (block-uniform).
 template <class D>
-__device__ __noinline__ bool process_tasks(const Ctx& c) {
+__device__ FM_PHASE bool process_tasks(const Ctx& c) {
     while (true) {
         if (threadIdx.x == 0) take_task(c);
         __syncthreads();

@@ -2,12 +2,23 @@
 //
 // Every peer heap is reached through the rank's peers table (u64 [world]). In the Single and
 // Emulated worlds every entry is a heap on this GPU; with NVSHMEM P2P it is nvshmem_ptr().
-// The plain kernel requires every entry to be non-zero (checked at setup).
+// The plain kernel (flashmoe.cu) requires every entry to be non-zero (checked at setup).
+//
+// The NVSHMEM build (flashmoe_nvshmem.cu defines FM_NVSHMEM) also accepts 0 entries (peers
+// only reachable by RDMA): rows for such a peer are written into this rank's SEND cell at the
+// same (peer, stage, local, slot) position, and deliver() ships the contiguous rows with one
+// nvshmem_putmem_signal_nbi whose signal is the same epoch-tagged word. All heap offsets are
+// identical on every rank (symmetric heap), so an offset names the same place everywhere.
 #ifndef FLASHMOE_TRANSPORT_CUH
 #define FLASHMOE_TRANSPORT_CUH
 
 #include "flashmoe/common.cuh"
 #include "flashmoe/sync.cuh"
+
+#ifdef FM_NVSHMEM
+#include <nvshmem.h>
+#include <nvshmemx.h>
+#endif
 
 namespace fm {
 
@@ -55,6 +66,67 @@ __device__ __forceinline__ bool signal_is(uint64_t word, uint64_t epoch) {
 __device__ __forceinline__ void send_signal(uint64_t* word, uint64_t epoch, uint32_t rows) {
     __threadfence_system();
     st_release_sys(word, signal_word(epoch, rows));
+}
+
+// Offset of the dispatch signal from `source` for local expert `local` (on the owner's heap).
+__device__ __forceinline__ uint64_t dispatch_signal_off(const FmLayerParams& L, uint32_t source,
+                                                       uint32_t local) {
+    return L.heap_dispatch_signals + 8ull * (uint64_t(source) * L.max_local + local);
+}
+
+// Offset of the combine signal from `owner` for its local expert `local` (on the source's heap).
+__device__ __forceinline__ uint64_t combine_signal_off(const FmLayerParams& L, uint32_t owner,
+                                                      uint32_t local) {
+    return L.heap_combine_signals + 8ull * (uint64_t(owner) * L.max_local + local);
+}
+
+// Where rows bound for row(me, stage, RECV, local, slot) on peer q are written: straight into
+// q's heap, or (RDMA peer, NVSHMEM build only) into row(q, stage, SEND, local, slot) here.
+__device__ __forceinline__ char* row_target(const Ctx& c, uint32_t q, uint32_t stage,
+                                            uint32_t local, uint32_t slot) {
+    char* p = peer_heap(c, q);
+#ifdef FM_NVSHMEM
+    if (p == nullptr) return c.heap + heap_row(*c.L, q, stage, kCellSend, local, slot);
+#endif
+    return p + heap_row(*c.L, c.me, stage, kCellRecv, local, slot);
+}
+
+// Publishes the `rows` first rows of (me -> q, stage, local) and the signal at `sig_off` on
+// q's heap: `(epoch << 32) | rows`. Direct peers already hold the rows (row_target): only
+// the release signal is stored. RDMA peers get one put-with-signal of the staged rows (or a
+// bare signal for 0 rows). The caller guarantees every row write happened before (block
+// barrier plus fences or an acquire chain).
+__device__ __forceinline__ void deliver(const Ctx& c, uint32_t q, uint32_t stage, uint32_t local,
+                                        uint32_t rows, uint64_t sig_off) {
+    char* p = peer_heap(c, q);
+#ifdef FM_NVSHMEM
+    if (p == nullptr) {
+        const FmLayerParams& L = *c.L;
+        uint64_t* sig = reinterpret_cast<uint64_t*>(c.heap + sig_off);
+        const uint64_t value = signal_word(c.n, rows);
+        __threadfence_system();  // staged rows visible to the copy engine / NIC
+        if (rows != 0) {
+            nvshmem_putmem_signal_nbi(c.heap + heap_row(L, c.me, stage, kCellRecv, local, 0),
+                                      c.heap + heap_row(L, q, stage, kCellSend, local, 0),
+                                      uint64_t(rows) * L.heap_stride_row, sig, value,
+                                      NVSHMEM_SIGNAL_SET, int(q));
+        } else {
+            nvshmemx_signal_op(sig, value, NVSHMEM_SIGNAL_SET, int(q));
+        }
+        return;
+    }
+#endif
+    (void)stage;
+    (void)local;
+    send_signal(reinterpret_cast<uint64_t*>(p + sig_off), c.n, rows);
+}
+
+// Completes this thread's outstanding puts (NVSHMEM build) before the launch ends: the send
+// cells are rewritten by the next launch.
+__device__ __forceinline__ void transport_quiet() {
+#ifdef FM_NVSHMEM
+    nvshmem_quiet();
+#endif
 }
 
 // One warp copies `bytes` (a multiple of 16) from src to dst with 16-byte vectors.
