@@ -290,5 +290,12 @@ pub fn check_against_reference(
         "{label}: relative error {err:e} > tolerance {tol:e} (plain {} error {plain_err:e})",
         cfg.dtype.name()
     );
+    // And the comparison every executor of the project passes (max-abs normalised).
+    let shared = reference::normalised_error(&flat(&got.out), &flat(&oracle.out));
+    assert!(
+        shared <= reference::tolerance(cfg.dtype),
+        "{label}: normalised error {shared:e} > {:e}",
+        reference::tolerance(cfg.dtype)
+    );
     (err, tol, flipped)
 }
