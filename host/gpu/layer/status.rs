@@ -5,7 +5,7 @@
 //! `[4]` observed, `[5]` nanoseconds waited (CONTRACT.md "Kernel ABI").
 
 use crate::error::{Error, Result};
-use crate::params::{stage, status};
+use crate::params::{stage, status, status_word as sw};
 
 /// Number of u64 status words per rank.
 pub const STATUS_WORDS: usize = 8;
@@ -121,7 +121,9 @@ pub struct StatusContext {
 
 /// Decodes one rank's status words: `Ok(())` when the code is `FM_STATUS_OK`.
 pub fn decode(rank: usize, words: &[u64; STATUS_WORDS], cx: StatusContext) -> Result<()> {
-    let [code, st, where_, expected, observed, waited_ns, ..] = *words;
+    let (code, st, where_) = (words[sw::CODE], words[sw::STAGE], words[sw::WHERE]);
+    let (expected, observed) = (words[sw::EXPECTED], words[sw::OBSERVED]);
+    let waited_ns = words[sw::WAITED];
     let stage_name = stage::name(st);
     let device = |what: String| Error::Device {
         rank,
@@ -173,16 +175,16 @@ pub fn decode(rank: usize, words: &[u64; STATUS_WORDS], cx: StatusContext) -> Re
 /// rank that never sent), else on a combine signal, else any other timeout (a task or a
 /// barrier, usually a consequence), each in rank order; `Ok(())` when all are OK.
 pub fn first_error(words: &[[u64; STATUS_WORDS]], cx: StatusContext) -> Result<()> {
-    let priority = |w: &[u64; STATUS_WORDS]| match (w[0], w[1]) {
-        (status::TIMEOUT, stage::DISPATCH) if w[2] & WHERE_BARRIER == 0 => 1,
-        (status::TIMEOUT, stage::COMBINE) if w[2] & WHERE_BARRIER == 0 => 2,
+    let priority = |w: &[u64; STATUS_WORDS]| match (w[sw::CODE], w[sw::STAGE]) {
+        (status::TIMEOUT, stage::DISPATCH) if w[sw::WHERE] & WHERE_BARRIER == 0 => 1,
+        (status::TIMEOUT, stage::COMBINE) if w[sw::WHERE] & WHERE_BARRIER == 0 => 2,
         (status::TIMEOUT, _) => 3,
         _ => 0,
     };
     let best = words
         .iter()
         .enumerate()
-        .filter(|(_, w)| w[0] != status::OK)
+        .filter(|(_, w)| w[sw::CODE] != status::OK)
         .min_by_key(|(rank, w)| (priority(w), *rank));
     match best {
         Some((rank, w)) => decode(rank, w, cx),
