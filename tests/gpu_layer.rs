@@ -921,3 +921,44 @@ fn timed_launches_are_checked_and_sampled_per_launch() {
     }
     assert!(layer.time_launches(&ri, &ov, 0, 0, false).is_err());
 }
+
+/// A three-layer synthetic model with every MoE layer on the GPU (through the model
+/// driver's `LayerBackend` hook) against the same model on the reference backend.
+#[test]
+fn model_runs_its_layers_on_the_gpu() {
+    let Some(stream) = gpu_stream("model_runs_its_layers_on_the_gpu") else {
+        return;
+    };
+    use flashmoe::model::{Backend, LayerBackend, MoeModel};
+    for ranks in [1, 2] {
+        let mut cfg = MoeConfig::new(64, 128, 128, 16, 2);
+        cfg.dtype = Dtype::F32;
+        let spec = flashmoe::model::synthetic::SyntheticSpec::new(cfg, 3)
+            .with_world(ranks, Placement::Blocked);
+        let layers = spec.build().unwrap();
+        let mut reference = MoeModel::new(layers.clone(), Backend::Reference).unwrap();
+        let mut gpu = MoeModel::with_factory(layers, |_, plan, weights| {
+            let layer = MoeLayer::new(
+                stream.clone(),
+                plan,
+                &weights,
+                world(ranks),
+                GpuOptions::default(),
+            )?;
+            Ok(Box::new(layer) as Box<dyn LayerBackend>)
+        })
+        .unwrap();
+        assert_eq!(gpu.backend_names(), vec!["gpu"; 3]);
+        let x: Vec<Vec<f32>> = (0..ranks)
+            .map(|r| random_tokens(&spec.config, spec.config.tokens, 70 + r as u64))
+            .collect();
+        let want = reference.forward(&x).unwrap();
+        let got = gpu.forward(&x).unwrap();
+        let err = reference::normalised_error(
+            &gpu_support::flat(&got.hidden),
+            &gpu_support::flat(&want.hidden),
+        );
+        println!("R{ranks}: 3-layer model, normalised error {err:e}");
+        assert!(err < 1e-4, "R{ranks}: model output error {err:e}");
+    }
+}

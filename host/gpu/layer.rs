@@ -46,6 +46,7 @@
 //! # Ok(()) }
 //! ```
 
+mod backend;
 mod device_buffers;
 mod grid;
 mod host_io;
