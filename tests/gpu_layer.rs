@@ -217,7 +217,7 @@ impl Inputs {
 
 #[test]
 fn matches_reference_across_sampled_configs() {
-    let Some(stream) = gpu_stream("matches_reference_across_sampled_configs") else {
+    let Some((_gpu, stream)) = gpu_stream("matches_reference_across_sampled_configs") else {
         return;
     };
     let cases = sample_cases();
@@ -283,7 +283,7 @@ fn matches_reference_across_sampled_configs() {
 /// found in the dispatch cell and the combine cell the plan names.
 #[test]
 fn provenance_rows_land_where_the_plan_says() {
-    let Some(stream) = gpu_stream("provenance_rows_land_where_the_plan_says") else {
+    let Some((_gpu, stream)) = gpu_stream("provenance_rows_land_where_the_plan_says") else {
         return;
     };
     let h = 64;
@@ -496,7 +496,7 @@ fn engine_config(ranks: usize) -> MoeConfig {
 /// over 8 poisoned output sets) give exactly the first launch's output and counts.
 #[test]
 fn thousand_back_to_back_launches_equal_the_first() {
-    let Some(stream) = gpu_stream("thousand_back_to_back_launches_equal_the_first") else {
+    let Some((_gpu, stream)) = gpu_stream("thousand_back_to_back_launches_equal_the_first") else {
         return;
     };
     for ranks in [1, 4] {
@@ -562,7 +562,7 @@ fn thousand_back_to_back_launches_equal_the_first() {
 /// the last replay writes a freshly poisoned output.
 #[test]
 fn graph_replays_equal_and_need_no_reset() {
-    let Some(stream) = gpu_stream("graph_replays_equal_and_need_no_reset") else {
+    let Some((_gpu, stream)) = gpu_stream("graph_replays_equal_and_need_no_reset") else {
         return;
     };
     for ranks in [1, 2] {
@@ -612,7 +612,8 @@ fn graph_replays_equal_and_need_no_reset() {
 /// rank, the stage and the silent rank it waited for; the layer then recovers.
 #[test]
 fn silent_rank_times_out_naming_the_rank_and_layer_recovers() {
-    let Some(stream) = gpu_stream("silent_rank_times_out_naming_the_rank_and_layer_recovers")
+    let Some((_gpu, stream)) =
+        gpu_stream("silent_rank_times_out_naming_the_rank_and_layer_recovers")
     else {
         return;
     };
@@ -672,7 +673,8 @@ fn silent_rank_times_out_naming_the_rank_and_layer_recovers() {
 
 #[test]
 fn grid_that_cannot_be_co_resident_is_a_typed_error() {
-    let Some(stream) = gpu_stream("grid_that_cannot_be_co_resident_is_a_typed_error") else {
+    let Some((_gpu, stream)) = gpu_stream("grid_that_cannot_be_co_resident_is_a_typed_error")
+    else {
         return;
     };
     let cfg = engine_config(8);
@@ -826,7 +828,8 @@ fn plan_larger_than_the_device_is_refused_before_allocating() {
     cfg.capacity = Capacity::Dropless;
     let plan = LayerPlan::new(&cfg).unwrap();
     assert!(plan.memory(0).total() > 100 << 30);
-    let Some(stream) = gpu_stream("plan_larger_than_the_device_is_refused_before_allocating")
+    let Some((_gpu, stream)) =
+        gpu_stream("plan_larger_than_the_device_is_refused_before_allocating")
     else {
         return;
     };
@@ -851,7 +854,7 @@ fn plan_larger_than_the_device_is_refused_before_allocating() {
 
 #[test]
 fn bad_launch_inputs_are_refused_before_launching() {
-    let Some(stream) = gpu_stream("bad_launch_inputs_are_refused_before_launching") else {
+    let Some((_gpu, stream)) = gpu_stream("bad_launch_inputs_are_refused_before_launching") else {
         return;
     };
     let cfg = engine_config(2);
@@ -900,7 +903,8 @@ fn bad_launch_inputs_are_refused_before_launching() {
 
 #[test]
 fn timed_launches_are_checked_and_sampled_per_launch() {
-    let Some(stream) = gpu_stream("timed_launches_are_checked_and_sampled_per_launch") else {
+    let Some((_gpu, stream)) = gpu_stream("timed_launches_are_checked_and_sampled_per_launch")
+    else {
         return;
     };
     let cfg = engine_config(2);
@@ -926,7 +930,7 @@ fn timed_launches_are_checked_and_sampled_per_launch() {
 /// driver's `LayerBackend` hook) against the same model on the reference backend.
 #[test]
 fn model_runs_its_layers_on_the_gpu() {
-    let Some(stream) = gpu_stream("model_runs_its_layers_on_the_gpu") else {
+    let Some((_gpu, stream)) = gpu_stream("model_runs_its_layers_on_the_gpu") else {
         return;
     };
     use flashmoe::model::{Backend, LayerBackend, MoeModel};

@@ -6,7 +6,8 @@ use flashmoe::gpu::roofline::{measure, RooflineOptions};
 
 #[test]
 fn ceilings_are_measured_and_plausible() {
-    let Some(stream) = gpu_support::gpu_stream("ceilings_are_measured_and_plausible") else {
+    let Some((_gpu, stream)) = gpu_support::gpu_stream("ceilings_are_measured_and_plausible")
+    else {
         return;
     };
     // SAFETY: only tries to dlopen libcublas.
@@ -48,7 +49,7 @@ fn ceilings_are_measured_and_plausible() {
 
 #[test]
 fn bad_sizes_are_refused() {
-    let Some(stream) = gpu_support::gpu_stream("bad_sizes_are_refused") else {
+    let Some((_gpu, stream)) = gpu_support::gpu_stream("bad_sizes_are_refused") else {
         return;
     };
     let opts = RooflineOptions {

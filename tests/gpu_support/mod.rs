@@ -8,11 +8,16 @@ use flashmoe::config::{Dtype, GivenRouting, MoeConfig, Router};
 use flashmoe::gpu::{kernels, layer::CUBIN, probe};
 use flashmoe::reference::{self, activation, GateOutput, LayerOutput, RankInput, RouteOverrides};
 use flashmoe::{LayerPlan, LayerWeights};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// A stream on GPU 0 when a GPU and the layer kernel are usable; otherwise prints why the
+/// Serialises the GPU tests of one test binary: each layer launch fills the device, and
+/// the timeout tests measure wall time.
+static GPU: Mutex<()> = Mutex::new(());
+
+/// A stream on GPU 0 (and the lock that keeps the other GPU tests of this binary off the
+/// device meanwhile) when a GPU and the layer kernel are usable; otherwise prints why the
 /// test is skipped and returns None (or panics when FLASHMOE_EXPECT_GPU is set).
-pub fn gpu_stream(test: &str) -> Option<Arc<CudaStream>> {
+pub fn gpu_stream(test: &str) -> Option<(MutexGuard<'static, ()>, Arc<CudaStream>)> {
     let why = (|| -> Result<Arc<CudaStream>, String> {
         let gpus = probe::probe().map_err(|e| e.to_string())?;
         let g = gpus.first().ok_or("no GPU listed")?;
@@ -22,7 +27,7 @@ pub fn gpu_stream(test: &str) -> Option<Arc<CudaStream>> {
         ctx.new_stream().map_err(|e| e.to_string())
     })();
     match why {
-        Ok(s) => Some(s),
+        Ok(s) => Some((GPU.lock().unwrap_or_else(|e| e.into_inner()), s)),
         Err(reason) => {
             assert!(
                 !flashmoe::gpu::expect_gpu(),
