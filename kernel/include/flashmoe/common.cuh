@@ -100,12 +100,20 @@ __device__ __forceinline__ void store_vec(void* p, const float (&v)[kVec<D>]) {
     *reinterpret_cast<uint4*>(p) = raw;
 }
 
+// cp.async pipeline depth of the tensor-core GEMM. Occupancy is bounded by registers
+// (128 per thread x 256 threads -> 2 blocks per SM), not by shared memory, so a third stage
+// (83 KB per block, 166 KB per SM of the 227 KB) hides more load latency for free.
+constexpr int kStages = 3;
+static_assert(kStages >= 2, "the mainloop overlaps the load of step k+S-1 with step k");
+static_assert(2 * (kStages * 3 * kTileM * (kTileK + 8) * 2 + 256 + 1024) <= 228 * 1024,
+              "two blocks per SM must still fit the SM's shared memory");
+
 // Bytes of dynamic shared memory after Misc (the "arena"), by dtype: the GEMM stages.
-// bf16/f16: 2 cp.async stages x (A, B gate, B up) x 64 rows x (64 + 8 pad) halves; the pad
-// makes the 8 rows of an ldmatrix 8x8 land in distinct 16-byte bank groups.
+// bf16/f16: kStages x (A, B gate, B up) x 64 rows x (64 + 8 pad) halves; the pad makes the
+// 8 rows of an ldmatrix 8x8 land in distinct 16-byte bank groups.
 // f32: 1 stage x (A, B gate, B up) x 64 k x (64 + 4 pad) floats, k-major for float4 reads.
 template <class D>
-constexpr int kArenaBytes = D::kTensorCore ? 2 * 3 * kTileM * (kTileK + 8) * 2
+constexpr int kArenaBytes = D::kTensorCore ? kStages * 3 * kTileM * (kTileK + 8) * 2
                                            : 3 * kTileK * (kTileM + 4) * 4;
 
 // Block-private scalars (first kMiscBytes of dynamic shared memory).
