@@ -16,9 +16,9 @@ pub const BLOCK_THREADS: u32 = 256;
 /// `FM_MIN_BLOCKS_PER_RANK`: a rank group needs a scheduler block and a processor block.
 pub const MIN_BLOCKS_PER_RANK: u32 = 2;
 /// `FM_SMEM_BYTES_BF16`: dynamic shared memory of `flashmoe_layer_bf16`, bytes.
-pub const SMEM_BYTES_BF16: u32 = 55552;
+pub const SMEM_BYTES_BF16: u32 = 83200;
 /// `FM_SMEM_BYTES_F16`: dynamic shared memory of `flashmoe_layer_f16`, bytes.
-pub const SMEM_BYTES_F16: u32 = 55552;
+pub const SMEM_BYTES_F16: u32 = 83200;
 /// `FM_SMEM_BYTES_F32`: dynamic shared memory of `flashmoe_layer_f32`, bytes.
 pub const SMEM_BYTES_F32: u32 = 52480;
 /// `FM_GATE_CHUNK`: tokens per gate chunk (== [`crate::plan::GATE_CHUNK`]).
@@ -326,10 +326,10 @@ mod tests {
 
     #[test]
     fn smem_bytes_cover_gemm_stages() {
-        // bf16/f16: 2 stages of (A, B gate, B up) tiles of TILE_M rows of TILE_K + 8 halves.
+        // bf16/f16: 3 stages of (A, B gate, B up) tiles of TILE_M rows of TILE_K + 8 halves.
         let half_tile = (TILE_M * (TILE_K + 8) * 2) as u32;
-        assert_eq!(smem_bytes(Dtype::Bf16), 2 * 3 * half_tile + 256);
-        assert_eq!(smem_bytes(Dtype::F16), 2 * 3 * half_tile + 256);
+        assert_eq!(smem_bytes(Dtype::Bf16), 3 * 3 * half_tile + 256);
+        assert_eq!(smem_bytes(Dtype::F16), 3 * 3 * half_tile + 256);
         // f32: 1 stage of (A, B gate, B up) tiles of TILE_K rows of TILE_M + 4 floats.
         let f32_tile = (TILE_K * (TILE_M + 4) * 4) as u32;
         assert_eq!(smem_bytes(Dtype::F32), 3 * f32_tile + 256);

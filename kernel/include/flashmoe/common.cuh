@@ -22,14 +22,33 @@
 namespace fm {
 
 // ---- tunables -------------------------------------------------------------------------
-constexpr int kThreads = FM_BLOCK_THREADS;
+// Shape of the expert GEMM tiles and of the block. A template so that every constraint is
+// stated where a shape is chosen; the kernel instantiates one shape, the plan's.
+template <int M, int N, int K, int Stages, int Threads>
+struct Shape {
+    static constexpr int kM = M, kN = N, kK = K, kStages = Stages, kThreads = Threads;
+    static_assert(M % 16 == 0 && N % 16 == 0 && K % 16 == 0,
+                  "mma.m16n8k16 needs multiples of 16 in every tile dimension");
+    static_assert(Threads == 256 && M == 64 && N == 64,
+                  "the GEMM warp tiling is 4 (M) x 2 (N) warps of 16 x 32 outputs, the f32 "
+                  "tiling 16 x 16 threads of 4 x 4; the gate gives each of 8 warps 8 tokens");
+    static_assert(K == 64,
+                  "the loaders move 64-element rows: 8 x 16-byte chunks (bf16/f16), 16 float4 (f32)");
+    static_assert(Stages >= 2, "the mainloop overlaps the load of step k+S-1 with step k");
+};
+// Must equal the plan's TILE_M/N/K (host/plan.rs): capacities, activation blocks and the task
+// decomposition are laid out in these units; the kernel also checks layer.tile_m/n/k at start
+// and reports FM_STATUS_BAD_PARAMS when they differ. Three cp.async stages: occupancy is
+// bounded by registers (128 per thread x 256 threads -> 2 blocks per SM), not by shared
+// memory, so a third stage (83 KB per block, 166 KB per SM) hides more load latency for free.
+using Tile = Shape<64, 64, 64, 3, FM_BLOCK_THREADS>;
+
+constexpr int kThreads = Tile::kThreads;
 constexpr int kWarps = kThreads / 32;
-// The GEMM tile. Must equal the plan's TILE_M/N/K (host/plan.rs): capacities, activation
-// blocks and the task decomposition are laid out in these units; the kernel also checks
-// layer.tile_m/n/k at start and reports FM_STATUS_BAD_PARAMS when they differ.
-constexpr int kTileM = 64;
-constexpr int kTileN = 64;
-constexpr int kTileK = 64;
+constexpr int kTileM = Tile::kM;
+constexpr int kTileN = Tile::kN;
+constexpr int kTileK = Tile::kK;
+constexpr int kStages = Tile::kStages;
 constexpr uint32_t kMaxTopK = 16;       // == MAX_TOP_K in host/config.rs (choices live in lanes)
 constexpr uint32_t kMaxExperts = 1024;  // == MAX_EXPERTS (top-k keeps a 32-bit mask per lane)
 constexpr int kMiscBytes = 256;         // block-private scalars at the start of dynamic smem
@@ -37,14 +56,11 @@ constexpr int kGateChunk = FM_GATE_CHUNK;
 // The scheduler tracks the dispatch signals it has seen in one 64-bit mask per thread.
 constexpr uint32_t kMaxSignalPairs = 64u * kThreads;
 
-static_assert(kThreads == 256, "the warp layouts of gate, GEMM and combine assume 8 warps");
-static_assert(kTileM == 64 && kTileN == 64 && kTileK == 64,
-              "the GEMM warp tiling (4 x 2 warps of 16 x 32) and loaders assume 64^3 tiles");
-static_assert(kTileM % 16 == 0 && kTileN % 16 == 0 && kTileK % 16 == 0,
-              "mma.m16n8k16 needs multiples of 16 in every tile dimension");
 static_assert(kGateChunk == kWarps * 8, "the gate gives each warp 8 tokens of a chunk");
 static_assert(kMaxTopK <= 32, "a token's choices live one per lane");
 static_assert(kMaxExperts <= 32 * 32, "top-k marks chosen experts in one 32-bit word per lane");
+static_assert(2 * (kStages * 3 * kTileM * (kTileK + 8) * 2 + 256 + 1024) <= 228 * 1024,
+              "two blocks per SM must still fit the SM's shared memory");
 
 // ---- dtype traits -------------------------------------------------------------------------
 template <uint32_t Code>
@@ -101,11 +117,11 @@ __device__ __forceinline__ void store_vec(void* p, const float (&v)[kVec<D>]) {
 }
 
 // Bytes of dynamic shared memory after Misc (the "arena"), by dtype: the GEMM stages.
-// bf16/f16: 2 cp.async stages x (A, B gate, B up) x 64 rows x (64 + 8 pad) halves; the pad
-// makes the 8 rows of an ldmatrix 8x8 land in distinct 16-byte bank groups.
+// bf16/f16: kStages x (A, B gate, B up) x 64 rows x (64 + 8 pad) halves; the pad makes the
+// 8 rows of an ldmatrix 8x8 land in distinct 16-byte bank groups.
 // f32: 1 stage x (A, B gate, B up) x 64 k x (64 + 4 pad) floats, k-major for float4 reads.
 template <class D>
-constexpr int kArenaBytes = D::kTensorCore ? 2 * 3 * kTileM * (kTileK + 8) * 2
+constexpr int kArenaBytes = D::kTensorCore ? kStages * 3 * kTileM * (kTileK + 8) * 2
                                            : 3 * kTileK * (kTileM + 4) * 4;
 
 // Block-private scalars (first kMiscBytes of dynamic shared memory).

@@ -4,8 +4,8 @@
 // [out, in] layout, i.e. the "col" operand of mma), K a multiple of 64. Gated tiles multiply
 // A by two B matrices (gate and up rows of the same 64 columns) and apply act(g) * u.
 //
-// bf16/f16: mma.sync.m16n8k16 (f32 accumulate) from ldmatrix'ed shared memory, cp.async
-// double buffering. 8 warps as 4 (M) x 2 (N), each 16 x 32 outputs per B matrix.
+// bf16/f16: mma.sync.m16n8k16 (f32 accumulate) from ldmatrix'ed shared memory, a kStages
+// deep cp.async pipeline (one __syncthreads per K step). 8 warps as 4 (M) x 2 (N), each 16 x 32 outputs per B matrix.
 // f32: FFMA (exact f32 products, no TF32) from k-major shared memory, one stage. 16 x 16 threads, each 4 x 4 outputs per B matrix.
 // Both paths leave the same accumulator shape float[2][4][4]; the epilogue stages the
 // final f32 tile in shared memory and stores rows < out_rows with 16-byte vectors.
@@ -121,14 +121,22 @@ __device__ __forceinline__ void mma_mainloop(const TileArgs& t, char* arena, flo
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = warp % 4, wn = warp / 4;
     const uint32_t nk = t.k / kTileK;
-    mma_load_stage<D, kGated>(t, arena, 0, 0);
-    cp_async_commit();
+    // Prologue: steps 0 .. kStages-2 in flight (one commit group each, possibly empty).
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (uint32_t(s) < nk) mma_load_stage<D, kGated>(t, arena, s, s);
+        cp_async_commit();
+    }
     for (uint32_t kc = 0; kc < nk; ++kc) {
-        if (kc + 1 < nk) mma_load_stage<D, kGated>(t, arena, (kc + 1) & 1, kc + 1);
-        cp_async_commit();  // possibly empty: keeps the wait count uniform
-        cp_async_wait<1>(); // stage kc has landed (this thread's copies)
-        __syncthreads();    // ... and every other thread's
-        const T* As = reinterpret_cast<const T*>(arena) + (kc & 1) * 3 * kTileM * kLd;
+        // kStages-1+kc groups are committed; group kc must be complete: kStages-2 may pend.
+        cp_async_wait<kStages - 2>();
+        // Everyone's copies of step kc have landed, and everyone has finished step kc-1,
+        // whose buffer ((kc-1) % kStages) the load below overwrites.
+        __syncthreads();
+        const uint32_t next = kc + kStages - 1;
+        if (next < nk) mma_load_stage<D, kGated>(t, arena, int(next % kStages), next);
+        cp_async_commit();
+        const T* As = reinterpret_cast<const T*>(arena) + (kc % kStages) * 3 * kTileM * kLd;
         const T* Bg = As + kTileM * kLd;
         const T* Bu = Bg + kTileN * kLd;
 #pragma unroll
@@ -150,9 +158,8 @@ __device__ __forceinline__ void mma_mainloop(const TileArgs& t, char* arena, flo
                 }
             }
         }
-        __syncthreads();  // buffer kc & 1 is overwritten by the load of iteration kc + 1
     }
-    cp_async_wait<0>();
+    cp_async_wait<0>();  // only empty groups can remain; the caller syncs before reusing smem
 }
 
 // Output coordinates of accumulator element [g][q] of this thread (both paths).

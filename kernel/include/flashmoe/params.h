@@ -25,9 +25,9 @@
 #define FM_MIN_BLOCKS_PER_RANK 2
 // Dynamic shared memory per block, bytes, by entry point. The host must pass exactly these
 // to the launch (after cudaFuncSetAttribute(MaxDynamicSharedMemorySize) above 48 KiB).
-// bf16/f16: 2 stages x (A, B gate, B up) x 64 rows x 144 B (64 + 8 pad halves) + 256 misc.
-#define FM_SMEM_BYTES_BF16 55552
-#define FM_SMEM_BYTES_F16 55552
+// bf16/f16: 3 cp.async stages x (A, B gate, B up) x 64 rows x 144 B (64 + 8 pad halves) + 256 misc.
+#define FM_SMEM_BYTES_BF16 83200
+#define FM_SMEM_BYTES_F16 83200
 // f32: 1 stage x (A, B gate, B up) x 64 k x 272 B (64 + 4 pad floats) + 256 misc.
 #define FM_SMEM_BYTES_F32 52480
 // Tokens per gate chunk (unit of the slot prefix sums; rows of ws_gate_hist).
