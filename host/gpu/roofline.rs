@@ -7,43 +7,28 @@
 
 use crate::config::MoeConfig;
 use crate::error::{Error, Result};
+use crate::metrics::LayerWork;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{sys, CudaStream, DriverError};
 use std::sync::Arc;
 
-/// FLOPs of one layer forward over all ranks.
+/// FLOPs of one layer forward over all ranks (the accounting of
+/// [`LayerWork`](crate::metrics::LayerWork), DESIGN.md "Performance accounting").
 ///
 /// `routed_rows`: kept (token, expert) pairs (dropped pairs cost nothing); `tokens`: tokens
-/// over all ranks (they pay the gate, `2 * hidden * experts` each, and the shared experts).
-/// Each routed row costs `2 * hidden * intermediate * (3 if gated else 2)`.
+/// over all ranks (they pay the gate, `2 * hidden * experts` each unless the routing is
+/// given, and the shared experts). Each routed row costs
+/// `2 * hidden * intermediate * (3 if gated else 2)`.
 pub fn layer_flops(cfg: &MoeConfig, routed_rows: u64, tokens: u64) -> f64 {
-    let (h, i) = (cfg.hidden as f64, cfg.intermediate as f64);
-    let mats = if cfg.mlp.is_gated() { 3.0 } else { 2.0 };
-    let routed = 2.0 * routed_rows as f64 * h * i * mats;
-    let gate = 2.0 * tokens as f64 * h * cfg.experts as f64;
-    let shared = cfg.shared.map_or(0.0, |s| {
-        let w = (s.count * s.intermediate) as f64;
-        let gate = if s.gated { 2.0 * h } else { 0.0 };
-        tokens as f64 * (2.0 * h * w * mats + gate)
-    });
-    routed + gate + shared
+    LayerWork::new(cfg, tokens, &[routed_rows]).flops
 }
 
-/// Fewest bytes one layer forward must move through device memory, over all ranks: the
-/// weights of the experts that received at least one row (`experts_touched`), the router,
-/// the shared experts, and every token read once and written once.
+/// Fewest bytes one layer forward must move through device memory, over all ranks (as
+/// [`LayerWork`](crate::metrics::LayerWork)): the weights of the experts that received at
+/// least one row (`experts_touched`), the router (unless the routing is given), the shared
+/// experts, and every token read once and written once.
 pub fn layer_bytes(cfg: &MoeConfig, experts_touched: usize, tokens: u64) -> f64 {
-    let es = cfg.dtype.size() as f64;
-    let (h, i) = (cfg.hidden as f64, cfg.intermediate as f64);
-    let per_expert = (cfg.gemm0_width() as f64 * h + h * i) * es;
-    let router = cfg.experts as f64 * h * es;
-    let shared = cfg.shared.map_or(0.0, |s| {
-        let w = (s.count * s.intermediate) as f64;
-        let w0 = if cfg.mlp.is_gated() { 2.0 * w } else { w };
-        (w0 * h + h * w + if s.gated { h } else { 0.0 }) * es
-    });
-    let io = 2.0 * tokens as f64 * h * es;
-    experts_touched as f64 * per_expert + router + shared + io
+    LayerWork::new(cfg, tokens, &vec![1; experts_touched]).bytes
 }
 
 /// Kept rows and experts touched from a launch's statistics: `expert_counts` summed over
@@ -305,6 +290,15 @@ mod tests {
         let mut f = c.clone();
         f.dtype = crate::config::Dtype::F32;
         assert_eq!(layer_bytes(&f, 5, 300), 2.0 * layer_bytes(&c, 5, 300));
+    }
+
+    #[test]
+    fn given_routing_costs_no_gate() {
+        let mut c = cfg();
+        c.router = crate::config::Router::Given;
+        assert_eq!(layer_flops(&c, 10, 100), 2.0 * 10.0 * 1024.0 * 512.0 * 3.0);
+        let with_router = layer_bytes(&cfg(), 5, 300);
+        assert_eq!(layer_bytes(&c, 5, 300), with_router - 64.0 * 1024.0 * 2.0);
     }
 
     #[test]
