@@ -11,6 +11,54 @@ pub const PARAMS_VERSION: u32 = 1;
 /// `FM_MAX_LAUNCH_RANKS`: ranks one launch can emulate.
 pub const MAX_LAUNCH_RANKS: usize = 8;
 
+/// `FM_BLOCK_THREADS`: threads per block of every entry point.
+pub const BLOCK_THREADS: u32 = 256;
+/// `FM_MIN_BLOCKS_PER_RANK`: a rank group needs a scheduler block and a processor block.
+pub const MIN_BLOCKS_PER_RANK: u32 = 2;
+/// `FM_SMEM_BYTES_BF16`: dynamic shared memory of `flashmoe_layer_bf16`, bytes.
+pub const SMEM_BYTES_BF16: u32 = 83200;
+/// `FM_SMEM_BYTES_F16`: dynamic shared memory of `flashmoe_layer_f16`, bytes.
+pub const SMEM_BYTES_F16: u32 = 83200;
+/// `FM_SMEM_BYTES_F32`: dynamic shared memory of `flashmoe_layer_f32`, bytes.
+pub const SMEM_BYTES_F32: u32 = 52480;
+/// `FM_GATE_CHUNK`: tokens per gate chunk (== [`crate::plan::GATE_CHUNK`]).
+pub const GATE_CHUNK: u32 = 64;
+/// Indices of the status words (`ws_status`, u64[8]; `FM_STATUS_CODE` ... in params.h).
+pub mod status_word {
+    /// `FM_STATUS_*` code of the first error of the rank (0: none).
+    pub const CODE: usize = 0;
+    /// `FM_STAGE_*` of that error.
+    pub const STAGE: usize = 1;
+    /// Where it happened (meaning by stage and code: kernel/README.md).
+    pub const WHERE: usize = 2;
+    /// The value expected.
+    pub const EXPECTED: usize = 3;
+    /// The value observed.
+    pub const OBSERVED: usize = 4;
+    /// Nanoseconds waited (timeouts).
+    pub const WAITED: usize = 5;
+    /// Rank-local abort flag: non-zero once any block of the rank hit an error.
+    pub const ABORT: usize = 6;
+}
+
+/// Dynamic shared memory bytes of the entry point for `dtype`.
+pub fn smem_bytes(dtype: Dtype) -> u32 {
+    match dtype {
+        Dtype::Bf16 => SMEM_BYTES_BF16,
+        Dtype::F16 => SMEM_BYTES_F16,
+        Dtype::F32 => SMEM_BYTES_F32,
+    }
+}
+
+/// Name of the kernel entry point for `dtype` (all three live in one cubin).
+pub fn entry_point(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::Bf16 => "flashmoe_layer_bf16",
+        Dtype::F16 => "flashmoe_layer_f16",
+        Dtype::F32 => "flashmoe_layer_f32",
+    }
+}
+
 /// `FM_NO_FAULT`: no fault injected.
 pub const NO_FAULT: u32 = u32::MAX;
 
@@ -107,11 +155,21 @@ pub struct LayerParams {
     pub ws_queue_ctl: u64,
     pub ws_queue: u64,
     pub ws_queue_capacity: u64,
+    pub ws_sync: u64,
+    pub ws_gate_hist: u64,
+    pub ws_shared_act: u64,
+    pub ws_shared_act_stride_row: u64,
+    pub ws_shared_out: u64,
+    pub ws_shared_out_stride_row: u64,
+    pub ws_shared_done: u64,
     pub ws_bytes: u64,
     pub expert_owner: u64,
     pub router_weight: u64,
     pub router_bias: u64,
     pub logit_bias: u64,
+    /// Effective top-k of this call (`RouteOverrides::top_k`), 1..=`top_k`; 0 means `top_k`.
+    pub route_k: u32,
+    pub pad1: u32,
 }
 
 /// `FmRankParams`: the pointers of one rank.
@@ -230,11 +288,20 @@ impl LayerParams {
             ws_queue_ctl: w.queue_ctl,
             ws_queue: w.queue,
             ws_queue_capacity: w.queue_capacity,
+            ws_sync: w.sync,
+            ws_gate_hist: w.gate_hist,
+            ws_shared_act: w.shared_act,
+            ws_shared_act_stride_row: w.shared_act_stride_row,
+            ws_shared_out: w.shared_out,
+            ws_shared_out_stride_row: w.shared_out_stride_row,
+            ws_shared_done: w.shared_done,
             ws_bytes: w.bytes,
             expert_owner: 0,
             router_weight: 0,
             router_bias: 0,
             logit_bias: 0,
+            route_k: cfg.top_k as u32,
+            pad1: 0,
         }
     }
 }
@@ -245,4 +312,27 @@ pub fn expert_owner_table(plan: &LayerPlan) -> Vec<u32> {
         .iter()
         .map(|o| (o.rank << 16) | o.local)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::GATE_CHUNK as PLAN_GATE_CHUNK;
+
+    #[test]
+    fn gate_chunk_matches_plan() {
+        assert_eq!(GATE_CHUNK as usize, PLAN_GATE_CHUNK);
+    }
+
+    #[test]
+    fn smem_bytes_cover_gemm_stages() {
+        // bf16/f16: 3 stages of (A, B gate, B up) tiles of TILE_M rows of TILE_K + 8 halves.
+        let half_tile = (TILE_M * (TILE_K + 8) * 2) as u32;
+        assert_eq!(smem_bytes(Dtype::Bf16), 3 * 3 * half_tile + 256);
+        assert_eq!(smem_bytes(Dtype::F16), 3 * 3 * half_tile + 256);
+        // f32: 1 stage of (A, B gate, B up) tiles of TILE_K rows of TILE_M + 4 floats.
+        let f32_tile = (TILE_K * (TILE_M + 4) * 4) as u32;
+        assert_eq!(smem_bytes(Dtype::F32), 3 * f32_tile + 256);
+        assert!(entry_point(Dtype::F32).ends_with("f32"));
+    }
 }

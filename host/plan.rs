@@ -21,6 +21,11 @@ pub const TILE_M: usize = 64;
 pub const TILE_N: usize = 64;
 /// Depth of one K step of a GEMM tile.
 pub const TILE_K: usize = 64;
+/// Tokens per gate chunk: the unit of the deterministic slot prefix sums (one histogram
+/// row of `gate_hist` per chunk). Equal to `FM_GATE_CHUNK` in params.h.
+pub const GATE_CHUNK: usize = 64;
+/// Tile tasks are encoded in 30 bits (2 more bits hold the task kind).
+pub const MAX_TASKS: usize = 1 << 30;
 /// Alignment of every region, in bytes (16 is what vector access needs; 256 keeps TMA and
 /// cache lines happy).
 pub const REGION_ALIGN: u64 = 256;
@@ -116,12 +121,27 @@ pub struct WorkspaceLayout {
     pub gemm0_done: u64,
     /// u32 [source][local expert]: GEMM1 tiles finished.
     pub gemm1_done: u64,
-    /// u32 [2]: task queue head and tail.
+    /// Task queue control: u32 tail (entries reserved), u32 head (tickets taken), u64 total
+    /// word `(epoch << 32) | tasks` published once every dispatch signal has arrived.
     pub queue_ctl: u64,
-    /// u32 [queue_capacity]: task queue entries.
+    /// u64 [queue_capacity]: task queue entries, each `(epoch << 32) | task`.
     pub queue: u64,
     /// Entries the task queue can hold (the most tasks one launch can create).
     pub queue_capacity: u64,
+    /// u32 [4]: rank-group barrier count, barrier generation, exit count, shared GEMM1 tiles done.
+    pub sync: u64,
+    /// u32 [token chunks][experts]: per-chunk expert histogram, then its exclusive prefix.
+    pub gate_hist: u64,
+    /// Shared-expert activations: [token row][shared width] in the dtype (0 bytes without shared experts).
+    pub shared_act: u64,
+    /// Bytes of one shared activation row.
+    pub shared_act_stride_row: u64,
+    /// Shared-expert output: f32 [token row][hidden].
+    pub shared_out: u64,
+    /// Bytes of one shared output row.
+    pub shared_out_stride_row: u64,
+    /// u32 [token row block]: shared GEMM0 tiles finished.
+    pub shared_done: u64,
     /// Total bytes.
     pub bytes: u64,
 }
@@ -135,7 +155,13 @@ pub struct TileCounts {
     pub gemm0_per_block: usize,
     /// GEMM1 tiles per row block: `hidden / TILE_N`.
     pub gemm1_per_block: usize,
-    /// Most tile tasks one rank can serve in one launch.
+    /// Token row blocks of the shared experts: `ceil(tokens / TILE_M)` (0 without them).
+    pub shared_row_blocks: usize,
+    /// Shared GEMM0 tiles per token row block: `shared width / TILE_N` (0 without them).
+    pub shared_gemm0_per_block: usize,
+    /// Shared GEMM1 tiles per token row block: `hidden / TILE_N` (0 without them).
+    pub shared_gemm1_per_block: usize,
+    /// Most tile tasks one rank can serve in one launch (routed and shared).
     pub max_tasks_per_rank: usize,
 }
 
@@ -287,20 +313,40 @@ impl LayerPlan {
         let gemm0_per_block = cfg.intermediate / TILE_N;
         let gemm1_per_block = cfg.hidden / TILE_N;
         let blocks_total = world * max_local * row_blocks;
-        let max_tasks = blocks_total
+        let shared_width = cfg.shared.map_or(0, |s| s.count * s.intermediate);
+        let token_row_blocks = cfg.tokens.div_ceil(TILE_M).max(1);
+        let (shared_row_blocks, shared_gemm0_per_block, shared_gemm1_per_block) =
+            if shared_width > 0 {
+                (token_row_blocks, shared_width / TILE_N, cfg.hidden / TILE_N)
+            } else {
+                (0, 0, 0)
+            };
+        let overflow = || Error::PlanTooLarge {
+            what: "task count overflows usize".into(),
+        };
+        let routed_tasks = blocks_total
             .checked_mul(gemm0_per_block + gemm1_per_block)
-            .ok_or_else(|| Error::PlanTooLarge {
-                what: "task count overflows usize".into(),
-            })?;
-        if max_tasks > u32::MAX as usize / 2 {
+            .ok_or_else(overflow)?;
+        let shared_tasks = shared_row_blocks
+            .checked_mul(shared_gemm0_per_block + shared_gemm1_per_block)
+            .ok_or_else(overflow)?;
+        let max_tasks = routed_tasks
+            .checked_add(shared_tasks)
+            .ok_or_else(overflow)?;
+        if max_tasks >= MAX_TASKS {
             return Err(Error::PlanTooLarge {
-                what: format!("{max_tasks} tile tasks per rank exceed the 31-bit task index"),
+                what: format!(
+                    "{max_tasks} tile tasks per rank exceed the 30-bit task index (< {MAX_TASKS})"
+                ),
             });
         }
         let tiles = TileCounts {
             row_blocks,
             gemm0_per_block,
             gemm1_per_block,
+            shared_row_blocks,
+            shared_gemm0_per_block,
+            shared_gemm1_per_block,
             max_tasks_per_rank: max_tasks,
         };
 
@@ -325,8 +371,26 @@ impl LayerPlan {
         let act = take("act", Sizer::mul("act", r, act_stride_source)?)?;
         let gemm0_done = take("gemm0 counters", 4 * blocks_total as u64)?;
         let gemm1_done = take("gemm1 counters", 4 * r * l)?;
-        let queue_ctl = take("queue control", 8)?;
-        let queue = take("queue", 4 * max_tasks as u64)?;
+        let queue_ctl = take("queue control", 16)?;
+        let queue = take("queue", Sizer::mul("queue", 8, max_tasks as u64)?)?;
+        let sync = take("sync words", 16)?;
+        let gate_chunks = cfg.tokens.div_ceil(GATE_CHUNK).max(1) as u64;
+        let gate_hist = take(
+            "gate histogram",
+            Sizer::mul("gate histogram", 4 * gate_chunks, cfg.experts as u64)?,
+        )?;
+        let shared_rows = (shared_row_blocks * TILE_M) as u64;
+        let shared_act_stride_row = shared_width as u64 * es;
+        let shared_act = take(
+            "shared act",
+            Sizer::mul("shared act", shared_rows, shared_act_stride_row)?,
+        )?;
+        let shared_out_stride_row = if shared_width > 0 { 4 * h } else { 0 };
+        let shared_out = take(
+            "shared out",
+            Sizer::mul("shared out", shared_rows, shared_out_stride_row)?,
+        )?;
+        let shared_done = take("shared counters", 4 * shared_row_blocks as u64)?;
         let workspace = WorkspaceLayout {
             epoch,
             status,
@@ -344,6 +408,13 @@ impl LayerPlan {
             queue_ctl,
             queue,
             queue_capacity: max_tasks as u64,
+            sync,
+            gate_hist,
+            shared_act,
+            shared_act_stride_row,
+            shared_out,
+            shared_out_stride_row,
+            shared_done,
             bytes: off,
         };
 

@@ -94,9 +94,34 @@ fn workspace_regions(p: &LayerPlan) -> Vec<Region> {
             w.gemm1_done + 4 * (p.world() * p.max_local) as u64,
             "gemm1 done".into(),
         ),
-        (w.queue_ctl, w.queue_ctl + 8, "queue ctl".into()),
-        (w.queue, w.queue + 4 * w.queue_capacity, "queue".into()),
+        (w.queue_ctl, w.queue_ctl + 16, "queue ctl".into()),
+        (w.queue, w.queue + 8 * w.queue_capacity, "queue".into()),
+        (w.sync, w.sync + 16, "sync".into()),
+        (
+            w.gate_hist,
+            w.gate_hist + 4 * (c.tokens.div_ceil(GATE_CHUNK).max(1) * c.experts) as u64,
+            "gate hist".into(),
+        ),
     ];
+    // Shared-expert regions exist only with shared experts.
+    let srows = (p.tiles.shared_row_blocks * TILE_M) as u64;
+    if p.tiles.shared_row_blocks > 0 {
+        v.push((
+            w.shared_act,
+            w.shared_act + srows * w.shared_act_stride_row,
+            "shared act".into(),
+        ));
+        v.push((
+            w.shared_out,
+            w.shared_out + srows * w.shared_out_stride_row,
+            "shared out".into(),
+        ));
+        v.push((
+            w.shared_done,
+            w.shared_done + 4 * p.tiles.shared_row_blocks as u64,
+            "shared done".into(),
+        ));
+    }
     // Route arrays are empty when the config has no tokens.
     if tk > 0 {
         v.push((w.route_ids, w.route_ids + 4 * tk, "route ids".into()));
@@ -203,10 +228,25 @@ proptest! {
         prop_assert_eq!(t.row_blocks * TILE_M, p.capacity);
         prop_assert_eq!(t.gemm0_per_block * TILE_N, c.intermediate);
         prop_assert_eq!(t.gemm1_per_block * TILE_N, c.hidden);
+        let shared_width = c.shared.map_or(0, |s| s.count * s.intermediate);
+        if shared_width > 0 {
+            prop_assert_eq!(t.shared_row_blocks, c.tokens.div_ceil(TILE_M).max(1));
+            prop_assert_eq!(t.shared_gemm0_per_block * TILE_N, shared_width);
+            prop_assert_eq!(t.shared_gemm1_per_block * TILE_N, c.hidden);
+            prop_assert_eq!(w.shared_act_stride_row, (shared_width * c.dtype.size()) as u64);
+            prop_assert_eq!(w.shared_out_stride_row, 4 * c.hidden as u64);
+        } else {
+            prop_assert_eq!(
+                (t.shared_row_blocks, t.shared_gemm0_per_block, t.shared_gemm1_per_block),
+                (0, 0, 0)
+            );
+        }
         prop_assert_eq!(
             t.max_tasks_per_rank,
             c.world * p.max_local * t.row_blocks * (t.gemm0_per_block + t.gemm1_per_block)
+                + t.shared_row_blocks * (t.shared_gemm0_per_block + t.shared_gemm1_per_block)
         );
+        prop_assert!(t.max_tasks_per_rank < MAX_TASKS, "tasks fit the 30-bit task index");
         prop_assert_eq!(w.queue_capacity, t.max_tasks_per_rank as u64);
     }
 }

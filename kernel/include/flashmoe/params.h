@@ -18,6 +18,31 @@
 // fault_silent_rank value meaning no fault is injected.
 #define FM_NO_FAULT 0xFFFFFFFFu
 
+// Threads per block of every entry point (8 warps).
+#define FM_BLOCK_THREADS 256
+// Blocks each rank group needs at least: one scheduler block (which also computes once its
+// polling is over) plus at least one processor block.
+#define FM_MIN_BLOCKS_PER_RANK 2
+// Dynamic shared memory per block, bytes, by entry point. The host must pass exactly these
+// to the launch (after cudaFuncSetAttribute(MaxDynamicSharedMemorySize) above 48 KiB).
+// bf16/f16: 3 cp.async stages x (A, B gate, B up) x 64 rows x 144 B (64 + 8 pad halves) + 256 misc.
+#define FM_SMEM_BYTES_BF16 83200
+#define FM_SMEM_BYTES_F16 83200
+// f32: 1 stage x (A, B gate, B up) x 64 k x 272 B (64 + 4 pad floats) + 256 misc.
+#define FM_SMEM_BYTES_F32 52480
+// Tokens per gate chunk (unit of the slot prefix sums; rows of ws_gate_hist).
+#define FM_GATE_CHUNK 64
+// Index of the status words (ws_status, u64[8]).
+#define FM_STATUS_CODE 0
+#define FM_STATUS_STAGE 1
+#define FM_STATUS_WHERE 2
+#define FM_STATUS_EXPECTED 3
+#define FM_STATUS_OBSERVED 4
+#define FM_STATUS_WAITED 5
+// Rank-local abort flag: non-zero once any block of the rank group hit an error; every
+// wait of the group polls it. The host zeroes all 8 words at creation and after reporting.
+#define FM_STATUS_ABORT 6
+
 // dtype codes
 #define FM_DTYPE_BF16 0u
 #define FM_DTYPE_F16 1u
@@ -55,7 +80,7 @@ typedef struct FmLayerParams {
     uint32_t hidden;
     uint32_t intermediate;
     uint32_t experts;
-    uint32_t top_k;
+    uint32_t top_k;              // the config's top-k (row stride of given_ids / given_weights)
     uint32_t max_local;          // experts dimension of the heap (max experts per rank)
     uint32_t capacity;           // rows per (source, expert); multiple of tile_m
     uint32_t dtype;              // FM_DTYPE_*
@@ -99,6 +124,13 @@ typedef struct FmLayerParams {
     uint64_t ws_queue_ctl;
     uint64_t ws_queue;
     uint64_t ws_queue_capacity;
+    uint64_t ws_sync;            // u32[4]: barrier count, barrier generation, exit count, shared GEMM1 done
+    uint64_t ws_gate_hist;       // u32 [token chunks][experts]
+    uint64_t ws_shared_act;      // dtype [token row][shared_width]
+    uint64_t ws_shared_act_stride_row;
+    uint64_t ws_shared_out;      // f32 [token row][hidden]
+    uint64_t ws_shared_out_stride_row;
+    uint64_t ws_shared_done;     // u32 [token row block]
     uint64_t ws_bytes;
 
     // Device tables shared by all ranks of the launch.
@@ -106,6 +138,12 @@ typedef struct FmLayerParams {
     uint64_t router_weight;      // dtype [experts][hidden]
     uint64_t router_bias;        // f32 [experts] selection bias (SIGMOID_BIAS), or 0
     uint64_t logit_bias;         // f32 [experts] added to the router logits (research override), or 0
+
+    // Per-call routing.
+    uint32_t route_k;            // effective top-k of this call, 1..=top_k (0 means top_k).
+                                 // ws_route_* rows have route_k entries; given_* rows keep top_k
+                                 // and their first route_k choices are used.
+    uint32_t pad1;
 } FmLayerParams;
 
 // Pointers of one rank (one block group of the launch).

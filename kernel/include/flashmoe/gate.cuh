@@ -1,0 +1,232 @@
+// Gate: router logits, scores, top-k, weights, and the per-chunk expert histogram.
+//
+// Tokens are split in chunks of FM_GATE_CHUNK (64); a block routes one chunk at a time, each
+// warp 8 of its tokens. Slots are NOT taken here: gate_scan() turns the chunk histograms
+// into exclusive prefix sums in chunk order, and dispatch_chunk() assigns slots in token
+// order from them. Counting is order-independent, so slots are deterministic (no atomics
+// decide an order).
+#ifndef FLASHMOE_GATE_CUH
+#define FLASHMOE_GATE_CUH
+
+#include <math.h>
+
+#include "flashmoe/common.cuh"
+#include "flashmoe/watchdog.cuh"
+
+namespace fm {
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// (key, id) ordering of top-k: larger key first, ties to the lower id.
+__device__ __forceinline__ bool better(float key, uint32_t id, float best, uint32_t best_id) {
+    return key > best || (key == best && id < best_id);
+}
+
+// Logits of `nb` (<= 8) consecutive tokens starting at t0 against every expert, written to
+// lg[i * E + e] (+ logit_bias). One pass over the router weights serves all nb tokens.
+template <class D>
+__device__ __forceinline__ void router_logits(const Ctx& c, uint32_t t0, uint32_t nb, float* lg) {
+    const FmLayerParams& L = *c.L;
+    const int lane = threadIdx.x % 32;
+    const uint32_t E = L.experts;
+    const uint64_t row_bytes = uint64_t(L.hidden) * sizeof(typename D::T);
+    const uint32_t nvec = L.hidden / kVec<D>;
+    const char* x = reinterpret_cast<const char*>(c.R->x) + t0 * row_bytes;
+    const char* W = reinterpret_cast<const char*>(L.router_weight);
+    const float* lb = reinterpret_cast<const float*>(L.logit_bias);
+    for (uint32_t e = 0; e < E; ++e) {
+        float acc[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+        const char* we = W + e * row_bytes;
+        for (uint32_t v = lane; v < nvec; v += 32) {
+            float w[kVec<D>];
+            load_vec<D>(we + uint64_t(v) * 16, w);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                if (uint32_t(i) < nb) {
+                    float xv[kVec<D>];
+                    load_vec<D>(x + i * row_bytes + uint64_t(v) * 16, xv);
+#pragma unroll
+                    for (int j = 0; j < kVec<D>; ++j) acc[i] = fmaf(w[j], xv[j], acc[i]);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            if (uint32_t(i) < nb) {
+                const float s = warp_sum(acc[i]);
+                if (lane == 0) lg[i * E + e] = s + (lb ? lb[e] : 0.f);
+            }
+        }
+    }
+    __syncwarp();
+}
+
+// Scores, top-k and weights of one token from its logits s[E] (warp-wide; s is modified).
+// Returns this lane's choice (lane < k): id and weight.
+__device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_id, float& my_w) {
+    const FmLayerParams& L = *c.L;
+    const int lane = threadIdx.x % 32;
+    const uint32_t E = L.experts;
+    const bool sig = L.router == FM_ROUTER_SIGMOID_BIAS;
+    const float* rbias = reinterpret_cast<const float*>(L.router_bias);
+    float m = -INFINITY, z = 0.f;
+    if (sig) {
+        for (uint32_t e = lane; e < E; e += 32) s[e] = 1.f / (1.f + expf(-s[e]));
+    } else {
+        for (uint32_t e = lane; e < E; e += 32) m = fmaxf(m, s[e]);
+        m = warp_max(m);
+        for (uint32_t e = lane; e < E; e += 32) z += expf(s[e] - m);
+        z = warp_sum(z);
+    }
+    __syncwarp();
+    uint32_t chosen = 0;  // bit q: expert lane + 32 q already chosen
+    my_id = -1;
+    float my_v = 0.f;
+    for (uint32_t j = 0; j < c.k; ++j) {
+        float best = -INFINITY;
+        uint32_t bi = E;
+        uint32_t q = 0;
+        for (uint32_t e = lane; e < E; e += 32, ++q) {
+            if ((chosen >> q) & 1u) continue;
+            float key = s[e] + ((sig && rbias) ? rbias[e] : 0.f);
+            if (key != key) key = -INFINITY;  // a NaN score ranks last
+            if (better(key, e, best, bi)) {
+                best = key;
+                bi = e;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+            const uint32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (better(ob, oi, best, bi)) {
+                best = ob;
+                bi = oi;
+            }
+        }
+        // bi < E always: k <= E, and unchosen experts with key -inf still win ties over E.
+        if (uint32_t(lane) == bi % 32) chosen |= 1u << (bi / 32);
+        if (uint32_t(lane) == j) {
+            my_id = int32_t(bi);
+            my_v = sig ? s[bi] : expf(s[bi] - m) / z;
+        }
+    }
+    const float tot = warp_sum(uint32_t(lane) < c.k ? my_v : 0.f);
+    const bool renorm = L.renormalize != 0;
+    my_w = (renorm ? my_v / tot : my_v) * L.routed_scale;
+}
+
+// Routes the tokens of one chunk: route_ids / route_weights and the chunk's row of
+// gate_hist. Returns false if the caller's routing is invalid (status already written).
+template <class D>
+__device__ FM_PHASE bool gate_chunk(const Ctx& c, uint32_t chunk) {
+    const FmLayerParams& L = *c.L;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint32_t E = L.experts, k = c.k;
+    uint32_t* hist = reinterpret_cast<uint32_t*>(c.smem);
+    constexpr int kWarpFloats = (kArenaBytes<D> - 4 * int(kMaxExperts)) / 4 / kWarps;
+    static_assert(kWarpFloats >= int(kMaxExperts), "a warp must hold one token's logits");
+    float* lg = reinterpret_cast<float*>(c.smem + 4 * kMaxExperts) + warp * kWarpFloats;
+    const uint32_t tb = min_u32(8u, uint32_t(kWarpFloats) / E);
+
+    for (uint32_t e = threadIdx.x; e < E; e += kThreads) hist[e] = 0;
+    __syncthreads();
+    const uint32_t tokens = c.R->tokens;
+    const uint32_t t_begin = chunk * kGateChunk + warp * 8;
+    const uint32_t t_end = min_u32(t_begin + 8, tokens);
+    int32_t* ids = c.route_ids();
+    float* wts = c.route_weights();
+    bool ok = true;
+    if (L.router == FM_ROUTER_GIVEN) {
+        const int32_t* gid = reinterpret_cast<const int32_t*>(c.R->given_ids);
+        const float* gw = reinterpret_cast<const float*>(c.R->given_weights);
+        for (uint32_t t = t_begin; t < t_end; ++t) {
+            int32_t id = -1;
+            float w = 0.f;
+            const uint64_t at = uint64_t(t) * L.top_k + lane;
+            if (uint32_t(lane) < k) {
+                id = gid[at];
+                w = gw[at];
+            }
+            bool dup = false;
+            for (uint32_t j = 0; j < k; ++j) {
+                const int32_t other = __shfl_sync(0xffffffffu, id, j);
+                dup |= j < uint32_t(lane) && other == id;
+            }
+            if (uint32_t(lane) < k) {
+                if (uint32_t(id) >= E || dup) {
+                    fail(c, FM_STATUS_BAD_ROUTING, FM_STAGE_GATE, at, E, uint32_t(id), 0);
+                    ok = false;
+                } else if (!isfinite(w)) {
+                    fail(c, FM_STATUS_BAD_ROUTING, FM_STAGE_GATE, at, E, __float_as_uint(w), 0);
+                    ok = false;
+                } else {
+                    ids[uint64_t(t) * k + lane] = id;
+                    wts[uint64_t(t) * k + lane] = w;
+                    atomicAdd(&hist[id], 1u);
+                }
+            }
+        }
+    } else {
+        for (uint32_t t0 = t_begin; t0 < t_end; t0 += tb) {
+            const uint32_t nb = min_u32(tb, t_end - t0);
+            router_logits<D>(c, t0, nb, lg);
+            for (uint32_t i = 0; i < nb; ++i) {
+                int32_t id;
+                float w;
+                select_topk(c, lg + i * E, id, w);
+                if (uint32_t(lane) < k) {
+                    ids[uint64_t(t0 + i) * k + lane] = id;
+                    wts[uint64_t(t0 + i) * k + lane] = w;
+                    atomicAdd(&hist[id], 1u);
+                }
+                __syncwarp();
+            }
+        }
+    }
+    __syncthreads();
+    uint32_t* row = c.gate_hist() + uint64_t(chunk) * E;
+    for (uint32_t e = threadIdx.x; e < E; e += kThreads) row[e] = hist[e];
+    __syncthreads();
+    return ok;
+}
+
+// Exclusive prefix over chunks of every expert's histogram (in place), and the per-expert
+// totals into expert_counts. One warp per expert across the rank's blocks.
+__device__ FM_PHASE void gate_scan(const Ctx& c) {
+    const uint32_t E = c.L->experts, chunks = c.gate_chunks();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    uint32_t* hist = c.gate_hist();
+    for (uint32_t e = c.blk * kWarps + warp; e < E; e += c.nblk * kWarps) {
+        uint32_t run = 0;
+        for (uint32_t base = 0; base < chunks; base += 32) {
+            const uint32_t ci = base + lane;
+            const uint32_t v = ci < chunks ? hist[uint64_t(ci) * E + e] : 0u;
+            uint32_t incl = v;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const uint32_t y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += y;
+            }
+            if (ci < chunks) hist[uint64_t(ci) * E + e] = run + incl - v;
+            run += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        if (lane == 0) c.expert_counts()[e] = run;
+    }
+}
+
+}  // namespace fm
+
+#endif  // FLASHMOE_GATE_CUH

@@ -1,0 +1,324 @@
+// One 64x64 output tile of an expert GEMM, with fp32 accumulation and a fused epilogue.
+//
+// A: [64 rows][K] (rows >= a_rows read as zero), B: [64 output columns][K] (the weights'
+// [out, in] layout, i.e. the "col" operand of mma), K a multiple of 64. Gated tiles multiply
+// A by two B matrices (gate and up rows of the same 64 columns) and apply act(g) * u.
+//
+// bf16/f16: mma.sync.m16n8k16 (f32 accumulate) from ldmatrix'ed shared memory, a kStages
+// deep cp.async pipeline (one __syncthreads per K step). 8 warps as 4 (M) x 2 (N), each 16 x 32 outputs per B matrix.
+// f32: FFMA (exact f32 products, no TF32) from k-major shared memory, one stage. 16 x 16 threads, each 4 x 4 outputs per B matrix.
+// Both paths leave the same accumulator shape float[2][4][4]; the epilogue stages the
+// final f32 tile in shared memory and stores rows < out_rows with 16-byte vectors.
+#ifndef FLASHMOE_GEMM_CUH
+#define FLASHMOE_GEMM_CUH
+
+#include "flashmoe/common.cuh"
+
+namespace fm {
+
+enum Epi : int {
+    kEpiActGated = 0,  // dtype out = round(act(A.Bg) * (A.Bu))
+    kEpiActPlain = 1,  // dtype out = round(act(A.B))
+    kEpiStore = 2,     // dtype out = round(A.B)
+    kEpiStoreF32 = 3,  // f32 out = A.B
+};
+
+struct TileArgs {
+    const char* a;       // first row of A
+    uint64_t a_stride;   // bytes between A rows
+    uint32_t a_rows;     // valid rows of A (<= 64)
+    const char* b0;      // first row of B (gate rows when gated)
+    const char* b1;      // first up row when gated, else unused
+    uint64_t b_stride;   // bytes between B rows
+    uint32_t k;          // depth, multiple of 64
+    char* out;           // element (0, 0) of the output tile
+    uint64_t out_stride; // bytes between output rows
+    uint32_t out_rows;   // rows to store (<= 64)
+};
+
+constexpr int kCStride = kTileN + 4;  // f32 staging row (pad: fewer bank conflicts)
+static_assert(kTileM * kCStride * 4 <= kArenaBytes<Dt<FM_DTYPE_BF16>> &&
+                  kTileM * kCStride * 4 <= kArenaBytes<Dt<FM_DTYPE_F32>>,
+              "the f32 epilogue tile must fit the arena of every dtype");
+
+__device__ __forceinline__ float activation(uint32_t mlp, float z) {
+    switch (mlp) {
+        case FM_MLP_SWIGLU:
+            return z / (1.f + expf(-z));
+        case FM_MLP_RELU:
+            return fmaxf(z, 0.f);
+        default: {  // GeGLU and GELU: tanh approximation
+            const float u = 0.7978845608028654f * (z + 0.044715f * z * z * z);
+            return 0.5f * z * (1.f + tanhf(u));
+        }
+    }
+}
+
+// ---- tensor-core path (bf16 / f16) ----------------------------------------------------------
+constexpr int kLd = kTileK + 8;  // halves per shared row: 144 bytes, ldmatrix conflict-free
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    const int bytes = valid ? 16 : 0;  // 0: zero-fill, nothing read
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+template <uint32_t Code>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+    if constexpr (Code == FM_DTYPE_BF16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+template <class D, bool kGated>
+__device__ __forceinline__ void mma_load_stage(const TileArgs& t, char* arena, int buf, uint32_t kc) {
+    using T = typename D::T;
+    T* As = reinterpret_cast<T*>(arena) + buf * 3 * kTileM * kLd;
+    T* Bg = As + kTileM * kLd;
+    T* Bu = Bg + kTileN * kLd;
+    const uint64_t koff = uint64_t(kc) * kTileK * sizeof(T);
+    // 64 rows x 8 chunks of 16 bytes per matrix; 2 chunks per thread.
+#pragma unroll
+    for (int i = threadIdx.x; i < kTileM * 8; i += kThreads) {
+        const int r = i / 8, ch = i % 8;
+        const bool valid = uint32_t(r) < t.a_rows;
+        const char* src = valid ? t.a + r * t.a_stride + koff + ch * 16 : t.a;
+        cp_async16(As + r * kLd + ch * 8, src, valid);
+        cp_async16(Bg + r * kLd + ch * 8, t.b0 + r * t.b_stride + koff + ch * 16, true);
+        if constexpr (kGated) {
+            cp_async16(Bu + r * kLd + ch * 8, t.b1 + r * t.b_stride + koff + ch * 16, true);
+        }
+    }
+}
+
+template <class D, bool kGated>
+__device__ __forceinline__ void mma_mainloop(const TileArgs& t, char* arena, float (&acc)[2][4][4]) {
+    using T = typename D::T;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = warp % 4, wn = warp / 4;
+    const uint32_t nk = t.k / kTileK;
+    // Prologue: steps 0 .. kStages-2 in flight (one commit group each, possibly empty).
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (uint32_t(s) < nk) mma_load_stage<D, kGated>(t, arena, s, s);
+        cp_async_commit();
+    }
+    for (uint32_t kc = 0; kc < nk; ++kc) {
+        // kStages-1+kc groups are committed; group kc must be complete: kStages-2 may pend.
+        cp_async_wait<kStages - 2>();
+        // Everyone's copies of step kc have landed, and everyone has finished step kc-1,
+        // whose buffer ((kc-1) % kStages) the load below overwrites.
+        __syncthreads();
+        const uint32_t next = kc + kStages - 1;
+        if (next < nk) mma_load_stage<D, kGated>(t, arena, int(next % kStages), next);
+        cp_async_commit();
+        const T* As = reinterpret_cast<const T*>(arena) + (kc % kStages) * 3 * kTileM * kLd;
+        const T* Bg = As + kTileM * kLd;
+        const T* Bu = Bg + kTileN * kLd;
+#pragma unroll
+        for (int kk = 0; kk < kTileK / 16; ++kk) {
+            uint32_t a[4];
+            ldmatrix_x4(a, As + (wm * 16 + (lane % 16)) * kLd + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+                const int brow = wn * 32 + np * 16 + (lane % 8) + (lane / 16) * 8;
+                const int bcol = kk * 16 + ((lane / 8) % 2) * 8;
+                uint32_t b[4];
+                ldmatrix_x4(b, Bg + brow * kLd + bcol);
+                mma16816<D::kCode>(acc[0][np * 2], a, b[0], b[1]);
+                mma16816<D::kCode>(acc[0][np * 2 + 1], a, b[2], b[3]);
+                if constexpr (kGated) {
+                    ldmatrix_x4(b, Bu + brow * kLd + bcol);
+                    mma16816<D::kCode>(acc[1][np * 2], a, b[0], b[1]);
+                    mma16816<D::kCode>(acc[1][np * 2 + 1], a, b[2], b[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();  // only empty groups can remain; the caller syncs before reusing smem
+}
+
+// Output coordinates of accumulator element [g][q] of this thread (both paths).
+template <bool kTensorCore>
+__device__ __forceinline__ void acc_coord(int g, int q, int& row, int& col) {
+    const int tid = threadIdx.x;
+    if constexpr (kTensorCore) {
+        const int warp = tid / 32, lane = tid % 32;
+        row = (warp % 4) * 16 + lane / 4 + (q >= 2 ? 8 : 0);
+        col = (warp / 4) * 32 + g * 8 + (lane % 4) * 2 + (q & 1);
+    } else {
+        row = (tid / 16) * 4 + g;
+        col = (tid % 16) * 4 + q;
+    }
+}
+
+// ---- FFMA path (f32) -------------------------------------------------------------------------
+constexpr int kLdF = kTileM + 4;  // floats per k-major shared row
+
+template <bool kGated>
+struct F32Prefetch {
+    float4 a[4];
+    float4 bg[4];
+    float4 bu[kGated ? 4 : 1];
+};
+
+// Element (r, k4..k4+3) of a 64 x 64 f32 tile for this thread's i-th float4 (r fastest so
+// that the transposing shared stores of a warp hit consecutive banks).
+__device__ __forceinline__ void f32_slot(int i, int& r, int& k4) {
+    const int idx = threadIdx.x + i * kThreads;
+    r = idx % 64;
+    k4 = (idx / 64) * 4;
+}
+
+template <bool kGated>
+__device__ __forceinline__ void f32_fetch(const TileArgs& t, uint32_t kc, F32Prefetch<kGated>& p) {
+    const uint64_t koff = uint64_t(kc) * kTileK * 4;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int r, k4;
+        f32_slot(i, r, k4);
+        p.a[i] = uint32_t(r) < t.a_rows
+                     ? *reinterpret_cast<const float4*>(t.a + r * t.a_stride + koff + k4 * 4)
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
+        p.bg[i] = __ldg(reinterpret_cast<const float4*>(t.b0 + r * t.b_stride + koff + k4 * 4));
+        if constexpr (kGated) {
+            p.bu[i] = __ldg(reinterpret_cast<const float4*>(t.b1 + r * t.b_stride + koff + k4 * 4));
+        }
+    }
+}
+
+__device__ __forceinline__ void f32_put(float* s, int r, int k4, float4 v) {
+    s[(k4 + 0) * kLdF + r] = v.x;
+    s[(k4 + 1) * kLdF + r] = v.y;
+    s[(k4 + 2) * kLdF + r] = v.z;
+    s[(k4 + 3) * kLdF + r] = v.w;
+}
+
+template <bool kGated>
+__device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, float (&acc)[2][4][4]) {
+    float* As = reinterpret_cast<float*>(arena);
+    float* Bg = As + kTileK * kLdF;
+    float* Bu = Bg + kTileK * kLdF;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const uint32_t nk = t.k / kTileK;
+    for (uint32_t kc = 0; kc < nk; ++kc) {
+        // All loads of the step are issued before the first shared store (12 x 16 bytes in
+        // flight per thread). No prefetch across the FMAs: it would push the gated tile
+        // past the 128-register budget of 2 blocks per SM and spill.
+        F32Prefetch<kGated> p;
+        f32_fetch<kGated>(t, kc, p);
+        __syncthreads();  // the previous step's reads are done
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int r, k4;
+            f32_slot(i, r, k4);
+            f32_put(As, r, k4, p.a[i]);
+            f32_put(Bg, r, k4, p.bg[i]);
+            if constexpr (kGated) f32_put(Bu, r, k4, p.bu[i]);
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int kk = 0; kk < kTileK; ++kk) {
+            const float4 a = *reinterpret_cast<const float4*>(As + kk * kLdF + ty * 4);
+            const float av[4] = {a.x, a.y, a.z, a.w};
+            const float4 b = *reinterpret_cast<const float4*>(Bg + kk * kLdF + tx * 4);
+            const float bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[0][i][j] = fmaf(av[i], bv[j], acc[0][i][j]);
+            if constexpr (kGated) {
+                const float4 u = *reinterpret_cast<const float4*>(Bu + kk * kLdF + tx * 4);
+                const float uv[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) acc[1][i][j] = fmaf(av[i], uv[j], acc[1][i][j]);
+            }
+        }
+    }
+}
+
+// ---- the tile ----------------------------------------------------------------------------------
+// Computes one output tile into t.out. Block-wide; starts and ends with the arena free.
+template <class D, int kEpi>
+__device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp) {
+    constexpr bool kGated = kEpi == kEpiActGated;
+    float acc[2][4][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int g = 0; g < 4; ++g)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[m][g][q] = 0.f;
+    if constexpr (D::kTensorCore) {
+        mma_mainloop<D, kGated>(t, arena, acc);
+    } else {
+        ffma_mainloop<kGated>(t, arena, acc);
+    }
+    __syncthreads();  // every warp is done with the stages: reuse them for the f32 tile
+    float* C = reinterpret_cast<float*>(arena);
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            int row, col;
+            acc_coord<D::kTensorCore>(g, q, row, col);
+            float v = acc[0][g][q];
+            if constexpr (kEpi == kEpiActGated) v = activation(mlp, v) * acc[1][g][q];
+            if constexpr (kEpi == kEpiActPlain) v = activation(mlp, v);
+            C[row * kCStride + col] = v;
+        }
+    }
+    __syncthreads();
+    if constexpr (kEpi == kEpiStoreF32) {
+        for (int i = threadIdx.x; i < kTileM * (kTileN / 4); i += kThreads) {
+            const int r = i / (kTileN / 4), v = i % (kTileN / 4);
+            if (uint32_t(r) < t.out_rows) {
+                *reinterpret_cast<float4*>(t.out + r * t.out_stride + v * 16) =
+                    *reinterpret_cast<const float4*>(C + r * kCStride + v * 4);
+            }
+        }
+    } else {
+        constexpr int V = kVec<D>;
+        constexpr int kPerRow = kTileN / V;
+        for (int i = threadIdx.x; i < kTileM * kPerRow; i += kThreads) {
+            const int r = i / kPerRow, v = i % kPerRow;
+            if (uint32_t(r) < t.out_rows) {
+                float f[V];
+#pragma unroll
+                for (int e = 0; e < V; ++e) f[e] = C[r * kCStride + v * V + e];
+                store_vec<D>(t.out + r * t.out_stride + v * 16, f);
+            }
+        }
+    }
+    __syncthreads();
+}
+
+}  // namespace fm
+
+#endif  // FLASHMOE_GEMM_CUH

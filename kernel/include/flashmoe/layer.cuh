@@ -1,0 +1,211 @@
+// The body of the persistent layer kernel, shared by the P2P build (flashmoe.cu) and the
+// NVSHMEM build (flashmoe_nvshmem.cu, which defines FM_NVSHMEM first).
+//
+// Grid: launch_ranks groups of blocks_per_rank blocks; group g plays rank p.rank[g].rank.
+// Groups never synchronise with each other except through signal words in the heaps, as
+// separate GPUs would. Inside a group, rank barriers (sync.cuh) separate the gate phases.
+#ifndef FLASHMOE_LAYER_CUH
+#define FLASHMOE_LAYER_CUH
+
+#include "flashmoe/combine.cuh"
+#include "flashmoe/common.cuh"
+#include "flashmoe/dispatch.cuh"
+#include "flashmoe/gate.cuh"
+#include "flashmoe/gemm.cuh"
+#include "flashmoe/params.h"
+#include "flashmoe/sync.cuh"
+#include "flashmoe/task_queue.cuh"
+#include "flashmoe/transport.cuh"
+#include "flashmoe/watchdog.cuh"
+
+namespace fm {
+
+static_assert(kArenaBytes<Dt<FM_DTYPE_BF16>> + kMiscBytes == FM_SMEM_BYTES_BF16,
+              "FM_SMEM_BYTES_BF16 must equal the bf16 GEMM stages + Misc");
+static_assert(kArenaBytes<Dt<FM_DTYPE_F16>> + kMiscBytes == FM_SMEM_BYTES_F16,
+              "FM_SMEM_BYTES_F16 must equal the f16 GEMM stages + Misc");
+static_assert(kArenaBytes<Dt<FM_DTYPE_F32>> + kMiscBytes == FM_SMEM_BYTES_F32,
+              "FM_SMEM_BYTES_F32 must equal the f32 GEMM stage + Misc");
+
+__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
+    uint32_t v;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(v));
+    return v;
+}
+
+// Parameter checks every block makes identically (so all take the same path). Returns 0 or
+// the FM_STATUS_WHERE code of the first violation, with expected/observed.
+template <class D>
+__device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& observed) {
+    const FmLayerParams& L = *c.L;
+    const FmRankParams& R = *c.R;
+    const auto bad = [&](uint32_t code, uint64_t e, uint64_t o) {
+        expected = e;
+        observed = o;
+        return code;
+    };
+    if (L.version != FM_PARAMS_VERSION) return bad(1, FM_PARAMS_VERSION, L.version);
+    if (L.tile_m != kTileM || L.tile_n != kTileN || L.tile_k != kTileK)
+        return bad(2, kTileM, (uint64_t(L.tile_m) << 32) | (L.tile_n << 16) | L.tile_k);
+    if (L.hidden == 0 || L.hidden % kTileN || L.intermediate == 0 || L.intermediate % kTileN ||
+        L.shared_width % kTileN)
+        return bad(2, kTileN, L.hidden % kTileN ? L.hidden : L.intermediate);
+    if (L.capacity == 0 || L.capacity % kTileM) return bad(2, kTileM, L.capacity);
+    if (L.dtype != D::kCode) return bad(3, D::kCode, L.dtype);
+    if (c.nblk < FM_MIN_BLOCKS_PER_RANK) return bad(4, FM_MIN_BLOCKS_PER_RANK, c.nblk);
+    if (L.top_k == 0 || L.top_k > kMaxTopK || c.k == 0 || c.k > L.top_k)
+        return bad(5, L.top_k, c.k);
+    if (L.experts == 0 || L.experts > kMaxExperts || c.k > L.experts)
+        return bad(6, kMaxExperts, L.experts);
+    if (dynamic_smem_bytes() < uint32_t(kArenaBytes<D> + kMiscBytes))
+        return bad(10, kArenaBytes<D> + kMiscBytes, dynamic_smem_bytes());
+    if (L.world == 0 || c.me >= L.world) return bad(11, L.world, c.me);
+    if (R.local_experts > L.max_local) return bad(11, L.max_local, R.local_experts);
+    if (R.tokens > L.tokens_max) return bad(11, L.tokens_max, R.tokens);
+    if (uint64_t(L.world) * R.local_experts > kMaxSignalPairs)
+        return bad(12, kMaxSignalPairs, uint64_t(L.world) * R.local_experts);
+    if (L.router > FM_ROUTER_GIVEN || L.mlp > FM_MLP_RELU) return bad(13, FM_ROUTER_GIVEN, L.router);
+    // Pointers the configuration needs (observed: which one is missing).
+    if (L.expert_owner == 0) return bad(14, 1, 0);
+    if (L.router != FM_ROUTER_GIVEN && L.router_weight == 0) return bad(14, 1, 1);
+    if (L.router == FM_ROUTER_SIGMOID_BIAS && L.router_bias == 0) return bad(14, 1, 2);
+    if (L.router == FM_ROUTER_GIVEN && (R.given_ids == 0 || R.given_weights == 0)) return bad(14, 1, 3);
+    if (R.tokens != 0 && (R.x == 0 || R.out == 0)) return bad(14, 1, 4);
+    if (R.local_experts != 0 && (R.w0 == 0 || R.w1 == 0)) return bad(14, 1, 5);
+    if (L.shared_width != 0 && (R.shared_w0 == 0 || R.shared_w1 == 0)) return bad(14, 1, 6);
+    if (L.shared_width != 0 && L.shared_gated && R.shared_gate == 0) return bad(14, 1, 7);
+    if (R.heap == 0 || R.peers == 0 || R.workspace == 0) return bad(14, 1, 8);
+    return 0;
+}
+
+// Zeroes this launch's counters before the first barrier (nobody reads them before it).
+__device__ void zero_counters(const Ctx& c) {
+    const FmLayerParams& L = *c.L;
+    const uint32_t units = L.world * L.max_local * c.row_blocks();
+    const uint32_t pairs = L.world * L.max_local;
+    const uint32_t srb = L.shared_width ? (L.tokens_max + kTileM - 1) / kTileM : 0;
+    uint32_t* g0 = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm0_done);
+    uint32_t* g1 = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm1_done);
+    uint32_t* sd = reinterpret_cast<uint32_t*>(c.ws + L.ws_shared_done);
+    const uint32_t stride = c.nblk * kThreads;
+    for (uint32_t i = c.blk * kThreads + threadIdx.x; i < units; i += stride) g0[i] = 0;
+    for (uint32_t i = c.blk * kThreads + threadIdx.x; i < pairs; i += stride) g1[i] = 0;
+    for (uint32_t i = c.blk * kThreads + threadIdx.x; i < srb; i += stride) sd[i] = 0;
+    if (c.blk == 0 && threadIdx.x == 0) {
+        c.queue_ctl()[0] = 0;  // tail
+        c.queue_ctl()[1] = 0;  // head
+        c.sync()[3] = 0;       // shared GEMM1 tiles done
+    }
+}
+
+// The last block of the group to leave resets the barrier and exit counts and advances the
+// epoch (also after an error: stale signals of this launch must never match the next).
+__device__ void rank_exit(const Ctx& c) {
+    transport_quiet();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        uint32_t* s = c.sync();
+        if (atom_add_acq_rel(s + 2, 1) + 1 == c.nblk) {
+            atomicExch(s + 0, 0u);
+            atomicExch(s + 2, 0u);
+            __threadfence();
+            *reinterpret_cast<volatile uint64_t*>(c.ws + c.L->ws_epoch) = c.n;
+            __threadfence_system();
+        }
+    }
+}
+
+template <class D>
+__device__ __forceinline__ void layer(const FmKernelParams& p) {
+    extern __shared__ __align__(128) char smem_raw[];
+    const uint32_t ranks = p.launch_ranks;
+    const bool grid_ok = ranks >= 1 && ranks <= FM_MAX_LAUNCH_RANKS && gridDim.x % ranks == 0 &&
+                         blockDim.x == kThreads && gridDim.y == 1 && gridDim.z == 1;
+    if (!grid_ok) {
+        // Groups cannot be formed: report into rank 0's workspace and leave without the exit
+        // protocol (the epoch is not advanced: the host must not retry this launch shape).
+        if (blockIdx.x == 0 && threadIdx.x == 0) {
+            Ctx c{};
+            c.L = &p.layer;
+            c.R = &p.rank[0];
+            c.ws = reinterpret_cast<char*>(p.rank[0].workspace);
+            const uint64_t where = (ranks < 1 || ranks > FM_MAX_LAUNCH_RANKS) ? 7 : (blockDim.x != kThreads ? 8 : 4);
+            fail(c, FM_STATUS_BAD_PARAMS, FM_STAGE_SETUP, where, ranks, gridDim.x | (uint64_t(blockDim.x) << 32), 0);
+        }
+        return;
+    }
+    Ctx c;
+    c.nblk = gridDim.x / ranks;
+    const uint32_t g = blockIdx.x / c.nblk;
+    c.blk = blockIdx.x % c.nblk;
+    c.L = &p.layer;
+    c.R = &p.rank[g];
+    c.me = c.R->rank;
+    c.k = p.layer.route_k != 0 ? p.layer.route_k : p.layer.top_k;
+    c.ws = reinterpret_cast<char*>(c.R->workspace);
+    c.heap = reinterpret_cast<char*>(c.R->heap);
+    c.peers = reinterpret_cast<const uint64_t*>(c.R->peers);
+    c.misc = reinterpret_cast<Misc*>(smem_raw);
+    c.smem = smem_raw + kMiscBytes;
+    c.n = *reinterpret_cast<volatile uint64_t*>(c.ws + p.layer.ws_epoch) + 1;
+
+    uint64_t expected = 0, observed = 0;
+    const uint32_t bad = check_params<D>(c, expected, observed);
+    bool ok = bad == 0;
+    if (!ok && c.blk == 0 && threadIdx.x == 0) {
+        fail(c, FM_STATUS_BAD_PARAMS, FM_STAGE_SETUP, bad, expected, observed, 0);
+    }
+    if (ok && c.blk == 0) {
+        bool peers_ok = true;
+        for (uint32_t q = threadIdx.x; q < c.L->world; q += kThreads) {
+#ifdef FM_NVSHMEM
+            // RDMA peers (0 entries) need the send cells; this rank's own entry never is 0.
+            const bool peer_bad = c.peers[q] == 0 && (q == c.me || c.L->heap_cells < 2);
+#else
+            const bool peer_bad = c.peers[q] == 0;
+#endif
+            if (peer_bad) {
+                fail(c, FM_STATUS_BAD_PARAMS, FM_STAGE_SETUP, 9, 1, q, 0);
+                peers_ok = false;
+            }
+        }
+        ok = !__syncthreads_or(!peers_ok);
+    }
+    if (ok) zero_counters(c);
+    ok = ok && rank_barrier(c, 0, FM_STAGE_SETUP);
+
+    // ---- gate ----
+    const uint32_t chunks = c.gate_chunks();
+    if (ok) {
+        for (uint32_t ch = c.blk; ch < chunks; ch += c.nblk) gate_chunk<D>(c, ch);
+    }
+    ok = ok && rank_barrier(c, 1, FM_STAGE_GATE);
+    if (ok) gate_scan(c);
+    ok = ok && rank_barrier(c, 2, FM_STAGE_GATE);
+
+    // ---- dispatch ----
+    if (ok) {
+        for (uint32_t ch = c.blk; ch < chunks; ch += c.nblk) dispatch_chunk<D>(c, ch);
+    }
+    // The barrier's system-scope fence orders every block's row copies before block 0's
+    // signals below.
+    ok = ok && rank_barrier(c, 3, FM_STAGE_DISPATCH);
+    if (ok && c.blk == 0) {
+        send_dispatch_signals(c);
+        ok = schedule(c);
+    }
+
+    // ---- experts ----
+    ok = ok && process_tasks<D>(c);
+
+    // ---- combine ----
+    ok = ok && combine_wait(c);
+    if (ok) combine_tokens<D>(c);
+
+    rank_exit(c);
+}
+
+}  // namespace fm
+
+#endif  // FLASHMOE_LAYER_CUH

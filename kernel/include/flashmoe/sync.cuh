@@ -1,0 +1,113 @@
+// Memory-ordering primitives and the rank-group barrier.
+//
+// Ordering rules used throughout the kernel:
+// - Data that another RANK reads (dispatch rows, expert outputs) is published by the writing
+//   threads' block reaching a __syncthreads, one thread issuing __threadfence_system() and
+//   then a st.release.sys of the signal word (or an atomic that a later signaller acquires).
+//   The reader polls with ld.acquire.sys and then __syncthreads before touching the data.
+// - Data read only on this GPU by this rank's blocks (activations, queue entries, counters)
+//   uses the same pattern at gpu scope.
+#ifndef FLASHMOE_SYNC_CUH
+#define FLASHMOE_SYNC_CUH
+
+#include "flashmoe/common.cuh"
+#include "flashmoe/watchdog.cuh"
+
+namespace fm {
+
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+    uint64_t v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ uint64_t ld_acquire_gpu(const uint64_t* p) {
+    uint64_t v;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
+    uint32_t v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void st_release_gpu(uint64_t* p, uint64_t v) {
+    asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void st_relaxed_gpu(uint64_t* p, uint64_t v) {
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// Atomic add with acquire-release semantics at gpu scope; returns the old value.
+__device__ __forceinline__ uint32_t atom_add_acq_rel(uint32_t* p, uint32_t v) {
+    uint32_t old;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;"
+                 : "=r"(old)
+                 : "l"(p), "r"(v)
+                 : "memory");
+    return old;
+}
+
+// Broadcasts thread 0's `v` to the whole block (contains two __syncthreads).
+__device__ __forceinline__ bool block_bcast(const Ctx& c, bool v) {
+    __syncthreads();
+    if (threadIdx.x == 0) c.misc->flag = v ? 1 : 0;
+    __syncthreads();
+    const bool r = c.misc->flag != 0;
+    __syncthreads();
+    return r;
+}
+
+// True while no block of this rank group has hit an error (block-uniform).
+__device__ __forceinline__ bool block_ok(const Ctx& c) {
+    return block_bcast(c, threadIdx.x == 0 ? !aborted(c) : true);
+}
+
+// Barrier of the blocks of one rank group (never across ranks: real GPUs could not).
+//
+// sync[0] counts arrivals, sync[1] is the generation. A block reads the generation BEFORE
+// arriving (it cannot advance until this block arrives), arrives, and the last arriver
+// resets the count and bumps the generation. Cannot deadlock: every block of the group is
+// resident (cooperative launch) and reaches the same barrier sequence unless the group
+// aborts, in which case the waiters see the abort flag and leave. Returns false on abort
+// or deadline (block-uniform).
+__device__ __forceinline__ bool rank_barrier(const Ctx& c, uint32_t index, uint32_t stage) {
+    __syncthreads();
+    bool ok = true;
+    if (threadIdx.x == 0) {
+        uint32_t* count = c.sync();
+        uint32_t* gen = c.sync() + 1;
+        const uint32_t g = ld_acquire_gpu(gen);
+        // Publishes every write of this block (made visible to thread 0 by __syncthreads),
+        // including stores into peers' heaps, at system scope before the arrival.
+        __threadfence_system();
+        const uint32_t arrived = atom_add_acq_rel(count, 1);
+        if (arrived == c.nblk - 1) {
+            atomicExch(count, 0u);
+            __threadfence();
+            atom_add_acq_rel(gen, 1);
+        } else {
+            ok = wait_until(
+                c, [&](uint64_t& seen) {
+                    const uint32_t v = ld_acquire_gpu(gen);
+                    seen = v;
+                    return v != g;
+                },
+                stage, 0x2000000ull | index, uint64_t(g) + 1);
+        }
+        // A block that passes the barrier after another block of the group failed leaves too.
+        ok = ok && !aborted(c);
+    }
+    return block_bcast(c, ok);
+}
+
+}  // namespace fm
+
+#endif  // FLASHMOE_SYNC_CUH
