@@ -297,12 +297,35 @@ mod tests {
 
     #[test]
     fn explicit_options_override_the_preset_and_are_validated() {
-        let cli = Cli::parse_from(["flashmoe-bench", "layer", "--preset", "tiny", "--top-k", "3", "--world", "2"]);
-        let Command::Layer(a) = cli.command else { panic!("not layer") };
+        let cli = Cli::parse_from([
+            "flashmoe-bench",
+            "layer",
+            "--preset",
+            "tiny",
+            "--top-k",
+            "3",
+            "--world",
+            "2",
+        ]);
+        let Command::Layer(a) = cli.command else {
+            panic!("not layer")
+        };
         let (name, c) = a.shape.config(false).unwrap();
         assert_eq!((name.as_str(), c.top_k, c.world), ("tiny", 3, 2));
-        let cli = Cli::parse_from(["flashmoe-bench", "layer", "--preset", "tiny", "--top-k", "99"]);
-        let Command::Layer(a) = cli.command else { panic!("not layer") };
-        assert!(matches!(a.shape.config(false), Err(Error::InvalidConfig { field: "top_k", .. })));
+        let cli = Cli::parse_from([
+            "flashmoe-bench",
+            "layer",
+            "--preset",
+            "tiny",
+            "--top-k",
+            "99",
+        ]);
+        let Command::Layer(a) = cli.command else {
+            panic!("not layer")
+        };
+        assert!(matches!(
+            a.shape.config(false),
+            Err(Error::InvalidConfig { field: "top_k", .. })
+        ));
     }
 }

@@ -9,6 +9,9 @@ use flashmoe::{Error, LayerPlan, Result};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// The cubin of the persistent layer kernel (`kernel/flashmoe.cu`).
+pub const LAYER_KERNEL: &str = "flashmoe";
+
 /// A way of running one layer.
 pub trait Runner {
     /// Backend and device, for the report.
@@ -16,7 +19,13 @@ pub trait Runner {
     /// One forward whose output is returned (used for the check).
     fn run(&mut self, inputs: &[RankInput], ov: &RouteOverrides) -> Result<LayerOutput>;
     /// `warmup` untimed then `iters` timed forwards; milliseconds per forward.
-    fn time(&mut self, inputs: &[RankInput], ov: &RouteOverrides, warmup: usize, iters: usize) -> Result<Vec<f64>>;
+    fn time(
+        &mut self,
+        inputs: &[RankInput],
+        ov: &RouteOverrides,
+        warmup: usize,
+        iters: usize,
+    ) -> Result<Vec<f64>>;
     /// The device's peaks measured now, if this backend has a roofline.
     fn peaks(&mut self) -> Result<Option<Peaks>>;
 }
@@ -24,7 +33,7 @@ pub trait Runner {
 /// Whether the run goes to the GPU; `--backend gpu` without a usable GPU is an error.
 pub fn wants_gpu(backend: Backend, world: WorldArg) -> Result<bool> {
     let usable = || -> Result<()> {
-        flashmoe::gpu::kernels::cubin_available()?;
+        flashmoe::gpu::kernels::cubin(LAYER_KERNEL)?;
         flashmoe::gpu::probe::probe().map(|_| ())
     };
     match backend {
@@ -62,14 +71,23 @@ pub fn cpu_runner(plan: &LayerPlan, weights: &LayerWeights) -> Result<Box<dyn Ru
 impl Runner for Cpu {
     fn describe(&self) -> String {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        format!("cpu executor ({} rank thread(s) on {cores} core(s))", self.ranks)
+        format!(
+            "cpu executor ({} rank thread(s) on {cores} core(s))",
+            self.ranks
+        )
     }
 
     fn run(&mut self, inputs: &[RankInput], ov: &RouteOverrides) -> Result<LayerOutput> {
         self.exec.forward(inputs, ov)
     }
 
-    fn time(&mut self, inputs: &[RankInput], ov: &RouteOverrides, warmup: usize, iters: usize) -> Result<Vec<f64>> {
+    fn time(
+        &mut self,
+        inputs: &[RankInput],
+        ov: &RouteOverrides,
+        warmup: usize,
+        iters: usize,
+    ) -> Result<Vec<f64>> {
         for _ in 0..warmup {
             self.exec.forward(inputs, ov)?;
         }
@@ -88,6 +106,10 @@ impl Runner for Cpu {
 }
 
 /// The GPU kernel (single or emulated world).
-pub fn gpu_runner(plan: &LayerPlan, weights: &LayerWeights, world: WorldArg) -> Result<Box<dyn Runner>> {
+pub fn gpu_runner(
+    plan: &LayerPlan,
+    weights: &LayerWeights,
+    world: WorldArg,
+) -> Result<Box<dyn Runner>> {
     crate::gpu_backend::runner(plan, weights, world)
 }

@@ -4,7 +4,7 @@ use crate::args::{LayerArgs, ShapeArgs, WorldArg};
 use crate::backend::{self, Runner};
 use crate::report::Report;
 use crate::stats::summarize;
-use flashmoe::config::{Dtype, GivenRouting, MoeConfig, Router};
+use flashmoe::config::{GivenRouting, MoeConfig, Router};
 use flashmoe::metrics::LayerWork;
 use flashmoe::reference::{self, LayerOutput, RankInput, RouteOverrides};
 use flashmoe::weights::{random_tokens, LayerWeights};
@@ -13,20 +13,16 @@ use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
 
-/// Tolerance of the check, relative to the reference's largest magnitude (DESIGN.md).
-pub fn tolerance(dtype: Dtype) -> f64 {
-    match dtype {
-        Dtype::F32 => 1e-5,
-        Dtype::Bf16 | Dtype::F16 => 2e-2,
-    }
-}
-
 /// Random caller routing: k distinct experts per token, equal weights.
 pub fn random_routing(cfg: &MoeConfig, tokens: usize, seed: u64) -> GivenRouting {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut ids = Vec::with_capacity(tokens * cfg.top_k);
     for _ in 0..tokens {
-        ids.extend(sample(&mut rng, cfg.experts, cfg.top_k).into_iter().map(|e| e as u32));
+        ids.extend(
+            sample(&mut rng, cfg.experts, cfg.top_k)
+                .into_iter()
+                .map(|e| e as u32),
+        );
     }
     GivenRouting {
         weights: vec![1.0 / cfg.top_k as f32; ids.len()],
@@ -51,7 +47,10 @@ pub fn check(
     got: &LayerOutput,
     check_tokens: usize,
 ) -> Result<f64> {
-    let rows: Vec<Vec<usize>> = inputs.iter().map(|i| sample_rows(i.tokens, check_tokens)).collect();
+    let rows: Vec<Vec<usize>> = inputs
+        .iter()
+        .map(|i| sample_rows(i.tokens, check_tokens))
+        .collect();
     let want = reference::forward_rows(plan, weights, inputs, ov, &rows)?;
     let h = plan.config.hidden;
     let (mut max_err, mut max_ref) = (0.0f64, 0.0f64);
@@ -60,14 +59,21 @@ pub fn check(
             let g = &got.out[r][t * h..(t + 1) * h];
             for (a, b) in g.iter().zip(&want[r][i]) {
                 if !a.is_finite() {
-                    return Err(Error::input("output", format!("rank {r} token {t} holds {a}")));
+                    return Err(Error::input(
+                        "output",
+                        format!("rank {r} token {t} holds {a}"),
+                    ));
                 }
                 max_err = max_err.max((*a as f64 - b).abs());
                 max_ref = max_ref.max(b.abs());
             }
         }
     }
-    Ok(if max_ref > 0.0 { max_err / max_ref } else { max_err })
+    Ok(if max_ref > 0.0 {
+        max_err / max_ref
+    } else {
+        max_err
+    })
 }
 
 /// Kept rows per expert over all ranks, from the gates of a run.
@@ -121,7 +127,7 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
     };
     let first = runner.run(&inputs, &ov)?;
     let err = check(&plan, &weights, &inputs, &ov, &first, shape.check_tokens)?;
-    let tol = tolerance(cfg.dtype);
+    let tol = reference::tolerance(cfg.dtype);
     if err > tol {
         return Err(Error::input(
             "output",
@@ -172,7 +178,9 @@ pub fn describe(cfg: &MoeConfig, plan: &LayerPlan) -> String {
         flashmoe::Capacity::Factor(f) => format!("capacity {f} ({} rows)", plan.capacity),
         flashmoe::Capacity::Dropless => format!("dropless ({} rows)", plan.capacity),
     };
-    let shared = cfg.shared.map_or(String::new(), |s| format!(" shared {}x{}", s.count, s.intermediate));
+    let shared = cfg.shared.map_or(String::new(), |s| {
+        format!(" shared {}x{}", s.count, s.intermediate)
+    });
     format!(
         "tokens/rank {} hidden {} intermediate {} experts {} top-{} {} {} {} x{}{} {}",
         cfg.tokens,

@@ -17,14 +17,33 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn probe() -> flashmoe::Result<()> {
-    match flashmoe::gpu::kernels::cubin_available() {
-        Ok(()) => println!("kernels: built ({})", flashmoe::gpu::kernels::names().join(", ")),
-        Err(e) => println!("kernels: {e}"),
+    use flashmoe::gpu::{kernels, probe};
+    if kernels::built_with_kernels() {
+        println!(
+            "kernels: {} for {}",
+            kernels::names().join(", "),
+            kernels::arch().unwrap_or("?")
+        );
+        for (name, why) in kernels::skipped() {
+            println!("kernels: {name} not built: {why}");
+        }
+    } else if let Err(e) = kernels::cubin(backend::LAYER_KERNEL) {
+        println!("kernels: {e}");
     }
-    match flashmoe::gpu::probe::probe() {
+    match probe::probe() {
         Ok(gpus) => {
             for g in gpus {
-                println!("gpu: {g}");
+                println!(
+                    "gpu {}: {}, {} SMs, {:.1} GiB, sm_{}{}, driver CUDA {}.{}",
+                    g.ordinal,
+                    g.name,
+                    g.sms,
+                    g.memory_bytes as f64 / (1u64 << 30) as f64,
+                    g.compute_capability.0,
+                    g.compute_capability.1,
+                    g.driver_version.0,
+                    g.driver_version.1
+                );
             }
         }
         Err(e) => println!("gpu: {e}"),

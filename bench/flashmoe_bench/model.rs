@@ -69,7 +69,11 @@ fn build_layers(args: &ModelArgs, gpu: bool) -> Result<(String, Vec<ModelLayer>,
         }
         None => {
             let LayerSel::Count(n) = sel else {
-                return Err(Error::config("layers", &args.layers, "a count for synthetic models"));
+                return Err(Error::config(
+                    "layers",
+                    &args.layers,
+                    "a count for synthetic models",
+                ));
             };
             let (name, cfg) = shape.config(gpu)?;
             let tokens = cfg.tokens;
@@ -77,7 +81,11 @@ fn build_layers(args: &ModelArgs, gpu: bool) -> Result<(String, Vec<ModelLayer>,
             spec.zipf = args.skew;
             spec.seed = shape.seed;
             let layers = spec.build()?;
-            Ok((format!("{name} (synthetic, zipf {})", args.skew), layers, spec.inputs(tokens, shape.seed)))
+            Ok((
+                format!("{name} (synthetic, zipf {})", args.skew),
+                layers,
+                spec.inputs(tokens, shape.seed),
+            ))
         }
     }
 }
@@ -95,11 +103,16 @@ fn check_layers(
         let cfg = &layer.config;
         let h = cfg.hidden;
         let before: Vec<Vec<f32>> = if l == 0 {
-            x.iter().map(|r| r.iter().map(|&v| cfg.dtype.round(v)).collect()).collect()
+            x.iter()
+                .map(|r| r.iter().map(|&v| cfg.dtype.round(v)).collect())
+                .collect()
         } else {
             trace[l - 1].clone()
         };
-        let normed: Vec<Vec<f32>> = before.iter().map(|r| layer.norm.apply(r, cfg.dtype)).collect();
+        let normed: Vec<Vec<f32>> = before
+            .iter()
+            .map(|r| layer.norm.apply(r, cfg.dtype))
+            .collect();
         let inputs: Vec<RankInput> = normed
             .iter()
             .map(|r| RankInput {
@@ -108,7 +121,10 @@ fn check_layers(
                 routing: None,
             })
             .collect();
-        let rows: Vec<Vec<usize>> = inputs.iter().map(|i| sample_rows(i.tokens, check_tokens)).collect();
+        let rows: Vec<Vec<usize>> = inputs
+            .iter()
+            .map(|i| sample_rows(i.tokens, check_tokens))
+            .collect();
         let ov = RouteOverrides {
             top_k: None,
             logit_bias: layer.logit_bias.clone(),
@@ -120,7 +136,12 @@ fn check_layers(
             for (i, &t) in list.iter().enumerate() {
                 got_rows.extend_from_slice(&trace[l][r][t * h..(t + 1) * h]);
                 let residual = &before[r][t * h..(t + 1) * h];
-                want_rows.extend(residual.iter().zip(&want[r][i]).map(|(a, b)| (*a as f64 + b) as f32));
+                want_rows.extend(
+                    residual
+                        .iter()
+                        .zip(&want[r][i])
+                        .map(|(a, b)| (*a as f64 + b) as f32),
+                );
             }
         }
         let err = reference::normalised_error(&got_rows, &want_rows);
@@ -128,7 +149,10 @@ fn check_layers(
         if err > tol {
             return Err(Error::input(
                 "output",
-                format!("layer {}: error {err:.3e} vs the reference exceeds {tol:.0e}", layer.index),
+                format!(
+                    "layer {}: error {err:.3e} vs the reference exceeds {tol:.0e}",
+                    layer.index
+                ),
             ));
         }
         worst = worst.max(err);
@@ -199,11 +223,21 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         tokens,
         m.world()
     );
-    println!("  {:>5} {:>10} {:>8} {:>9} {:>8} {:>6} {:>8}  load histogram (8 bins up to max)", "layer", "median ms", "min", "mean", "max", "idle", "dropped");
+    println!(
+        "  {:>5} {:>10} {:>8} {:>9} {:>8} {:>6} {:>8}  load histogram (8 bins up to max)",
+        "layer", "median ms", "min", "mean", "max", "idle", "dropped"
+    );
     for r in &rows {
         println!(
             "  {:>5} {:>10.4} {:>8} {:>9.1} {:>8} {:>6} {:>8}  {}",
-            r["layer"], r["median_ms"].as_f64().unwrap_or(f64::NAN), r["load_min"], r["load_mean"].as_f64().unwrap_or(f64::NAN), r["load_max"], r["idle_experts"], r["dropped"], r["histogram"]
+            r["layer"],
+            r["median_ms"].as_f64().unwrap_or(f64::NAN),
+            r["load_min"],
+            r["load_mean"].as_f64().unwrap_or(f64::NAN),
+            r["load_max"],
+            r["idle_experts"],
+            r["dropped"],
+            r["histogram"]
         );
     }
     println!(
@@ -226,7 +260,16 @@ mod tests {
         assert_eq!(parse_layers("4").unwrap(), LayerSel::Count(4));
         assert_eq!(parse_layers("2..5").unwrap(), LayerSel::Range(2, 5));
         for bad in ["0", "5..2", "3..3", "a..b", "x"] {
-            assert!(matches!(parse_layers(bad), Err(Error::InvalidConfig { field: "layers", .. })), "{bad}");
+            assert!(
+                matches!(
+                    parse_layers(bad),
+                    Err(Error::InvalidConfig {
+                        field: "layers",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
         }
     }
 }

@@ -47,11 +47,20 @@ pub fn run(args: &LayerArgs) -> Result<()> {
     let reports = launcher::launch_local(n, &exe, &child_args(&argv))?;
     if args.shape.json {
         let all: Vec<&serde_json::Value> = reports.iter().map(|r| &r.result).collect();
-        println!("{}", serde_json::Value::from(all.into_iter().cloned().collect::<Vec<_>>()));
+        println!(
+            "{}",
+            serde_json::Value::from(all.into_iter().cloned().collect::<Vec<_>>())
+        );
         return Ok(());
     }
-    println!("flashmoe-bench layer --nproc {n}: {} rank(s) reported", reports.len());
-    println!("  {:>4} {:>12} {:>12} {:>12} {:>10} {:>9}", "rank", "median ms", "p10 ms", "p90 ms", "rel err", "dropped");
+    println!(
+        "flashmoe-bench layer --nproc {n}: {} rank(s) reported",
+        reports.len()
+    );
+    println!(
+        "  {:>4} {:>12} {:>12} {:>12} {:>10} {:>9}",
+        "rank", "median ms", "p10 ms", "p90 ms", "rel err", "dropped"
+    );
     for r in &reports {
         let v = &r.result;
         let l = &v["latency_ms"];
@@ -74,12 +83,17 @@ mod tests {
 
     #[test]
     fn child_args_drop_nproc_and_ask_for_json() {
-        let argv: Vec<String> = ["bench", "layer", "--nproc", "4", "--preset", "tiny", "--json"]
+        let argv: Vec<String> = [
+            "bench", "layer", "--nproc", "4", "--preset", "tiny", "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(child_args(&argv), ["layer", "--preset", "tiny", "--json"]);
+        let argv: Vec<String> = ["bench", "layer", "--nproc=2"]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        assert_eq!(child_args(&argv), ["layer", "--preset", "tiny", "--json"]);
-        let argv: Vec<String> = ["bench", "layer", "--nproc=2"].iter().map(|s| s.to_string()).collect();
         assert_eq!(child_args(&argv), ["layer", "--json"]);
     }
 }

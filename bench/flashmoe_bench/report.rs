@@ -80,7 +80,10 @@ impl Report {
             "  {:<10} max rel error {:.2e} on {} tokens/rank vs the f64 reference (tolerance {:.0e}): ok",
             "check", self.max_rel_error, self.checked_tokens, self.tolerance
         );
-        println!("  {:<10} {} of {} pairs", "dropped", self.dropped, self.pairs);
+        println!(
+            "  {:<10} {} of {} pairs",
+            "dropped", self.dropped, self.pairs
+        );
         println!(
             "  {:<10} median {:.4} ms   p10 {:.4}   p90 {:.4}   ({} timed runs)",
             "latency", l.median, l.p10, l.p90, l.n

@@ -125,18 +125,20 @@ impl MoeModel {
     }
 
     /// Builds the model with a backend made by `factory` for each layer, from the layer,
-    /// its plan and its weights. This is the hook for the GPU layer: implement
-    /// [`LayerBackend`] for it and pass a factory that constructs it, e.g.
+    /// its plan and its weights. This is the hook for the GPU layer
+    /// ([`crate::gpu::layer::MoeLayer`] implements [`LayerBackend`]), e.g.
     ///
-    /// ```text
-    /// impl LayerBackend for gpu::layer::MoeLayer {
-    ///     fn name(&self) -> &'static str { "gpu" }
-    ///     fn forward_host(&mut self, inputs: &[RankInput], ov: &RouteOverrides)
-    ///         -> Result<LayerOutput> { MoeLayer::forward_host(self, inputs, ov) }
-    /// }
-    /// let model = MoeModel::with_factory(layers, |_, plan, weights| {
-    ///     Ok(Box::new(MoeLayer::new(&world, plan, weights)?))
-    /// })?;
+    /// ```no_run
+    /// # use flashmoe::model::{MoeModel, ModelLayer};
+    /// # use flashmoe::gpu::layer::{GpuOptions, GpuWorld, MoeLayer};
+    /// # fn build(layers: Vec<ModelLayer>) -> flashmoe::Result<MoeModel> {
+    /// let ctx = cudarc::driver::CudaContext::new(0).map_err(|e| flashmoe::Error::Cuda(e.to_string()))?;
+    /// let stream = ctx.default_stream();
+    /// MoeModel::with_factory(layers, |_, plan, weights| {
+    ///     let layer = MoeLayer::new(stream.clone(), plan, &weights, GpuWorld::Single, GpuOptions::default())?;
+    ///     Ok(Box::new(layer) as Box<dyn flashmoe::model::LayerBackend>)
+    /// })
+    /// # }
     /// ```
     pub fn with_factory<F>(layers: Vec<ModelLayer>, mut factory: F) -> Result<Self>
     where
