@@ -58,6 +58,7 @@ __device__ FM_PHASE void combine_tokens(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     const FmRankParams& R = *c.R;
     constexpr int V = kVec<D>;
+    static_assert(V % 4 == 0, "the shared-expert term is read as float4");
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t k = c.k;
     const uint64_t row_bytes = uint64_t(L.hidden) * sizeof(typename D::T);
@@ -115,8 +116,16 @@ __device__ FM_PHASE void combine_tokens(const Ctx& c) {
                 }
             }
             if (shared) {
+                // 16-byte aligned: rows are 4 * hidden bytes, hidden a multiple of 64.
+                const float4* s4 = reinterpret_cast<const float4*>(so + uint64_t(v) * V);
 #pragma unroll
-                for (int i = 0; i < V; ++i) acc[i] = fmaf(g, so[v * V + i], acc[i]);
+                for (int q = 0; q < V / 4; ++q) {
+                    const float4 f = s4[q];
+                    acc[4 * q + 0] = fmaf(g, f.x, acc[4 * q + 0]);
+                    acc[4 * q + 1] = fmaf(g, f.y, acc[4 * q + 1]);
+                    acc[4 * q + 2] = fmaf(g, f.z, acc[4 * q + 2]);
+                    acc[4 * q + 3] = fmaf(g, f.w, acc[4 * q + 3]);
+                }
             }
             store_vec<D>(out + uint64_t(v) * 16, acc);
         }
