@@ -13,9 +13,13 @@ fn executor(c: &mut Criterion) {
     for world in [1usize, 4] {
         let mut cfg = MoeConfig::new(128, 256, 512, 16, 2);
         cfg.world = world;
-        let Ok(plan) = LayerPlan::new(&cfg) else { return };
+        let Ok(plan) = LayerPlan::new(&cfg) else {
+            return;
+        };
         let weights = Arc::new(LayerWeights::random(&cfg, 1));
-        let xs: Vec<Vec<f32>> = (0..world).map(|r| random_tokens(&cfg, cfg.tokens, 10 + r as u64)).collect();
+        let xs: Vec<Vec<f32>> = (0..world)
+            .map(|r| random_tokens(&cfg, cfg.tokens, 10 + r as u64))
+            .collect();
         let inputs: Vec<RankInput> = xs
             .iter()
             .map(|x| RankInput {
@@ -25,9 +29,14 @@ fn executor(c: &mut Criterion) {
             })
             .collect();
         let ov = RouteOverrides::default();
-        let Ok(mut exec) = CpuExecutor::new(plan.clone(), weights.clone()) else { return };
+        let Ok(mut exec) = CpuExecutor::new(plan.clone(), weights.clone()) else {
+            return;
+        };
         // Check before timing: a wrong executor must not produce a number.
-        let (Ok(got), Ok(want)) = (exec.forward(&inputs, &ov), reference::forward(&plan, &weights, &inputs, &ov)) else {
+        let (Ok(got), Ok(want)) = (
+            exec.forward(&inputs, &ov),
+            reference::forward(&plan, &weights, &inputs, &ov),
+        ) else {
             panic!("cpu executor or reference failed");
         };
         for (g, w) in got.out.iter().zip(&want.out) {
@@ -35,9 +44,10 @@ fn executor(c: &mut Criterion) {
             let err = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
             assert!(err < 2e-2, "cpu executor differs from the reference: {err}");
         }
-        c.bench_function(&format!("cpu_executor/128tok_256x512_16e_top2/world{world}"), |b| {
-            b.iter(|| exec.forward(&inputs, &ov))
-        });
+        c.bench_function(
+            &format!("cpu_executor/128tok_256x512_16e_top2/world{world}"),
+            |b| b.iter(|| exec.forward(&inputs, &ov)),
+        );
     }
 }
 

@@ -6,7 +6,9 @@ use std::hint::black_box;
 
 fn plan(c: &mut Criterion) {
     for name in presets::NAMES {
-        let Ok(p) = presets::preset(name) else { continue };
+        let Ok(p) = presets::preset(name) else {
+            continue;
+        };
         let mut cfg = p.config;
         cfg.world = 8;
         c.bench_function(&format!("plan/{name}/world8"), |b| {

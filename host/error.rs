@@ -96,6 +96,18 @@ pub enum Error {
     #[error("bootstrap: {0}")]
     Bootstrap(String),
 
+    /// A rank process started by the local launcher failed, printed no result line, or was
+    /// still running at the launcher's deadline.
+    #[error("rank {rank} failed: {reason}{}", stderr_section(.stderr_tail))]
+    RankFailed {
+        /// The rank.
+        rank: usize,
+        /// Exit status, signal or deadline.
+        reason: String,
+        /// The last lines the rank wrote to stderr.
+        stderr_tail: String,
+    },
+
     /// A checkpoint could not be read or does not match the expected layout.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint {
@@ -127,6 +139,14 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+}
+
+fn stderr_section(tail: &str) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\n--- last lines of its stderr ---\n{tail}")
+    }
 }
 
 /// The crate's result type.

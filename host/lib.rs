@@ -16,6 +16,7 @@ pub mod plan;
 pub mod presets;
 pub mod reference;
 pub mod weights;
+pub mod world;
 
 pub use config::{
     Capacity, Dtype, GivenRouting, MlpKind, MoeConfig, Placement, Router, SharedExperts,

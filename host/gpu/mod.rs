@@ -6,7 +6,9 @@
 //! [`Error::NoKernels`](crate::Error::NoKernels) instead of failing to compile.
 
 pub mod kernels;
+pub mod layer;
 pub mod probe;
+pub mod roofline;
 
 /// True when the environment variable `FLASHMOE_EXPECT_GPU` is set (to anything but empty
 /// or `0`): GPU tests then fail instead of skipping when no usable GPU or kernel is found,

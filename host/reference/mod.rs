@@ -207,6 +207,43 @@ fn dot64(a: &[f32], b: &[f32]) -> f64 {
         .sum()
 }
 
+/// Output row of token `t` in f64, before rounding: its kept experts in choice order, then
+/// the shared experts (the fixed combine order).
+fn token_row(
+    cfg: &MoeConfig,
+    w: &LayerWeights,
+    g: &GateOutput,
+    x: &[f32],
+    t: usize,
+    k: usize,
+) -> Vec<f64> {
+    let h = cfg.hidden;
+    let xt = &x[t * h..(t + 1) * h];
+    let mut acc = vec![0f64; h];
+    for j in 0..k {
+        let i = t * k + j;
+        if g.slots[i] < 0 {
+            continue;
+        }
+        let y = expert_mlp(cfg, &w.experts[g.ids[i] as usize], cfg.intermediate, xt);
+        let wj = f64::from(g.weights[i]);
+        for (a, yv) in acc.iter_mut().zip(&y) {
+            *a += wj * yv;
+        }
+    }
+    if let (Some(s), Some(sw)) = (cfg.shared, &w.shared) {
+        let y = expert_mlp(cfg, sw, s.count * s.intermediate, xt);
+        let gs = match &w.shared_gate {
+            Some(gw) if s.gated => sigmoid(dot64(xt, gw)),
+            _ => 1.0,
+        };
+        for (a, yv) in acc.iter_mut().zip(&y) {
+            *a += gs * yv;
+        }
+    }
+    acc
+}
+
 /// The whole layer on every rank: gate, experts, shared experts, combine.
 pub fn forward(
     plan: &LayerPlan,
@@ -232,30 +269,7 @@ pub fn forward(
         );
         let mut out = vec![0f32; input.tokens * h];
         for (t, row_out) in out.chunks_exact_mut(h).enumerate() {
-            let x = &input.x[t * h..(t + 1) * h];
-            let mut acc = vec![0f64; h];
-            for j in 0..k {
-                let i = t * k + j;
-                if g.slots[i] < 0 {
-                    continue;
-                }
-                let expert = &w.experts[g.ids[i] as usize];
-                let y = expert_mlp(cfg, expert, cfg.intermediate, x);
-                let wj = f64::from(g.weights[i]);
-                for (a, yv) in acc.iter_mut().zip(&y) {
-                    *a += wj * yv;
-                }
-            }
-            if let (Some(s), Some(sw)) = (cfg.shared, &w.shared) {
-                let y = expert_mlp(cfg, sw, s.count * s.intermediate, x);
-                let gs = match &w.shared_gate {
-                    Some(gw) if s.gated => sigmoid(dot64(x, gw)),
-                    _ => 1.0,
-                };
-                for (a, yv) in acc.iter_mut().zip(&y) {
-                    *a += gs * yv;
-                }
-            }
+            let acc = token_row(cfg, w, &g, input.x, t, k);
             for (o, a) in row_out.iter_mut().zip(&acc) {
                 *o = cfg.dtype.round(*a as f32);
             }
@@ -264,6 +278,53 @@ pub fn forward(
         gates.push(g);
     }
     Ok(LayerOutput::from_ranks(cfg.experts, outs, gates))
+}
+
+/// The reference output of selected token rows only: `rows[r]` lists rank r's tokens and
+/// the result holds, per rank, one f64 row (`hidden` values, not rounded) per listed token.
+///
+/// The gate still runs over every token (slots and drops depend on all of them), but the
+/// expert MLPs only for the listed rows, so large layers can be checked on a sample.
+pub fn forward_rows(
+    plan: &LayerPlan,
+    w: &LayerWeights,
+    inputs: &[RankInput],
+    ov: &RouteOverrides,
+    rows: &[Vec<usize>],
+) -> Result<Vec<Vec<Vec<f64>>>> {
+    let cfg = &plan.config;
+    let k = ov.effective_top_k(cfg)?;
+    check_inputs(plan, w, inputs)?;
+    if rows.len() != inputs.len() {
+        return Err(Error::input(
+            "rows",
+            format!("{} row lists for {} ranks", rows.len(), inputs.len()),
+        ));
+    }
+    let mut result = Vec::with_capacity(inputs.len());
+    for (r, (input, list)) in inputs.iter().zip(rows).enumerate() {
+        if let Some(&t) = list.iter().find(|&&t| t >= input.tokens) {
+            return Err(Error::input(
+                "rows",
+                format!("rank {r} lists token {t} but has {} tokens", input.tokens),
+            ));
+        }
+        let g = gate_checked(
+            plan,
+            w,
+            input.x,
+            input.tokens,
+            input.routing,
+            k,
+            ov.logit_bias.as_deref(),
+        );
+        result.push(
+            list.iter()
+                .map(|&t| token_row(cfg, w, &g, input.x, t, k))
+                .collect(),
+        );
+    }
+    Ok(result)
 }
 
 #[cfg(test)]

@@ -598,3 +598,49 @@ fn zero_tokens_give_empty_outputs() {
     assert_eq!(out.expert_counts.iter().sum::<u64>(), 6);
     assert_eq!(out.dropped, 0);
 }
+
+#[test]
+fn forward_rows_equals_forward_on_the_listed_rows() {
+    // Capacity rounds up to 64 rows: 200 tokens on 2 experts overflow it.
+    let mut cfg = MoeConfig::new(200, 64, 64, 2, 1);
+    cfg.world = 2;
+    cfg.capacity = crate::config::Capacity::Factor(0.1);
+    cfg.shared = Some(crate::config::SharedExperts {
+        count: 1,
+        intermediate: 64,
+        gated: true,
+    });
+    let plan = LayerPlan::new(&cfg).unwrap();
+    let w = LayerWeights::random(&cfg, 3);
+    let xs: Vec<Vec<f32>> = (0..2)
+        .map(|r| crate::weights::random_tokens(&cfg, 200, 9 + r))
+        .collect();
+    let inputs: Vec<RankInput> = xs
+        .iter()
+        .map(|x| RankInput {
+            x,
+            tokens: 200,
+            routing: None,
+        })
+        .collect();
+    let ov = RouteOverrides::default();
+    let full = forward(&plan, &w, &inputs, &ov).unwrap();
+    assert!(
+        full.dropped > 0,
+        "the test needs drops to show slots are kept"
+    );
+    let rows = vec![vec![0, 17, 199], vec![5, 150]];
+    let some = forward_rows(&plan, &w, &inputs, &ov, &rows).unwrap();
+    for (r, list) in rows.iter().enumerate() {
+        for (i, &t) in list.iter().enumerate() {
+            let want = &full.out[r][t * 64..(t + 1) * 64];
+            let got: Vec<f32> = some[r][i]
+                .iter()
+                .map(|&v| cfg.dtype.round(v as f32))
+                .collect();
+            assert_eq!(got, want, "rank {r} token {t}");
+        }
+    }
+    assert!(forward_rows(&plan, &w, &inputs, &ov, &[vec![200], vec![]]).is_err());
+    assert!(forward_rows(&plan, &w, &inputs, &ov, &[vec![0]]).is_err());
+}

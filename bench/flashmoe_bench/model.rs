@@ -1,0 +1,232 @@
+//! `flashmoe-bench model`: a stack of MoE layers (synthetic with a skewed router, or read
+//! from a checkpoint), checked layer by layer against the reference on the first run, then
+//! timed per layer and in total, with each layer's expert load.
+
+use crate::args::{Backend, ModelArgs};
+use crate::layer::sample_rows;
+use crate::stats::summarize;
+use flashmoe::model::synthetic::SyntheticSpec;
+use flashmoe::model::{self, LoadOptions, ModelLayer, MoeModel};
+use flashmoe::reference::{self, RankInput, RouteOverrides};
+use flashmoe::{Error, LayerPlan, Result};
+
+/// Parses `--layers`: a count `L` (synthetic) or a range `a..b` (checkpoint layers a to b-1).
+pub fn parse_layers(s: &str) -> Result<LayerSel> {
+    let bad = || Error::config("layers", s, "a count L, or a range a..b with a < b");
+    if let Some((a, b)) = s.split_once("..") {
+        let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+        if a >= b {
+            return Err(bad());
+        }
+        return Ok(LayerSel::Range(a, b));
+    }
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(LayerSel::Count(n)),
+        _ => Err(bad()),
+    }
+}
+
+/// What `--layers` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerSel {
+    /// The first L layers (synthetic: L layers).
+    Count(usize),
+    /// Decoder layers a..b of a checkpoint.
+    Range(usize, usize),
+}
+
+fn build_layers(args: &ModelArgs, gpu: bool) -> Result<(String, Vec<ModelLayer>, Vec<Vec<f32>>)> {
+    let shape = &args.shape;
+    let sel = parse_layers(&args.layers)?;
+    match &args.checkpoint {
+        Some(dir) => {
+            let tokens = shape.tokens.unwrap_or(128);
+            let mut opts = LoadOptions::new(tokens);
+            opts.world = shape.world.ranks();
+            if let Some(c) = shape.capacity {
+                opts.capacity = c;
+            }
+            opts.layers = match sel {
+                LayerSel::Range(a, b) => Some((a..b).collect()),
+                LayerSel::Count(_) => None,
+            };
+            let loaded = model::load(dir, &opts)?;
+            let mut layers = loaded.layers;
+            if let LayerSel::Count(n) = sel {
+                layers.truncate(n);
+            }
+            let first = layers
+                .first()
+                .ok_or_else(|| Error::config("layers", &args.layers, "selects no MoE layer"))?;
+            let spec = SyntheticSpec::new(first.config.clone(), 1);
+            let name = format!(
+                "{} ({}; dense layers skipped: {:?})",
+                dir.display(),
+                loaded.family.family,
+                loaded.skipped_dense
+            );
+            Ok((name, layers, spec.inputs(tokens, shape.seed)))
+        }
+        None => {
+            let LayerSel::Count(n) = sel else {
+                return Err(Error::config("layers", &args.layers, "a count for synthetic models"));
+            };
+            let (name, cfg) = shape.config(gpu)?;
+            let tokens = cfg.tokens;
+            let mut spec = SyntheticSpec::new(cfg, n);
+            spec.zipf = args.skew;
+            spec.seed = shape.seed;
+            let layers = spec.build()?;
+            Ok((format!("{name} (synthetic, zipf {})", args.skew), layers, spec.inputs(tokens, shape.seed)))
+        }
+    }
+}
+
+/// Checks every layer of a traced forward against the reference on sampled rows: the
+/// input of layer l is the traced state before it, so errors do not compound.
+fn check_layers(
+    layers: &[ModelLayer],
+    x: &[Vec<f32>],
+    trace: &[Vec<Vec<f32>>],
+    check_tokens: usize,
+) -> Result<f64> {
+    let mut worst = 0f64;
+    for (l, layer) in layers.iter().enumerate() {
+        let cfg = &layer.config;
+        let h = cfg.hidden;
+        let before: Vec<Vec<f32>> = if l == 0 {
+            x.iter().map(|r| r.iter().map(|&v| cfg.dtype.round(v)).collect()).collect()
+        } else {
+            trace[l - 1].clone()
+        };
+        let normed: Vec<Vec<f32>> = before.iter().map(|r| layer.norm.apply(r, cfg.dtype)).collect();
+        let inputs: Vec<RankInput> = normed
+            .iter()
+            .map(|r| RankInput {
+                x: r,
+                tokens: r.len() / h,
+                routing: None,
+            })
+            .collect();
+        let rows: Vec<Vec<usize>> = inputs.iter().map(|i| sample_rows(i.tokens, check_tokens)).collect();
+        let ov = RouteOverrides {
+            top_k: None,
+            logit_bias: layer.logit_bias.clone(),
+        };
+        let plan = LayerPlan::new(cfg)?;
+        let want = reference::forward_rows(&plan, &layer.weights, &inputs, &ov, &rows)?;
+        let (mut got_rows, mut want_rows) = (Vec::new(), Vec::new());
+        for (r, list) in rows.iter().enumerate() {
+            for (i, &t) in list.iter().enumerate() {
+                got_rows.extend_from_slice(&trace[l][r][t * h..(t + 1) * h]);
+                let residual = &before[r][t * h..(t + 1) * h];
+                want_rows.extend(residual.iter().zip(&want[r][i]).map(|(a, b)| (*a as f64 + b) as f32));
+            }
+        }
+        let err = reference::normalised_error(&got_rows, &want_rows);
+        let tol = reference::tolerance(cfg.dtype);
+        if err > tol {
+            return Err(Error::input(
+                "output",
+                format!("layer {}: error {err:.3e} vs the reference exceeds {tol:.0e}", layer.index),
+            ));
+        }
+        worst = worst.max(err);
+    }
+    Ok(worst)
+}
+
+/// Runs the `model` subcommand.
+pub fn run(args: &ModelArgs) -> Result<()> {
+    let shape = &args.shape;
+    let gpu = crate::backend::wants_gpu(shape.backend, shape.world)?;
+    if gpu && shape.backend == Backend::Auto && !shape.json {
+        eprintln!("backend: gpu");
+    }
+    let (name, layers, x) = build_layers(args, gpu)?;
+    let mut m = if gpu {
+        crate::gpu_backend::model(layers.clone())?
+    } else {
+        MoeModel::new(layers.clone(), model::Backend::Cpu)?
+    };
+    let (first, trace) = m.forward_traced(&x)?;
+    let err = check_layers(&layers, &x, &trace, shape.check_tokens)?;
+    for _ in 0..shape.warmup {
+        m.forward(&x)?;
+    }
+    let mut total = Vec::with_capacity(shape.iters);
+    let mut per_layer = vec![Vec::with_capacity(shape.iters); layers.len()];
+    for _ in 0..shape.iters {
+        let out = m.forward(&x)?;
+        total.push(out.latency.as_secs_f64() * 1e3);
+        for (l, st) in out.layers.iter().enumerate() {
+            per_layer[l].push(st.latency.as_secs_f64() * 1e3);
+        }
+    }
+    let total = summarize(&total).ok_or_else(|| Error::input("timing", "no finite samples"))?;
+    let tokens: usize = x.iter().map(|r| r.len() / m.hidden()).sum();
+    let rows: Vec<serde_json::Value> = first
+        .layers
+        .iter()
+        .zip(&per_layer)
+        .map(|(st, samples)| {
+            serde_json::json!({
+                "layer": st.layer,
+                "median_ms": summarize(samples).map_or(f64::NAN, |s| s.median),
+                "load_min": st.min_load(),
+                "load_mean": st.mean_load(),
+                "load_max": st.max_load(),
+                "idle_experts": st.idle_experts(),
+                "dropped": st.dropped,
+                "histogram": st.load_histogram(8),
+            })
+        })
+        .collect();
+    if shape.json {
+        let j = serde_json::json!({
+            "model": name, "backend": m.backend_names().first().copied().unwrap_or("?"),
+            "layers": rows, "total_ms": total, "tokens": tokens,
+            "tokens_per_s": tokens as f64 / (total.median / 1e3), "max_rel_error": err,
+        });
+        println!("{j}");
+        return Ok(());
+    }
+    println!("flashmoe-bench model: {name}");
+    println!(
+        "  backend {}, {} layers, {} tokens over {} rank(s); check vs the f64 reference: max rel error {err:.2e} (ok)",
+        m.backend_names().first().copied().unwrap_or("?"),
+        layers.len(),
+        tokens,
+        m.world()
+    );
+    println!("  {:>5} {:>10} {:>8} {:>9} {:>8} {:>6} {:>8}  load histogram (8 bins up to max)", "layer", "median ms", "min", "mean", "max", "idle", "dropped");
+    for r in &rows {
+        println!(
+            "  {:>5} {:>10.4} {:>8} {:>9.1} {:>8} {:>6} {:>8}  {}",
+            r["layer"], r["median_ms"].as_f64().unwrap_or(f64::NAN), r["load_min"], r["load_mean"].as_f64().unwrap_or(f64::NAN), r["load_max"], r["idle_experts"], r["dropped"], r["histogram"]
+        );
+    }
+    println!(
+        "  total: median {:.4} ms  p10 {:.4}  p90 {:.4}  ({} runs)   {:.0} tokens/s",
+        total.median,
+        total.p10,
+        total.p90,
+        total.n,
+        tokens as f64 / (total.median / 1e3)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_parse_counts_and_ranges() {
+        assert_eq!(parse_layers("4").unwrap(), LayerSel::Count(4));
+        assert_eq!(parse_layers("2..5").unwrap(), LayerSel::Range(2, 5));
+        for bad in ["0", "5..2", "3..3", "a..b", "x"] {
+            assert!(matches!(parse_layers(bad), Err(Error::InvalidConfig { field: "layers", .. })), "{bad}");
+        }
+    }
+}
