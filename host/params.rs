@@ -325,6 +325,12 @@ mod tests {
     }
 
     #[test]
+    fn signal_pair_limit_is_the_schedulers_mask() {
+        // kMaxSignalPairs in kernel/include/flashmoe/common.cuh: 64 bits per thread.
+        assert_eq!(crate::plan::MAX_SIGNAL_PAIRS, 64 * BLOCK_THREADS as usize);
+    }
+
+    #[test]
     fn smem_bytes_cover_gemm_stages() {
         // bf16/f16: 3 stages of (A, B gate, B up) tiles of TILE_M rows of TILE_K + 8 halves.
         let half_tile = (TILE_M * (TILE_K + 8) * 2) as u32;

@@ -26,6 +26,9 @@ pub const TILE_K: usize = 64;
 pub const GATE_CHUNK: usize = 64;
 /// Tile tasks are encoded in 30 bits (2 more bits hold the task kind).
 pub const MAX_TASKS: usize = 1 << 30;
+/// Most (source rank, local expert) dispatch signals one rank can await: the kernel's
+/// scheduler keeps one seen-bit per pair in a 64-bit mask per thread (64 x 256 threads).
+pub const MAX_SIGNAL_PAIRS: usize = 64 * 256;
 /// Alignment of every region, in bytes (16 is what vector access needs; 256 keeps TMA and
 /// cache lines happy).
 pub const REGION_ALIGN: u64 = 256;
@@ -278,6 +281,15 @@ impl LayerPlan {
             list.push(e as u32);
         }
         let max_local = local_experts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        if world * max_local > MAX_SIGNAL_PAIRS {
+            return Err(Error::PlanTooLarge {
+                what: format!(
+                    "world {world} x {max_local} experts on the busiest rank = {} dispatch \
+                     signals per rank exceed {MAX_SIGNAL_PAIRS}; spread the experts more evenly",
+                    world * max_local
+                ),
+            });
+        }
         // At least one tile of room even for a rank with zero tokens, so every region has
         // a non-zero size and a well-defined offset.
         let capacity = raw_capacity(&cfg).div_ceil(TILE_M).max(1) * TILE_M;

@@ -333,3 +333,19 @@ fn plans_that_overflow_are_typed_errors() {
         Err(Error::PlanTooLarge { .. })
     ));
 }
+
+#[test]
+fn too_many_dispatch_signals_per_rank_is_a_typed_error() {
+    // 32 ranks, every one of 1024 experts on rank 0: 32 x 1024 signals for rank 0.
+    let mut c = MoeConfig::new(64, 64, 64, 1024, 2);
+    c.world = 32;
+    c.placement = Placement::Map(vec![0; 1024]);
+    assert!(c.world * 1024 > MAX_SIGNAL_PAIRS);
+    assert!(matches!(
+        LayerPlan::new(&c),
+        Err(Error::PlanTooLarge { .. })
+    ));
+    // Blocked over the same world: 32 x 32 signals, well within the limit.
+    c.placement = Placement::Blocked;
+    assert!(LayerPlan::new(&c).is_ok());
+}

@@ -13,42 +13,47 @@ namespace fm {
 // Every block waits for every expert's combine signal (owners answer every (source, expert)
 // pair, also with 0 rows) and for this rank's shared-expert tiles. The waits depend only on
 // other ranks' expert tasks and this rank's own tasks, which never wait on combine.
-// Returns false on error (block-uniform).
+// One thread per block polls, one signal after the other: all of them must arrive anyway, so
+// this costs no latency, and blocks that finished their tasks early do not flood the L2 with
+// polls while the others still compute. Returns false on error (block-uniform).
 __device__ FM_PHASE bool combine_wait(const Ctx& c) {
     const FmLayerParams& L = *c.L;
-    const uint32_t* owners = c.owners();
-    const uint32_t* counts = c.expert_counts();
     bool ok = true;
-    for (uint32_t e = threadIdx.x; e < L.experts && ok; e += kThreads) {
-        const uint32_t o = __ldg(owners + e);
-        const uint32_t q = o >> 16, l = o & 0xFFFFu;
-        const uint32_t expected = min_u32(counts[e], L.capacity);
-        const uint64_t* word = combine_signal(L, c.heap, q, l);
-        uint64_t got = 0;
-        ok = wait_until(
-            c, [&](uint64_t& seen) {
-                seen = ld_acquire_sys(word);
-                got = seen;
-                return signal_is(seen, c.n);
-            },
-            FM_STAGE_COMBINE, (uint64_t(q) << 16) | l, c.n << 32);
-        if (ok && uint32_t(got) != expected) {
-            fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_COMBINE, (uint64_t(q) << 16) | l, expected,
-                 uint32_t(got), 0);
-            ok = false;
+    if (threadIdx.x == 0) {
+        const uint32_t* owners = c.owners();
+        const uint32_t* counts = c.expert_counts();
+        for (uint32_t e = 0; e < L.experts && ok; ++e) {
+            const uint32_t o = __ldg(owners + e);
+            const uint32_t q = o >> 16, l = o & 0xFFFFu;
+            const uint32_t expected = min_u32(counts[e], L.capacity);
+            const uint64_t* word = combine_signal(L, c.heap, q, l);
+            uint64_t got = 0;
+            ok = wait_until(
+                c, [&](uint64_t& seen) {
+                    seen = ld_acquire_sys(word);
+                    got = seen;
+                    return signal_is(seen, c.n);
+                },
+                FM_STAGE_COMBINE, (uint64_t(q) << 16) | l, c.n << 32);
+            if (ok && uint32_t(got) != expected) {
+                fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_COMBINE, (uint64_t(q) << 16) | l, expected,
+                     uint32_t(got), 0);
+                ok = false;
+            }
+        }
+        if (ok && L.shared_width != 0) {
+            const uint32_t want = c.token_row_blocks() * (L.hidden / kTileN);
+            const uint32_t* done = c.sync() + 3;
+            ok = wait_until(
+                c, [&](uint64_t& seen) {
+                    const uint32_t v = ld_acquire_gpu(done);
+                    seen = v;
+                    return v == want;
+                },
+                FM_STAGE_COMBINE, 0xFFFFFFFFull, want);
         }
     }
-    if (threadIdx.x == 0 && ok && L.shared_width != 0) {
-        const uint32_t want = c.token_row_blocks() * (L.hidden / kTileN);
-        const uint32_t* done = c.sync() + 3;
-        ok = wait_until(
-            c, [&](uint64_t& seen) {
-                const uint32_t v = ld_acquire_gpu(done);
-                seen = v;
-                return v == want;
-            },
-            FM_STAGE_COMBINE, 0xFFFFFFFFull, want);
-    }
+    // The barrier also orders thread 0's acquires before every thread's reads of the rows.
     return !__syncthreads_or(!ok);
 }
 
@@ -58,6 +63,7 @@ __device__ FM_PHASE void combine_tokens(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     const FmRankParams& R = *c.R;
     constexpr int V = kVec<D>;
+    static_assert(V % 4 == 0, "the shared-expert term is read as float4");
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t k = c.k;
     const uint64_t row_bytes = uint64_t(L.hidden) * sizeof(typename D::T);
@@ -115,8 +121,16 @@ __device__ FM_PHASE void combine_tokens(const Ctx& c) {
                 }
             }
             if (shared) {
+                // 16-byte aligned: rows are 4 * hidden bytes, hidden a multiple of 64.
+                const float4* s4 = reinterpret_cast<const float4*>(so + uint64_t(v) * V);
 #pragma unroll
-                for (int i = 0; i < V; ++i) acc[i] = fmaf(g, so[v * V + i], acc[i]);
+                for (int q = 0; q < V / 4; ++q) {
+                    const float4 f = s4[q];
+                    acc[4 * q + 0] = fmaf(g, f.x, acc[4 * q + 0]);
+                    acc[4 * q + 1] = fmaf(g, f.y, acc[4 * q + 1]);
+                    acc[4 * q + 2] = fmaf(g, f.z, acc[4 * q + 2]);
+                    acc[4 * q + 3] = fmaf(g, f.w, acc[4 * q + 3]);
+                }
             }
             store_vec<D>(out + uint64_t(v) * 16, acc);
         }
