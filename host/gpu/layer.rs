@@ -11,7 +11,9 @@
 //!
 //! Worlds on one GPU: [`GpuWorld::Single`] is one rank; [`GpuWorld::Emulated`] runs R ranks
 //! as R block groups of the same launch, each with its own heap and workspace, talking only
-//! through the peers table and signals exactly as separate GPUs would.
+//! through the peers table and signals exactly as separate GPUs would. Across GPUs and
+//! processes, [`GpuWorld::Nvshmem`] is one rank per process, created with
+//! [`NvshmemLayer::new`] from an initialised [`NvshmemWorld`](crate::world::NvshmemWorld).
 //!
 //! Status: written and compiled on a machine without a GPU; tests/gpu_layer.rs is the
 //! check to run on one (it skips where there is none).
@@ -50,10 +52,12 @@ mod backend;
 mod device_buffers;
 mod grid;
 mod host_io;
+mod nvshmem;
 mod pack;
 mod status;
 
 pub use grid::{blocks_per_rank, GridShape, Residency};
+pub use nvshmem::{nvshmem_entry_point, NvshmemLayer, NVSHMEM_CUBIN};
 pub use pack::{from_dtype_bytes, pack_rank_experts, to_dtype_bytes, PackedExperts};
 pub use status::{describe_wait, LayerStats, StatusContext, STATUS_WORDS};
 
@@ -87,37 +91,85 @@ pub enum GpuWorld {
         /// Number of emulated ranks.
         ranks: usize,
     },
+    /// Rank `rank` of an NVSHMEM world of `world` processes, one GPU each (the plan's world
+    /// must equal `world`). The launch runs this rank only; create it with
+    /// [`NvshmemLayer::new`].
+    Nvshmem {
+        /// This process's rank (NVSHMEM PE).
+        rank: usize,
+        /// Number of ranks (PEs).
+        world: usize,
+    },
 }
 
 impl GpuWorld {
-    /// Ranks in the launch.
+    /// Ranks in the launch (block groups of one launch on this GPU).
     pub fn ranks(self) -> usize {
+        match self {
+            GpuWorld::Single | GpuWorld::Nvshmem { .. } => 1,
+            GpuWorld::Emulated { ranks } => ranks,
+        }
+    }
+
+    /// Ranks in the whole world (the plan's world).
+    pub fn world_size(self) -> usize {
         match self {
             GpuWorld::Single => 1,
             GpuWorld::Emulated { ranks } => ranks,
+            GpuWorld::Nvshmem { world, .. } => world,
+        }
+    }
+
+    /// The world rank each block group of the launch plays, in group order.
+    pub fn launch_ranks(self) -> Vec<usize> {
+        match self {
+            GpuWorld::Single => vec![0],
+            GpuWorld::Emulated { ranks } => (0..ranks).collect(),
+            GpuWorld::Nvshmem { rank, .. } => vec![rank],
         }
     }
 
     /// Checks the world against the plan and the kernel's limit.
     pub fn check(self, plan: &LayerPlan) -> Result<()> {
-        if let GpuWorld::Emulated { ranks } = self {
-            if !(2..=MAX_LAUNCH_RANKS).contains(&ranks) {
+        match self {
+            GpuWorld::Emulated { ranks } if !(2..=MAX_LAUNCH_RANKS).contains(&ranks) => {
                 return Err(Error::config(
                     "GpuWorld::Emulated.ranks",
                     ranks,
                     format!("between 2 and {MAX_LAUNCH_RANKS} (FM_MAX_LAUNCH_RANKS)"),
                 ));
             }
+            GpuWorld::Nvshmem { rank, world } if rank >= world => {
+                return Err(Error::config(
+                    "GpuWorld::Nvshmem.rank",
+                    rank,
+                    format!("below the world size {world}"),
+                ));
+            }
+            _ => {}
         }
-        if plan.world() != self.ranks() {
+        if plan.world() != self.world_size() {
             return Err(Error::config(
                 "world",
                 plan.world(),
-                format!("must equal the {} rank(s) of {self:?}", self.ranks()),
+                format!("must equal the {} rank(s) of {self:?}", self.world_size()),
             ));
         }
         Ok(())
     }
+}
+
+/// A symmetric heap allocated outside the layer (NVSHMEM), with the peers table and the
+/// kernel of the module registered with NVSHMEM.
+struct ExternalHeap {
+    /// Device address of this rank's heap.
+    ptr: u64,
+    /// Its size in bytes.
+    bytes: usize,
+    /// Address of every rank's heap as seen from this GPU, 0 for peers reached by RDMA.
+    peers: Vec<u64>,
+    /// The NVSHMEM build's entry point for the layer dtype.
+    func: CudaFunction,
 }
 
 /// Options of a [`MoeLayer`].
@@ -229,6 +281,9 @@ pub struct MoeLayer {
     params: KernelParams,
     top_k: usize,
     logit_bias_on: bool,
+    /// The heap belongs to an NVSHMEM world: resets after an error are collective (done by
+    /// [`NvshmemLayer`]), never local.
+    external_heap: bool,
 }
 
 impl Drop for MoeLayer {
@@ -253,7 +308,11 @@ impl std::fmt::Debug for MoeLayer {
 /// The memory every rank of `world` allocates for `plan`, known before anything is
 /// allocated.
 pub fn memory_required(plan: &LayerPlan, world: GpuWorld) -> Vec<MemoryFigure> {
-    (0..world.ranks()).map(|r| plan.memory(r)).collect()
+    world
+        .launch_ranks()
+        .into_iter()
+        .map(|r| plan.memory(r))
+        .collect()
 }
 
 fn bytes_of_f32(v: &[f32]) -> Vec<u8> {
@@ -265,6 +324,7 @@ impl MoeLayer {
     /// [`Error::NoKernels`] without kernels, [`Error::NoGpu`] for a device that cannot run
     /// them or cooperative launches, [`Error::InvalidConfig`] for a world or grid that
     /// cannot fit, [`Error::PlanTooLarge`] when the memory does not fit, [`Error::Cuda`].
+    /// [`GpuWorld::Nvshmem`] layers are created with [`NvshmemLayer::new`] instead.
     pub fn new(
         stream: Arc<CudaStream>,
         plan: LayerPlan,
@@ -272,18 +332,51 @@ impl MoeLayer {
         world: GpuWorld,
         opts: GpuOptions,
     ) -> Result<Self> {
+        if let GpuWorld::Nvshmem { .. } = world {
+            return Err(Error::config(
+                "world",
+                format!("{world:?}"),
+                "NVSHMEM layers need the world's symmetric heap: use NvshmemLayer::new",
+            ));
+        }
+        Self::build(stream, plan, weights, world, opts, None)
+    }
+
+    /// [`MoeLayer::new`] with, for NVSHMEM, the heap, peers and kernel of the world.
+    fn build(
+        stream: Arc<CudaStream>,
+        plan: LayerPlan,
+        weights: &LayerWeights,
+        world: GpuWorld,
+        opts: GpuOptions,
+        external: Option<ExternalHeap>,
+    ) -> Result<Self> {
         world.check(&plan)?;
         let cfg = plan.config.clone();
         weights.validate(&cfg)?;
         if let Some(r) = opts.fault_silent_rank {
-            if r >= world.ranks() {
+            if r >= world.world_size() {
                 return Err(Error::config(
                     "GpuOptions::fault_silent_rank",
                     r,
-                    format!("a rank < {}", world.ranks()),
+                    format!("a rank < {}", world.world_size()),
                 ));
             }
         }
+        if let Some(ext) = &external {
+            if (ext.bytes as u64) < plan.heap.bytes || ext.peers.len() != plan.world() {
+                return Err(Error::config(
+                    "symmetric heap",
+                    format!("{} bytes, {} peers", ext.bytes, ext.peers.len()),
+                    format!(
+                        "at least {} bytes and {} peers (the plan's)",
+                        plan.heap.bytes,
+                        plan.world()
+                    ),
+                ));
+            }
+        }
+        let launch_ranks = world.launch_ranks();
         let timeout_ns = u64::try_from(opts.timeout.as_nanos()).unwrap_or(u64::MAX);
         if timeout_ns == 0 {
             return Err(Error::config("GpuOptions::timeout", "0", "must be > 0"));
@@ -291,9 +384,13 @@ impl MoeLayer {
 
         // Memory figure first, before any allocation.
         let memory = memory_required(&plan, world);
-        let need: u64 = memory.iter().map(MemoryFigure::total).sum();
+        let mut need: u64 = memory.iter().map(MemoryFigure::total).sum();
+        if external.is_some() {
+            // The symmetric heap is already allocated (NVSHMEM's reserved region).
+            need = need.saturating_sub(plan.heap.bytes);
+        }
         if opts.print_memory {
-            for (r, m) in memory.iter().enumerate() {
+            for (r, m) in launch_ranks.iter().zip(&memory) {
                 eprintln!("flashmoe: rank {r}: {m}");
             }
         }
@@ -325,13 +422,19 @@ impl MoeLayer {
         }
 
         // Kernel and grid.
-        let image = kernels::cubin(CUBIN)?;
-        let module = ctx
-            .load_module(Ptx::from_binary(image.to_vec()))
-            .map_err(cuda("load kernel module"))?;
-        let func = module
-            .load_function(entry_point(cfg.dtype))
-            .map_err(cuda("find kernel entry point"))?;
+        let (func, external) = match external {
+            Some(ext) => (ext.func.clone(), Some(ext)),
+            None => {
+                let image = kernels::cubin(CUBIN)?;
+                let module = ctx
+                    .load_module(Ptx::from_binary(image.to_vec()))
+                    .map_err(cuda("load kernel module"))?;
+                let func = module
+                    .load_function(entry_point(cfg.dtype))
+                    .map_err(cuda("find kernel entry point"))?;
+                (func, None)
+            }
+        };
         let smem = smem_bytes(cfg.dtype);
         func.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -408,16 +511,23 @@ impl MoeLayer {
         let pairs = cfg.tokens * cfg.top_k;
         let given = matches!(cfg.router, Router::Given);
         let mut ranks = Vec::with_capacity(world.ranks());
-        for r in 0..world.ranks() {
+        for &r in &launch_ranks {
             let packed = pack_rank_experts(&plan, weights, r);
+            let heap = match &external {
+                // SAFETY: the symmetric heap lives as long as the `NvshmemLayer` that owns
+                // both it and this layer (which drops first, after waiting for its launch);
+                // its size was checked against the plan above.
+                Some(ext) => unsafe { DeviceBuffer::borrowed(ctx.clone(), ext.ptr, ext.bytes) },
+                None => DeviceBuffer::zeroed(&stream, plan.heap.bytes as usize, "heap")?,
+            };
             ranks.push(RankBuffers {
-                heap: DeviceBuffer::zeroed(&stream, plan.heap.bytes as usize, "heap")?,
+                heap,
                 workspace: DeviceBuffer::zeroed(
                     &stream,
                     plan.workspace.bytes as usize,
                     "workspace",
                 )?,
-                peers: DeviceBuffer::zeroed(&stream, 8 * world.ranks(), "peers table")?,
+                peers: DeviceBuffer::zeroed(&stream, 8 * world.world_size(), "peers table")?,
                 w0: DeviceBuffer::from_bytes(&stream, &packed.w0, "expert w0")?,
                 w1: DeviceBuffer::from_bytes(&stream, &packed.w1, "expert w1")?,
                 x: DeviceBuffer::zeroed(&stream, token_bytes, "tokens in")?,
@@ -430,11 +540,15 @@ impl MoeLayer {
                     .transpose()?,
             });
         }
-        // Every rank of one GPU reaches every peer heap by direct stores.
-        let heaps: Vec<u8> = ranks
-            .iter()
-            .flat_map(|rb| rb.heap.ptr().to_le_bytes())
-            .collect();
+        // Every rank of one GPU reaches every peer heap by direct stores; NVSHMEM peers
+        // through `nvshmem_ptr` (0: by RDMA, staged and put by the NVSHMEM kernel).
+        let heaps: Vec<u8> = match &external {
+            Some(ext) => ext.peers.iter().flat_map(|p| p.to_le_bytes()).collect(),
+            None => ranks
+                .iter()
+                .flat_map(|rb| rb.heap.ptr().to_le_bytes())
+                .collect(),
+        };
         for rb in &ranks {
             rb.peers.upload(&stream, 0, &heaps, "peers table")?;
         }
@@ -451,11 +565,11 @@ impl MoeLayer {
             launch_ranks: world.ranks() as u32,
             ..KernelParams::default()
         };
-        for (g, rb) in ranks.iter().enumerate() {
+        for (g, (rb, &r)) in ranks.iter().zip(&launch_ranks).enumerate() {
             params.rank[g] = RankParams {
-                rank: g as u32,
+                rank: r as u32,
                 tokens: 0,
-                local_experts: plan.local_experts.get(g).map_or(0, Vec::len) as u32,
+                local_experts: plan.local_experts.get(r).map_or(0, Vec::len) as u32,
                 heap: rb.heap.ptr(),
                 peers: rb.peers.ptr(),
                 workspace: rb.workspace.ptr(),
@@ -484,7 +598,28 @@ impl MoeLayer {
             params,
             top_k,
             logit_bias_on: false,
+            external_heap: external.is_some(),
         })
+    }
+
+    /// The world rank block group `g` of the launch plays.
+    fn rank_of(&self, g: usize) -> usize {
+        self.params.rank.get(g).map_or(g, |r| r.rank as usize)
+    }
+
+    /// The block group of the launch that plays world rank `rank`.
+    fn group_of(&self, rank: usize) -> Result<usize> {
+        (0..self.ranks.len())
+            .find(|&g| self.rank_of(g) == rank)
+            .ok_or_else(|| {
+                Error::input(
+                    "rank",
+                    format!(
+                        "{rank} is not run by this layer (it runs {:?})",
+                        self.world.launch_ranks()
+                    ),
+                )
+            })
     }
 
     /// The plan.
@@ -701,7 +836,7 @@ impl MoeLayer {
             }
             if start.elapsed() > limit {
                 return Err(Error::Timeout {
-                    rank: 0,
+                    rank: self.rank_of(0),
                     stage: "host",
                     awaited: "completion of the launch (the device watchdog did not fire; \
                               the context is unusable)"
@@ -719,7 +854,9 @@ impl MoeLayer {
     /// Waits for the last launch and reads every rank's status words, dropped count and
     /// expert counts. A device error ([`Error::Timeout`] naming the rank, the stage and
     /// what it awaited, or [`Error::Device`]) is returned after the layer is reset
-    /// ([`MoeLayer::reset`]) so that the next launch starts clean.
+    /// ([`MoeLayer::reset`]) so that the next launch starts clean. In an NVSHMEM world the
+    /// reset must be collective: this returns the error without resetting, and
+    /// [`NvshmemLayer`] resets every rank together.
     pub fn status(&self) -> Result<LayerStats> {
         self.wait_done()?;
         let experts = self.plan.config.experts;
@@ -756,6 +893,13 @@ impl MoeLayer {
             world: self.plan.world(),
             top_k: self.plan.config.top_k,
         };
+        if self.external_heap {
+            // One rank per process: its status words are its own (named by world rank).
+            for (g, w) in words.iter().enumerate() {
+                status::decode(self.rank_of(g), w, cx)?;
+            }
+            return Ok(stats);
+        }
         if let Err(e) = status::first_error(&words, cx) {
             self.reset()?;
             return Err(e);
@@ -775,12 +919,10 @@ impl MoeLayer {
         self.stream.synchronize().map_err(cuda("reset"))
     }
 
-    /// The epoch (completed launches) of `rank`, read from its workspace.
+    /// The epoch (completed launches) of world rank `rank` (one this layer runs), read
+    /// from its workspace.
     pub fn epoch(&self, rank: usize) -> Result<u64> {
-        let rb = self
-            .ranks
-            .get(rank)
-            .ok_or_else(|| Error::input("rank", format!("{rank} >= {}", self.ranks.len())))?;
+        let rb = &self.ranks[self.group_of(rank)?];
         self.wait_done()?;
         let mut b = [0u8; 8];
         rb.workspace.download(
@@ -797,11 +939,11 @@ impl MoeLayer {
     /// captured with.
     pub fn set_fault_silent_rank(&mut self, rank: Option<usize>) -> Result<()> {
         if let Some(r) = rank {
-            if r >= self.world.ranks() {
+            if r >= self.world.world_size() {
                 return Err(Error::config(
                     "GpuOptions::fault_silent_rank",
                     r,
-                    format!("a rank < {}", self.world.ranks()),
+                    format!("a rank < {}", self.world.world_size()),
                 ));
             }
         }
@@ -811,12 +953,10 @@ impl MoeLayer {
     }
 
     /// Diagnostic: a copy of `rank`'s whole symmetric heap after the last launch (laid out
-    /// as `plan().heap` says), for tests that check where every row landed.
+    /// as `plan().heap` says), for tests that check where every row landed. `rank` is a
+    /// world rank this layer runs.
     pub fn download_heap(&self, rank: usize) -> Result<Vec<u8>> {
-        let rb = self
-            .ranks
-            .get(rank)
-            .ok_or_else(|| Error::input("rank", format!("{rank} >= {}", self.ranks.len())))?;
+        let rb = &self.ranks[self.group_of(rank)?];
         self.wait_done()?;
         let mut out = vec![0u8; self.plan.heap.bytes as usize];
         rb.heap.download(&self.stream, 0, &mut out, "heap")?;

@@ -16,12 +16,14 @@ pub fn cuda(what: &'static str) -> impl Fn(DriverError) -> Error {
     move |e| Error::Cuda(format!("{what}: {e}"))
 }
 
-/// One device allocation, freed on drop.
+/// One device allocation, freed on drop (unless borrowed).
 #[derive(Debug)]
 pub struct DeviceBuffer {
     ptr: sys::CUdeviceptr,
     bytes: usize,
     ctx: Arc<CudaContext>,
+    /// False for memory owned elsewhere (the NVSHMEM symmetric heap): not freed on drop.
+    owned: bool,
 }
 
 impl DeviceBuffer {
@@ -34,7 +36,12 @@ impl DeviceBuffer {
         // SAFETY: a plain allocation of a non-zero size in the bound context; the pointer is
         // owned by the returned value and freed once in Drop.
         let ptr = unsafe { result::malloc_sync(bytes) }.map_err(cuda(what))?;
-        let buf = DeviceBuffer { ptr, bytes, ctx };
+        let buf = DeviceBuffer {
+            ptr,
+            bytes,
+            ctx,
+            owned: true,
+        };
         // SAFETY: `ptr` is a live allocation of exactly `bytes` bytes.
         unsafe { result::memset_d8_async(buf.ptr, 0, bytes, stream.cu_stream()) }
             .map_err(cuda(what))?;
@@ -46,6 +53,21 @@ impl DeviceBuffer {
         let buf = Self::zeroed(stream, data.len(), what)?;
         buf.upload(stream, 0, data, what)?;
         Ok(buf)
+    }
+
+    /// A view of `bytes` bytes at `ptr` that someone else allocated and frees: copies
+    /// and zeroing work as on an owned buffer, dropping it frees nothing.
+    ///
+    /// # Safety
+    /// `ptr` must address `bytes` live bytes of device memory usable in `ctx`, for as long
+    /// as the returned value (and any launch that uses it) lives.
+    pub unsafe fn borrowed(ctx: Arc<CudaContext>, ptr: u64, bytes: usize) -> Self {
+        DeviceBuffer {
+            ptr,
+            bytes,
+            ctx,
+            owned: false,
+        }
     }
 
     /// The device address.
@@ -121,7 +143,7 @@ impl DeviceBuffer {
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         // Errors cannot be returned from Drop; a failed free leaks device memory only.
-        if self.ctx.bind_to_thread().is_ok() {
+        if self.owned && self.ctx.bind_to_thread().is_ok() {
             // SAFETY: `ptr` came from malloc_sync and is freed exactly once, here. The
             // synchronous free waits for work still using it.
             let _ = unsafe { result::free_sync(self.ptr) };

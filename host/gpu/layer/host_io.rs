@@ -178,7 +178,7 @@ impl MoeLayer {
             let out = from_dtype_bytes(dtype, &raw);
             if let Some(i) = out.iter().position(|v| v.is_nan()) {
                 return Err(Error::Device {
-                    rank: r,
+                    rank: self.rank_of(r),
                     stage: "combine",
                     what: format!(
                         "output row {} (element {}) was not written: still the NaN poison",
