@@ -51,12 +51,31 @@ pub fn check(
         .iter()
         .map(|i| sample_rows(i.tokens, check_tokens))
         .collect();
-    let want = reference::forward_rows(plan, weights, inputs, ov, &rows)?;
+    check_rows(plan, weights, inputs, ov, &got.out, &rows)
+}
+
+/// Compares the rows `rows[r]` of `out[r]` (rank r's output, `[tokens][hidden]`; may be
+/// empty for a rank with no rows to check) with the reference over every rank's `inputs`;
+/// returns the max error relative to the reference's largest magnitude.
+pub fn check_rows(
+    plan: &LayerPlan,
+    weights: &LayerWeights,
+    inputs: &[RankInput],
+    ov: &RouteOverrides,
+    out: &[Vec<f32>],
+    rows: &[Vec<usize>],
+) -> Result<f64> {
+    let want = reference::forward_rows(plan, weights, inputs, ov, rows)?;
     let h = plan.config.hidden;
     let (mut max_err, mut max_ref) = (0.0f64, 0.0f64);
     for (r, rank_rows) in rows.iter().enumerate() {
         for (i, &t) in rank_rows.iter().enumerate() {
-            let g = &got.out[r][t * h..(t + 1) * h];
+            let g = out
+                .get(r)
+                .and_then(|o| o.get(t * h..(t + 1) * h))
+                .ok_or_else(|| {
+                    Error::input("output", format!("rank {r} has no row {t} to check"))
+                })?;
             for (a, b) in g.iter().zip(&want[r][i]) {
                 if !a.is_finite() {
                     return Err(Error::input(
@@ -89,6 +108,44 @@ pub fn kept_per_expert(cfg: &MoeConfig, out: &LayerOutput) -> Vec<u64> {
     kept
 }
 
+/// Every rank's tokens (and routing with the given router), regenerated from the seed the
+/// same way in every process.
+pub struct RankData {
+    /// Tokens per rank, `[tokens][hidden]`.
+    pub xs: Vec<Vec<f32>>,
+    /// The caller's routing per rank (given router only).
+    pub routing: Vec<Option<GivenRouting>>,
+}
+
+impl RankData {
+    /// The data of every rank of `cfg.world` for `seed`.
+    pub fn generate(cfg: &MoeConfig, seed: u64) -> Self {
+        let xs = (0..cfg.world)
+            .map(|r| random_tokens(cfg, cfg.tokens, seed.wrapping_add(1 + r as u64)))
+            .collect();
+        let routing = (0..cfg.world)
+            .map(|r| {
+                matches!(cfg.router, Router::Given)
+                    .then(|| random_routing(cfg, cfg.tokens, seed.wrapping_add(100 + r as u64)))
+            })
+            .collect();
+        RankData { xs, routing }
+    }
+
+    /// One input per rank, `tokens` tokens each.
+    pub fn inputs(&self, tokens: usize) -> Vec<RankInput<'_>> {
+        self.xs
+            .iter()
+            .zip(&self.routing)
+            .map(|(x, g)| RankInput {
+                x,
+                tokens,
+                routing: g.as_ref(),
+            })
+            .collect()
+    }
+}
+
 /// Runs the `layer` subcommand.
 pub fn run(args: &LayerArgs) -> Result<Report> {
     let shape: &ShapeArgs = &args.shape;
@@ -100,24 +157,8 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
         eprintln!("plan: {memory}");
     }
     let weights = LayerWeights::random(&cfg, shape.seed);
-    let xs: Vec<Vec<f32>> = (0..cfg.world)
-        .map(|r| random_tokens(&cfg, cfg.tokens, shape.seed.wrapping_add(1 + r as u64)))
-        .collect();
-    let routing: Vec<Option<GivenRouting>> = (0..cfg.world)
-        .map(|r| {
-            matches!(cfg.router, Router::Given)
-                .then(|| random_routing(&cfg, cfg.tokens, shape.seed.wrapping_add(100 + r as u64)))
-        })
-        .collect();
-    let inputs: Vec<RankInput> = xs
-        .iter()
-        .zip(&routing)
-        .map(|(x, g)| RankInput {
-            x,
-            tokens: cfg.tokens,
-            routing: g.as_ref(),
-        })
-        .collect();
+    let data = RankData::generate(&cfg, shape.seed);
+    let inputs = data.inputs(cfg.tokens);
     let ov = RouteOverrides::default();
 
     let mut runner: Box<dyn Runner> = if gpu {

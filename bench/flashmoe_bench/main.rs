@@ -9,6 +9,7 @@ mod gpu_backend;
 mod layer;
 mod model;
 mod nproc;
+mod rank;
 mod report;
 mod stats;
 
@@ -51,20 +52,30 @@ fn probe() -> flashmoe::Result<()> {
     Ok(())
 }
 
+/// `flashmoe-bench layer` in this process (single GPU, emulated world, or CPU threads).
+fn single_layer(a: &args::LayerArgs) -> flashmoe::Result<()> {
+    layer::run(a).map(|r| {
+        if a.shape.json {
+            match serde_json::to_string(&r) {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("flashmoe-bench: cannot encode the report: {e}"),
+            }
+        } else {
+            r.print_table();
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Layer(a) if a.nproc.is_some() => nproc::run(a),
-        Command::Layer(a) => layer::run(a).map(|r| {
-            if a.shape.json {
-                match serde_json::to_string(&r) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => eprintln!("flashmoe-bench: cannot encode the report: {e}"),
-                }
-            } else {
-                r.print_table();
-            }
-        }),
+        Command::Layer(a) => match rank::world_env() {
+            // One rank of a multi-process world (started by --nproc, torchrun, srun, ...).
+            Ok(Some(env)) => rank::run(a, &env),
+            Ok(None) => single_layer(a),
+            Err(e) => Err(e),
+        },
         Command::Model(a) => model::run(a),
         Command::Probe => probe(),
     };

@@ -57,7 +57,7 @@ mod pack;
 mod status;
 
 pub use grid::{blocks_per_rank, GridShape, Residency};
-pub use nvshmem::{nvshmem_entry_point, NvshmemLayer, NVSHMEM_CUBIN};
+pub use nvshmem::{agree, nvshmem_entry_point, NvshmemLayer, NVSHMEM_CUBIN};
 pub use pack::{from_dtype_bytes, pack_rank_experts, to_dtype_bytes, PackedExperts};
 pub use status::{describe_wait, LayerStats, StatusContext, STATUS_WORDS};
 

@@ -87,7 +87,7 @@ impl MoeLayer {
         let last = self.collect(inputs, k)?;
         if last.out != first.out {
             return Err(Error::Device {
-                rank: 0,
+                rank: self.rank_of(0),
                 stage: "combine",
                 what: "the timed launches produced a different output than the first".into(),
                 expected: 0,

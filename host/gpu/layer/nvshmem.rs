@@ -91,6 +91,15 @@ fn combine<T>(local: Result<T>, all: &[Vec<u8>], step: &str) -> Result<T> {
     }
 }
 
+/// Shares the outcome of a step that every rank of `world` takes (collective): returns
+/// this rank's value when every rank succeeded, else this rank's own error, else
+/// [`Error::RankFailed`] naming the first failing rank. So no rank goes on to a collective
+/// call that a failed rank will never make.
+pub fn agree<T>(world: &mut NvshmemWorld, step: &str, local: Result<T>) -> Result<T> {
+    let all = world.rendezvous().all_gather(&outcome_bytes(&local))?;
+    combine(local, &all, step)
+}
+
 /// One rank's MoE layer in an NVSHMEM world. See the [module docs](self). Not `Send`: it
 /// lives on the thread of its [`NvshmemWorld`].
 pub struct NvshmemLayer {
@@ -152,8 +161,7 @@ impl NvshmemLayer {
                 .map_err(|e| Error::Cuda(format!("kernel `{entry}` in the NVSHMEM module: {e}")))?;
             Ok((plan, func))
         })();
-        let all = world.rendezvous().all_gather(&outcome_bytes(&checked))?;
-        let (plan, func) = combine(checked, &all, "checking the layer")?;
+        let (plan, func) = agree(world, "checking the layer", checked)?;
 
         // Collective: every rank passed the checks above.
         let heap = world.alloc_heap(&plan)?;
@@ -164,9 +172,8 @@ impl NvshmemLayer {
             func,
         };
         let built = MoeLayer::build(stream, plan, weights, gpu_world, opts, Some(external));
-        let all = world.rendezvous().all_gather(&outcome_bytes(&built))?;
         // On failure the heap drops here, on every rank (a collective free, same order).
-        let layer = combine(built, &all, "creating the layer")?;
+        let layer = agree(world, "creating the layer", built)?;
         Ok(NvshmemLayer {
             layer,
             heap,

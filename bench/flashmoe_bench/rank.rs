@@ -1,0 +1,264 @@
+//! `flashmoe-bench layer` as one rank of an NVSHMEM world: the process found `RANK`,
+//! `WORLD_SIZE`, ... in its environment (set by `--nproc`, torchrun, srun, ...).
+//!
+//! Every rank regenerates the same weights and ALL ranks' tokens from the seed (cheap),
+//! runs only its own rank on its GPU (`LOCAL_RANK`), checks its own output rows against
+//! the reference (computed over every rank's tokens, since routing crosses ranks), times
+//! its launches with device events, and prints its report as one `FLASHMOE_RESULT` line
+//! (the launcher, `--nproc`, prints the table).
+
+use crate::args::{Backend, LayerArgs, ShapeArgs, WorldArg};
+use crate::gpu_backend::{self, RankRun};
+use crate::layer::{describe, sample_rows, RankData};
+use crate::report::{Peaks, Report};
+use crate::stats::summarize;
+use flashmoe::config::MoeConfig;
+use flashmoe::metrics::LayerWork;
+use flashmoe::reference::{self, RouteOverrides};
+use flashmoe::weights::LayerWeights;
+use flashmoe::world::env::{RANK, WORLD_SIZE};
+use flashmoe::world::{launcher, WorldEnv};
+use flashmoe::{Error, LayerPlan, Result};
+
+/// The launcher environment of this process through `lookup`: `None` when neither `RANK`
+/// nor `WORLD_SIZE` is set (a single-process run), else the parsed environment or its
+/// typed error ([`Error::Env`] naming the variable): a half-set environment is refused
+/// rather than silently run as a single process.
+pub fn world_env_from(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<WorldEnv>> {
+    if lookup(RANK).is_none() && lookup(WORLD_SIZE).is_none() {
+        return Ok(None);
+    }
+    WorldEnv::from_lookup(lookup).map(Some)
+}
+
+/// [`world_env_from`] over the process environment.
+pub fn world_env() -> Result<Option<WorldEnv>> {
+    world_env_from(|k| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned()))
+}
+
+/// The config of a rank: the command line's, with the world of the environment. Refuses
+/// the CPU backend (it runs every rank as a thread of one process) and a `--world` that
+/// contradicts `WORLD_SIZE`.
+pub fn rank_config(shape: &ShapeArgs, env: &WorldEnv) -> Result<(String, MoeConfig)> {
+    let (rank, n) = (env.rank, env.world_size);
+    if shape.backend == Backend::Cpu {
+        return Err(Error::config(
+            "backend",
+            "cpu",
+            format!(
+                "rank {rank} of {n}: a multi-process (NVSHMEM) rank runs on its GPU; the CPU \
+                 executor runs all ranks as threads of one process: use \
+                 `flashmoe-bench layer --backend cpu --world {n}` without --nproc or a launcher"
+            ),
+        ));
+    }
+    match shape.world {
+        WorldArg::Ranks(r) if r == 1 || r == n => {}
+        other => {
+            return Err(Error::config(
+                "world",
+                format!("{other:?}"),
+                format!(
+                    "rank {rank}: the world is WORLD_SIZE = {n} processes; leave --world out"
+                ),
+            ))
+        }
+    }
+    let mut s = shape.clone();
+    s.world = WorldArg::Ranks(n);
+    s.config(true)
+}
+
+/// Runs this rank and prints its result line.
+pub fn run(args: &LayerArgs, env: &WorldEnv) -> Result<()> {
+    let shape = &args.shape;
+    let (preset, cfg) = rank_config(shape, env)?;
+    let plan = LayerPlan::new(&cfg)?;
+    let memory = plan.memory(env.rank).to_string();
+    let weights = LayerWeights::random(&cfg, shape.seed);
+    let data = RankData::generate(&cfg, shape.seed);
+    let inputs = data.inputs(cfg.tokens);
+    let ov = RouteOverrides::default();
+    let me = env.rank;
+    let mut rows: Vec<Vec<usize>> = vec![Vec::new(); cfg.world];
+    rows[me] = sample_rows(cfg.tokens, shape.check_tokens);
+    let tol = reference::tolerance(cfg.dtype);
+    let check = |out: &[f32]| -> Result<f64> {
+        let mut outs: Vec<Vec<f32>> = vec![Vec::new(); cfg.world];
+        outs[me] = out.to_vec();
+        let err = crate::layer::check_rows(&plan, &weights, &inputs, &ov, &outs, &rows)?;
+        if err > tol {
+            return Err(Error::input(
+                "output",
+                format!(
+                    "rank {me}: max relative error {err:.3e} exceeds the tolerance {tol:.0e}: \
+                     not timing a wrong result"
+                ),
+            ));
+        }
+        Ok(err)
+    };
+    let run: RankRun = gpu_backend::nvshmem_rank(
+        env,
+        &plan,
+        &weights,
+        &inputs[me],
+        &ov,
+        (shape.warmup, shape.iters),
+        &check,
+    )?;
+    let report = rank_report(&cfg, preset, memory, tol, shape.check_tokens, run)?;
+    launcher::emit_result(&report)
+}
+
+/// The report of one rank: its own latency; work, throughput and drops of the whole
+/// world's launch; the roofline floor over `world` GPUs like this rank's.
+fn rank_report(
+    cfg: &MoeConfig,
+    preset: String,
+    memory: String,
+    tol: f64,
+    check_tokens: usize,
+    run: RankRun,
+) -> Result<Report> {
+    let latency =
+        summarize(&run.samples).ok_or_else(|| Error::input("timing", "no finite samples"))?;
+    let total_tokens = (cfg.tokens * cfg.world) as u64;
+    let work = LayerWork::new(cfg, total_tokens, &run.kept_per_expert);
+    let secs = latency.median / 1e3;
+    let world_peaks = run.peaks.map(|p| Peaks {
+        flops: p.flops * cfg.world as f64,
+        bytes_per_s: p.bytes_per_s * cfg.world as f64,
+    });
+    Ok(Report {
+        preset,
+        config: describe(cfg, &run.plan),
+        backend: run.backend,
+        world: run.world,
+        memory,
+        latency_ms: latency,
+        tokens_per_s: total_tokens as f64 / secs,
+        flops_per_s: work.flops / secs,
+        bytes_per_s: work.bytes / secs,
+        roofline_fraction: world_peaks
+            .map(|p| work.floor_seconds(p.flops, p.bytes_per_s) / secs),
+        work,
+        peaks: run.peaks,
+        max_rel_error: run.max_rel_error,
+        tolerance: tol,
+        checked_tokens: check_tokens.min(cfg.tokens),
+        dropped: run.dropped,
+        pairs: total_tokens * cfg.top_k as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::collections::HashMap;
+
+    fn shape(args: &[&str]) -> ShapeArgs {
+        let mut argv = vec!["flashmoe-bench", "layer"];
+        argv.extend_from_slice(args);
+        match crate::args::Cli::parse_from(argv).command {
+            crate::args::Command::Layer(a) => a.shape,
+            other => panic!("not a layer command: {other:?}"),
+        }
+    }
+
+    fn env(rank: usize, world: usize) -> WorldEnv {
+        let map: HashMap<String, String> = [
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", world.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", "29500".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        WorldEnv::from_map(&map).unwrap()
+    }
+
+    #[test]
+    fn no_rank_variables_means_single_process() {
+        assert!(world_env_from(|_| None).unwrap().is_none());
+        // Unrelated variables do not switch rank mode on.
+        let only_master = |k: &str| (k == "MASTER_ADDR").then(|| "127.0.0.1".to_string());
+        assert!(world_env_from(only_master).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_half_set_environment_is_a_typed_error() {
+        let rank_only = |k: &str| (k == "RANK").then(|| "1".to_string());
+        assert!(matches!(
+            world_env_from(rank_only),
+            Err(Error::Env {
+                var: "WORLD_SIZE",
+                ..
+            })
+        ));
+        let no_master = |k: &str| match k {
+            "RANK" | "LOCAL_RANK" => Some("0".to_string()),
+            "WORLD_SIZE" => Some("2".to_string()),
+            _ => None,
+        };
+        assert!(matches!(
+            world_env_from(no_master),
+            Err(Error::Env {
+                var: "MASTER_PORT",
+                ..
+            })
+        ));
+        let bad_rank = |k: &str| match k {
+            "RANK" => Some("2".to_string()),
+            "WORLD_SIZE" => Some("2".to_string()),
+            _ => None,
+        };
+        assert!(matches!(
+            world_env_from(bad_rank),
+            Err(Error::Env { var: "RANK", .. })
+        ));
+    }
+
+    #[test]
+    fn a_full_environment_is_rank_mode() {
+        let e = env(1, 2);
+        let vars: HashMap<String, String> = e
+            .to_vars()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let got = world_env_from(|k| vars.get(k).cloned()).unwrap().unwrap();
+        assert_eq!((got.rank, got.world_size), (1, 2));
+    }
+
+    #[test]
+    fn cpu_backend_is_refused_naming_the_rank() {
+        let err = rank_config(&shape(&["--backend", "cpu"]), &env(1, 2)).unwrap_err();
+        match &err {
+            Error::InvalidConfig { field, limit, .. } => {
+                assert_eq!(*field, "backend");
+                assert!(limit.contains("rank 1 of 2"), "{limit}");
+                assert!(limit.contains("--world 2"), "{limit}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_world_comes_from_the_environment() {
+        for args in [&["--preset", "tiny"][..], &["--preset", "tiny", "--world", "4"]] {
+            let (_, cfg) = rank_config(&shape(args), &env(3, 4)).unwrap();
+            assert_eq!(cfg.world, 4);
+        }
+        for bad in ["2", "emulated:4"] {
+            let err = rank_config(&shape(&["--preset", "tiny", "--world", bad]), &env(0, 4));
+            assert!(
+                matches!(err, Err(Error::InvalidConfig { field: "world", .. })),
+                "--world {bad}: {err:?}"
+            );
+        }
+    }
+}
