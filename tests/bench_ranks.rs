@@ -49,10 +49,8 @@ fn processes_tagged(tag: &str) -> Vec<u32> {
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != me)
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-                env.split(|&b| b == 0)
-                    .any(|var| var == needle.as_bytes())
-            })
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == needle.as_bytes()))
         })
         .collect()
 }
@@ -103,7 +101,15 @@ fn nproc_with_the_cpu_backend_fails_naming_a_rank_and_leaves_nothing_running() {
     let start = Instant::now();
     let out = bench(
         &[
-            "layer", "--nproc", "2", "--backend", "cpu", "--preset", "tiny", "--iters", "1",
+            "layer",
+            "--nproc",
+            "2",
+            "--backend",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--iters",
+            "1",
         ],
         &[],
         &tag,
@@ -152,7 +158,11 @@ fn a_rank_with_the_cpu_backend_fails_without_joining_a_world() {
         ("MASTER_PORT", "9"),
     ];
     let start = Instant::now();
-    let out = bench(&["layer", "--backend", "cpu", "--preset", "tiny"], &env, &tag);
+    let out = bench(
+        &["layer", "--backend", "cpu", "--preset", "tiny"],
+        &env,
+        &tag,
+    );
     let err = text(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("rank 1 of 2"), "{err}");
@@ -184,7 +194,11 @@ fn a_half_set_launcher_environment_is_refused_naming_the_variable() {
         ),
     ];
     for (env, var) in cases {
-        let out = bench(&["layer", "--backend", "cpu", "--preset", "tiny"], env, &tag);
+        let out = bench(
+            &["layer", "--backend", "cpu", "--preset", "tiny"],
+            env,
+            &tag,
+        );
         let err = text(&out.stderr);
         assert!(!out.status.success(), "{env:?}: {err}");
         assert!(

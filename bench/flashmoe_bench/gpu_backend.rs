@@ -10,11 +10,11 @@ use flashmoe::gpu::kernels;
 use flashmoe::gpu::layer::{
     agree, nvshmem_entry_point, GpuOptions, GpuWorld, MoeLayer, NvshmemLayer, NVSHMEM_CUBIN,
 };
-use flashmoe::world::{BootstrapOptions, NvshmemOptions, NvshmemWorld, WorldEnv};
 use flashmoe::gpu::roofline::{self, RooflineOptions};
 use flashmoe::model::{LayerBackend, ModelLayer, MoeModel};
 use flashmoe::reference::{GateOutput, LayerOutput, RankInput, RouteOverrides};
 use flashmoe::weights::LayerWeights;
+use flashmoe::world::{BootstrapOptions, NvshmemOptions, NvshmemWorld, WorldEnv};
 use flashmoe::{Error, LayerPlan, Result};
 
 struct Gpu {

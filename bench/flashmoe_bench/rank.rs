@@ -58,9 +58,7 @@ pub fn rank_config(shape: &ShapeArgs, env: &WorldEnv) -> Result<(String, MoeConf
             return Err(Error::config(
                 "world",
                 format!("{other:?}"),
-                format!(
-                    "rank {rank}: the world is WORLD_SIZE = {n} processes; leave --world out"
-                ),
+                format!("rank {rank}: the world is WORLD_SIZE = {n} processes; leave --world out"),
             ))
         }
     }
@@ -140,8 +138,7 @@ fn rank_report(
         tokens_per_s: total_tokens as f64 / secs,
         flops_per_s: work.flops / secs,
         bytes_per_s: work.bytes / secs,
-        roofline_fraction: world_peaks
-            .map(|p| work.floor_seconds(p.flops, p.bytes_per_s) / secs),
+        roofline_fraction: world_peaks.map(|p| work.floor_seconds(p.flops, p.bytes_per_s) / secs),
         work,
         peaks: run.peaks,
         max_rel_error: run.max_rel_error,
@@ -249,7 +246,10 @@ mod tests {
 
     #[test]
     fn the_world_comes_from_the_environment() {
-        for args in [&["--preset", "tiny"][..], &["--preset", "tiny", "--world", "4"]] {
+        for args in [
+            &["--preset", "tiny"][..],
+            &["--preset", "tiny", "--world", "4"],
+        ] {
             let (_, cfg) = rank_config(&shape(args), &env(3, 4)).unwrap();
             assert_eq!(cfg.world, 4);
         }

@@ -252,9 +252,9 @@ impl NvshmemLayer {
         graph: bool,
     ) -> Result<Vec<f64>> {
         world.barrier()?;
-        let local =
-            self.layer
-                .time_launches(std::slice::from_ref(input), ov, warmup, iters, graph);
+        let local = self
+            .layer
+            .time_launches(std::slice::from_ref(input), ov, warmup, iters, graph);
         self.settle(world, "the timed launches", local)
     }
 
@@ -292,6 +292,22 @@ mod tests {
             assert!(e.starts_with("flashmoe_layer_nvshmem_"), "{e}");
             assert!(e.ends_with(d.name()), "{e} for {d:?}");
             assert_ne!(e, crate::params::entry_point(d));
+        }
+    }
+
+    #[test]
+    fn embedded_nvshmem_cubin_has_every_entry_point() {
+        // Without nvcc or the NVSHMEM device library the cubin is not built: nothing to see.
+        let Ok(bytes) = crate::gpu::kernels::cubin(NVSHMEM_CUBIN) else {
+            return;
+        };
+        for d in [Dtype::Bf16, Dtype::F16, Dtype::F32] {
+            let name = nvshmem_entry_point(d).as_bytes();
+            assert!(
+                bytes.windows(name.len()).any(|w| w == name),
+                "cubin `{NVSHMEM_CUBIN}` lacks `{}`",
+                nvshmem_entry_point(d)
+            );
         }
     }
 
@@ -353,7 +369,10 @@ mod tests {
         let p = LayerPlan::new(&cfg).unwrap();
         let w = GpuWorld::Nvshmem { rank: 3, world: 4 };
         assert!(w.check(&p).is_ok());
-        assert_eq!((w.ranks(), w.world_size(), w.launch_ranks()), (1, 4, vec![3]));
+        assert_eq!(
+            (w.ranks(), w.world_size(), w.launch_ranks()),
+            (1, 4, vec![3])
+        );
         assert!(matches!(
             GpuWorld::Nvshmem { rank: 4, world: 4 }.check(&p),
             Err(Error::InvalidConfig {
