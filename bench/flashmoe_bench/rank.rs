@@ -106,6 +106,19 @@ pub fn run(args: &LayerArgs, env: &WorldEnv) -> Result<()> {
         &check,
     )?;
     let report = rank_report(&cfg, preset, memory, tol, shape.check_tokens, run)?;
+    // A human-readable line for launchers that do not gather the result lines (torchrun).
+    eprintln!(
+        "flashmoe-bench rank {me} of {}: median {:.4} ms (p10 {:.4}, p90 {:.4}), max rel \
+         error {:.2e}, dropped {} of {} pairs; {}",
+        cfg.world,
+        report.latency_ms.median,
+        report.latency_ms.p10,
+        report.latency_ms.p90,
+        report.max_rel_error,
+        report.dropped,
+        report.pairs,
+        report.world
+    );
     launcher::emit_result(&report)
 }
 
