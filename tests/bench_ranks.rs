@@ -10,7 +10,7 @@ const BENCH: &str = env!("CARGO_BIN_EXE_flashmoe-bench");
 
 /// The variables of the launcher convention, removed from every command so that the
 /// environment of the test runner cannot switch rank mode on by accident.
-const RANK_VARS: [&str; 7] = [
+const RANK_VARS: [&str; 9] = [
     "RANK",
     "WORLD_SIZE",
     "LOCAL_RANK",
@@ -18,6 +18,8 @@ const RANK_VARS: [&str; 7] = [
     "MASTER_ADDR",
     "MASTER_PORT",
     "FLASHMOE_BOOTSTRAP_TIMEOUT_S",
+    "FLASHMOE_MASTER_PORT",
+    "TORCHELASTIC_USE_AGENT_STORE",
 ];
 
 /// A tag that marks the processes of one test in their environment.
@@ -176,7 +178,16 @@ fn a_rank_with_the_cpu_backend_fails_without_joining_a_world() {
 #[test]
 fn a_half_set_launcher_environment_is_refused_naming_the_variable() {
     let tag = unique_tag("rank-env");
-    let cases: [(&[(&str, &str)], &str); 3] = [
+    let torchrun: &[(&str, &str)] = &[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29500"),
+        ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+    ];
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (torchrun, "FLASHMOE_MASTER_PORT"),
         (&[("RANK", "0")], "WORLD_SIZE"),
         (
             &[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")],

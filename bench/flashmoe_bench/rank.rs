@@ -16,19 +16,52 @@ use flashmoe::config::MoeConfig;
 use flashmoe::metrics::LayerWork;
 use flashmoe::reference::{self, RouteOverrides};
 use flashmoe::weights::LayerWeights;
-use flashmoe::world::env::{RANK, WORLD_SIZE};
+use flashmoe::world::env::{MASTER_PORT, RANK, WORLD_SIZE};
 use flashmoe::world::{launcher, WorldEnv};
 use flashmoe::{Error, LayerPlan, Result};
+
+/// Port of flashmoe's own bootstrap listener when `MASTER_PORT` is taken by the launcher
+/// (torchrun's agent serves its TCP store there); replaces `MASTER_PORT` when set.
+pub const FLASHMOE_MASTER_PORT: &str = "FLASHMOE_MASTER_PORT";
+
+/// Set by torchrun in its workers: its agent already listens on `MASTER_PORT`.
+const TORCHELASTIC_USE_AGENT_STORE: &str = "TORCHELASTIC_USE_AGENT_STORE";
 
 /// The launcher environment of this process through `lookup`: `None` when neither `RANK`
 /// nor `WORLD_SIZE` is set (a single-process run), else the parsed environment or its
 /// typed error ([`Error::Env`] naming the variable): a half-set environment is refused
-/// rather than silently run as a single process.
+/// rather than silently run as a single process. `FLASHMOE_MASTER_PORT` replaces
+/// `MASTER_PORT`; under torchrun (whose agent listens on `MASTER_PORT`) it is required.
 pub fn world_env_from(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<WorldEnv>> {
     if lookup(RANK).is_none() && lookup(WORLD_SIZE).is_none() {
         return Ok(None);
     }
-    WorldEnv::from_lookup(lookup).map(Some)
+    let own_port = lookup(FLASHMOE_MASTER_PORT);
+    let agent_store = lookup(TORCHELASTIC_USE_AGENT_STORE)
+        .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true"));
+    if agent_store && own_port.is_none() {
+        return Err(Error::Env {
+            var: FLASHMOE_MASTER_PORT,
+            reason: "is not set, but under torchrun MASTER_PORT is its agent's own TCP store: \
+                     set FLASHMOE_MASTER_PORT to another free port on rank 0's node"
+                .into(),
+        });
+    }
+    let env = WorldEnv::from_lookup(|k| match (k, &own_port) {
+        (MASTER_PORT, Some(p)) => Some(p.clone()),
+        _ => lookup(k),
+    });
+    match env {
+        // A bad FLASHMOE_MASTER_PORT is reported under its own name.
+        Err(Error::Env {
+            var: MASTER_PORT,
+            reason,
+        }) if own_port.is_some() => Err(Error::Env {
+            var: FLASHMOE_MASTER_PORT,
+            reason,
+        }),
+        other => other.map(Some),
+    }
 }
 
 /// [`world_env_from`] over the process environment.
@@ -242,6 +275,54 @@ mod tests {
             .collect();
         let got = world_env_from(|k| vars.get(k).cloned()).unwrap().unwrap();
         assert_eq!((got.rank, got.world_size), (1, 2));
+    }
+
+    #[test]
+    fn flashmoe_master_port_replaces_master_port_and_is_required_under_torchrun() {
+        let base = |k: &str| match k {
+            "RANK" | "LOCAL_RANK" => Some("0".to_string()),
+            "WORLD_SIZE" => Some("2".to_string()),
+            "MASTER_ADDR" => Some("127.0.0.1".to_string()),
+            "MASTER_PORT" => Some("29500".to_string()),
+            _ => None,
+        };
+        assert_eq!(world_env_from(base).unwrap().unwrap().master_port, 29500);
+        let own = |k: &str| match k {
+            FLASHMOE_MASTER_PORT => Some("29611".to_string()),
+            _ => base(k),
+        };
+        let e = world_env_from(own).unwrap().unwrap();
+        assert_eq!((e.master_port, e.master.port()), (29611, 29611));
+        let torchrun = |k: &str| match k {
+            "TORCHELASTIC_USE_AGENT_STORE" => Some("True".to_string()),
+            _ => base(k),
+        };
+        assert!(matches!(
+            world_env_from(torchrun),
+            Err(Error::Env {
+                var: FLASHMOE_MASTER_PORT,
+                ..
+            })
+        ));
+        let torchrun_own = |k: &str| match k {
+            "TORCHELASTIC_USE_AGENT_STORE" => Some("True".to_string()),
+            _ => own(k),
+        };
+        assert_eq!(
+            world_env_from(torchrun_own).unwrap().unwrap().master_port,
+            29611
+        );
+        let bad = |k: &str| match k {
+            FLASHMOE_MASTER_PORT => Some("0".to_string()),
+            _ => base(k),
+        };
+        assert!(matches!(
+            world_env_from(bad),
+            Err(Error::Env {
+                var: FLASHMOE_MASTER_PORT,
+                ..
+            })
+        ));
     }
 
     #[test]
