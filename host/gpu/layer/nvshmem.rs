@@ -100,8 +100,12 @@ pub fn agree<T>(world: &mut NvshmemWorld, step: &str, local: Result<T>) -> Resul
     combine(local, &all, step)
 }
 
-/// One rank's MoE layer in an NVSHMEM world. See the [module docs](self). Not `Send`: it
-/// lives on the thread of its [`NvshmemWorld`].
+/// One rank's MoE layer in an NVSHMEM world: the heap is NVSHMEM's symmetric allocation,
+/// the peers table `nvshmem_ptr` of every rank's heap (0 for RDMA peers), the kernel the
+/// NVSHMEM build registered by the world, and the launch runs this rank only. Launches,
+/// epochs and status words are those of [`MoeLayer`]; recovery after an error is
+/// collective ([`NvshmemLayer::status`]). Not `Send`: it lives on the thread of its
+/// [`NvshmemWorld`].
 pub struct NvshmemLayer {
     // Drop order: the layer first (it waits for its last launch), then the heap (whose
     // collective free needs every rank to drop its layers in the same order).
