@@ -44,7 +44,13 @@ pub fn run(args: &LayerArgs) -> Result<()> {
         source,
     })?;
     let argv: Vec<String> = std::env::args().collect();
-    let reports = launcher::launch_local(n, &exe, &child_args(&argv))?;
+    // The ranks' stderr (peer report, memory figure, summary line) is shown as it comes,
+    // prefixed with `[rank r]`; their results come back through stdout.
+    let opts = launcher::LaunchOptions {
+        forward_stderr: true,
+        ..launcher::LaunchOptions::default()
+    };
+    let reports = launcher::launch_local_with(n, &exe, &child_args(&argv), &opts)?;
     if args.shape.json {
         let all: Vec<&serde_json::Value> = reports.iter().map(|r| &r.result).collect();
         println!(
