@@ -16,6 +16,11 @@
 //! * A kernel that fails to compile fails the build. Without nvcc the build succeeds with a
 //!   warning (the GPU backend is then disabled), unless `FLASHMOE_REQUIRE_KERNELS=1`, which
 //!   turns a missing nvcc or a skipped kernel into an error (CI sets it).
+//! * Reruns when `kernel/`, the nvcc found, or one of [`ENV_VARS`] changes. A missing
+//!   `.toolchain` is not watched (cargo would rerun on every build); the install script
+//!   touches `build.rs` instead after installing.
+//! * The pure parts (search order, command lines, spill detection, generated source) live
+//!   in `build/support.rs` and are tested by `tests/build_support.rs`.
 
 #[path = "build/support.rs"]
 mod support;
@@ -50,7 +55,7 @@ fn main() {
     }
 }
 
-/// One kernel source and what became of it.
+/// One `kernel/*.cu` source file.
 struct Kernel {
     /// File stem: the name `gpu::kernels::cubin` takes.
     name: String,
