@@ -16,6 +16,14 @@
 //! * A kernel that fails to compile fails the build. Without nvcc the build succeeds with a
 //!   warning (the GPU backend is then disabled), unless `FLASHMOE_REQUIRE_KERNELS=1`, which
 //!   turns a missing nvcc or a skipped kernel into an error (CI sets it).
+//! * Reruns when `kernel/`, the nvcc found, or one of [`ENV_VARS`] changes. A missing
+//!   `.toolchain` is not watched (cargo would rerun on every build); the install script
+//!   touches `build.rs` instead after installing.
+//! * The pure parts (search order, command lines, spill detection, generated source) live
+//!   in `build/support.rs` and are tested by `tests/build_support.rs`.
+
+#[path = "build/support.rs"]
+mod support;
 
 use std::env;
 use std::fmt::Write as _;
@@ -36,9 +44,6 @@ const ENV_VARS: &[&str] = &[
     "FLASHMOE_REQUIRE_KERNELS",
 ];
 
-/// The architecture built when `FLASHMOE_CUDA_ARCH` is not set (wgmma/setmaxnreg need `a`).
-const DEFAULT_ARCH: &str = "90a";
-
 /// How to get a compiler, repeated in every message that concerns a missing one.
 const HOW_TO_ENABLE: &str = "run scripts/install-cuda-toolchain.sh (pinned CUDA 13.0 nvcc from \
      PyPI into .toolchain/) or set FLASHMOE_NVCC / CUDA_HOME, then rebuild";
@@ -50,7 +55,7 @@ fn main() {
     }
 }
 
-/// One kernel source and what became of it.
+/// One `kernel/*.cu` source file.
 struct Kernel {
     /// File stem: the name `gpu::kernels::cubin` takes.
     name: String,
@@ -71,6 +76,7 @@ fn run() -> Result<(), String> {
     let kernel_dir = manifest.join("kernel");
 
     println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-changed=build/support.rs");
     println!("cargo::rerun-if-changed=kernel");
     for v in ENV_VARS {
         println!("cargo::rerun-if-env-changed={v}");
@@ -79,7 +85,7 @@ fn run() -> Result<(), String> {
 
     let require = flag("FLASHMOE_REQUIRE_KERNELS");
     let kernels = list_kernels(&kernel_dir)?;
-    let arch = arch()?;
+    let arch = support::normalize_arch(&env::var("FLASHMOE_CUDA_ARCH").unwrap_or_default())?;
 
     let nvcc = match find_nvcc(&manifest)? {
         Some(n) => n,
@@ -113,7 +119,7 @@ fn run() -> Result<(), String> {
     let mut skipped = Vec::new();
     let mut to_build = Vec::new();
     for k in &kernels {
-        if k.name.ends_with("_nvshmem") && nvshmem.is_none() {
+        if support::is_nvshmem_kernel(&k.name) && nvshmem.is_none() {
             let why = format!(
                 "kernel/{}.cu skipped: NVSHMEM device library (lib/libnvshmem_device.a) not found; \
                  set NVSHMEM_HOME or run scripts/install-cuda-toolchain.sh",
@@ -139,7 +145,7 @@ fn run() -> Result<(), String> {
     );
     for (k, log) in to_build.iter().zip(logs) {
         let log = log?;
-        for line in spill_lines(&log) {
+        for line in support::spill_lines(&log) {
             println!("cargo::warning=flashmoe: {}: {line}", k.name);
         }
         let _ = write!(report, "\n== {} ==\n{log}", k.name);
@@ -178,7 +184,7 @@ fn env_var(name: &str) -> Result<String, String> {
 
 /// True when the variable is set to something other than empty, `0`, `false` or `no`.
 fn flag(name: &str) -> bool {
-    env::var(name).is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false" | "no"))
+    support::flag_value(env::var(name).ok().as_deref())
 }
 
 /// `kernel/*.cu`, sorted by name.
@@ -197,7 +203,7 @@ fn list_kernels(dir: &Path) -> Result<Vec<Kernel>, String> {
                 .and_then(|s| s.to_str())
                 .ok_or_else(|| format!("{}: file name is not UTF-8", path.display()))?
                 .to_string();
-            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            if !support::valid_kernel_name(&name) {
                 return Err(format!(
                     "{}: kernel file names may only use [A-Za-z0-9_]",
                     path.display()
@@ -208,22 +214,6 @@ fn list_kernels(dir: &Path) -> Result<Vec<Kernel>, String> {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
-}
-
-/// The target architecture without prefix, e.g. `90a`.
-fn arch() -> Result<String, String> {
-    let raw = env::var("FLASHMOE_CUDA_ARCH").unwrap_or_default();
-    let raw = raw.trim();
-    let a = raw.trim_start_matches("sm_").trim_start_matches("compute_");
-    let a = if a.is_empty() { DEFAULT_ARCH } else { a };
-    let valid = a.chars().next().is_some_and(|c| c.is_ascii_digit())
-        && a.chars().all(|c| c.is_ascii_alphanumeric());
-    if !valid {
-        return Err(format!(
-            "FLASHMOE_CUDA_ARCH = {raw:?}: expected an architecture such as 90a, sm_90a or 80"
-        ));
-    }
-    Ok(a.to_string())
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -247,19 +237,9 @@ fn find_nvcc(manifest: &Path) -> Result<Option<PathBuf>, String> {
             };
         }
     }
-    let mut candidates = Vec::new();
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Ok(root) = env::var(var) {
-            if !root.trim().is_empty() {
-                candidates.push(PathBuf::from(root.trim()).join("bin/nvcc"));
-            }
-        }
-    }
-    if let Some(path) = env::var_os("PATH") {
-        candidates.extend(env::split_paths(&path).map(|d| d.join("nvcc")));
-    }
-    candidates.push(PathBuf::from("/usr/local/cuda/bin/nvcc"));
-    candidates.extend(toolchain_site_packages(manifest).map(|s| s.join("nvidia/cu13/bin/nvcc")));
+    let sites: Vec<PathBuf> = toolchain_site_packages(manifest).collect();
+    let candidates = support::nvcc_candidates(|v| env::var(v).ok(), &sites);
+    // FLASHMOE_NVCC was handled above; the rest in the documented order.
     Ok(candidates.into_iter().find(|p| is_executable(p)))
 }
 
@@ -303,20 +283,12 @@ fn nvcc_version(nvcc: &Path) -> Result<String, String> {
 
 /// An NVSHMEM root with `include/nvshmem.h` and `lib/libnvshmem_device.a`.
 fn find_nvshmem(manifest: &Path, nvcc: &Path) -> Option<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Ok(h) = env::var("NVSHMEM_HOME") {
-        if !h.trim().is_empty() {
-            candidates.push(PathBuf::from(h.trim()));
-        }
-    }
-    // nvcc from the PyPI wheel: site-packages/nvidia/cu13/bin/nvcc -> site-packages/nvidia/nvshmem.
-    if let Some(nvidia) = nvcc.parent().and_then(Path::parent).and_then(Path::parent) {
-        candidates.push(nvidia.join("nvshmem"));
-    }
-    candidates.extend(toolchain_site_packages(manifest).map(|s| s.join("nvidia/nvshmem")));
-    candidates.into_iter().find(|r| {
-        r.join("include/nvshmem.h").is_file() && r.join("lib/libnvshmem_device.a").is_file()
-    })
+    let sites: Vec<PathBuf> = toolchain_site_packages(manifest).collect();
+    support::nvshmem_candidates(env::var("NVSHMEM_HOME").ok().as_deref(), nvcc, &sites)
+        .into_iter()
+        .find(|r| {
+            r.join("include/nvshmem.h").is_file() && r.join("lib/libnvshmem_device.a").is_file()
+        })
 }
 
 /// Runs one nvcc command; returns its combined output, or an error with all of it.
@@ -381,84 +353,26 @@ fn compile(
     out_dir: &Path,
     nvshmem: Option<&Path>,
 ) -> Result<String, String> {
-    let gencode = format!("-gencode=arch=compute_{arch},code=sm_{arch}");
     let cubin = out_dir.join(format!("{}.cubin", k.name));
-    let mut common = vec![
-        gencode.clone(),
-        "-O3".to_string(),
-        "-std=c++17".to_string(),
-        format!("-I{}", kernel_dir.join("include").display()),
-        "-Xptxas".to_string(),
-        "-v".to_string(),
-    ];
-    if let Ok(extra) = env::var("FLASHMOE_NVCC_FLAGS") {
-        common.extend(extra.split_whitespace().map(str::to_string));
-    }
+    let extra = env::var("FLASHMOE_NVCC_FLAGS").unwrap_or_default();
+    let common = support::common_flags(arch, &kernel_dir.join("include"), &extra);
     let what = format!("nvcc on kernel/{}.cu", k.name);
     match nvshmem {
-        Some(root) if k.name.ends_with("_nvshmem") => {
+        Some(root) if support::is_nvshmem_kernel(&k.name) => {
             let obj = out_dir.join(format!("{}.o", k.name));
-            let mut args = vec!["-rdc=true".to_string()];
-            args.extend(common);
-            args.push(format!("-I{}", root.join("include").display()));
-            args.extend([
-                "-c".to_string(),
-                k.source.display().to_string(),
-                "-o".to_string(),
-                obj.display().to_string(),
-            ]);
-            let mut log = nvcc_step(nvcc, &args, &what)?;
-            let link = vec![
-                gencode,
-                "-dlink".to_string(),
-                "-cubin".to_string(),
-                obj.display().to_string(),
-                format!("-L{}", root.join("lib").display()),
-                "-lnvshmem_device".to_string(),
-                "-o".to_string(),
-                cubin.display().to_string(),
-            ];
-            log.push_str(&nvcc_step(
-                nvcc,
-                &link,
-                &format!("device link of kernel/{}.cu", k.name),
-            )?);
+            let (compile, link) =
+                support::nvshmem_args(arch, &common, root, &k.source, &obj, &cubin);
+            let mut log = nvcc_step(nvcc, &compile, &what)?;
+            let what = format!("device link of kernel/{}.cu", k.name);
+            log.push_str(&nvcc_step(nvcc, &link, &what)?);
             Ok(log)
         }
-        _ => {
-            let mut args = common;
-            args.extend([
-                "-cubin".to_string(),
-                k.source.display().to_string(),
-                "-o".to_string(),
-                cubin.display().to_string(),
-            ]);
-            nvcc_step(nvcc, &args, &what)
-        }
+        _ => nvcc_step(
+            nvcc,
+            &support::cubin_args(&common, &k.source, &cubin),
+            &what,
+        ),
     }
-}
-
-/// `<function>: <ptxas line>` for every function whose ptxas report shows a non-zero spill.
-fn spill_lines(log: &str) -> Vec<String> {
-    let mut function = "?";
-    let mut out = Vec::new();
-    for line in log.lines() {
-        if let Some(f) = line.split("Function properties for ").nth(1) {
-            function = f.trim();
-        }
-        let spills = line.split(',').any(|part| {
-            part.contains("spill")
-                && part
-                    .split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .is_some_and(|n| n > 0)
-        });
-        if spills {
-            out.push(format!("{function}: {}", line.trim()));
-        }
-    }
-    out
 }
 
 /// Writes `$OUT_DIR/kernels.rs`: the embedded cubins, the skipped kernels and a note.
@@ -469,35 +383,17 @@ fn write_kernels_rs(
     arch: &str,
     note: &str,
 ) -> Result<(), String> {
-    let mut s = String::from("// @generated by build.rs: the kernels embedded in this build.\n");
-    for (i, b) in built.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "static CUBIN_{i}: Aligned<[u8; {}]> = Aligned(*include_bytes!({:?}));",
-            b.bytes,
-            b.cubin.to_string_lossy()
-        );
-    }
-    s.push_str("/// (name, cubin) of every kernel built, sorted by name.\n");
-    s.push_str("static CUBINS: &[(&str, &[u8])] = &[\n");
-    for (i, b) in built.iter().enumerate() {
-        let _ = writeln!(s, "    ({:?}, &CUBIN_{i}.0),", b.name);
-    }
-    s.push_str("];\n/// (name, reason) of every kernel source that was not built.\n");
-    s.push_str("static SKIPPED: &[(&str, &str)] = &[\n");
-    for (name, why) in skipped {
-        let _ = writeln!(s, "    ({name:?}, {why:?}),");
-    }
-    s.push_str("];\n");
-    let _ = writeln!(
-        s,
-        "/// The `sm_*` architecture of the cubins (empty without kernels)."
-    );
-    let _ = writeln!(s, "static ARCH: &str = {arch:?};");
-    let _ = writeln!(s, "/// Why there are no kernels (empty when there are).");
-    let _ = writeln!(s, "static BUILD_NOTE: &str = {note:?};");
+    let embedded: Vec<support::Embedded<'_>> = built
+        .iter()
+        .map(|b| support::Embedded {
+            name: &b.name,
+            cubin: &b.cubin,
+            bytes: b.bytes,
+        })
+        .collect();
     let path = out_dir.join("kernels.rs");
-    fs::write(&path, s).map_err(|e| format!("{}: {e}", path.display()))
+    fs::write(&path, support::kernels_rs(&embedded, skipped, arch, note))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Writes the report into `$OUT_DIR` and, when the target directory can be found, into

@@ -1,7 +1,7 @@
 //! Layer shapes of real MoE models (from their `config.json`, see
 //! `shared/notes/model-families.md`), used by the bench and the synthetic model builder.
 
-use crate::config::{Capacity, Dtype, MlpKind, MoeConfig, Placement, Router, SharedExperts};
+use crate::config::{MlpKind, MoeConfig, Router, SharedExperts};
 use crate::error::{Error, Result};
 
 /// A named layer shape.
@@ -25,54 +25,30 @@ pub const NAMES: [&str; 6] = [
     "deepseek-v3",
 ];
 
-fn layer(
-    tokens: usize,
-    hidden: usize,
-    intermediate: usize,
-    experts: usize,
-    top_k: usize,
-) -> MoeConfig {
-    MoeConfig {
-        tokens,
-        hidden,
-        intermediate,
-        experts,
-        top_k,
-        capacity: Capacity::Factor(1.25),
-        dtype: Dtype::Bf16,
-        mlp: MlpKind::SwiGlu,
-        router: Router::Softmax { renormalize: true },
-        routed_scale: 1.0,
-        shared: None,
-        world: 1,
-        placement: Placement::Blocked,
-    }
-}
-
 /// Looks a preset up by name; unknown names list the known ones.
 pub fn preset(name: &str) -> Result<Preset> {
     let (description, config) = match name {
-        "tiny" => ("quick check: 256 tokens, 256/512, 8 experts, top-2, SwiGLU", layer(256, 256, 512, 8, 2)),
+        "tiny" => ("quick check: 256 tokens, 256/512, 8 experts, top-2, SwiGLU", MoeConfig::new(256, 256, 512, 8, 2)),
         "flashmoe-paper" => (
             "FlashMoE paper's weak-scaling layer: 8K tokens, 2048/2048, 64 experts, top-2, GELU",
             MoeConfig {
                 mlp: MlpKind::Gelu,
-                ..layer(8192, 2048, 2048, 64, 2)
+                ..MoeConfig::new(8192, 2048, 2048, 64, 2)
             },
         ),
         "mixtral-8x7b" => (
             "Mixtral-8x7B: 4096/14336, 8 experts, top-2 renormalised, SwiGLU",
-            layer(4096, 4096, 14336, 8, 2),
+            MoeConfig::new(4096, 4096, 14336, 8, 2),
         ),
         "qwen3-30b-a3b" => (
             "Qwen3-30B-A3B: 2048/768, 128 experts, top-8 renormalised, SwiGLU",
-            layer(4096, 2048, 768, 128, 8),
+            MoeConfig::new(4096, 2048, 768, 128, 8),
         ),
         "olmoe-1b-7b" => (
             "OLMoE-1B-7B: 2048/1024, 64 experts, top-8 not renormalised, SwiGLU",
             MoeConfig {
                 router: Router::Softmax { renormalize: false },
-                ..layer(4096, 2048, 1024, 64, 8)
+                ..MoeConfig::new(4096, 2048, 1024, 64, 8)
             },
         ),
         "deepseek-v3" => (
@@ -85,7 +61,7 @@ pub fn preset(name: &str) -> Result<Preset> {
                     intermediate: 2048,
                     gated: false,
                 }),
-                ..layer(4096, 7168, 2048, 256, 8)
+                ..MoeConfig::new(4096, 7168, 2048, 256, 8)
             },
         ),
         _ => {

@@ -9,7 +9,8 @@
 #
 # Idempotent: when the venv already holds exactly these versions nothing is downloaded.
 # Environment:
-#   FLASHMOE_TOOLCHAIN_DIR  where to put the venv (default: <repo>/.toolchain)
+#   FLASHMOE_TOOLCHAIN_DIR  where to put the venv (default: <repo>/.toolchain; build.rs looks
+#                           only there, so elsewhere also set FLASHMOE_NVCC to the printed path)
 #   PYTHON                  the Python 3 interpreter to build the venv with (default: python3)
 # Prints the path of nvcc on its last line (`nvcc: <path>`).
 set -euo pipefail

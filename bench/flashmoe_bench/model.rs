@@ -227,17 +227,17 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         "  {:>5} {:>10} {:>8} {:>9} {:>8} {:>6} {:>8}  load histogram (8 bins up to max)",
         "layer", "median ms", "min", "mean", "max", "idle", "dropped"
     );
-    for r in &rows {
+    for (st, samples) in first.layers.iter().zip(&per_layer) {
         println!(
-            "  {:>5} {:>10.4} {:>8} {:>9.1} {:>8} {:>6} {:>8}  {}",
-            r["layer"],
-            r["median_ms"].as_f64().unwrap_or(f64::NAN),
-            r["load_min"],
-            r["load_mean"].as_f64().unwrap_or(f64::NAN),
-            r["load_max"],
-            r["idle_experts"],
-            r["dropped"],
-            r["histogram"]
+            "  {:>5} {:>10.4} {:>8} {:>9.1} {:>8} {:>6} {:>8}  {:?}",
+            st.layer,
+            summarize(samples).map_or(f64::NAN, |s| s.median),
+            st.min_load(),
+            st.mean_load(),
+            st.max_load(),
+            st.idle_experts(),
+            st.dropped,
+            st.load_histogram(8)
         );
     }
     println!(

@@ -125,7 +125,8 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
     if (!grid_ok) {
         // Groups cannot be formed: report into rank 0's workspace and leave without the exit
         // protocol (the epoch is not advanced: the host must not retry this launch shape).
-        if (blockIdx.x == 0 && threadIdx.x == 0) {
+        // (No workspace in rank[0] either: nowhere to report; the host checks for this.)
+        if (blockIdx.x == 0 && threadIdx.x == 0 && p.rank[0].workspace != 0) {
             Ctx c{};
             c.L = &p.layer;
             c.R = &p.rank[0];
@@ -148,6 +149,20 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
     c.peers = reinterpret_cast<const uint64_t*>(c.R->peers);
     c.misc = reinterpret_cast<Misc*>(smem_raw);
     c.smem = smem_raw + kMiscBytes;
+    if (c.ws == nullptr) {
+        // Review fix: check_params' "workspace is 0" case (where 14, observed 8) used to be
+        // reached only after the epoch load below and fail() had dereferenced this null
+        // workspace (an illegal-address fault instead of a status). A group without a
+        // workspace has no status words and no epoch: report into rank[0]'s workspace, as
+        // the grid-shape errors do, and leave without the exit protocol. Rank 0's group then
+        // sees the abort flag and leaves too; the other groups time out on this rank.
+        if (c.blk == 0 && threadIdx.x == 0 && p.rank[0].workspace != 0) {
+            c.R = &p.rank[0];  // c is not used after this (keeps the stack frame as it was)
+            c.ws = reinterpret_cast<char*>(p.rank[0].workspace);
+            fail(c, FM_STATUS_BAD_PARAMS, FM_STAGE_SETUP, 14, 1, 8, 0);
+        }
+        return;
+    }
     c.n = *reinterpret_cast<volatile uint64_t*>(c.ws + p.layer.ws_epoch) + 1;
 
     uint64_t expected = 0, observed = 0;

@@ -255,6 +255,14 @@ enum TakeState : uint32_t { kTakeTask = 1, kTakeDone = 2, kTakeStop = 3 };
 // Thread 0 takes the next ticket and waits for its entry or for the end of the queue;
 // the outcome goes to Misc (task, state).
 __device__ FM_PHASE void take_task(const Ctx& c) {
+    // Review fix: wait_until() looks at the abort flag only while its probe fails, so a rank
+    // that had already failed kept running every task whose entry was ready (GEMMs, remote
+    // stores, combine signals of a dead epoch) before it noticed. One relaxed load per task.
+    if (aborted(c)) {
+        c.misc->task = 0;
+        c.misc->state = kTakeStop;
+        return;
+    }
     const uint64_t cap = c.L->ws_queue_capacity;
     const uint32_t ticket = atomicAdd(c.queue_ctl() + 1, 1u);
     uint32_t task = 0, state = 0;
