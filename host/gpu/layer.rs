@@ -660,33 +660,13 @@ impl MoeLayer {
         top_k: Option<usize>,
         logit_bias: Option<&[f32]>,
     ) -> Result<()> {
-        let cfg = &self.plan.config;
-        let k = top_k.unwrap_or(cfg.top_k);
-        if k == 0 || k > cfg.top_k {
-            return Err(Error::input(
-                "overrides.top_k",
-                format!("{k} is not in 1..={}", cfg.top_k),
-            ));
+        // One validation for every backend: the reference's.
+        let k = crate::reference::RouteOverrides {
+            top_k,
+            logit_bias: logit_bias.map(<[f32]>::to_vec),
         }
+        .effective_top_k(&self.plan.config)?;
         if let Some(b) = logit_bias {
-            if cfg.router == Router::Given {
-                return Err(Error::input(
-                    "overrides.logit_bias",
-                    "has no effect with Router::Given",
-                ));
-            }
-            if b.len() != cfg.experts {
-                return Err(Error::input(
-                    "overrides.logit_bias",
-                    format!("length {} != experts = {}", b.len(), cfg.experts),
-                ));
-            }
-            if let Some(i) = b.iter().position(|v| !v.is_finite()) {
-                return Err(Error::input(
-                    "overrides.logit_bias",
-                    format!("expert {i}: {} is not finite", b[i]),
-                ));
-            }
             // Earlier launches may still read the old bias.
             self.wait_done()?;
             self.tables.logit_bias.upload(
