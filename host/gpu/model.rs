@@ -78,9 +78,21 @@ pub struct ModelRankIo {
 pub struct GpuTrace {
     /// `states[l][rank]`: the state after layer `l`, `[tokens_r * hidden]`.
     pub states: Vec<Vec<Vec<f32>>>,
+    /// `normed[l][rank]`: layer `l`'s input, the normalised state (layer dtype values).
+    pub normed: Vec<Vec<Vec<f32>>>,
+    /// `moe_out[l][rank]`: layer `l`'s MoE output before the residual add (layer dtype).
+    pub moe_out: Vec<Vec<Vec<f32>>>,
     /// `gates[l][rank]`: layer `l`'s routing (ids, weights, slots, counts) as the kernel
     /// decided it.
     pub gates: Vec<Vec<GateOutput>>,
+}
+
+/// Device copies of one layer's tensors of one rank, made during a traced forward.
+#[derive(Debug)]
+struct Snapshot {
+    state: DeviceBuffer,
+    normed: DeviceBuffer,
+    out: DeviceBuffer,
 }
 
 /// Timing events of one layer.
@@ -109,8 +121,9 @@ struct RankBuffers {
     state: DeviceBuffer,
     normed: DeviceBuffer,
     out: DeviceBuffer,
-    /// State after each layer (traced forwards only), allocated on first use.
-    snapshots: Vec<DeviceBuffer>,
+    /// Per layer: state after it, its input and output (traced forwards only), allocated
+    /// on first use.
+    snapshots: Vec<Snapshot>,
 }
 
 /// A stack of MoE blocks resident on one GPU. See the [module docs](self).
@@ -446,6 +459,17 @@ impl GpuModel {
                     .map_err(in_layer(layer.index))?
             };
             ev.moe_end.record(stream).map_err(cuda("record event"))?;
+            if traced {
+                let io_bytes = |t: usize| t * h * layer.dtype.size();
+                for (rb, &t) in self.ranks.iter().zip(tokens) {
+                    let snap = snapshot(rb, l)?;
+                    // SAFETY: normed/out and their snapshots all hold io_bytes(max_tokens).
+                    unsafe {
+                        copy(&snap.normed, rb.normed.ptr(), io_bytes(t), stream)?;
+                        copy(&snap.out, rb.out.ptr(), io_bytes(t), stream)?;
+                    }
+                }
+            }
             // SAFETY: as for the norm.
             unsafe {
                 self.ops
@@ -454,18 +478,9 @@ impl GpuModel {
             };
             if traced {
                 for ((rb, &src), &t) in self.ranks.iter().zip(states).zip(tokens) {
-                    let snap = rb.snapshots.get(l).ok_or_else(|| {
-                        Error::input("trace", "snapshot buffers were not allocated")
-                    })?;
-                    let bytes = t * h * state.size();
-                    if bytes > 0 {
-                        // SAFETY: both ranges hold `bytes` bytes (state: the contract;
-                        // snapshot: max_tokens * hidden f32 >= bytes).
-                        unsafe {
-                            result::memcpy_dtod_async(snap.ptr(), src, bytes, stream.cu_stream())
-                        }
-                        .map_err(cuda("trace copy"))?;
-                    }
+                    // SAFETY: the state holds t * hidden elements (the contract); the
+                    // snapshot max_tokens * hidden f32.
+                    unsafe { copy(&snapshot(rb, l)?.state, src, t * h * state.size(), stream)? };
                 }
             }
             ev.end.record(stream).map_err(cuda("record event"))?;
@@ -594,11 +609,14 @@ impl GpuModel {
         let stream = self.stream.clone();
         if traced {
             let layers = self.layers.len();
-            let bytes = self.shape.state_bytes;
+            let (state_bytes, io_bytes) = (self.shape.state_bytes, self.shape.io_bytes);
             for rb in &mut self.ranks {
                 while rb.snapshots.len() < layers {
-                    rb.snapshots
-                        .push(DeviceBuffer::zeroed(&stream, bytes, "trace snapshot")?);
+                    rb.snapshots.push(Snapshot {
+                        state: DeviceBuffer::zeroed(&stream, state_bytes, "trace snapshot")?,
+                        normed: DeviceBuffer::zeroed(&stream, io_bytes, "trace snapshot")?,
+                        out: DeviceBuffer::zeroed(&stream, io_bytes, "trace snapshot")?,
+                    });
                 }
             }
         }
@@ -614,39 +632,44 @@ impl GpuModel {
         unsafe { self.enqueue(&states, &tokens, Dtype::F32, &stream, poison_out, traced)? };
         let layers = self.status()?;
 
-        let download = |buf: &DeviceBuffer, t: usize, what: &'static str| -> Result<Vec<f32>> {
-            let mut raw = vec![0u8; t * h * 4];
-            buf.download(&stream, 0, &mut raw, what)?;
-            Ok(from_dtype_bytes(Dtype::F32, &raw))
+        let download = |buf: &DeviceBuffer, dtype: Dtype, t: usize| -> Result<Vec<f32>> {
+            let mut raw = vec![0u8; t * h * dtype.size()];
+            buf.download(&stream, 0, &mut raw, "model download")?;
+            Ok(from_dtype_bytes(dtype, &raw))
         };
         let trace = if traced {
-            let mut states = Vec::with_capacity(self.layers.len());
-            let mut gates = Vec::with_capacity(self.layers.len());
+            let n = self.layers.len();
+            let mut trace = GpuTrace {
+                states: Vec::with_capacity(n),
+                normed: Vec::with_capacity(n),
+                moe_out: Vec::with_capacity(n),
+                gates: Vec::with_capacity(n),
+            };
             for (l, layer) in self.layers.iter().enumerate() {
-                let mut per_rank = Vec::with_capacity(self.ranks.len());
-                for (r, (rb, &t)) in self.ranks.iter().zip(&tokens).enumerate() {
-                    let snap = rb.snapshots.get(l).ok_or_else(|| {
-                        Error::input("trace", "snapshot buffers were not allocated")
-                    })?;
-                    let s = download(snap, t, "trace snapshot")?;
-                    check_finite(&s, h, r).map_err(in_layer(layer.index))?;
-                    per_rank.push(s);
+                let (mut st, mut nx, mut mo) = (Vec::new(), Vec::new(), Vec::new());
+                for (rb, &t) in self.ranks.iter().zip(&tokens) {
+                    let snap = snapshot(rb, l)?;
+                    st.push(download(&snap.state, Dtype::F32, t)?);
+                    nx.push(download(&snap.normed, layer.dtype, t)?);
+                    mo.push(download(&snap.out, layer.dtype, t)?);
                 }
-                states.push(per_rank);
-                gates.push(
+                trace.states.push(st);
+                trace.normed.push(nx);
+                trace.moe_out.push(mo);
+                trace.gates.push(
                     layer
                         .moe
                         .last_gates(&tokens, layer.moe.top_k())
                         .map_err(in_layer(layer.index))?,
                 );
             }
-            Some(GpuTrace { states, gates })
+            Some(trace)
         } else {
             None
         };
         let mut hidden = Vec::with_capacity(self.ranks.len());
         for (r, (rb, &t)) in self.ranks.iter().zip(&tokens).enumerate() {
-            let s = download(&rb.state, t, "model output")?;
+            let s = download(&rb.state, Dtype::F32, t)?;
             check_finite(&s, h, r)?;
             hidden.push(s);
         }
@@ -659,6 +682,32 @@ impl GpuModel {
             trace,
         ))
     }
+}
+
+/// Layer `l`'s snapshot buffers of a rank.
+fn snapshot(rb: &RankBuffers, l: usize) -> Result<&Snapshot> {
+    rb.snapshots
+        .get(l)
+        .ok_or_else(|| Error::input("trace", format!("no snapshot buffers for layer {l}")))
+}
+
+/// Enqueues a device-to-device copy of `bytes` bytes from `src` into `dst`.
+///
+/// # Safety
+/// `src` must address `bytes` live bytes until the copy has run.
+unsafe fn copy(dst: &DeviceBuffer, src: u64, bytes: usize, stream: &CudaStream) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    if bytes > dst.bytes() {
+        return Err(Error::input(
+            "trace",
+            format!("{bytes} bytes exceed the {}-byte snapshot", dst.bytes()),
+        ));
+    }
+    // SAFETY: `dst` holds at least `bytes` (checked); `src` is the caller's contract.
+    unsafe { result::memcpy_dtod_async(dst.ptr(), src, bytes, stream.cu_stream()) }
+        .map_err(cuda("trace copy"))
 }
 
 /// A non-finite value in a state (an unwritten, NaN-poisoned row of some layer's output

@@ -82,9 +82,13 @@ impl ModelShape {
     }
 
     /// Bytes the model allocates per rank besides its layers: state, normalised input,
-    /// layer output, and one state snapshot per layer when traced.
+    /// layer output, and per layer a snapshot of all three when traced.
     pub fn rank_bytes(&self, layers: usize, traced: bool) -> usize {
-        let snapshots = if traced { layers * self.state_bytes } else { 0 };
+        let snapshots = if traced {
+            layers * (self.state_bytes + 2 * self.io_bytes)
+        } else {
+            0
+        };
         self.state_bytes + 2 * self.io_bytes + snapshots
     }
 }
@@ -123,7 +127,7 @@ mod tests {
         assert_eq!(only_bf16.rank_bytes(1, false), 48 * 64 * (4 + 2 * 2));
         assert_eq!(
             only_bf16.rank_bytes(3, true),
-            only_bf16.rank_bytes(3, false) + 3 * 48 * 64 * 4
+            only_bf16.rank_bytes(3, false) + 3 * 48 * 64 * (4 + 2 * 2)
         );
     }
 
