@@ -6,8 +6,9 @@ use crate::backend::Runner;
 use crate::report::Peaks;
 use cudarc::driver::CudaContext;
 use flashmoe::gpu::layer::{GpuOptions, GpuWorld, MoeLayer};
+use flashmoe::gpu::model::{GpuModel, GpuModelOptions};
 use flashmoe::gpu::roofline::{self, RooflineOptions};
-use flashmoe::model::{LayerBackend, ModelLayer, MoeModel};
+use flashmoe::model::ModelLayer;
 use flashmoe::reference::{LayerOutput, RankInput, RouteOverrides};
 use flashmoe::weights::LayerWeights;
 use flashmoe::{Error, LayerPlan, Result};
@@ -71,17 +72,11 @@ impl Runner for Gpu {
     }
 }
 
-/// A model whose every layer runs on GPU 0 (single-rank world per layer, or emulated when
-/// the layers' world is larger).
-pub fn model(layers: Vec<ModelLayer>) -> Result<MoeModel> {
+/// A model whose every layer runs on GPU 0 as one [`GpuModel`]: norm, layer launch and
+/// residual add of every layer enqueued on one stream with no host synchronisation between
+/// layers (single-rank world, or emulated when the layers' world is larger).
+pub fn model(layers: Vec<ModelLayer>) -> Result<GpuModel> {
     let ctx = CudaContext::new(0).map_err(|e| Error::Cuda(e.to_string()))?;
     let stream = ctx.new_stream().map_err(|e| Error::Cuda(e.to_string()))?;
-    MoeModel::with_factory(layers, |layer, plan, weights| {
-        let world = match layer.config.world {
-            1 => GpuWorld::Single,
-            ranks => GpuWorld::Emulated { ranks },
-        };
-        let l = MoeLayer::new(stream.clone(), plan, &weights, world, GpuOptions::default())?;
-        Ok(Box::new(l) as Box<dyn LayerBackend>)
-    })
+    GpuModel::new(stream, layers, GpuModelOptions::default())
 }

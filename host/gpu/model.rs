@@ -547,6 +547,22 @@ impl GpuModel {
         Ok(stats)
     }
 
+    /// Device time of the last forward's whole stack: from the first layer's first event
+    /// to the last layer's last (norms, layer launches, residual adds and the gaps between
+    /// them). Waits for the forward.
+    pub fn device_time(&self) -> Result<Duration> {
+        self.wait_done()?;
+        let (Some(first), Some(last)) = (self.layers.first(), self.layers.last()) else {
+            return Ok(Duration::ZERO);
+        };
+        let t = first
+            .events
+            .start
+            .elapsed_ms(&last.events.end)
+            .map_err(cuda("elapsed time"))?;
+        Ok(Duration::from_secs_f64(f64::from(t.max(0.0)) / 1e3))
+    }
+
     /// Runs the model over host data (one `[tokens_r * hidden]` block per rank, rounded to
     /// layer 0's dtype): one upload, the whole stack enqueued with no host synchronisation
     /// between layers, one wait, the statuses, one download. `latency` is the host wall
