@@ -483,6 +483,20 @@ fn repeated_forwards_are_identical_and_bad_inputs_are_typed_errors() {
     let a = m.forward_host(&x).unwrap();
     let b = m.forward_host(&x).unwrap();
     assert_eq!(a.hidden, b.hidden);
+    m.set_poison(false);
+    assert_eq!(
+        m.forward_host(&x).unwrap().hidden,
+        a.hidden,
+        "without the NaN fill"
+    );
+    let device = m.device_time().unwrap();
+    let layer_sum: std::time::Duration = a.layers.iter().map(|l| l.latency).sum();
+    assert!(
+        !device.is_zero() && device < a.latency,
+        "{device:?} vs wall {:?}",
+        a.latency
+    );
+    assert!(layer_sum > std::time::Duration::ZERO);
     for (l, (sa, sb)) in a.layers.iter().zip(&b.layers).enumerate() {
         assert_eq!(sa.expert_counts, sb.expert_counts, "layer {l}");
     }

@@ -176,14 +176,21 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     };
     let (first, trace) = m.forward_traced(&x)?;
     let err = check_layers(&layers, &x, &trace, shape.check_tokens)?;
+    m.start_timing();
     for _ in 0..shape.warmup {
         m.forward(&x)?;
     }
     let mut total = Vec::with_capacity(shape.iters);
     let mut device = Vec::with_capacity(shape.iters);
     let mut per_layer = vec![Vec::with_capacity(shape.iters); layers.len()];
-    for _ in 0..shape.iters {
+    for i in 0..shape.iters {
         let t = m.forward(&x)?;
+        if i + 1 == shape.iters && m.deterministic() && t.out.hidden != first.hidden {
+            return Err(Error::input(
+                "output",
+                "the last timed forward differs from the checked first one",
+            ));
+        }
         total.push(t.out.latency.as_secs_f64() * 1e3);
         device.extend(t.device_ms);
         for (l, st) in t.out.layers.iter().enumerate() {

@@ -55,6 +55,20 @@ impl Driver {
         }
     }
 
+    /// After the checked first run: the GPU model stops NaN-filling layer outputs, so
+    /// that timed runs measure norm, layer and residual only (the bench then checks that
+    /// the last timed run reproduced the checked output).
+    pub fn start_timing(&mut self) {
+        if let Driver::Gpu(m) = self {
+            m.set_poison(false);
+        }
+    }
+
+    /// Whether timed runs must reproduce the checked output bit for bit (the GPU model).
+    pub fn deterministic(&self) -> bool {
+        matches!(self, Driver::Gpu(_))
+    }
+
     /// A forward, with the device time of the stack where there is one.
     pub fn forward(&mut self, x: &[Vec<f32>]) -> Result<Timed> {
         match self {

@@ -250,6 +250,12 @@ impl GpuModel {
         self.layers.is_empty()
     }
 
+    /// Switches the NaN fill of each layer's output in [`GpuModel::forward_host`] on or
+    /// off (e.g. off for timed runs after a checked one).
+    pub fn set_poison(&mut self, on: bool) {
+        self.opts.poison = on;
+    }
+
     /// Hidden size, world and buffer sizes.
     pub fn shape(&self) -> ModelShape {
         self.shape
@@ -476,6 +482,7 @@ impl GpuModel {
                     .residual_add(stream, state, layer.dtype, &residual, tokens)
                     .map_err(in_layer(layer.index))?
             };
+            ev.end.record(stream).map_err(cuda("record event"))?;
             if traced {
                 for ((rb, &src), &t) in self.ranks.iter().zip(states).zip(tokens) {
                     // SAFETY: the state holds t * hidden elements (the contract); the
@@ -483,7 +490,6 @@ impl GpuModel {
                     unsafe { copy(&snapshot(rb, l)?.state, src, t * h * state.size(), stream)? };
                 }
             }
-            ev.end.record(stream).map_err(cuda("record event"))?;
         }
         self.done.record(stream).map_err(cuda("record event"))
     }
@@ -523,8 +529,9 @@ impl GpuModel {
 
     /// Waits (once) for the forward in flight, then checks every layer's status words in
     /// layer order and returns each layer's statistics: expert counts and drops summed
-    /// over ranks, `latency` the device time of norm + layer + residual and
-    /// `backend_latency` that of the layer launch alone (from the events). The first
+    /// over ranks, `latency` the device time of norm + layer + residual (and the NaN fill
+    /// of the output when poisoning; in a traced forward also the input/output snapshot
+    /// copies) and `backend_latency` that of the layer launch alone (from the events). The first
     /// failing layer's error comes back as [`Error::ModelLayer`].
     pub fn status(&self) -> Result<Vec<LayerStats>> {
         self.wait_done()?;
