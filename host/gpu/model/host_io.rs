@@ -16,7 +16,7 @@ impl GpuModel {
     /// layer 0's dtype): one upload, the whole stack enqueued with no host synchronisation
     /// between layers, one wait, the statuses, one download. `latency` is the host wall
     /// time of all that; per-layer device times are in the layer stats. Each layer's
-    /// output is NaN-poisoned first ([`GpuModelOptions::poison`]), and a non-finite final
+    /// output is NaN-poisoned first ([`GpuModelOptions::poison`](super::GpuModelOptions::poison)), and a non-finite final
     /// state is reported as [`Error::Device`].
     pub fn forward_host(&mut self, x: &[Vec<f32>]) -> Result<ModelOutput> {
         self.run_host(x, false).map(|(out, _)| out)

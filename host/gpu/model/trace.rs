@@ -8,7 +8,7 @@ use crate::reference::GateOutput;
 use cudarc::driver::{result, CudaStream};
 
 /// The hidden states after each layer and each layer's router decisions, from
-/// [`GpuModel::forward_traced`].
+/// [`GpuModel::forward_traced`](super::GpuModel::forward_traced).
 #[derive(Debug, Clone)]
 pub struct GpuTrace {
     /// `states[l][rank]`: the state after layer `l`, `[tokens_r * hidden]`.
