@@ -241,12 +241,26 @@ fn check_against_cpu_model(layers: &[ModelLayer], x: &[Vec<f32>], label: &str) {
     let (g_out, g_trace) = gpu.forward_traced(x).unwrap();
     let mut cpu = MoeModel::new(layers.to_vec(), Backend::Cpu).unwrap();
     let (c_out, c_trace) = cpu.forward_traced(x).unwrap();
+    compare_chains(layers, &g_out, &g_trace.states, &c_out, &c_trace, label);
+}
+
+/// `got` (states[l][rank]) against the CPU model's chain `want`.
+fn compare_chains(
+    layers: &[ModelLayer],
+    g_out: &ModelOutput,
+    g_states: &[Vec<Vec<f32>>],
+    c_out: &ModelOutput,
+    c_trace: &[Vec<Vec<f32>>],
+    label: &str,
+) {
+    assert_eq!(g_states.len(), c_trace.len(), "{label}: layers");
     let all_f32 = layers.iter().all(|l| l.config.dtype == Dtype::F32);
     let compared = if all_f32 { layers.len() } else { 1 };
     for l in 0..compared {
         let dtype = layers[l].config.dtype;
         let lab = format!("{label} layer {}", layers[l].index);
-        for (r, (g, c)) in g_trace.states[l].iter().zip(&c_trace[l]).enumerate() {
+        assert_eq!(g_states[l].len(), c_trace[l].len(), "{lab}: ranks");
+        for (r, (g, c)) in g_states[l].iter().zip(&c_trace[l]).enumerate() {
             let err = reference::normalised_error(g, c);
             // f32: each layer adds at most the executors' tolerance against the reference.
             let tol = reference::tolerance(dtype) * (l + 1) as f64;
@@ -597,6 +611,23 @@ fn the_checks_accept_the_host_driver_and_reject_a_corrupted_trace() {
     let x = inputs(&layers, 32, 700);
     let (out, trace) = cpu_trace(&layers, &x, None);
     verify_trace(&layers, &x, None, &out, &trace, "cpu trace");
+    // The harness's own trace is the CPU model driver's chain.
+    let (c_out, c_trace) = MoeModel::new(layers.clone(), Backend::Cpu)
+        .unwrap()
+        .forward_traced(&x)
+        .unwrap();
+    compare_chains(
+        &layers,
+        &out,
+        &trace.states,
+        &c_out,
+        &c_trace,
+        "cpu trace vs model",
+    );
+    assert_eq!(
+        trace.states, c_trace,
+        "the harness's chain is the driver's, bit for bit"
+    );
     let bf16 = model(
         &[spec(16, 2, Dtype::Bf16), spec(8, 2, Dtype::Bf16)],
         1,
