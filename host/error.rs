@@ -131,6 +131,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// An error of one layer of a model forward (GPU model driver): `layer` is the
+    /// decoder layer index ([`crate::model::ModelLayer::index`]), `source` the layer's own
+    /// typed error (timeout, device fault, CUDA).
+    #[error("model layer {layer}: {source}")]
+    ModelLayer {
+        /// Decoder layer index in the model.
+        layer: usize,
+        /// What went wrong in that layer.
+        source: Box<Error>,
+    },
+
     /// An I/O error with the path it concerned.
     #[error("I/O error on {path}: {source}")]
     Io {

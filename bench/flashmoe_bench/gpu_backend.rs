@@ -10,8 +10,9 @@ use flashmoe::gpu::kernels;
 use flashmoe::gpu::layer::{
     agree, nvshmem_entry_point, GpuOptions, GpuWorld, MoeLayer, NvshmemLayer, NVSHMEM_CUBIN,
 };
+use flashmoe::gpu::model::{GpuModel, GpuModelOptions};
 use flashmoe::gpu::roofline::{self, RooflineOptions};
-use flashmoe::model::{LayerBackend, ModelLayer, MoeModel};
+use flashmoe::model::ModelLayer;
 use flashmoe::reference::{GateOutput, LayerOutput, RankInput, RouteOverrides};
 use flashmoe::weights::LayerWeights;
 use flashmoe::world::{BootstrapOptions, NvshmemOptions, NvshmemWorld, WorldEnv};
@@ -76,19 +77,13 @@ impl Runner for Gpu {
     }
 }
 
-/// A model whose every layer runs on GPU 0 (single-rank world per layer, or emulated when
-/// the layers' world is larger).
-pub fn model(layers: Vec<ModelLayer>) -> Result<MoeModel> {
+/// A model whose every layer runs on GPU 0 as one [`GpuModel`]: norm, layer launch and
+/// residual add of every layer enqueued on one stream with no host synchronisation between
+/// layers (single-rank world, or emulated when the layers' world is larger).
+pub fn model(layers: Vec<ModelLayer>) -> Result<GpuModel> {
     let ctx = CudaContext::new(0).map_err(|e| Error::Cuda(e.to_string()))?;
     let stream = ctx.new_stream().map_err(|e| Error::Cuda(e.to_string()))?;
-    MoeModel::with_factory(layers, |layer, plan, weights| {
-        let world = match layer.config.world {
-            1 => GpuWorld::Single,
-            ranks => GpuWorld::Emulated { ranks },
-        };
-        let l = MoeLayer::new(stream.clone(), plan, &weights, world, GpuOptions::default())?;
-        Ok(Box::new(l) as Box<dyn LayerBackend>)
-    })
+    GpuModel::new(stream, layers, GpuModelOptions::default())
 }
 
 /// What one rank of an NVSHMEM world measured.

@@ -8,6 +8,7 @@ mod backend;
 mod gpu_backend;
 mod layer;
 mod model;
+mod model_driver;
 mod nproc;
 mod rank;
 mod report;

@@ -4,6 +4,7 @@
 
 use crate::args::{Backend, ModelArgs};
 use crate::layer::sample_rows;
+use crate::model_driver::Driver;
 use crate::stats::summarize;
 use flashmoe::model::synthetic::SyntheticSpec;
 use flashmoe::model::{self, LoadOptions, ModelLayer, MoeModel};
@@ -169,25 +170,37 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     }
     let (name, layers, x) = build_layers(args, gpu)?;
     let mut m = if gpu {
-        crate::gpu_backend::model(layers.clone())?
+        Driver::Gpu(crate::gpu_backend::model(layers.clone())?)
     } else {
-        MoeModel::new(layers.clone(), model::Backend::Cpu)?
+        Driver::Cpu(MoeModel::new(layers.clone(), model::Backend::Cpu)?)
     };
     let (first, trace) = m.forward_traced(&x)?;
     let err = check_layers(&layers, &x, &trace, shape.check_tokens)?;
+    m.start_timing();
     for _ in 0..shape.warmup {
         m.forward(&x)?;
     }
     let mut total = Vec::with_capacity(shape.iters);
+    let mut device = Vec::with_capacity(shape.iters);
     let mut per_layer = vec![Vec::with_capacity(shape.iters); layers.len()];
-    for _ in 0..shape.iters {
-        let out = m.forward(&x)?;
-        total.push(out.latency.as_secs_f64() * 1e3);
-        for (l, st) in out.layers.iter().enumerate() {
+    for i in 0..shape.iters {
+        let t = m.forward(&x)?;
+        if i + 1 == shape.iters && m.deterministic() && t.out.hidden != first.hidden {
+            return Err(Error::input(
+                "output",
+                "the last timed forward differs from the checked first one",
+            ));
+        }
+        total.push(t.out.latency.as_secs_f64() * 1e3);
+        device.extend(t.device_ms);
+        for (l, st) in t.out.layers.iter().enumerate() {
             per_layer[l].push(st.latency.as_secs_f64() * 1e3);
         }
     }
     let total = summarize(&total).ok_or_else(|| Error::input("timing", "no finite samples"))?;
+    // The GPU stack on the device (first norm to last residual), without the upload, the
+    // wait and the download that the wall time includes.
+    let device = summarize(&device);
     let tokens: usize = x.iter().map(|r| r.len() / m.hidden()).sum();
     let rows: Vec<serde_json::Value> = first
         .layers
@@ -208,8 +221,8 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         .collect();
     if shape.json {
         let j = serde_json::json!({
-            "model": name, "backend": m.backend_names().first().copied().unwrap_or("?"),
-            "layers": rows, "total_ms": total, "tokens": tokens,
+            "model": name, "backend": m.name(),
+            "layers": rows, "total_ms": total, "device_total_ms": device, "tokens": tokens,
             "tokens_per_s": tokens as f64 / (total.median / 1e3), "max_rel_error": err,
         });
         println!("{j}");
@@ -218,7 +231,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     println!("flashmoe-bench model: {name}");
     println!(
         "  backend {}, {} layers, {} tokens over {} rank(s); check vs the f64 reference: max rel error {err:.2e} (ok)",
-        m.backend_names().first().copied().unwrap_or("?"),
+        m.name(),
         layers.len(),
         tokens,
         m.world()
@@ -248,6 +261,15 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         total.n,
         tokens as f64 / (total.median / 1e3)
     );
+    if let Some(d) = device {
+        println!(
+            "  device (all layers, one stream): median {:.4} ms  p10 {:.4}  p90 {:.4}   {:.0} tokens/s; per-layer times above are device times",
+            d.median,
+            d.p10,
+            d.p90,
+            tokens as f64 / (d.median / 1e3)
+        );
+    }
     Ok(())
 }
 

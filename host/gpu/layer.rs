@@ -49,11 +49,11 @@
 //! ```
 
 mod backend;
-mod device_buffers;
+pub(crate) mod device_buffers;
 mod grid;
 mod host_io;
 mod nvshmem;
-mod pack;
+pub(crate) mod pack;
 mod status;
 
 pub use grid::{blocks_per_rank, GridShape, Residency};

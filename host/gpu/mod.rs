@@ -7,6 +7,7 @@
 
 pub mod kernels;
 pub mod layer;
+pub mod model;
 pub mod probe;
 pub mod roofline;
 

@@ -11,7 +11,11 @@
 //! - [`families`]: `config.json` -> runtime config and tensor names, per model family.
 //! - [`load()`](load::load): a checkpoint's MoE layers as [`ModelLayer`]s.
 //! - [`synthetic`]: random models with skewed expert popularity, from presets.
-//! - [`backend`]: the [`LayerBackend`] hook (reference, CPU executor, GPU later).
+//! - [`backend`]: the [`LayerBackend`] hook (reference, CPU executor, one GPU layer).
+//!
+//! On a GPU, [`crate::gpu::model::GpuModel`] runs the same stack (same maths, same
+//! [`ModelLayer`]s) with every layer's norm, MoE launch and residual add enqueued on one
+//! stream and no host round trip between layers.
 
 pub mod backend;
 pub mod checkpoint;

@@ -75,6 +75,11 @@ impl DeviceBuffer {
         self.ptr
     }
 
+    /// Size in bytes (at least 256).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     fn check(&self, offset: usize, len: usize, what: &'static str) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.bytes) {
             return Err(Error::input(

@@ -165,13 +165,12 @@ impl MoeLayer {
 
     /// Waits for the launch and reads the outputs and the router's decisions back.
     fn collect(&self, inputs: &[RankInput], k: usize) -> Result<LayerOutput> {
-        let stats = self.status()?;
         let cfg = &self.plan.config;
         let (dtype, h) = (cfg.dtype, cfg.hidden);
         let stream = &self.stream;
-        let ws = self.plan.workspace;
+        let tokens: Vec<usize> = inputs.iter().map(|i| i.tokens).collect();
+        let gates = self.last_gates(&tokens, k)?;
         let mut outs = Vec::with_capacity(inputs.len());
-        let mut gates = Vec::with_capacity(inputs.len());
         for (r, (rb, input)) in self.ranks.iter().zip(inputs).enumerate() {
             let mut raw = vec![0u8; input.tokens * h * dtype.size()];
             rb.out.download(stream, 0, &mut raw, "out")?;
@@ -190,7 +189,43 @@ impl MoeLayer {
                 });
             }
             outs.push(out);
-            let pairs = input.tokens * k;
+        }
+        Ok(LayerOutput::from_ranks(cfg.experts, outs, gates))
+    }
+
+    /// Waits for the last launch, checks its status ([`MoeLayer::status`]) and reads the
+    /// router's decisions of every rank back: `tokens[r]` tokens of rank `r` (as launched)
+    /// with `k` choices each (the effective top-k of that launch).
+    pub fn last_gates(&self, tokens: &[usize], k: usize) -> Result<Vec<GateOutput>> {
+        let stats = self.status()?;
+        if tokens.len() != self.ranks.len() {
+            return Err(Error::input(
+                "tokens",
+                format!(
+                    "{} ranks given, the world has {}",
+                    tokens.len(),
+                    self.ranks.len()
+                ),
+            ));
+        }
+        let cfg = &self.plan.config;
+        if k == 0 || k > cfg.top_k {
+            return Err(Error::input(
+                "k",
+                format!("{k} is not in 1..={}", cfg.top_k),
+            ));
+        }
+        let stream = &self.stream;
+        let ws = self.plan.workspace;
+        let mut gates = Vec::with_capacity(tokens.len());
+        for (r, (rb, &t)) in self.ranks.iter().zip(tokens).enumerate() {
+            if t > cfg.tokens {
+                return Err(Error::input(
+                    "tokens",
+                    format!("rank {r}: {t} > config tokens = {}", cfg.tokens),
+                ));
+            }
+            let pairs = t * k;
             let mut ids = vec![0u8; 4 * pairs];
             let mut weights = vec![0u8; 4 * pairs];
             let mut slots = vec![0u8; 4 * pairs];
@@ -215,6 +250,6 @@ impl MoeLayer {
                 dropped: stats.dropped.get(r).copied().unwrap_or(0),
             });
         }
-        Ok(LayerOutput::from_ranks(cfg.experts, outs, gates))
+        Ok(gates)
     }
 }
