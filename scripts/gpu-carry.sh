@@ -42,7 +42,7 @@ for entry in "${tests[@]}"; do
 done
 # Debug info is not needed there and the carry is limited to 64 MiB.
 strip "$carry/flashmoe-bench" "$carry"/tests/*
-cp target/flashmoe-ptxas-report.txt "$carry/"
+cp target/flashmoe-ptxas-report.txt "$carry/ptxas-report.txt"
 
 cat >"$carry/run.sh" <<'EOF'
 #!/usr/bin/env bash
