@@ -242,6 +242,52 @@ fn randomized_matrix_matches_the_reference() {
     assert!(empty_rank_cases > 0, "no case had a rank with 0 tokens");
 }
 
+/// The bits of everything a forward returns.
+fn bits(out: &LayerOutput) -> (Vec<Vec<u32>>, String) {
+    let values = out
+        .out
+        .iter()
+        .map(|o| o.iter().map(|v| v.to_bits()).collect())
+        .collect();
+    (values, format!("{:?} {} {:?}", out.gates, out.dropped, out.expert_counts))
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    // Same randomized matrix generator, with more tokens so that ranks have several
+    // expert and token units to share; every thread count must give the same bits.
+    let mut rng = StdRng::seed_from_u64(77);
+    let mut multi_unit_cases = 0;
+    for seed in 0..60 {
+        let mut case = random_case(&mut rng, seed);
+        if seed % 2 == 0 {
+            case.cfg.tokens = rng.random_range(65..=160);
+            case.tokens = vec![case.cfg.tokens; case.cfg.world];
+        }
+        let cfg = &case.cfg;
+        let plan = LayerPlan::with_staging(cfg, case.staging).expect("valid case");
+        let w = Arc::new(LayerWeights::random(cfg, case.seed));
+        let inputs = Inputs::random(&case);
+        let ri = inputs.rank_inputs();
+        let mut ex = CpuExecutor::new(plan, w).expect("executor");
+        ex.set_threads(1);
+        assert_eq!(ex.threads(), cfg.world, "one thread per rank at least");
+        let want = ex.forward(&ri, &case.ov).expect("forward");
+        multi_unit_cases += usize::from(case.tokens.iter().any(|&t| t > 64));
+        for threads in [cfg.world + 1, 2 * cfg.world + 1, 4 * cfg.world + 3] {
+            ex.set_threads(threads);
+            assert_eq!(ex.threads(), threads);
+            let got = ex.forward(&ri, &case.ov).expect("forward");
+            assert!(
+                bits(&got) == bits(&want),
+                "{threads} threads differ from {} on {case:?}",
+                cfg.world
+            );
+        }
+    }
+    assert!(multi_unit_cases > 10, "too few cases with several units per rank");
+}
+
 #[test]
 fn every_router_and_mlp_kind() {
     for (i, &router) in ROUTERS.iter().enumerate() {
