@@ -249,7 +249,10 @@ fn bits(out: &LayerOutput) -> (Vec<Vec<u32>>, String) {
         .iter()
         .map(|o| o.iter().map(|v| v.to_bits()).collect())
         .collect();
-    (values, format!("{:?} {} {:?}", out.gates, out.dropped, out.expert_counts))
+    (
+        values,
+        format!("{:?} {} {:?}", out.gates, out.dropped, out.expert_counts),
+    )
 }
 
 #[test]
@@ -285,7 +288,10 @@ fn results_do_not_depend_on_the_thread_count() {
             );
         }
     }
-    assert!(multi_unit_cases > 10, "too few cases with several units per rank");
+    assert!(
+        multi_unit_cases > 10,
+        "too few cases with several units per rank"
+    );
 }
 
 #[test]

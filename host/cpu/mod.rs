@@ -103,23 +103,6 @@ fn rounded(w: &LayerWeights, dtype: crate::Dtype) -> Option<LayerWeights> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::helpers_of;
-
-    #[test]
-    fn helpers_are_the_threads_beyond_one_per_rank_dealt_evenly() {
-        for world in 1..6 {
-            for threads in 0..20 {
-                let h: Vec<usize> = (0..world).map(|r| helpers_of(threads, world, r)).collect();
-                assert_eq!(h.iter().sum::<usize>(), threads.saturating_sub(world));
-                let (lo, hi) = (h.iter().min(), h.iter().max());
-                assert!(hi.zip(lo).is_some_and(|(a, b)| a - b <= 1), "{h:?}");
-            }
-        }
-    }
-}
-
 impl CpuExecutor {
     /// An executor for `plan` with `weights`, which are checked against the config.
     /// Weights not already representable in the dtype are rounded to it (as an upload to
@@ -260,5 +243,22 @@ impl CpuExecutor {
             gates.push(g);
         }
         Ok(LayerOutput::from_ranks(cfg.experts, outs, gates))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::helpers_of;
+
+    #[test]
+    fn helpers_are_the_threads_beyond_one_per_rank_dealt_evenly() {
+        for world in 1..6 {
+            for threads in 0..20 {
+                let h: Vec<usize> = (0..world).map(|r| helpers_of(threads, world, r)).collect();
+                assert_eq!(h.iter().sum::<usize>(), threads.saturating_sub(world));
+                let (lo, hi) = (h.iter().min(), h.iter().max());
+                assert!(hi.zip(lo).is_some_and(|(a, b)| a - b <= 1), "{h:?}");
+            }
+        }
     }
 }

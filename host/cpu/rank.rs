@@ -57,7 +57,12 @@ impl Shared<'_> {
     /// Stores signal word `(epoch << 32) | rows` at `offset` of `heap` (unless `me` is
     /// the silent rank).
     pub(super) fn send_signal(
-        &self, me: usize, heap: &SymHeap, offset: u64, rows: usize) -> Res<()> {
+        &self,
+        me: usize,
+        heap: &SymHeap,
+        offset: u64,
+        rows: usize,
+    ) -> Res<()> {
         if self.silent != Some(me) {
             heap.signal(offset, word(self.epoch, rows))?;
         }

@@ -49,16 +49,15 @@ pub fn act(kind: MlpKind, z: f32) -> f32 {
 fn dot2x2(x0: &[f32], x1: &[f32], w0: &[f32], w1: &[f32]) -> [f32; 4] {
     let n = x0.len().min(x1.len()).min(w0.len()).min(w1.len());
     let body = n - n % 8;
-    let (p, _) = x0[..body].as_chunks::<8>();
-    let (q, _) = x1[..body].as_chunks::<8>();
-    let (r, _) = w0[..body].as_chunks::<8>();
-    let (s, _) = w1[..body].as_chunks::<8>();
     let mut a00 = [0f32; 8];
     let mut a01 = [0f32; 8];
     let mut a10 = [0f32; 8];
     let mut a11 = [0f32; 8];
-    for m in 0..p.len().min(q.len()).min(r.len()).min(s.len()) {
-        let (p, q, r, s) = (&p[m], &q[m], &r[m], &s[m]);
+    let chunks = blocks8(&x0[..body])
+        .zip(blocks8(&x1[..body]))
+        .zip(blocks8(&w0[..body]))
+        .zip(blocks8(&w1[..body]));
+    for (((p, q), r), s) in chunks {
         for i in 0..8 {
             a00[i] += p[i] * r[i];
         }
@@ -82,6 +81,14 @@ fn dot2x2(x0: &[f32], x1: &[f32], w0: &[f32], w1: &[f32]) -> [f32; 4] {
         f[2] + tail(x1, w0),
         f[3] + tail(x1, w1),
     ]
+}
+
+/// `v` as whole `[f32; 8]` chunks (the remainder left out).
+fn blocks8(v: &[f32]) -> impl Iterator<Item = &[f32; 8]> {
+    // Every chunk has 8 elements, so no chunk is filtered out; the fixed size lets
+    // the compiler drop every bounds check of the lanes.
+    v.chunks_exact(8)
+        .filter_map(|c| <&[f32; 8]>::try_from(c).ok())
 }
 
 /// Four sets of eight partial sums, each folded as [`dot`] folds them:

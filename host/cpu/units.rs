@@ -71,7 +71,7 @@ pub struct Ctx<'a> {
     out: Vec<Mutex<&'a mut [f32]>>,
 }
 
-fn chunks<'a>(v: &'a mut [f32], len: usize) -> Vec<Mutex<&'a mut [f32]>> {
+fn chunks(v: &mut [f32], len: usize) -> Vec<Mutex<&mut [f32]>> {
     v.chunks_mut(len.max(1)).map(Mutex::new).collect()
 }
 
@@ -180,8 +180,7 @@ impl<'a> Ctx<'a> {
         let plan = self.sh.plan;
         let (l, s) = (item / plan.config.world, item % plan.config.world);
         let off = plan.heap.combine_signal(self.me, l, plan.max_local);
-        self.sh
-            .send_signal(self.me, self.sh.heap(s)?, off, rows)
+        self.sh.send_signal(self.me, self.sh.heap(s)?, off, rows)
     }
 
     /// Runs `unit` with `sc` as scratch.
