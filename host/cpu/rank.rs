@@ -111,7 +111,8 @@ pub fn run(
     let h = cfg.hidden;
     let tokens = input.tokens;
     // Tokens arrive on the device in the layer's dtype.
-    let x: Vec<f32> = input.x.iter().map(|&v| cfg.dtype.round(v)).collect();
+    let mut x = input.x.to_vec();
+    super::tile::round_all(cfg.dtype, &mut x);
     let g = gate_checked(plan, sh.w, &x, tokens, input.routing, sh.k, sh.logit_bias);
     let k = sh.k;
 

@@ -25,6 +25,33 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
+/// Rounds every value of `v` to `dtype`, bit-identical to [`Dtype::round`] value by
+/// value. Bf16 runs branch-free (half's round-to-nearest-even, NaNs kept quiet with
+/// their high payload bits) so that the loop vectorises; f32 is already exact.
+pub fn round_all(dtype: Dtype, v: &mut [f32]) {
+    match dtype {
+        Dtype::F32 => {}
+        Dtype::Bf16 => v.iter_mut().for_each(|x| *x = round_bf16(*x)),
+        Dtype::F16 => v.iter_mut().for_each(|x| *x = dtype.round(*x)),
+    }
+}
+
+/// `x` rounded to bf16 and back, as `half::bf16::from_f32(x).to_f32()` computes it.
+#[inline(always)]
+fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    let nan = b & 0x7fff_ffff > 0x7f80_0000;
+    // Round half to even: up when the dropped half is above 0x8000, or exactly 0x8000
+    // with an odd kept part (bit 16).
+    let up = u32::from(b & 0x8000 != 0 && b & 0x1_7fff != 0);
+    let hi = if nan {
+        (b >> 16) | 0x40
+    } else {
+        (b >> 16) + up
+    };
+    f32::from_bits(hi << 16)
+}
+
 /// The activation in f32 (same definitions as [`crate::reference::activation`]).
 pub fn act(kind: MlpKind, z: f32) -> f32 {
     match kind {
@@ -176,24 +203,23 @@ impl TiledMlp<'_> {
                 gemm_nt(x, rows, h, &self.w.w0, wd + n0, TILE_N, &mut u, TILE_N);
             }
             for r in 0..rows {
-                for c in 0..TILE_N {
+                let out = &mut a[r * wd + n0..r * wd + n0 + TILE_N];
+                for (c, o) in out.iter_mut().enumerate() {
                     let g = act(self.kind, z[r * TILE_N + c]);
-                    let v = if self.kind.is_gated() {
+                    *o = if self.kind.is_gated() {
                         g * u[r * TILE_N + c]
                     } else {
                         g
                     };
-                    a[r * wd + n0 + c] = self.dtype.round(v);
                 }
+                round_all(self.dtype, out);
             }
         }
         for tile in 0..self.gemm1_tiles.min(h / TILE_N) {
             let o0 = tile * TILE_N;
             gemm_nt(a, rows, wd, &self.w.w1, o0, TILE_N, &mut y[o0..], h);
         }
-        for v in &mut y[..rows * h] {
-            *v = self.dtype.round(*v);
-        }
+        round_all(self.dtype, &mut y[..rows * h]);
     }
 }
 
@@ -268,6 +294,33 @@ mod tests {
                         "rows {rows} cols {ncols} k {k} at ({r}, {c})"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn round_all_is_bit_identical_to_dtype_round() {
+        // Every sign / exponent / high-mantissa pattern with the low halves that decide
+        // the rounding (ties, just above / below, all ones), NaNs and infinities included.
+        let lows = [
+            0u32,
+            1,
+            0x7fff,
+            0x8000,
+            0x8001,
+            0xc000,
+            0xffff,
+            0x1_0000 - 2,
+        ];
+        let bits: Vec<u32> = (0..=0xffffu32)
+            .flat_map(|hi| lows.iter().map(move |lo| (hi << 16) | lo))
+            .collect();
+        for dtype in [Dtype::Bf16, Dtype::F16, Dtype::F32] {
+            let mut v: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+            round_all(dtype, &mut v);
+            for (&b, got) in bits.iter().zip(&v) {
+                let want = dtype.round(f32::from_bits(b));
+                assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} {b:#010x}");
             }
         }
     }

@@ -9,7 +9,7 @@
 
 use super::heap::SymHeap;
 use super::rank::{Res, Shared};
-use super::tile::{dot, TiledMlp};
+use super::tile::{dot, round_all, TiledMlp};
 use crate::error::Error;
 use crate::plan::{CELL_RECV, STAGE_COMBINE, STAGE_DISPATCH, TILE_M, TILE_N};
 use crate::reference::GateOutput;
@@ -308,7 +308,7 @@ impl<'a> Ctx<'a> {
                     .zip(&sy[dt * h..(dt + 1) * h])
                     .for_each(|(acc, v)| *acc += gt * v);
             }
-            row.iter_mut().for_each(|v| *v = cfg.dtype.round(*v));
+            round_all(cfg.dtype, row);
         }
         Ok(())
     }
