@@ -504,49 +504,56 @@ fn back_to_back_forwards_advance_epochs_and_repeat_results() {
 
 #[test]
 fn a_silent_rank_ends_in_a_typed_timeout_and_the_executor_recovers() {
-    let c = base(3, 6, 2);
-    let plan = LayerPlan::new(&c).expect("plan");
-    let w = Arc::new(LayerWeights::random(&c, 8));
-    let mut ex = CpuExecutor::new(plan.clone(), w.clone()).expect("executor");
-    ex.set_timeout(Duration::from_millis(200));
-    ex.set_silent_rank(Some(1));
-    let xs: Vec<Vec<f32>> = (0..3).map(|r| random_tokens(&c, 24, r)).collect();
-    let ri: Vec<RankInput> = xs
-        .iter()
-        .map(|x| RankInput {
-            x,
-            tokens: 24,
-            routing: None,
-        })
-        .collect();
-    let ov = RouteOverrides::default();
-    let started = std::time::Instant::now();
-    match ex.forward(&ri, &ov) {
-        Err(Error::Timeout {
-            stage,
-            awaited,
-            expected,
-            observed,
-            waited_ms,
-            ..
-        }) => {
-            assert!(stage == "dispatch" || stage == "combine", "{stage}");
-            assert!(awaited.contains("rank 1"), "{awaited}");
-            assert_eq!(expected, 1);
-            assert_eq!(observed, 0);
-            assert!(waited_ms >= 200);
+    // (world, silent rank, threads): without helpers, and with helpers waiting on the
+    // ranks' queues when the wait fails.
+    for (world, silent, threads) in [(3, 1, 3), (3, 1, 10), (1, 0, 4)] {
+        let c = base(world, 6, 2);
+        let plan = LayerPlan::new(&c).expect("plan");
+        let w = Arc::new(LayerWeights::random(&c, 8));
+        let mut ex = CpuExecutor::new(plan.clone(), w.clone()).expect("executor");
+        ex.set_timeout(Duration::from_millis(200));
+        ex.set_threads(threads);
+        ex.set_silent_rank(Some(silent));
+        let xs: Vec<Vec<f32>> = (0..world as u64)
+            .map(|r| random_tokens(&c, 24, r))
+            .collect();
+        let ri: Vec<RankInput> = xs
+            .iter()
+            .map(|x| RankInput {
+                x,
+                tokens: 24,
+                routing: None,
+            })
+            .collect();
+        let ov = RouteOverrides::default();
+        let started = std::time::Instant::now();
+        match ex.forward(&ri, &ov) {
+            Err(Error::Timeout {
+                stage,
+                awaited,
+                expected,
+                observed,
+                waited_ms,
+                ..
+            }) => {
+                assert!(stage == "dispatch" || stage == "combine", "{stage}");
+                assert!(awaited.contains(&format!("rank {silent}")), "{awaited}");
+                assert_eq!(expected, 1);
+                assert_eq!(observed, 0);
+                assert!(waited_ms >= 200);
+            }
+            other => panic!("{threads} threads: expected a timeout, got {other:?}"),
         }
-        other => panic!("expected a timeout, got {other:?}"),
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the other ranks and the helpers must give up"
+        );
+        ex.set_silent_rank(None);
+        let got = ex.forward(&ri, &ov).expect("recovered");
+        assert_eq!(ex.epoch(), 2);
+        let want = reference::forward(&plan, &w, &ri, &ov).expect("reference");
+        assert_matches("after timeout", c.dtype, &got, &want);
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "the other ranks must give up"
-    );
-    ex.set_silent_rank(None);
-    let got = ex.forward(&ri, &ov).expect("recovered");
-    assert_eq!(ex.epoch(), 2);
-    let want = reference::forward(&plan, &w, &ri, &ov).expect("reference");
-    assert_matches("after timeout", c.dtype, &got, &want);
 }
 
 #[test]
