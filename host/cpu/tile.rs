@@ -130,8 +130,14 @@ fn fold4(v: &[[f32; 8]; 4]) -> [f32; 4] {
     [f(&v[0]), f(&v[1]), f(&v[2]), f(&v[3])]
 }
 
+/// Weight rows per cache block of [`gemm_nt`]: 8 rows of up to 512 f32 (16 KiB) stay in
+/// L1 while every row pair of `x` passes over them, so `x` is streamed from L2 once per
+/// 8 columns instead of once per 2.
+const COL_BLOCK: usize = 8;
+
 /// `out[r * ldo + c] = x_r . w_(col0 + c)` for `rows` rows of `x` (`[rows][k]`) and the
-/// `ncols` weight rows from `col0` of `w` (`[*][k]`), in 2 x 2 blocks.
+/// `ncols` weight rows from `col0` of `w` (`[*][k]`), in 2 x 2 blocks (each product
+/// bit-identical to [`dot`], whatever the blocking).
 #[allow(clippy::too_many_arguments)]
 fn gemm_nt(
     x: &[f32],
@@ -148,17 +154,20 @@ fn gemm_nt(
     }
     let xrow = |r: usize| &x[r * k..(r + 1) * k];
     let wrow = |c: usize| &w[(col0 + c) * k..(col0 + c + 1) * k];
-    for c0 in (0..ncols).step_by(2) {
-        // Past the edges the last row / column is repeated and its result discarded.
-        let c1 = (c0 + 1).min(ncols - 1);
-        let (w0, w1) = (wrow(c0), wrow(c1));
+    for cb in (0..ncols).step_by(COL_BLOCK) {
+        let ce = (cb + COL_BLOCK).min(ncols);
         for r0 in (0..rows).step_by(2) {
+            // Past the edges the last row / column is repeated and its result discarded.
             let r1 = (r0 + 1).min(rows - 1);
-            let d = dot2x2(xrow(r0), xrow(r1), w0, w1);
-            out[r0 * ldo + c0] = d[0];
-            out[r1 * ldo + c0] = d[2];
-            out[r0 * ldo + c1] = d[1];
-            out[r1 * ldo + c1] = d[3];
+            let (x0, x1) = (xrow(r0), xrow(r1));
+            for c0 in (cb..ce).step_by(2) {
+                let c1 = (c0 + 1).min(ncols - 1);
+                let d = dot2x2(x0, x1, wrow(c0), wrow(c1));
+                out[r0 * ldo + c0] = d[0];
+                out[r1 * ldo + c0] = d[2];
+                out[r0 * ldo + c1] = d[1];
+                out[r1 * ldo + c1] = d[3];
+            }
         }
     }
 }
@@ -280,7 +289,14 @@ mod tests {
             seed ^= seed << 5;
             (seed as f32 / u32::MAX as f32) * 2.0 - 1.0
         };
-        for (rows, ncols, k) in [(1, 1, 5), (3, 5, 13), (4, 4, 64), (5, 3, 256), (2, 7, 131)] {
+        for (rows, ncols, k) in [
+            (1, 1, 5),
+            (3, 5, 13),
+            (4, 4, 64),
+            (5, 3, 256),
+            (2, 7, 131),
+            (7, 19, 40),
+        ] {
             let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
             let w: Vec<f32> = (0..(ncols + 1) * k).map(|_| next()).collect();
             let mut out = vec![f32::NAN; rows * ncols];
