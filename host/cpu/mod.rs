@@ -21,7 +21,9 @@
 //! share. [`CpuExecutor::set_threads`] sets the total (default: the machine's available
 //! parallelism); the threads beyond one per rank are dealt out evenly as helpers. Every
 //! output value is computed by one unit in a fixed order of operations, so results are
-//! bit-identical whatever the thread count.
+//! bit-identical whatever the thread count. Helpers are scoped threads spawned per
+//! forward (tens of microseconds); with fewer threads than ranks there are none and each
+//! rank thread computes alone, as before.
 //!
 //! Everything stored in a heap is in the layer's dtype, the activation between the GEMMs
 //! too, so results match the device's rounding. Epochs advance per forward; nothing is
