@@ -1,5 +1,7 @@
 //! Criterion bench of the CPU executor on small layers (world 1 and 4), output checked
-//! against the reference before timing.
+//! against the reference before timing. Each runs with the default thread count (the
+//! machine's available parallelism) and with one thread per rank (no helpers), so the
+//! helpers' gain shows on the same run.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use flashmoe::config::MoeConfig;
@@ -46,6 +48,11 @@ fn executor(c: &mut Criterion) {
         }
         c.bench_function(
             &format!("cpu_executor/128tok_256x512_16e_top2/world{world}"),
+            |b| b.iter(|| exec.forward(&inputs, &ov)),
+        );
+        exec.set_threads(world);
+        c.bench_function(
+            &format!("cpu_executor/128tok_256x512_16e_top2/world{world}/1_thread_per_rank"),
             |b| b.iter(|| exec.forward(&inputs, &ov)),
         );
     }

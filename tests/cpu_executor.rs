@@ -242,6 +242,58 @@ fn randomized_matrix_matches_the_reference() {
     assert!(empty_rank_cases > 0, "no case had a rank with 0 tokens");
 }
 
+/// The bits of everything a forward returns.
+fn bits(out: &LayerOutput) -> (Vec<Vec<u32>>, String) {
+    let values = out
+        .out
+        .iter()
+        .map(|o| o.iter().map(|v| v.to_bits()).collect())
+        .collect();
+    (
+        values,
+        format!("{:?} {} {:?}", out.gates, out.dropped, out.expert_counts),
+    )
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    // Same randomized matrix generator, with more tokens so that ranks have several
+    // expert and token units to share; every thread count must give the same bits.
+    let mut rng = StdRng::seed_from_u64(77);
+    let mut multi_unit_cases = 0;
+    for seed in 0..60 {
+        let mut case = random_case(&mut rng, seed);
+        if seed % 2 == 0 {
+            case.cfg.tokens = rng.random_range(65..=160);
+            case.tokens = vec![case.cfg.tokens; case.cfg.world];
+        }
+        let cfg = &case.cfg;
+        let plan = LayerPlan::with_staging(cfg, case.staging).expect("valid case");
+        let w = Arc::new(LayerWeights::random(cfg, case.seed));
+        let inputs = Inputs::random(&case);
+        let ri = inputs.rank_inputs();
+        let mut ex = CpuExecutor::new(plan, w).expect("executor");
+        ex.set_threads(1);
+        assert_eq!(ex.threads(), cfg.world, "one thread per rank at least");
+        let want = ex.forward(&ri, &case.ov).expect("forward");
+        multi_unit_cases += usize::from(case.tokens.iter().any(|&t| t > 64));
+        for threads in [cfg.world + 1, 2 * cfg.world + 1, 4 * cfg.world + 3] {
+            ex.set_threads(threads);
+            assert_eq!(ex.threads(), threads);
+            let got = ex.forward(&ri, &case.ov).expect("forward");
+            assert!(
+                bits(&got) == bits(&want),
+                "{threads} threads differ from {} on {case:?}",
+                cfg.world
+            );
+        }
+    }
+    assert!(
+        multi_unit_cases > 10,
+        "too few cases with several units per rank"
+    );
+}
+
 #[test]
 fn every_router_and_mlp_kind() {
     for (i, &router) in ROUTERS.iter().enumerate() {
@@ -452,49 +504,56 @@ fn back_to_back_forwards_advance_epochs_and_repeat_results() {
 
 #[test]
 fn a_silent_rank_ends_in_a_typed_timeout_and_the_executor_recovers() {
-    let c = base(3, 6, 2);
-    let plan = LayerPlan::new(&c).expect("plan");
-    let w = Arc::new(LayerWeights::random(&c, 8));
-    let mut ex = CpuExecutor::new(plan.clone(), w.clone()).expect("executor");
-    ex.set_timeout(Duration::from_millis(200));
-    ex.set_silent_rank(Some(1));
-    let xs: Vec<Vec<f32>> = (0..3).map(|r| random_tokens(&c, 24, r)).collect();
-    let ri: Vec<RankInput> = xs
-        .iter()
-        .map(|x| RankInput {
-            x,
-            tokens: 24,
-            routing: None,
-        })
-        .collect();
-    let ov = RouteOverrides::default();
-    let started = std::time::Instant::now();
-    match ex.forward(&ri, &ov) {
-        Err(Error::Timeout {
-            stage,
-            awaited,
-            expected,
-            observed,
-            waited_ms,
-            ..
-        }) => {
-            assert!(stage == "dispatch" || stage == "combine", "{stage}");
-            assert!(awaited.contains("rank 1"), "{awaited}");
-            assert_eq!(expected, 1);
-            assert_eq!(observed, 0);
-            assert!(waited_ms >= 200);
+    // (world, silent rank, threads): without helpers, and with helpers waiting on the
+    // ranks' queues when the wait fails.
+    for (world, silent, threads) in [(3, 1, 3), (3, 1, 10), (1, 0, 4)] {
+        let c = base(world, 6, 2);
+        let plan = LayerPlan::new(&c).expect("plan");
+        let w = Arc::new(LayerWeights::random(&c, 8));
+        let mut ex = CpuExecutor::new(plan.clone(), w.clone()).expect("executor");
+        ex.set_timeout(Duration::from_millis(200));
+        ex.set_threads(threads);
+        ex.set_silent_rank(Some(silent));
+        let xs: Vec<Vec<f32>> = (0..world as u64)
+            .map(|r| random_tokens(&c, 24, r))
+            .collect();
+        let ri: Vec<RankInput> = xs
+            .iter()
+            .map(|x| RankInput {
+                x,
+                tokens: 24,
+                routing: None,
+            })
+            .collect();
+        let ov = RouteOverrides::default();
+        let started = std::time::Instant::now();
+        match ex.forward(&ri, &ov) {
+            Err(Error::Timeout {
+                stage,
+                awaited,
+                expected,
+                observed,
+                waited_ms,
+                ..
+            }) => {
+                assert!(stage == "dispatch" || stage == "combine", "{stage}");
+                assert!(awaited.contains(&format!("rank {silent}")), "{awaited}");
+                assert_eq!(expected, 1);
+                assert_eq!(observed, 0);
+                assert!(waited_ms >= 200);
+            }
+            other => panic!("{threads} threads: expected a timeout, got {other:?}"),
         }
-        other => panic!("expected a timeout, got {other:?}"),
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the other ranks and the helpers must give up"
+        );
+        ex.set_silent_rank(None);
+        let got = ex.forward(&ri, &ov).expect("recovered");
+        assert_eq!(ex.epoch(), 2);
+        let want = reference::forward(&plan, &w, &ri, &ov).expect("reference");
+        assert_matches("after timeout", c.dtype, &got, &want);
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "the other ranks must give up"
-    );
-    ex.set_silent_rank(None);
-    let got = ex.forward(&ri, &ov).expect("recovered");
-    assert_eq!(ex.epoch(), 2);
-    let want = reference::forward(&plan, &w, &ri, &ov).expect("reference");
-    assert_matches("after timeout", c.dtype, &got, &want);
 }
 
 #[test]

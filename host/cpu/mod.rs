@@ -1,4 +1,5 @@
-//! The CPU executor: the layer's protocol with one thread per rank.
+//! The CPU executor: the layer's protocol with one thread per rank, and helper threads
+//! for each rank's compute.
 //!
 //! It runs a [`LayerPlan`] through the same symmetric layout and protocol as the GPU
 //! kernel, with threads as ranks and atomics as the interconnect:
@@ -14,6 +15,16 @@
 //! 4. combine: the source waits for every expert's combine signal and sums in choice
 //!    order, plus the shared experts computed on its own rows.
 //!
+//! Threads: one rank thread per rank runs the protocol (gate, dispatch, every wait);
+//! the compute of steps 3 and 4 (expert row blocks, the shared experts and the combine
+//! over token chunks) is cut into units that the rank thread and its helper threads
+//! share. [`CpuExecutor::set_threads`] sets the total (default: the machine's available
+//! parallelism); the threads beyond one per rank are dealt out evenly as helpers. Every
+//! output value is computed by one unit in a fixed order of operations, so results are
+//! bit-identical whatever the thread count. Helpers are scoped threads spawned per
+//! forward (tens of microseconds); with fewer threads than ranks there are none and each
+//! rank thread computes alone, as before.
+//!
 //! Everything stored in a heap is in the layer's dtype, the activation between the GEMMs
 //! too, so results match the device's rounding. Epochs advance per forward; nothing is
 //! reset between calls. Every wait has a deadline ([`CpuExecutor::set_timeout`]) and ends in
@@ -25,6 +36,8 @@ mod heap;
 mod rank;
 mod signal;
 mod tile;
+mod units;
+mod work;
 
 pub use heap::SymHeap;
 pub use signal::word as signal_word;
@@ -41,7 +54,7 @@ use std::time::Duration;
 /// Default longest wait for one signal.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs a layer on the CPU with one thread per rank.
+/// Runs a layer on the CPU with one thread per rank (plus helper threads for compute).
 #[derive(Debug)]
 pub struct CpuExecutor {
     plan: LayerPlan,
@@ -50,6 +63,20 @@ pub struct CpuExecutor {
     epoch: u64,
     timeout: Duration,
     silent: Option<usize>,
+    threads: usize,
+}
+
+/// The machine's available parallelism (1 when unknown).
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Helper threads of rank `rank` out of `threads` in all for `world` ranks: the threads
+/// beyond one per rank, dealt out evenly (lower ranks take the remainder).
+fn helpers_of(threads: usize, world: usize, rank: usize) -> usize {
+    let extra = threads.saturating_sub(world);
+    let world = world.max(1);
+    extra / world + usize::from(rank < extra % world)
 }
 
 /// `w` with every value rounded to `dtype`, or `None` when it already is.
@@ -98,6 +125,7 @@ impl CpuExecutor {
             epoch: 0,
             timeout: DEFAULT_TIMEOUT,
             silent: None,
+            threads: default_threads(),
         })
     }
 
@@ -109,6 +137,21 @@ impl CpuExecutor {
     /// Longest a rank waits for one signal before failing with [`Error::Timeout`].
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+    }
+
+    /// Total threads a forward uses, rank threads included: `n` (0 restores the default,
+    /// the machine's available parallelism). There is always one thread per rank, even
+    /// when `n` is smaller than the world; the threads beyond those are helpers, dealt
+    /// out evenly over the ranks, that share each rank's expert, shared-expert and
+    /// combine work. Results do not depend on it.
+    pub fn set_threads(&mut self, n: usize) {
+        self.threads = if n == 0 { default_threads() } else { n };
+    }
+
+    /// Total threads a forward uses (see [`CpuExecutor::set_threads`]); at least the
+    /// world size in practice.
+    pub fn threads(&self) -> usize {
+        self.threads.max(self.plan.world())
     }
 
     /// Test hook (fault injection): rank `rank` sends no signals at all, so its peers'
@@ -158,6 +201,7 @@ impl CpuExecutor {
             timeout: self.timeout,
             abort: &abort,
         };
+        let (threads, world) = (self.threads, cfg.world);
         let results: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = inputs
                 .iter()
@@ -165,7 +209,7 @@ impl CpuExecutor {
                 .map(|(r, input)| {
                     let (shared, abort, first_error) = (&shared, &abort, &first_error);
                     scope.spawn(move || {
-                        let res = rank::run(shared, r, input);
+                        let res = rank::run(shared, r, input, helpers_of(threads, world, r));
                         if let Err(Stop::Failed(e)) = res {
                             // The first failure is the cause; later ones are its echoes.
                             if let Ok(mut slot) = first_error.lock() {
@@ -201,5 +245,22 @@ impl CpuExecutor {
             gates.push(g);
         }
         Ok(LayerOutput::from_ranks(cfg.experts, outs, gates))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::helpers_of;
+
+    #[test]
+    fn helpers_are_the_threads_beyond_one_per_rank_dealt_evenly() {
+        for world in 1..6 {
+            for threads in 0..20 {
+                let h: Vec<usize> = (0..world).map(|r| helpers_of(threads, world, r)).collect();
+                assert_eq!(h.iter().sum::<usize>(), threads.saturating_sub(world));
+                let (lo, hi) = (h.iter().min(), h.iter().max());
+                assert!(hi.zip(lo).is_some_and(|(a, b)| a - b <= 1), "{h:?}");
+            }
+        }
     }
 }

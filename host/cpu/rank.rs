@@ -1,13 +1,18 @@
-//! What one rank thread does in one forward: gate, dispatch, expert tiles, combine.
+//! What one rank does in one forward: gate, dispatch, expert tiles, combine.
+//!
+//! The rank thread runs the protocol (gate, dispatch, every signal wait); the compute
+//! (expert row blocks, shared experts, combine) is cut into [`Unit`]s that the rank
+//! thread and its helper threads take from the rank's [`Work`] queue.
 
 use super::heap::SymHeap;
 use super::signal::{word, Awaited, SignalSet, Stop};
-use super::tile::{dot, TiledMlp};
+use super::units::{Ctx, Unit};
+use super::work::Work;
 use crate::error::Error;
-use crate::plan::{LayerPlan, CELL_RECV, CELL_SEND, STAGE_COMBINE, STAGE_DISPATCH, TILE_M, TILE_N};
+use crate::plan::{LayerPlan, CELL_RECV, CELL_SEND, STAGE_DISPATCH};
 use crate::reference::{gate_checked, GateOutput, RankInput};
 use crate::weights::LayerWeights;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// What every rank thread shares in one forward.
@@ -32,10 +37,12 @@ pub struct Shared<'a> {
     pub abort: &'a AtomicBool,
 }
 
-type Res<T> = std::result::Result<T, Stop>;
+/// A rank's result: a value, or why it stopped.
+pub type Res<T> = std::result::Result<T, Stop>;
 
 impl Shared<'_> {
-    fn heap(&self, rank: usize) -> Res<&SymHeap> {
+    /// Rank `rank`'s heap.
+    pub(super) fn heap(&self, rank: usize) -> Res<&SymHeap> {
         self.heaps.get(rank).ok_or_else(|| {
             Stop::Failed(Error::Device {
                 rank,
@@ -47,7 +54,15 @@ impl Shared<'_> {
         })
     }
 
-    fn send_signal(&self, me: usize, heap: &SymHeap, offset: u64, rows: usize) -> Res<()> {
+    /// Stores signal word `(epoch << 32) | rows` at `offset` of `heap` (unless `me` is
+    /// the silent rank).
+    pub(super) fn send_signal(
+        &self,
+        me: usize,
+        heap: &SymHeap,
+        offset: u64,
+        rows: usize,
+    ) -> Res<()> {
         if self.silent != Some(me) {
             heap.signal(offset, word(self.epoch, rows))?;
         }
@@ -58,7 +73,7 @@ impl Shared<'_> {
     /// receive cell of rank `dest`'s heap; through this rank's send cell when the plan
     /// stages (the RDMA path: write locally, then put).
     #[allow(clippy::too_many_arguments)]
-    fn put_row(
+    pub(super) fn put_row(
         &self,
         me: usize,
         dest: usize,
@@ -83,14 +98,21 @@ impl Shared<'_> {
     }
 }
 
-/// Rank `me`'s whole forward. Returns its output rows and its gate decisions.
-pub fn run(sh: &Shared, me: usize, input: &RankInput) -> Res<(Vec<f32>, GateOutput)> {
+/// Rank `me`'s whole forward, with `helpers` helper threads for its compute. Returns its
+/// output rows and its gate decisions.
+pub fn run(
+    sh: &Shared,
+    me: usize,
+    input: &RankInput,
+    helpers: usize,
+) -> Res<(Vec<f32>, GateOutput)> {
     let plan = sh.plan;
     let cfg = &plan.config;
     let h = cfg.hidden;
     let tokens = input.tokens;
     // Tokens arrive on the device in the layer's dtype.
-    let x: Vec<f32> = input.x.iter().map(|&v| cfg.dtype.round(v)).collect();
+    let mut x = input.x.to_vec();
+    super::tile::round_all(cfg.dtype, &mut x);
     let g = gate_checked(plan, sh.w, &x, tokens, input.routing, sh.k, sh.logit_bias);
     let k = sh.k;
 
@@ -122,11 +144,128 @@ pub fn run(sh: &Shared, me: usize, input: &RankInput) -> Res<(Vec<f32>, GateOutp
         sh.send_signal(me, sh.heap(o)?, off, kept[e])?;
     }
 
-    serve_experts(sh, me)?;
-    let shared = shared_experts(sh, &x, tokens)?;
+    let mut out = vec![0f32; tokens * h];
+    let has_shared = cfg.shared.is_some() && sh.w.shared.is_some();
+    let mut shared_y = vec![0f32; if has_shared { tokens * h } else { 0 }];
+    let work = Work::<Unit>::default();
+    let res = {
+        let ctx = Ctx::new(sh, me, &x, &g, &mut shared_y, &mut out);
+        std::thread::scope(|scope| {
+            for _ in 0..helpers {
+                scope.spawn(|| helper(&ctx, &work));
+            }
+            let res = lead(&ctx, &work, me, &kept);
+            work.close();
+            res
+        })
+    };
+    // A helper's failure is the cause of whatever the rank thread saw after it.
+    if let Some(e) = work.take_error() {
+        return Err(Stop::Failed(e));
+    }
+    res?;
+    Ok((out, g))
+}
+
+/// A helper thread: runs units until the queue closes. A failure is recorded and aborts
+/// the forward; a panic breaks the queue (so that no one waits for its unit) before it
+/// reaches the scope's join.
+fn helper(ctx: &Ctx, work: &Work<Unit>) {
+    struct OnPanic<'w>(&'w Work<Unit>, &'w AtomicBool);
+    impl Drop for OnPanic<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.1.store(true, Ordering::Relaxed);
+                self.0.break_down();
+            }
+        }
+    }
+    let abort = ctx.abort();
+    let _guard = OnPanic(work, abort);
+    let mut sc = ctx.scratch();
+    while let Some(unit) = work.take_wait() {
+        if !abort.load(Ordering::Relaxed) {
+            if let Err(Stop::Failed(e)) = ctx.run(unit, &mut sc) {
+                work.fail(e);
+                abort.store(true, Ordering::Relaxed);
+            }
+        }
+        work.finish();
+    }
+}
+
+/// Runs units from `work` until none is queued, then waits for the helpers' last ones.
+fn drain(ctx: &Ctx, work: &Work<Unit>, sc: &mut super::units::Scratch) -> Res<()> {
+    while let Some(unit) = work.try_take() {
+        let res = ctx.run(unit, sc);
+        work.finish();
+        res?;
+    }
+    if work.wait_idle(ctx.abort()) {
+        Ok(())
+    } else {
+        Err(Stop::Aborted)
+    }
+}
+
+/// The rank thread's part: shared experts queued at once (they need no signal), then
+/// expert units queued as dispatch signals arrive (and run between polls), then the
+/// combine once every expert's combine signal is in.
+fn lead(ctx: &Ctx, work: &Work<Unit>, me: usize, kept: &[usize]) -> Res<()> {
+    let sh = ctx.shared();
+    let plan = sh.plan;
+    let world = plan.config.world;
+    let heap = sh.heap(me)?;
+    let mut sc = ctx.scratch();
+    work.push(ctx.shared_units());
+
+    let awaited = ctx
+        .locals()
+        .iter()
+        .enumerate()
+        .flat_map(|(l, &e)| {
+            (0..world).map(move |s| Awaited {
+                offset: plan.heap.dispatch_signal(s, l, plan.max_local),
+                what: format!("dispatch signal of rank {s} for expert {e} (local {l})"),
+            })
+        })
+        .collect();
+    let mut set = SignalSet::new(
+        heap, me, "dispatch", sh.epoch, sh.timeout, sh.abort, awaited,
+    );
+    loop {
+        if let Some((index, rows)) = set.poll()? {
+            let s = index % world;
+            let e = ctx.locals().get(index / world).copied().unwrap_or(u32::MAX);
+            let rows = rows as usize;
+            if rows > plan.capacity {
+                return Err(Stop::Failed(Error::Device {
+                    rank: me,
+                    stage: "dispatch",
+                    what: format!(
+                        "dispatch signal of rank {s} for expert {e} exceeds the capacity"
+                    ),
+                    expected: plan.capacity as u64,
+                    observed: rows as u64,
+                }));
+            }
+            work.push(ctx.arm(index, rows)?);
+            continue;
+        }
+        if set.is_done() {
+            break;
+        }
+        if let Some(unit) = work.try_take() {
+            let res = ctx.run(unit, &mut sc);
+            work.finish();
+            res?;
+            continue;
+        }
+        set.idle()?;
+    }
+    drain(ctx, work, &mut sc)?;
 
     // Combine: wait for every expert's results, then sum in choice order.
-    let heap = sh.heap(me)?;
     let awaited = plan
         .owners
         .iter()
@@ -153,132 +292,6 @@ pub fn run(sh: &Shared, me: usize, input: &RankInput) -> Res<(Vec<f32>, GateOutp
             }));
         }
     }
-    let mut out = vec![0f32; tokens * h];
-    let mut y = vec![0f32; h];
-    for (t, row) in out.chunks_exact_mut(h).enumerate() {
-        for j in 0..k {
-            let i = t * k + j;
-            if g.slots[i] < 0 {
-                continue;
-            }
-            let o = plan.owners[g.ids[i] as usize];
-            let off = plan.heap.row(
-                o.rank as usize,
-                STAGE_COMBINE,
-                CELL_RECV,
-                o.local as usize,
-                g.slots[i] as usize,
-            );
-            heap.read(off, &mut y)?;
-            let wt = g.weights[i];
-            row.iter_mut().zip(&y).for_each(|(acc, v)| *acc += wt * v);
-        }
-        if let Some((s, gates)) = &shared {
-            let gt = gates[t];
-            row.iter_mut()
-                .zip(&s[t * h..(t + 1) * h])
-                .for_each(|(acc, v)| *acc += gt * v);
-        }
-        row.iter_mut().for_each(|v| *v = cfg.dtype.round(*v));
-    }
-    Ok((out, g))
-}
-
-/// Serves this rank's experts: as each dispatch signal arrives, runs the expert on its
-/// rows block by block and returns the results into the source's combine cell.
-fn serve_experts(sh: &Shared, me: usize) -> Res<()> {
-    let plan = sh.plan;
-    let cfg = &plan.config;
-    let h = cfg.hidden;
-    let world = cfg.world;
-    let locals = plan.local_experts.get(me).map_or(&[][..], Vec::as_slice);
-    let heap = sh.heap(me)?;
-    let awaited = locals
-        .iter()
-        .enumerate()
-        .flat_map(|(l, &e)| {
-            (0..world).map(move |s| Awaited {
-                offset: plan.heap.dispatch_signal(s, l, plan.max_local),
-                what: format!("dispatch signal of rank {s} for expert {e} (local {l})"),
-            })
-        })
-        .collect();
-    let mut set = SignalSet::new(
-        heap, me, "dispatch", sh.epoch, sh.timeout, sh.abort, awaited,
-    );
-    let width = cfg.intermediate;
-    let mut xb = vec![0f32; TILE_M * h];
-    let mut a = vec![0f32; TILE_M * width];
-    let mut yb = vec![0f32; TILE_M * h];
-    while let Some((index, rows)) = set.next()? {
-        let (l, s) = (index / world, index % world);
-        let e = locals[l] as usize;
-        let rows = rows as usize;
-        if rows > plan.capacity {
-            return Err(Stop::Failed(Error::Device {
-                rank: me,
-                stage: "dispatch",
-                what: format!("dispatch signal of rank {s} for expert {e} exceeds the capacity"),
-                expected: plan.capacity as u64,
-                observed: rows as u64,
-            }));
-        }
-        let mlp = TiledMlp {
-            kind: cfg.mlp,
-            dtype: cfg.dtype,
-            hidden: h,
-            width,
-            gemm0_tiles: plan.tiles.gemm0_per_block,
-            gemm1_tiles: plan.tiles.gemm1_per_block,
-            w: &sh.w.experts[e],
-        };
-        for block in 0..rows.div_ceil(TILE_M) {
-            let r0 = block * TILE_M;
-            let n = (rows - r0).min(TILE_M);
-            for r in 0..n {
-                let off = plan.heap.row(s, STAGE_DISPATCH, CELL_RECV, l, r0 + r);
-                heap.read(off, &mut xb[r * h..(r + 1) * h])?;
-            }
-            mlp.run_block(&xb, n, &mut a, &mut yb);
-            for r in 0..n {
-                sh.put_row(me, s, me, STAGE_COMBINE, l, r0 + r, &yb[r * h..(r + 1) * h])?;
-            }
-        }
-        let off = plan.heap.combine_signal(me, l, plan.max_local);
-        sh.send_signal(me, sh.heap(s)?, off, rows)?;
-    }
-    Ok(())
-}
-
-/// The shared experts on this rank's own tokens: `(S(x) rounded to the dtype, gate)`.
-#[allow(clippy::type_complexity)]
-fn shared_experts(sh: &Shared, x: &[f32], tokens: usize) -> Res<Option<(Vec<f32>, Vec<f32>)>> {
-    let cfg = &sh.plan.config;
-    let (Some(s), Some(sw)) = (cfg.shared, &sh.w.shared) else {
-        return Ok(None);
-    };
-    let h = cfg.hidden;
-    let width = s.count * s.intermediate;
-    let mlp = TiledMlp {
-        kind: cfg.mlp,
-        dtype: cfg.dtype,
-        hidden: h,
-        width,
-        gemm0_tiles: width / TILE_N,
-        gemm1_tiles: sh.plan.tiles.gemm1_per_block,
-        w: sw,
-    };
-    let mut y = vec![0f32; tokens * h];
-    let mut a = vec![0f32; TILE_M * width];
-    for (xb, yb) in x.chunks(TILE_M * h).zip(y.chunks_mut(TILE_M * h)) {
-        mlp.run_block(xb, xb.len() / h, &mut a, yb);
-    }
-    let gates = x
-        .chunks_exact(h)
-        .map(|xt| match &sh.w.shared_gate {
-            Some(gw) if s.gated => 1.0 / (1.0 + (-dot(xt, gw)).exp()),
-            _ => 1.0,
-        })
-        .collect();
-    Ok(Some((y, gates)))
+    work.push(ctx.combine_units());
+    drain(ctx, work, &mut sc)
 }

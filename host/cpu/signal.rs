@@ -57,6 +57,8 @@ pub struct SignalSet<'a> {
     abort: &'a AtomicBool,
     pending: Vec<(usize, Awaited)>,
     total: usize,
+    since: Instant,
+    spins: u32,
 }
 
 impl<'a> SignalSet<'a> {
@@ -80,7 +82,50 @@ impl<'a> SignalSet<'a> {
             abort,
             total: awaited.len(),
             pending: awaited.into_iter().enumerate().collect(),
+            since: Instant::now(),
+            spins: 0,
         }
+    }
+
+    /// Whether every awaited signal has arrived.
+    pub fn is_done(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Looks once at every pending signal: `Some((index, rows))` for the first that has
+    /// arrived (which restarts the deadline), `None` when none has (or all have: see
+    /// [`SignalSet::is_done`]). Never waits.
+    pub fn poll(&mut self) -> std::result::Result<Option<(usize, u32)>, Stop> {
+        for p in 0..self.pending.len() {
+            let w = self.heap.load_signal(self.pending[p].1.offset)?;
+            if w >> 32 == self.epoch {
+                let (index, _) = self.pending.remove(p);
+                self.since = Instant::now();
+                self.spins = 0;
+                return Ok(Some((index, (w & 0xffff_ffff) as u32)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Called when [`SignalSet::poll`] found nothing and there is nothing else to do:
+    /// fails with [`Stop::Aborted`] when another rank failed, or with [`Error::Timeout`]
+    /// naming the first still-pending signal when none arrived for the timeout since the
+    /// last arrival (or since the set was made, or since [`SignalSet::next`] began);
+    /// otherwise backs off briefly (spin, then yield, then sleep).
+    pub fn idle(&mut self) -> std::result::Result<(), Stop> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if self.abort.load(Ordering::Relaxed) {
+            return Err(Stop::Aborted);
+        }
+        let waited = self.since.elapsed();
+        if waited > self.timeout {
+            return Err(Stop::Failed(self.timeout_error(waited)?));
+        }
+        backoff(&mut self.spins);
+        Ok(())
     }
 
     /// The next signal to arrive: `(index, rows)`, or `None` when all have arrived.
@@ -90,24 +135,13 @@ impl<'a> SignalSet<'a> {
         if self.pending.is_empty() {
             return Ok(None);
         }
-        let start = Instant::now();
-        let mut spins = 0u32;
+        self.since = Instant::now();
+        self.spins = 0;
         loop {
-            for p in 0..self.pending.len() {
-                let w = self.heap.load_signal(self.pending[p].1.offset)?;
-                if w >> 32 == self.epoch {
-                    let (index, _) = self.pending.remove(p);
-                    return Ok(Some((index, (w & 0xffff_ffff) as u32)));
-                }
+            if let Some(arrived) = self.poll()? {
+                return Ok(Some(arrived));
             }
-            if self.abort.load(Ordering::Relaxed) {
-                return Err(Stop::Aborted);
-            }
-            let waited = start.elapsed();
-            if waited > self.timeout {
-                return Err(Stop::Failed(self.timeout_error(waited)?));
-            }
-            backoff(&mut spins);
+            self.idle()?;
         }
     }
 
@@ -192,6 +226,38 @@ mod tests {
         heap.signal(0, word(7, 9)).expect("signal");
         assert_eq!(set.next().expect("arrived"), Some((0, 9)));
         assert_eq!(set.next().expect("done"), None);
+    }
+
+    #[test]
+    fn poll_never_waits_and_idle_times_out_from_the_last_arrival() {
+        let heap = SymHeap::new(0, 64, Dtype::F32).expect("heap");
+        let abort = AtomicBool::new(false);
+        let mut set = SignalSet::new(
+            &heap,
+            0,
+            "test",
+            4,
+            Duration::from_millis(30),
+            &abort,
+            awaited(&[0, 8]),
+        );
+        assert_eq!(set.poll().expect("poll"), None);
+        assert!(!set.is_done());
+        heap.signal(8, word(4, 2)).expect("signal");
+        assert_eq!(set.poll().expect("poll"), Some((1, 2)));
+        assert_eq!(set.poll().expect("poll"), None);
+        set.idle().expect("within the deadline");
+        std::thread::sleep(Duration::from_millis(40));
+        match set.idle() {
+            Err(Stop::Failed(Error::Timeout { awaited, .. })) => {
+                assert!(awaited.contains("word at 0"), "{awaited}");
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        heap.signal(0, word(4, 0)).expect("signal");
+        assert_eq!(set.poll().expect("poll"), Some((0, 0)));
+        assert!(set.is_done());
+        set.idle().expect("nothing pending: nothing to time out");
     }
 
     #[test]
