@@ -72,8 +72,9 @@ impl Runner for Cpu {
     fn describe(&self) -> String {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         format!(
-            "cpu executor ({} rank thread(s) on {cores} core(s))",
-            self.ranks
+            "cpu executor ({} rank(s), {} thread(s) on {cores} core(s))",
+            self.ranks,
+            self.exec.threads()
         )
     }
 
