@@ -122,6 +122,60 @@ impl std::fmt::Debug for MoeModel {
     }
 }
 
+/// What every layer of a stack shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StackShape {
+    /// Hidden size of every layer.
+    pub hidden: usize,
+    /// Ranks of every layer.
+    pub world: usize,
+    /// Most tokens a rank may bring: the smallest `config.tokens` over the layers.
+    pub tokens: usize,
+}
+
+/// Checks a layer stack (at least one layer, each valid, one hidden size, one world) and
+/// returns what the layers share. Every model backend builds on this one check.
+pub fn check_stack(layers: &[ModelLayer]) -> Result<StackShape> {
+    let Some(first) = layers.first() else {
+        return Err(Error::config(
+            "layers",
+            0,
+            "a model needs at least one MoE layer",
+        ));
+    };
+    let (hidden, world) = (first.config.hidden, first.config.world);
+    let mut tokens = first.config.tokens;
+    for layer in layers {
+        layer.validate()?;
+        if layer.config.hidden != hidden {
+            return Err(Error::config(
+                "hidden",
+                layer.config.hidden,
+                format!(
+                    "every layer must share hidden = {hidden} (layer {})",
+                    layer.index
+                ),
+            ));
+        }
+        if layer.config.world != world {
+            return Err(Error::config(
+                "world",
+                layer.config.world,
+                format!(
+                    "every layer must share world = {world} (layer {})",
+                    layer.index
+                ),
+            ));
+        }
+        tokens = tokens.min(layer.config.tokens);
+    }
+    Ok(StackShape {
+        hidden,
+        world,
+        tokens,
+    })
+}
+
 impl MoeModel {
     /// Builds the model with one of the built-in backends for every layer.
     pub fn new(layers: Vec<ModelLayer>, backend: Backend) -> Result<Self> {
@@ -148,39 +202,13 @@ impl MoeModel {
     where
         F: FnMut(&ModelLayer, LayerPlan, Arc<LayerWeights>) -> Result<Box<dyn LayerBackend>>,
     {
-        let Some(first) = layers.first() else {
-            return Err(Error::config(
-                "layers",
-                0,
-                "a model needs at least one MoE layer",
-            ));
-        };
-        let (hidden, world) = (first.config.hidden, first.config.world);
-        let mut tokens = first.config.tokens;
+        let StackShape {
+            hidden,
+            world,
+            tokens,
+        } = check_stack(&layers)?;
         let mut slots = Vec::with_capacity(layers.len());
         for layer in layers {
-            layer.validate()?;
-            if layer.config.hidden != hidden {
-                return Err(Error::config(
-                    "hidden",
-                    layer.config.hidden,
-                    format!(
-                        "every layer must share hidden = {hidden} (layer {})",
-                        layer.index
-                    ),
-                ));
-            }
-            if layer.config.world != world {
-                return Err(Error::config(
-                    "world",
-                    layer.config.world,
-                    format!(
-                        "every layer must share world = {world} (layer {})",
-                        layer.index
-                    ),
-                ));
-            }
-            tokens = tokens.min(layer.config.tokens);
             let plan = LayerPlan::new(&layer.config)?;
             let backend = factory(&layer, plan, Arc::clone(&layer.weights))?;
             slots.push(Slot { layer, backend });

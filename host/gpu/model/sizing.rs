@@ -4,7 +4,7 @@
 use crate::config::Dtype;
 use crate::error::{Error, Result};
 use crate::gpu::layer::GpuWorld;
-use crate::model::ModelLayer;
+use crate::model::{check_stack, ModelLayer, StackShape};
 
 /// Shape shared by every layer of a model, and the per-rank buffer sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,41 +26,16 @@ impl ModelShape {
     /// Checks the stack (at least one layer, each valid, one hidden size, one world that
     /// fits one launch) and sizes the buffers.
     pub fn of(layers: &[ModelLayer]) -> Result<Self> {
-        let Some(first) = layers.first() else {
-            return Err(Error::config(
-                "layers",
-                0,
-                "a model needs at least one MoE layer",
-            ));
-        };
-        let (hidden, world) = (first.config.hidden, first.config.world);
-        let mut tokens = first.config.tokens;
-        let mut widest = 0;
-        for layer in layers {
-            layer.validate()?;
-            if layer.config.hidden != hidden {
-                return Err(Error::config(
-                    "hidden",
-                    layer.config.hidden,
-                    format!(
-                        "every layer must share hidden = {hidden} (layer {})",
-                        layer.index
-                    ),
-                ));
-            }
-            if layer.config.world != world {
-                return Err(Error::config(
-                    "world",
-                    layer.config.world,
-                    format!(
-                        "every layer must share world = {world} (layer {})",
-                        layer.index
-                    ),
-                ));
-            }
-            tokens = tokens.min(layer.config.tokens);
-            widest = widest.max(layer.config.dtype.size());
-        }
+        let StackShape {
+            hidden,
+            world,
+            tokens,
+        } = check_stack(layers)?;
+        let widest = layers
+            .iter()
+            .map(|l| l.config.dtype.size())
+            .max()
+            .unwrap_or(4);
         let rows = tokens
             .checked_mul(hidden)
             .ok_or_else(|| Error::config("tokens", tokens, "tokens * hidden fits in usize"))?;
