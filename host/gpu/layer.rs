@@ -50,6 +50,7 @@
 
 mod backend;
 pub(crate) mod device_buffers;
+mod epoch;
 mod grid;
 mod host_io;
 mod nvshmem;
@@ -284,6 +285,8 @@ pub struct MoeLayer {
     /// The heap belongs to an NVSHMEM world: resets after an error are collective (done by
     /// [`NvshmemLayer`]), never local.
     external_heap: bool,
+    /// Launches since the last reset (the epoch tags are 32 bits).
+    epochs: epoch::EpochGuard,
 }
 
 impl Drop for MoeLayer {
@@ -599,6 +602,7 @@ impl MoeLayer {
             top_k,
             logit_bias_on: false,
             external_heap: external.is_some(),
+            epochs: epoch::EpochGuard::default(),
         })
     }
 
@@ -789,6 +793,7 @@ impl MoeLayer {
     /// all in this layer's CUDA context, live and not written by other work until the
     /// launch has finished.
     pub unsafe fn forward(&mut self, io: &[RankIo], stream: &CudaStream) -> Result<()> {
+        self.guard_epochs()?;
         let p = self.launch_params(io)?;
         // Launches of one layer share its heaps and workspaces: order this one after the
         // previous launch even when it was issued on another stream.
@@ -796,7 +801,28 @@ impl MoeLayer {
             .wait(&self.done)
             .map_err(cuda("order after the previous launch"))?;
         self.launch_raw(&p, stream)?;
+        self.epochs.launched();
         self.done.record(stream).map_err(cuda("record event"))
+    }
+
+    /// Resets before a launch whose 32-bit epoch tag would repeat an earlier one (see
+    /// `epoch.rs`). In an NVSHMEM world the reset must be collective, so the launch is
+    /// refused with an error saying so instead.
+    fn guard_epochs(&self) -> Result<()> {
+        if !self.epochs.needs_reset() {
+            return Ok(());
+        }
+        if self.external_heap {
+            return Err(Error::Device {
+                rank: self.rank_of(0),
+                stage: "setup",
+                what: "the epoch tags would wrap: call NvshmemLayer::reset (collective) before the next launch"
+                    .into(),
+                expected: epoch::LAUNCHES_PER_RESET,
+                observed: self.epochs.launches(),
+            });
+        }
+        self.reset()
     }
 
     /// Waits for the last launch (with the host deadline) without reading anything. Polls
@@ -896,7 +922,9 @@ impl MoeLayer {
             rb.heap.zero(&self.stream, "reset heap")?;
             rb.workspace.zero(&self.stream, "reset workspace")?;
         }
-        self.stream.synchronize().map_err(cuda("reset"))
+        self.stream.synchronize().map_err(cuda("reset"))?;
+        self.epochs.was_reset();
+        Ok(())
     }
 
     /// The epoch (completed launches) of world rank `rank` (one this layer runs), read
@@ -972,6 +1000,7 @@ impl MoeLayer {
 
     /// Launches the captured graph (asynchronously, on the stream it was captured on).
     pub fn replay(&mut self) -> Result<()> {
+        self.guard_epochs()?;
         let LayerGraph { graph, stream } = self
             .graph
             .as_ref()
@@ -980,6 +1009,7 @@ impl MoeLayer {
             .wait(&self.done)
             .map_err(cuda("order after the previous launch"))?;
         graph.launch().map_err(cuda("graph launch"))?;
+        self.epochs.launched();
         self.done.record(stream).map_err(cuda("record event"))
     }
 }
