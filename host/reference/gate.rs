@@ -67,12 +67,8 @@ pub(crate) fn route(
                 let z: f64 = ex.iter().sum();
                 let p: Vec<f64> = ex.iter().map(|&v| v / z).collect();
                 let chosen = top_k(&p, k);
-                let mut wts: Vec<f64> = chosen.iter().map(|&e| p[e]).collect();
-                if renormalize {
-                    let s: f64 = wts.iter().sum();
-                    wts.iter_mut().for_each(|v| *v /= s);
-                }
-                (chosen, wts)
+                let wts = chosen.iter().map(|&e| p[e]).collect();
+                (chosen, renormalized(wts, renormalize))
             }
             Router::SigmoidBias { renormalize } => {
                 let sig: Vec<f64> = logits.iter().map(|&l| sigmoid(l)).collect();
@@ -82,12 +78,8 @@ pub(crate) fn route(
                     .map(|(e, &s)| s + w.router_bias.get(e).map_or(0.0, |&b| f64::from(b)))
                     .collect();
                 let chosen = top_k(&sel, k);
-                let mut wts: Vec<f64> = chosen.iter().map(|&e| sig[e]).collect();
-                if renormalize {
-                    let s: f64 = wts.iter().sum();
-                    wts.iter_mut().for_each(|v| *v /= s);
-                }
-                (chosen, wts)
+                let wts = chosen.iter().map(|&e| sig[e]).collect();
+                (chosen, renormalized(wts, renormalize))
             }
             // Without routing the inputs were refused by `check_input`; route nothing.
             Router::Given => (Vec::new(), Vec::new()),
@@ -171,4 +163,13 @@ pub(crate) fn gate_checked(
         expert_counts,
         dropped,
     }
+}
+
+/// The k chosen weights divided by their sum when `renormalize` (both routers), else as is.
+fn renormalized(mut wts: Vec<f64>, renormalize: bool) -> Vec<f64> {
+    if renormalize {
+        let s: f64 = wts.iter().sum();
+        wts.iter_mut().for_each(|v| *v /= s);
+    }
+    wts
 }
