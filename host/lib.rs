@@ -15,6 +15,7 @@ pub mod params;
 pub mod plan;
 pub mod presets;
 pub mod reference;
+pub mod stages;
 pub mod weights;
 pub mod world;
 

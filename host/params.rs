@@ -62,6 +62,15 @@ pub fn entry_point(dtype: Dtype) -> &'static str {
 /// `FM_NO_FAULT`: no fault injected.
 pub const NO_FAULT: u32 = u32::MAX;
 
+/// `FM_STOP_NONE`: `stop_after` value that runs the whole layer.
+pub const STOP_NONE: u32 = 0;
+
+/// `FM_CONSEQUENCE_WAIT_FACTOR`: the deadline of a wait that can only be a consequence
+/// (a queue ticket, a rank barrier, the shared-expert tiles) is this many times the
+/// layer's timeout; waits on a peer's signal use the timeout itself, so a silent peer is
+/// named before any consequence reports.
+pub const CONSEQUENCE_WAIT_FACTOR: u32 = 2;
+
 /// Status codes (`FM_STATUS_*`).
 pub mod status {
     /// No error.
@@ -169,7 +178,8 @@ pub struct LayerParams {
     pub logit_bias: u64,
     /// Effective top-k of this call (`RouteOverrides::top_k`), 1..=`top_k`; 0 means `top_k`.
     pub route_k: u32,
-    pub pad1: u32,
+    /// `FM_STOP_*`: stop cleanly after this stage (stage checks); 0 runs the whole layer.
+    pub stop_after: u32,
 }
 
 /// `FmRankParams`: the pointers of one rank.
@@ -301,7 +311,7 @@ impl LayerParams {
             router_bias: 0,
             logit_bias: 0,
             route_k: cfg.top_k as u32,
-            pad1: 0,
+            stop_after: STOP_NONE,
         }
     }
 }

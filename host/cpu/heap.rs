@@ -67,6 +67,15 @@ impl SymHeap {
         self.words.len() as u64 * 8
     }
 
+    /// A copy of the whole heap as little-endian bytes, as device memory would hold it
+    /// (stage checks read captures in the plan's layout).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.words
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+            .collect()
+    }
+
     /// The dtype of the values stored.
     pub fn dtype(&self) -> Dtype {
         self.dtype

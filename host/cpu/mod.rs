@@ -35,6 +35,7 @@
 mod heap;
 mod rank;
 mod signal;
+mod stages;
 mod tile;
 mod units;
 mod work;
@@ -44,7 +45,7 @@ pub use signal::word as signal_word;
 
 use crate::error::{Error, Result};
 use crate::plan::LayerPlan;
-use crate::reference::{check_input, LayerOutput, RankInput, RouteOverrides};
+use crate::reference::{check_input, GateOutput, LayerOutput, RankInput, RouteOverrides};
 use crate::weights::LayerWeights;
 use signal::{next_epoch, Stop};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +65,11 @@ pub struct CpuExecutor {
     timeout: Duration,
     silent: Option<usize>,
     threads: usize,
+    /// Stage checks: the stage the next forward stops after (see `stages.rs`).
+    stop: Option<crate::stages::Stage>,
+    /// Stage checks: per rank, the GEMM0 activations in the workspace layout (empty unless
+    /// a stage check asked for them).
+    act: Vec<SymHeap>,
 }
 
 /// The machine's available parallelism (1 when unknown).
@@ -126,6 +132,8 @@ impl CpuExecutor {
             timeout: DEFAULT_TIMEOUT,
             silent: None,
             threads: default_threads(),
+            stop: None,
+            act: Vec::new(),
         })
     }
 
@@ -173,6 +181,21 @@ impl CpuExecutor {
 
     /// One forward over every rank: `inputs[r]` are rank r's tokens.
     pub fn forward(&mut self, inputs: &[RankInput], ov: &RouteOverrides) -> Result<LayerOutput> {
+        let (outs, gates) = self.run(inputs, ov)?;
+        Ok(LayerOutput::from_ranks(
+            self.plan.config.experts,
+            outs,
+            gates,
+        ))
+    }
+
+    /// One forward (or, for stage checks, the part up to `self.stop`): every rank's output
+    /// rows (empty when stopped before combine) and gate decisions.
+    fn run(
+        &mut self,
+        inputs: &[RankInput],
+        ov: &RouteOverrides,
+    ) -> Result<(Vec<Vec<f32>>, Vec<GateOutput>)> {
         let cfg = &self.plan.config;
         let k = ov.effective_top_k(cfg)?;
         if inputs.len() != cfg.world {
@@ -200,6 +223,8 @@ impl CpuExecutor {
             silent: self.silent,
             timeout: self.timeout,
             abort: &abort,
+            stop: self.stop,
+            act: if self.stop.is_some() { &self.act } else { &[] },
         };
         let (threads, world) = (self.threads, cfg.world);
         let results: Vec<_> = std::thread::scope(|scope| {
@@ -244,7 +269,7 @@ impl CpuExecutor {
             outs.push(out);
             gates.push(g);
         }
-        Ok(LayerOutput::from_ranks(cfg.experts, outs, gates))
+        Ok((outs, gates))
     }
 }
 

@@ -11,6 +11,7 @@ use super::work::Work;
 use crate::error::Error;
 use crate::plan::{LayerPlan, CELL_RECV, CELL_SEND, STAGE_DISPATCH};
 use crate::reference::{gate_checked, GateOutput, RankInput};
+use crate::stages::Stage;
 use crate::weights::LayerWeights;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -35,12 +36,22 @@ pub struct Shared<'a> {
     pub timeout: Duration,
     /// Set by the first rank that fails.
     pub abort: &'a AtomicBool,
+    /// Stage checks: stop after this stage (`None`: the whole layer).
+    pub stop: Option<Stage>,
+    /// Stage checks: per rank, where the GEMM0 activations are kept (the workspace's
+    /// activation region of the plan), or empty.
+    pub act: &'a [SymHeap],
 }
 
 /// A rank's result: a value, or why it stopped.
 pub type Res<T> = std::result::Result<T, Stop>;
 
 impl Shared<'_> {
+    /// True when this forward stops after `stage` (stage checks).
+    pub(super) fn stops_after(&self, stage: Stage) -> bool {
+        self.stop.is_some_and(|s| s <= stage)
+    }
+
     /// Rank `rank`'s heap.
     pub(super) fn heap(&self, rank: usize) -> Res<&SymHeap> {
         self.heaps.get(rank).ok_or_else(|| {
@@ -115,6 +126,9 @@ pub fn run(
     super::tile::round_all(cfg.dtype, &mut x);
     let g = gate_checked(plan, sh.w, &x, tokens, input.routing, sh.k, sh.logit_bias);
     let k = sh.k;
+    if sh.stops_after(Stage::Gate) {
+        return Ok((Vec::new(), g));
+    }
 
     // Dispatch: every kept row into its owner's receive cell, then one signal per
     // (me, owner's local expert), 0 rows included.
@@ -142,6 +156,9 @@ pub fn run(
             .heap
             .dispatch_signal(me, owner.local as usize, plan.max_local);
         sh.send_signal(me, sh.heap(o)?, off, kept[e])?;
+    }
+    if sh.stops_after(Stage::Dispatch) {
+        return Ok((Vec::new(), g));
     }
 
     let mut out = vec![0f32; tokens * h];
@@ -264,6 +281,9 @@ fn lead(ctx: &Ctx, work: &Work<Unit>, me: usize, kept: &[usize]) -> Res<()> {
         set.idle()?;
     }
     drain(ctx, work, &mut sc)?;
+    if sh.stops_after(Stage::Gemm1) {
+        return Ok(());
+    }
 
     // Combine: wait for every expert's results, then sum in choice order.
     let awaited = plan

@@ -13,6 +13,7 @@ use super::tile::{dot, round_all, TiledMlp};
 use crate::error::Error;
 use crate::plan::{CELL_RECV, STAGE_COMBINE, STAGE_DISPATCH, TILE_M, TILE_N};
 use crate::reference::GateOutput;
+use crate::stages::Stage;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -221,6 +222,10 @@ impl<'a> Ctx<'a> {
             heap.read(off, &mut sc.xb[r * h..(r + 1) * h])?;
         }
         mlp.run_block(&sc.xb, n, &mut sc.a, &mut sc.yb);
+        self.capture_act(s, l, r0, n, &sc.a)?;
+        if self.sh.stops_after(Stage::Gemm0) {
+            return Ok(());
+        }
         for r in 0..n {
             let row = &sc.yb[r * h..(r + 1) * h];
             self.sh
@@ -231,6 +236,23 @@ impl<'a> Ctx<'a> {
         // signal's own release store.
         if it.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.signal_combine(item, it.rows.load(Ordering::Relaxed))?;
+        }
+        Ok(())
+    }
+
+    /// Stage checks: keeps the activations of rows `r0 .. r0 + n` of (source `s`, local
+    /// expert `l`) where the kernel's workspace holds them.
+    fn capture_act(&self, s: usize, l: usize, r0: usize, n: usize, a: &[f32]) -> Res<()> {
+        let Some(act) = self.sh.act.get(self.me) else {
+            return Ok(());
+        };
+        let plan = self.sh.plan;
+        let (ws, wd) = (&plan.workspace, plan.config.intermediate);
+        for (r, row) in a.chunks_exact(wd).take(n).enumerate() {
+            let off = s as u64 * ws.act_stride_source
+                + l as u64 * ws.act_stride_expert
+                + (r0 + r) as u64 * ws.act_stride_row;
+            act.write(off, row)?;
         }
         Ok(())
     }

@@ -53,42 +53,74 @@ pub(crate) fn route(
         return (ids, weights);
     }
     let scale = f64::from(cfg.routed_scale);
-    let mut logits = vec![0f64; cfg.experts];
     for t in 0..tokens {
         let xt = &x[t * h..(t + 1) * h];
-        for (e, l) in logits.iter_mut().enumerate() {
-            *l = dot64(xt, &w.router[e * h..(e + 1) * h])
-                + logit_bias.map_or(0.0, |b| f64::from(b[e]));
-        }
-        let (chosen, mut wts): (Vec<usize>, Vec<f64>) = match cfg.router {
-            Router::Softmax { renormalize } => {
-                let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let ex: Vec<f64> = logits.iter().map(|&l| (l - m).exp()).collect();
-                let z: f64 = ex.iter().sum();
-                let p: Vec<f64> = ex.iter().map(|&v| v / z).collect();
-                let chosen = top_k(&p, k);
-                let wts = chosen.iter().map(|&e| p[e]).collect();
-                (chosen, renormalized(wts, renormalize))
-            }
-            Router::SigmoidBias { renormalize } => {
-                let sig: Vec<f64> = logits.iter().map(|&l| sigmoid(l)).collect();
-                let sel: Vec<f64> = sig
-                    .iter()
-                    .enumerate()
-                    .map(|(e, &s)| s + w.router_bias.get(e).map_or(0.0, |&b| f64::from(b)))
-                    .collect();
-                let chosen = top_k(&sel, k);
-                let wts = chosen.iter().map(|&e| sig[e]).collect();
-                (chosen, renormalized(wts, renormalize))
+        let (sel, gate) = scores(cfg, w, xt, logit_bias);
+        let chosen = top_k(&sel, k);
+        let mut wts: Vec<f64> = match cfg.router {
+            Router::Softmax { renormalize } | Router::SigmoidBias { renormalize } => {
+                renormalized(chosen.iter().map(|&e| gate[e]).collect(), renormalize)
             }
             // Without routing the inputs were refused by `check_input`; route nothing.
-            Router::Given => (Vec::new(), Vec::new()),
+            Router::Given => Vec::new(),
         };
         wts.iter_mut().for_each(|v| *v *= scale);
         ids.extend(chosen.iter().map(|&e| e as u32));
         weights.extend(wts.iter().map(|&v| v as f32));
     }
     (ids, weights)
+}
+
+/// `(selection scores, gate values)` of every expert for one token row `xt`: softmax
+/// probabilities (both), or `sigmoid(s) + bias` and `sigmoid(s)` (sigmoid-bias router); empty
+/// for [`Router::Given`].
+fn scores(
+    cfg: &MoeConfig,
+    w: &LayerWeights,
+    xt: &[f32],
+    logit_bias: Option<&[f32]>,
+) -> (Vec<f64>, Vec<f64>) {
+    let h = cfg.hidden;
+    let logits = (0..cfg.experts).map(|e| {
+        let wr = w.router.get(e * h..(e + 1) * h).unwrap_or(&[]);
+        dot64(xt, wr)
+            + logit_bias
+                .and_then(|b| b.get(e))
+                .map_or(0.0, |&b| f64::from(b))
+    });
+    match cfg.router {
+        Router::Softmax { .. } => {
+            let logits: Vec<f64> = logits.collect();
+            let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let ex: Vec<f64> = logits.iter().map(|&l| (l - m).exp()).collect();
+            let z: f64 = ex.iter().sum();
+            let p: Vec<f64> = ex.iter().map(|&v| v / z).collect();
+            (p.clone(), p)
+        }
+        Router::SigmoidBias { .. } => {
+            let sig: Vec<f64> = logits.map(sigmoid).collect();
+            let sel = sig
+                .iter()
+                .enumerate()
+                .map(|(e, &s)| s + w.router_bias.get(e).map_or(0.0, |&b| f64::from(b)))
+                .collect();
+            (sel, sig)
+        }
+        Router::Given => (Vec::new(), Vec::new()),
+    }
+}
+
+/// The scores the router ranks the experts by for token row `xt` (`hidden` values, in the
+/// dtype): softmax probabilities, or `sigmoid(logit) + bias` for the sigmoid-bias router;
+/// empty for [`Router::Given`]. The stage checks use them to tell a near-tie from a wrong
+/// choice.
+pub fn selection_scores(
+    cfg: &MoeConfig,
+    w: &LayerWeights,
+    xt: &[f32],
+    logit_bias: Option<&[f32]>,
+) -> Vec<f64> {
+    scores(cfg, w, xt, logit_bias).0
 }
 
 /// Gives every (token, choice) pair its slot: the running count of its expert, in token

@@ -28,19 +28,11 @@ pub fn activation(kind: MlpKind, z: f64) -> f64 {
 /// of `x` is ignored.
 pub fn expert_mlp(cfg: &MoeConfig, w: &ExpertWeights, width: usize, x: &[f32]) -> Vec<f64> {
     let h = cfg.hidden;
-    let gated = cfg.mlp.is_gated();
     let rows = x.len().checked_div(h).unwrap_or(0);
     let mut y = vec![0f64; rows * h];
     let mut a = vec![0f32; width];
     for (xr, yr) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
-        for (n, an) in a.iter_mut().enumerate() {
-            let z0 = super::dot64(xr, row(&w.w0, n, h));
-            let v = if gated {
-                let up = super::dot64(xr, row(&w.w0, width + n, h));
-                activation(cfg.mlp, z0) * up
-            } else {
-                activation(cfg.mlp, z0)
-            };
+        for (an, v) in a.iter_mut().zip(expert_activation(cfg, w, width, xr)) {
             *an = v as f32;
         }
         for (o, yo) in yr.iter_mut().enumerate() {
@@ -48,6 +40,24 @@ pub fn expert_mlp(cfg: &MoeConfig, w: &ExpertWeights, width: usize, x: &[f32]) -
         }
     }
     y
+}
+
+/// The activation between an expert's two products for one token row `xr` (`hidden`
+/// values): `width` values in f64, `act(x Wg^T) * (x Wu^T)` (gated) or `act(x W0^T)`.
+/// What the stage checks compare the GEMM0 outputs with.
+pub fn expert_activation(cfg: &MoeConfig, w: &ExpertWeights, width: usize, xr: &[f32]) -> Vec<f64> {
+    let h = cfg.hidden;
+    (0..width)
+        .map(|n| {
+            let z0 = super::dot64(xr, row(&w.w0, n, h));
+            if cfg.mlp.is_gated() {
+                let up = super::dot64(xr, row(&w.w0, width + n, h));
+                activation(cfg.mlp, z0) * up
+            } else {
+                activation(cfg.mlp, z0)
+            }
+        })
+        .collect()
 }
 
 /// Row `i` of a row-major matrix with rows of `n` values, or an empty slice past its end.

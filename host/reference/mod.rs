@@ -21,9 +21,9 @@ mod gate;
 mod mlp;
 
 pub use compare::{normalised_error, tolerance};
-pub use gate::gate;
-pub(crate) use gate::gate_checked;
-pub use mlp::{activation, expert_mlp};
+pub(crate) use gate::{assign_slots, gate_checked};
+pub use gate::{gate, selection_scores};
+pub use mlp::{activation, expert_activation, expert_mlp};
 
 use crate::config::{GivenRouting, MoeConfig, Router};
 use crate::error::{Error, Result};
@@ -209,7 +209,7 @@ fn dot64(a: &[f32], b: &[f32]) -> f64 {
 
 /// Output row of token `t` in f64, before rounding: its kept experts in choice order, then
 /// the shared experts (the fixed combine order).
-fn token_row(
+pub(crate) fn token_row(
     cfg: &MoeConfig,
     w: &LayerWeights,
     g: &GateOutput,

@@ -34,7 +34,7 @@ __device__ FM_PHASE bool combine_wait(const Ctx& c) {
                     got = seen;
                     return signal_is(seen, c.n);
                 },
-                FM_STAGE_COMBINE, (uint64_t(q) << 16) | l, c.n << 32);
+                FM_STAGE_COMBINE, (uint64_t(q) << 16) | l, c.n << 32, kWaitCause);
             if (ok && uint32_t(got) != expected) {
                 fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_COMBINE, (uint64_t(q) << 16) | l, expected,
                      uint32_t(got), 0);
@@ -50,7 +50,7 @@ __device__ FM_PHASE bool combine_wait(const Ctx& c) {
                     seen = v;
                     return v == want;
                 },
-                FM_STAGE_COMBINE, 0xFFFFFFFFull, want);
+                FM_STAGE_COMBINE, 0xFFFFFFFFull, want, kWaitConsequence);
         }
     }
     // The barrier also orders thread 0's acquires before every thread's reads of the rows.

@@ -179,6 +179,8 @@ struct Ctx {
     }
     __device__ bool gated() const { return L->mlp == FM_MLP_SWIGLU || L->mlp == FM_MLP_GEGLU; }
     __device__ bool silent() const { return L->fault_silent_rank == me; }
+    // Debug stop after GEMM0 (stage checks): no GEMM1 task is created.
+    __device__ bool stop_after_gemm0() const { return L->stop_after == FM_STOP_GEMM0; }
 };
 
 __device__ __forceinline__ uint32_t min_u32(uint32_t a, uint32_t b) { return a < b ? a : b; }

@@ -65,6 +65,7 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
     if (uint64_t(L.world) * R.local_experts > kMaxSignalPairs)
         return bad(12, kMaxSignalPairs, uint64_t(L.world) * R.local_experts);
     if (L.router > FM_ROUTER_GIVEN || L.mlp > FM_MLP_RELU) return bad(13, FM_ROUTER_GIVEN, L.router);
+    if (L.stop_after > FM_STOP_COMBINE) return bad(15, FM_STOP_COMBINE, L.stop_after);
     // Pointers the configuration needs (observed: which one is missing).
     if (L.expert_owner == 0) return bad(14, 1, 0);
     if (L.router != FM_ROUTER_GIVEN && L.router_weight == 0) return bad(14, 1, 1);
@@ -100,7 +101,7 @@ __device__ void zero_counters(const Ctx& c) {
 
 // The last block of the group to leave resets the barrier and exit counts and advances the
 // epoch (also after an error: stale signals of this launch must never match the next).
-__device__ void rank_exit(const Ctx& c) {
+__device__ FM_PHASE void rank_exit(const Ctx& c) {
     transport_quiet();
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -114,6 +115,16 @@ __device__ void rank_exit(const Ctx& c) {
             __threadfence_system();
         }
     }
+}
+
+// Debug stops (stop_after, for stage checks): true when the launch ends after `stage`. A
+// launch parameter, so every block of every group takes the same branches; the caller
+// still runs rank_exit(), so the launch ends with status OK and the epoch advanced.
+// FM_STOP_GEMM0 ends inside the expert stage: no GEMM1 task is created (push_tasks), then
+// the launch also leaves at the GEMM1 stop.
+__device__ __forceinline__ bool stops_after(const Ctx& c, uint32_t stage) {
+    const uint32_t stop = c.L->stop_after;
+    return stop != FM_STOP_NONE && stop <= stage;
 }
 
 template <class D>
@@ -198,6 +209,7 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
     ok = ok && rank_barrier(c, 1, FM_STAGE_GATE);
     if (ok) gate_scan(c);
     ok = ok && rank_barrier(c, 2, FM_STAGE_GATE);
+    if (stops_after(c, FM_STOP_GATE)) return rank_exit(c);
 
     // ---- dispatch ----
     if (ok) {
@@ -208,11 +220,13 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
     ok = ok && rank_barrier(c, 3, FM_STAGE_DISPATCH);
     if (ok && c.blk == 0) {
         send_dispatch_signals(c);
-        ok = schedule(c);
+        if (!stops_after(c, FM_STOP_DISPATCH)) ok = schedule(c);
     }
+    if (stops_after(c, FM_STOP_DISPATCH)) return rank_exit(c);
 
     // ---- experts ----
     ok = ok && process_tasks<D>(c);
+    if (stops_after(c, FM_STOP_GEMM1)) return rank_exit(c);
 
     // ---- combine ----
     ok = ok && combine_wait(c);

@@ -72,6 +72,21 @@
 #define FM_STAGE_EXPERT 3u
 #define FM_STAGE_COMBINE 4u
 
+// stop_after values: the launch leaves cleanly (status OK, epoch advanced) right after the
+// named stage, so the host can read back what that stage wrote (stage checks).
+#define FM_STOP_NONE 0u      // run the whole layer
+#define FM_STOP_GATE 1u      // ids, weights, expert counts written
+#define FM_STOP_DISPATCH 2u  // + slots, dropped count, receive rows and dispatch signals
+#define FM_STOP_GEMM0 3u     // + GEMM0 activations of every received row (no GEMM1 task)
+#define FM_STOP_GEMM1 4u     // + expert outputs in the sources' combine cells and signals
+#define FM_STOP_COMBINE 5u   // the whole layer (same as FM_STOP_NONE)
+
+// Deadline of a wait that can only be a consequence of another wait (queue tickets, rank
+// barriers, the shared-expert tiles) as a multiple of timeout_ns. The waits on a peer's
+// signal use 1 x timeout_ns, so when a peer is silent the wait that names it reports first
+// and the consequent waits leave on the abort flag instead of masking the cause.
+#define FM_CONSEQUENCE_WAIT_FACTOR 2u
+
 // Shape and layout of the layer: identical for every rank.
 typedef struct FmLayerParams {
     uint32_t version;            // FM_PARAMS_VERSION
@@ -143,7 +158,7 @@ typedef struct FmLayerParams {
     uint32_t route_k;            // effective top-k of this call, 1..=top_k (0 means top_k).
                                  // ws_route_* rows have route_k entries; given_* rows keep top_k
                                  // and their first route_k choices are used.
-    uint32_t pad1;
+    uint32_t stop_after;         // FM_STOP_*: debug, stop cleanly after this stage (0: never)
 } FmLayerParams;
 
 // Pointers of one rank (one block group of the launch).

@@ -100,7 +100,7 @@ __device__ __forceinline__ bool rank_barrier(const Ctx& c, uint32_t index, uint3
                     seen = v;
                     return v != g;
                 },
-                stage, 0x2000000ull | index, uint64_t(g) + 1);
+                stage, 0x2000000ull | index, uint64_t(g) + 1, kWaitConsequence);
         }
         // A block that passes the barrier after another block of the group failed leaves too.
         ok = ok && !aborted(c);

@@ -33,9 +33,11 @@ constexpr uint32_t kTaskIndexMask = (1u << 30) - 1;
 // Appends tasks kind:first .. kind:first+count-1 (single thread). The caller's fence-worthy
 // writes (activations) and acquisitions (signals) happen before, so the fence here makes
 // the entries release them.
+// A launch stopped after GEMM0 (stage checks) creates no GEMM1 task: the scheduler does not
+// count them either.
 __device__ __forceinline__ bool push_tasks(const Ctx& c, uint32_t kind, uint32_t first,
                                            uint32_t count) {
-    if (count == 0) return true;
+    if (count == 0 || ((kind == kTaskG1 || kind == kTaskSG1) && c.stop_after_gemm0())) return true;
     const uint64_t base = atomicAdd(c.queue_ctl(), count);
     if (base + count > c.L->ws_queue_capacity) {
         fail(c, FM_STATUS_QUEUE_OVERFLOW, FM_STAGE_EXPERT, 0, c.L->ws_queue_capacity, base + count, 0);
@@ -64,6 +66,8 @@ __device__ FM_PHASE bool schedule(const Ctx& c) {
     const uint32_t pairs = L.world * local;
     const uint32_t g0 = L.intermediate / kTileN, g1 = L.hidden / kTileN;
     const uint32_t rbs = c.row_blocks();
+    // A launch stopped after GEMM0 creates no GEMM1 task (see run_task).
+    const uint32_t g1_tasks = c.stop_after_gemm0() ? 0 : g1;
     bool failed = false;
     unsigned long long total = 0;
     if (threadIdx.x == 0) {
@@ -71,7 +75,7 @@ __device__ FM_PHASE bool schedule(const Ctx& c) {
         if (L.shared_width != 0) {
             const uint32_t trb = c.token_row_blocks(), sg0 = L.shared_width / kTileN;
             failed |= !push_tasks(c, kTaskSG0, 0, trb * sg0);
-            total += uint64_t(trb) * (sg0 + g1);
+            total += uint64_t(trb) * (sg0 + g1_tasks);
         }
     }
     uint64_t seen_mask = 0;
@@ -106,10 +110,11 @@ __device__ FM_PHASE bool schedule(const Ctx& c) {
             } else {
                 const uint32_t unit0 = (s * L.max_local + l) * rbs;
                 failed |= !push_tasks(c, kTaskG0, unit0 * g0, nrb * g0);
-                total += uint64_t(nrb) * (g0 + g1);
+                total += uint64_t(nrb) * (g0 + g1_tasks);
             }
         }
         if (pending != 0 && !failed) {
+            // A wait on peers' signals: a possible cause, so 1 x timeout_ns (watchdog.cuh).
             const uint64_t waited = now_ns() - start;
             if (waited > L.timeout_ns) {
                 fail(c, FM_STATUS_TIMEOUT, FM_STAGE_DISPATCH, last_pair, c.n << 32, last_word, waited);
@@ -284,7 +289,7 @@ __device__ FM_PHASE void take_task(const Ctx& c) {
             }
             return false;
         },
-        FM_STAGE_EXPERT, 0x1000000ull | ticket, c.n << 32);
+        FM_STAGE_EXPERT, 0x1000000ull | ticket, c.n << 32, kWaitConsequence);
     c.misc->task = task;
     c.misc->state = ok ? state : kTakeStop;
 }

@@ -1,11 +1,18 @@
 // Deadlines, the status words and the rank-local abort flag.
 //
 // Every wait in the kernel polls through wait_until(): it gives up when the rank's abort
-// flag is set (another block already reported an error) or when timeout_ns of %globaltimer
-// have passed since the wait began; then it writes the status (first error wins, by
-// atomicCAS on the code word), sets the abort flag and returns false. The caller returns
+// flag is set (another block already reported an error) or when its budget of %globaltimer
+// nanoseconds has passed since the wait began; then it writes the status (first error wins,
+// by atomicCAS on the code word), sets the abort flag and returns false. The caller returns
 // to the kernel's exit path. No __trap: every reachable failure is reported and the launch
 // completes.
+//
+// Budgets: a wait on a PEER's signal (dispatch, combine) is a possible cause and gets
+// timeout_ns. A wait that can only be a consequence of another wait of the same rank (queue
+// tickets wait for the scheduler, barriers for other blocks, the combine for the local
+// shared-expert tiles) gets FM_CONSEQUENCE_WAIT_FACTOR x timeout_ns, so it is still waiting
+// when the cause reports, sees the abort flag and leaves without overwriting the status
+// (the first error of a rank wins). Host side: host/gpu/layer/status.rs.
 #ifndef FLASHMOE_WATCHDOG_CUH
 #define FLASHMOE_WATCHDOG_CUH
 
@@ -47,9 +54,15 @@ __device__ __noinline__ void fail(const Ctx& c, uint32_t code, uint32_t stage, u
 // Polls `probe(seen)` until it returns true (-> true), the rank aborts (-> false) or the
 // deadline passes (-> false after reporting FM_STATUS_TIMEOUT with the last `seen`).
 // Called by single threads; the caller makes the outcome block-uniform.
+enum WaitKind : uint32_t { kWaitCause = 1, kWaitConsequence = FM_CONSEQUENCE_WAIT_FACTOR };
+static_assert(FM_CONSEQUENCE_WAIT_FACTOR >= 2,
+              "a consequence must outlast its cause's deadline by a whole timeout, so that the "
+              "cause's report and abort flag are seen first despite polling granularity");
+
 template <class Probe>
 __device__ __forceinline__ bool wait_until(const Ctx& c, Probe probe, uint32_t stage,
-                                           uint64_t where, uint64_t expected) {
+                                           uint64_t where, uint64_t expected, WaitKind kind) {
+    const uint64_t budget = c.L->timeout_ns * uint64_t(kind);
     const uint64_t start = now_ns();
     uint64_t seen = 0;
     for (uint32_t spin = 0;; ++spin) {
@@ -57,7 +70,7 @@ __device__ __forceinline__ bool wait_until(const Ctx& c, Probe probe, uint32_t s
         if ((spin & 7u) == 7u) {
             if (aborted(c)) return false;
             const uint64_t waited = now_ns() - start;
-            if (waited > c.L->timeout_ns) {
+            if (waited > budget) {
                 fail(c, FM_STATUS_TIMEOUT, stage, where, expected, seen, waited);
                 return false;
             }
