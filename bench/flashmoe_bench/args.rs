@@ -21,6 +21,9 @@ pub enum Command {
     Layer(LayerArgs),
     /// Time a stack of MoE layers (synthetic or from a checkpoint).
     Model(ModelArgs),
+    /// Stage checks of one small layer: stop after each stage (gate, dispatch, GEMM0,
+    /// GEMM1, combine), read back what it wrote and compare it with the CPU side.
+    Stages(StagesArgs),
     /// Report the GPUs and kernels this build can use.
     Probe,
 }
@@ -185,6 +188,18 @@ pub struct LayerArgs {
     /// Start N local ranks (one process per GPU, NVSHMEM world) and gather their results.
     #[arg(long)]
     pub nproc: Option<usize>,
+}
+
+/// `flashmoe-bench stages`.
+#[derive(Debug, Clone, Args)]
+pub struct StagesArgs {
+    /// Shape and backend (`--preset auto` means `tiny` here; timing options are unused).
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+    /// Test hook: corrupt one value of this stage's capture (gate, dispatch, gemm0, gemm1,
+    /// combine) to show that the check finds and names it.
+    #[arg(long)]
+    pub plant: Option<String>,
 }
 
 /// `flashmoe-bench model`.

@@ -12,6 +12,7 @@ mod model_driver;
 mod nproc;
 mod rank;
 mod report;
+mod stages;
 mod stats;
 
 use args::{Cli, Command};
@@ -78,6 +79,11 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Model(a) => model::run(a),
+        Command::Stages(a) => match stages::run(a) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Probe => probe(),
     };
     match result {

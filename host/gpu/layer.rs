@@ -55,12 +55,15 @@ mod grid;
 mod host_io;
 mod nvshmem;
 pub(crate) mod pack;
+mod stages;
 mod status;
 
 pub use grid::{blocks_per_rank, GridShape, Residency};
 pub use nvshmem::{agree, nvshmem_entry_point, NvshmemLayer, NVSHMEM_CUBIN};
 pub use pack::{from_dtype_bytes, pack_rank_experts, to_dtype_bytes, PackedExperts};
-pub use status::{describe_wait, LayerStats, StatusContext, STATUS_WORDS};
+pub use status::{
+    describe_wait, is_consequence, wait_budget, LayerStats, StatusContext, STATUS_WORDS,
+};
 
 use crate::config::Router;
 use crate::error::{Error, Result};

@@ -66,7 +66,7 @@ impl Cx<'_> {
     fn gate(&self) -> StageReport {
         let plan = self.case.plan;
         let cfg = &plan.config;
-        let mut rep = StageReport::new(Stage::Gate, 0.0);
+        let mut rep = StageReport::new(Stage::Gate, WEIGHT_TOLERANCE);
         for (r, input) in self.case.inputs.iter().enumerate() {
             let want = reference::gate_checked(
                 plan,
@@ -148,7 +148,11 @@ impl Cx<'_> {
             f64::from(want.weights[i]),
             got.weights.get(i).map_or(f64::NAN, |&v| f64::from(v)),
         );
-        let ok = (w - g).abs() <= WEIGHT_TOLERANCE * w.abs().max(1e-3);
+        let err = (w - g).abs() / w.abs().max(1e-3);
+        let ok = err <= WEIGHT_TOLERANCE;
+        if ok {
+            rep.max_error = rep.max_error.max(err);
+        }
         rep.exact(ok, || mm("weight", w, g));
     }
 

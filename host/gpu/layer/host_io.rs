@@ -100,7 +100,11 @@ impl MoeLayer {
     /// Checks `inputs`, applies the overrides, uploads the tokens and the caller's routing
     /// into the layer's buffers and poisons the outputs; returns the launch's buffers and
     /// the effective top-k.
-    fn stage(&mut self, inputs: &[RankInput], ov: &RouteOverrides) -> Result<(Vec<RankIo>, usize)> {
+    pub(super) fn stage(
+        &mut self,
+        inputs: &[RankInput],
+        ov: &RouteOverrides,
+    ) -> Result<(Vec<RankIo>, usize)> {
         let cfg = self.plan.config.clone();
         let k = ov.effective_top_k(&cfg)?;
         if inputs.len() != self.ranks.len() {

@@ -45,6 +45,34 @@ const WHERE_TICKET: u64 = 0x100_0000;
 /// `where` of the combine wait for the local shared-expert tiles.
 const WHERE_SHARED: u64 = 0xFFFF_FFFF;
 
+/// True when a wait at `where_` in `stage_code` can only be a consequence of another wait
+/// of its rank (a queue ticket, a rank barrier, the local shared-expert tiles): the kernel
+/// gives those `CONSEQUENCE_WAIT_FACTOR` x the timeout, so that a wait on a peer's signal
+/// (the possible cause) reports first and they leave on the abort flag instead.
+pub fn is_consequence(stage_code: u64, where_: u64, world: usize) -> bool {
+    let barrier =
+        where_ != WHERE_SHARED && where_ & WHERE_BARRIER != 0 && (where_ >> 16) >= world as u64;
+    barrier
+        || (stage_code == stage::EXPERT && where_ & WHERE_TICKET != 0)
+        || (stage_code == stage::COMBINE && where_ == WHERE_SHARED)
+}
+
+/// The deadline the kernel gives a wait at `where_` in `stage_code`: `timeout` for a wait
+/// on a peer's signal, `CONSEQUENCE_WAIT_FACTOR x timeout` for a consequence
+/// ([`is_consequence`]).
+pub fn wait_budget(
+    timeout: std::time::Duration,
+    stage_code: u64,
+    where_: u64,
+    world: usize,
+) -> std::time::Duration {
+    if is_consequence(stage_code, where_, world) {
+        timeout.saturating_mul(crate::params::CONSEQUENCE_WAIT_FACTOR)
+    } else {
+        timeout
+    }
+}
+
 /// Describes what a wait at `where_` in `stage_code` was waiting for (kernel/README.md,
 /// "Status"). Signal waits encode `(peer << 16) | local expert`; `world` tells a barrier
 /// flag apart from a large peer id.
@@ -90,6 +118,7 @@ pub fn bad_param_name(where_: u64) -> &'static str {
         12 => "world * local_experts above the scheduler's 16384-signal mask",
         13 => "unknown router or MLP code",
         14 => "a pointer the config needs is 0",
+        15 => "unknown stop_after stage",
         _ => "unknown parameter",
     }
 }
@@ -138,7 +167,16 @@ pub fn decode(rank: usize, words: &[u64; STATUS_WORDS], cx: StatusContext) -> Re
         status::TIMEOUT => Err(Error::Timeout {
             rank,
             stage: stage_name,
-            awaited: describe_wait(st, where_, cx.world),
+            awaited: if is_consequence(st, where_, cx.world) {
+                format!(
+                    "{} (a consequence wait, with {}x the deadline of signal waits: no \
+                     signal wait of any rank reported first)",
+                    describe_wait(st, where_, cx.world),
+                    crate::params::CONSEQUENCE_WAIT_FACTOR
+                )
+            } else {
+                describe_wait(st, where_, cx.world)
+            },
             expected,
             observed,
             waited_ms: waited_ns / 1_000_000,
@@ -320,6 +358,49 @@ mod tests {
             first_error(&no_dispatch, CX),
             Err(Error::Timeout { rank: 1, .. })
         ));
+    }
+
+    #[test]
+    fn consequence_waits_have_the_longer_budget_and_say_so() {
+        use std::time::Duration;
+        let t = Duration::from_millis(200);
+        let long = t * crate::params::CONSEQUENCE_WAIT_FACTOR;
+        assert!(crate::params::CONSEQUENCE_WAIT_FACTOR >= 2);
+        // Causes: a peer's dispatch or combine signal.
+        assert_eq!(wait_budget(t, stage::DISPATCH, (3 << 16) | 1, 4), t);
+        assert_eq!(wait_budget(t, stage::COMBINE, 2 << 16, 4), t);
+        // Consequences: tickets, barriers, the shared-expert tiles.
+        assert_eq!(wait_budget(t, stage::EXPERT, WHERE_TICKET | 9, 4), long);
+        assert_eq!(wait_budget(t, stage::GATE, WHERE_BARRIER | 1, 4), long);
+        assert_eq!(wait_budget(t, stage::DISPATCH, WHERE_BARRIER | 3, 4), long);
+        assert_eq!(wait_budget(t, stage::COMBINE, WHERE_SHARED, 4), long);
+        // A silent rank 1 in a world of 2: rank 0's scheduler names rank 1 at the timeout;
+        // its ticket waits would only have reported at twice that, and rank 1's own
+        // scheduler (silent towards itself too) names itself. The cause is chosen.
+        let silent = [
+            words(status::TIMEOUT, stage::DISPATCH, 1 << 16),
+            words(status::TIMEOUT, stage::DISPATCH, (1 << 16) | 1),
+        ];
+        match first_error(&silent, CX) {
+            Err(Error::Timeout { rank, awaited, .. }) => {
+                assert_eq!(rank, 0);
+                assert!(awaited.contains("from rank 1 "), "{awaited}");
+                assert!(!awaited.contains("consequence"), "{awaited}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A consequence reported alone says it is one.
+        match decode(
+            0,
+            &words(status::TIMEOUT, stage::EXPERT, WHERE_TICKET | 4),
+            CX,
+        ) {
+            Err(Error::Timeout { awaited, .. }) => {
+                assert!(awaited.contains("ticket 4"), "{awaited}");
+                assert!(awaited.contains("consequence"), "{awaited}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1,0 +1,60 @@
+//! `flashmoe-bench stages` on the CPU executor: every stage passes, and a planted wrong
+//! value is found at its stage and named (the same command runs on the GPU in
+//! `gpu-carry/run.sh`).
+
+use std::process::Command;
+
+fn stages(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_flashmoe-bench"))
+        .arg("stages")
+        .args(["--backend", "cpu", "--tokens", "128"])
+        .args(args)
+        .output()
+        .expect("run flashmoe-bench");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn every_stage_passes_on_the_cpu_executor() {
+    let (ok, text) = stages(&["--world", "2"]);
+    assert!(ok, "{text}");
+    for s in ["gate", "dispatch", "gemm0", "gemm1", "combine"] {
+        assert!(text.contains(&format!("stage {s}: pass (")), "{s}: {text}");
+    }
+    assert!(text.contains("stages: pass (5 stages)"), "{text}");
+}
+
+#[test]
+fn a_planted_value_fails_its_stage_with_its_position_and_nothing_after() {
+    let (ok, text) = stages(&["--world", "2", "--plant", "gemm1"]);
+    assert!(!ok, "a planted error passed: {text}");
+    for s in ["gate", "dispatch", "gemm0"] {
+        assert!(text.contains(&format!("stage {s}: pass (")), "{s}: {text}");
+    }
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("stage gemm1: FAIL 1 of"))
+        .unwrap_or_else(|| panic!("no gemm1 failure line: {text}"));
+    // The harness names what was planted: the combine cell of rank 1's first kept pair.
+    let planted = text
+        .lines()
+        .find(|l| l.starts_with("planted: "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(planted.contains("rank: 1"), "{planted}");
+    assert!(line.contains("first: rank 1 expert "), "{line}");
+    assert!(line.contains("row 0 column 3"), "{line}");
+    assert!(
+        !text.contains("stage combine"),
+        "stages after the failure ran: {text}"
+    );
+    assert!(text.contains("stages: FAIL at gemm1"), "{text}");
+}
+
+#[test]
+fn an_unknown_stage_is_refused() {
+    let (ok, text) = stages(&["--plant", "everything"]);
+    assert!(!ok);
+    assert!(text.contains("plant"), "{text}");
+}
