@@ -200,6 +200,13 @@ pub struct StagesArgs {
     /// combine) to show that the check finds and names it.
     #[arg(long)]
     pub plant: Option<String>,
+    /// Run and check this stage only (`combine`: the whole layer once), e.g. under
+    /// compute-sanitizer.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Deadline of every wait inside the kernel (or of the CPU executor's), milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
 }
 
 /// `flashmoe-bench model`.

@@ -11,6 +11,7 @@ use flashmoe::stages::{self, Case, PlantingRunner, Stage, StageRunner};
 use flashmoe::weights::{random_tokens, LayerWeights};
 use flashmoe::{Error, LayerPlan, Result};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The backend the checks run on.
 fn runner(
@@ -18,18 +19,30 @@ fn runner(
     plan: &LayerPlan,
     w: &LayerWeights,
     world: WorldArg,
+    timeout: Duration,
 ) -> Result<(Box<dyn StageRunner>, String)> {
     if !gpu {
-        let exec = CpuExecutor::new(plan.clone(), Arc::new(w.clone()))?;
+        let mut exec = CpuExecutor::new(plan.clone(), Arc::new(w.clone()))?;
+        exec.set_timeout(timeout);
         return Ok((Box::new(exec), "cpu executor".into()));
     }
-    gpu_runner(plan, w, world)
+    gpu_runner(plan, w, world, timeout)
+}
+
+/// A stage named on the command line (`what` is the option).
+fn stage_arg(what: &'static str, name: Option<&str>) -> Result<Option<Stage>> {
+    name.map(|s| {
+        Stage::from_name(s)
+            .ok_or_else(|| Error::config(what, s, "gate, dispatch, gemm0, gemm1 or combine"))
+    })
+    .transpose()
 }
 
 fn gpu_runner(
     plan: &LayerPlan,
     w: &LayerWeights,
     world: WorldArg,
+    timeout: Duration,
 ) -> Result<(Box<dyn StageRunner>, String)> {
     use cudarc::driver::CudaContext;
     use flashmoe::gpu::layer::{GpuOptions, GpuWorld, MoeLayer};
@@ -40,7 +53,11 @@ fn gpu_runner(
     let ctx = CudaContext::new(0).map_err(|e| Error::Cuda(e.to_string()))?;
     let name = ctx.name().map_err(|e| Error::Cuda(e.to_string()))?;
     let stream = ctx.new_stream().map_err(|e| Error::Cuda(e.to_string()))?;
-    let layer = MoeLayer::new(stream, plan.clone(), w, gpu_world, GpuOptions::default())?;
+    let opts = GpuOptions {
+        timeout,
+        ..GpuOptions::default()
+    };
+    let layer = MoeLayer::new(stream, plan.clone(), w, gpu_world, opts)?;
     let g = layer.grid();
     let what = format!(
         "gpu {name} ({gpu_world:?}, {} x {} blocks)",
@@ -91,16 +108,22 @@ pub fn run(a: &StagesArgs) -> Result<bool> {
         inputs: &inputs,
         ov: &ov,
     };
-    let (mut backend, what) = runner(gpu, &plan, &w, shape.world)?;
+    if a.timeout_ms == 0 {
+        return Err(Error::config("timeout-ms", 0, "at least 1"));
+    }
+    let timeout = Duration::from_millis(a.timeout_ms);
+    let plant = stage_arg("plant", a.plant.as_deref())?;
+    let only = stage_arg("only", a.only.as_deref())?;
+    let (mut backend, what) = runner(gpu, &plan, &w, shape.world, timeout)?;
     println!(
         "stages: {name} ({} tokens/rank, hidden {}, intermediate {}, {} experts, top-{}, {:?}), world {}, on {what}",
         cfg.tokens, cfg.hidden, cfg.intermediate, cfg.experts, cfg.top_k, cfg.dtype, cfg.world
     );
-    let plant = a.plant.as_deref().map(|s| {
-        Stage::from_name(s)
-            .ok_or_else(|| Error::config("plant", s, "gate, dispatch, gemm0, gemm1 or combine"))
-    });
-    let (reports, err) = match plant.transpose()? {
+    let runs: &[Stage] = match &only {
+        Some(s) => std::slice::from_ref(s),
+        None => &Stage::ALL,
+    };
+    let (reports, err) = match plant {
         Some(stage) => {
             let mut p = PlantingRunner {
                 inner: backend.as_mut(),
@@ -108,19 +131,19 @@ pub fn run(a: &StagesArgs) -> Result<bool> {
                 stage,
                 planted: None,
             };
-            let res = stages::run(&mut p, &case);
+            let res = stages::run_stages(&mut p, &case, runs);
             if let Some(pl) = p.planted {
                 println!("planted: {pl:?}");
             }
             res
         }
-        None => stages::run(backend.as_mut(), &case),
+        None => stages::run_stages(backend.as_mut(), &case, runs),
     };
     for r in &reports {
         println!("stage {r}");
     }
     if let Some(e) = err {
-        let at = Stage::ALL.get(reports.len()).map_or("?", |s| s.name());
+        let at = runs.get(reports.len()).map_or("?", |s| s.name());
         println!("stage {at}: ERROR {e}");
         println!("stages: FAIL at {at}");
         return Ok(false);
@@ -131,7 +154,8 @@ pub fn run(a: &StagesArgs) -> Result<bool> {
             Ok(false)
         }
         None => {
-            println!("stages: pass ({} stages)", reports.len());
+            let n = reports.len();
+            println!("stages: pass ({n} stage{})", if n == 1 { "" } else { "s" });
             Ok(true)
         }
     }

@@ -159,8 +159,17 @@ pub fn run(
     runner: &mut dyn StageRunner,
     case: &Case,
 ) -> (Vec<StageReport>, Option<crate::error::Error>) {
+    run_stages(runner, case, &Stage::ALL)
+}
+
+/// [`run`] over the given stages only, in the order given.
+pub fn run_stages(
+    runner: &mut dyn StageRunner,
+    case: &Case,
+    stages: &[Stage],
+) -> (Vec<StageReport>, Option<crate::error::Error>) {
     let mut reports = Vec::new();
-    for stage in Stage::ALL {
+    for &stage in stages {
         let report = runner
             .run_stage(stage, case.inputs, case.ov)
             .and_then(|cap| check(case, &cap));
