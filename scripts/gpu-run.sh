@@ -57,13 +57,14 @@ budget_of() { echo "$BUDGETS" | awk -v n="$1" '$1 == n { print $2 }'; }
 # The line that best says why a step failed: a stage FAIL or ERROR line, a panic message,
 # a failed test, a sanitizer error, or the last line.
 why() {
-    local f="$1" l
-    l="$(grep -m1 -E '^stage [a-z0-9]+: (FAIL|ERROR)' "$f")" ||
-        l="$(grep -m1 -A1 -E "panicked at" "$f" | tr '\n' ' ')" ||
-        l="$(grep -m1 -E '^test .* FAILED|^failures:' "$f")" ||
-        l="$(grep -m1 -E '=+ (ERROR|Invalid|Race|Barrier)|ERROR SUMMARY: [1-9]' "$f")" ||
-        l="$(grep -m1 -iE 'error' "$f")" ||
-        l="$(tail -n 1 "$f")"
+    local f="$1" l="" pat
+    for pat in '^stage [a-z0-9]+: (FAIL|ERROR)' 'panicked at' '^test .* FAILED' \
+        '=+ (ERROR|Invalid|Race|Barrier)|ERROR SUMMARY: [1-9]' '[Ee]rror|not found'; do
+        # A panic's message is on the line after "panicked at".
+        l="$(grep -m1 -A1 -E "$pat" "$f" | tr '\n' ' ')"
+        [ -n "$l" ] && break
+    done
+    [ -n "$l" ] || l="$(tail -n 1 "$f")"
     echo "${l:0:400}"
 }
 
@@ -102,7 +103,7 @@ step() {
 }
 
 # ---- device and build facts
-step facts facts.txt bash -c "nvidia-smi; '$bench' probe; cat '$here/ptxas-report.txt'"
+step facts facts.txt bash -c "nvidia-smi; r=\$?; '$bench' probe; cat '$here/ptxas-report.txt'; exit \$r"
 
 # ---- stage checks on tiny: world 1, emulated 2 and 4 (bf16), then f32
 step stages-w1 stages.txt "$bench" stages --backend gpu --preset tiny
