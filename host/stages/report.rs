@@ -122,8 +122,8 @@ impl StageReport {
                 self.wrong(|| m(c, w, f64::from(g)));
             }
         }
-        for c in got.len()..want.len() {
-            self.wrong(|| m(c, want[c], f64::NAN));
+        for (c, &w) in want.iter().enumerate().skip(got.len()) {
+            self.wrong(|| m(c, w, f64::NAN));
         }
     }
 }

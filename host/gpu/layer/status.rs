@@ -365,7 +365,7 @@ mod tests {
         use std::time::Duration;
         let t = Duration::from_millis(200);
         let long = t * crate::params::CONSEQUENCE_WAIT_FACTOR;
-        assert!(crate::params::CONSEQUENCE_WAIT_FACTOR >= 2);
+        const { assert!(crate::params::CONSEQUENCE_WAIT_FACTOR >= 2) };
         // Causes: a peer's dispatch or combine signal.
         assert_eq!(wait_budget(t, stage::DISPATCH, (3 << 16) | 1, 4), t);
         assert_eq!(wait_budget(t, stage::COMBINE, 2 << 16, 4), t);
