@@ -135,6 +135,23 @@ pub enum Placement {
     Map(Vec<u32>),
 }
 
+/// Group-limited expert selection (DeepSeek `n_group` / `topk_group`): the experts are split
+/// into `groups` equal groups of consecutive ids; each group is scored (softmax router: the
+/// largest probability in the group, as DeepSeek-V2's `group_limited_greedy`; sigmoid-bias
+/// router: the sum of the group's two largest biased scores, as DeepSeek-V3's `noaux_tc`),
+/// the `keep` best groups are kept (ties to the lower group), and the top-k is taken over the
+/// kept groups' experts, the others' selection scores set to 0 (as transformers masks them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupLimit {
+    /// Number of groups (`n_group`), dividing `experts`; at most [`MAX_GROUPS`].
+    pub groups: usize,
+    /// Groups kept per token (`topk_group`), `1..=groups`.
+    pub keep: usize,
+}
+
+/// Most expert groups of [`GroupLimit`] (the kernel scores one group per lane of a warp).
+pub const MAX_GROUPS: usize = 32;
+
 /// Experts that every token goes through, on its own rank (DeepSeekMoE, Qwen2-MoE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SharedExperts {
@@ -176,6 +193,14 @@ pub struct MoeConfig {
     pub world: usize,
     /// Expert placement.
     pub placement: Placement,
+    /// Group-limited selection, if any (DeepSeek-V2 236B, V3/R1, Kimi-K2, GLM-4.5).
+    #[serde(default)]
+    pub group_limit: Option<GroupLimit>,
+    /// The router weight stays f32 whatever `dtype` (DeepSeek-V3 family: transformers keeps
+    /// `gate.weight` in f32 and computes the logits in f32); otherwise it is rounded to
+    /// `dtype` like every other weight.
+    #[serde(default)]
+    pub router_f32: bool,
 }
 
 impl MoeConfig {
@@ -202,6 +227,8 @@ impl MoeConfig {
             shared: None,
             world: 1,
             placement: Placement::Blocked,
+            group_limit: None,
+            router_f32: false,
         }
     }
 
@@ -263,6 +290,7 @@ impl MoeConfig {
             }
             check_dim("shared.intermediate", s.intermediate)?;
         }
+        self.check_group_limit()?;
         if self.world == 0 || self.world > MAX_WORLD {
             return Err(Error::config(
                 "world",
@@ -289,6 +317,47 @@ impl MoeConfig {
                     format!("ranks must be < `world` = {}", self.world),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn check_group_limit(&self) -> Result<()> {
+        let Some(g) = self.group_limit else {
+            return Ok(());
+        };
+        if g.groups == 0 || g.groups > MAX_GROUPS || self.experts % g.groups != 0 {
+            return Err(Error::config(
+                "group_limit.groups",
+                g.groups,
+                format!(
+                    "between 1 and {MAX_GROUPS}, dividing `experts` = {}",
+                    self.experts
+                ),
+            ));
+        }
+        if g.keep == 0 || g.keep > g.groups {
+            return Err(Error::config(
+                "group_limit.keep",
+                g.keep,
+                format!("between 1 and `group_limit.groups` = {}", g.groups),
+            ));
+        }
+        if self.top_k > g.keep * (self.experts / g.groups) {
+            return Err(Error::config(
+                "top_k",
+                self.top_k,
+                format!(
+                    "at most the experts of the kept groups = {}",
+                    g.keep * (self.experts / g.groups)
+                ),
+            ));
+        }
+        if self.router == Router::Given {
+            return Err(Error::config(
+                "group_limit",
+                "Some",
+                "None with Router::Given (the caller chooses the experts)",
+            ));
         }
         Ok(())
     }

@@ -20,7 +20,7 @@ pub mod weights;
 pub mod world;
 
 pub use config::{
-    Capacity, Dtype, GivenRouting, MlpKind, MoeConfig, Placement, Router, SharedExperts,
+    Capacity, Dtype, GivenRouting, GroupLimit, MlpKind, MoeConfig, Placement, Router, SharedExperts,
 };
 pub use cpu::CpuExecutor;
 pub use error::{Error, Result};

@@ -180,6 +180,12 @@ pub struct LayerParams {
     pub route_k: u32,
     /// `FM_STOP_*`: stop cleanly after this stage (stage checks); 0 runs the whole layer.
     pub stop_after: u32,
+    /// Group-limited selection: groups (0: none) and groups kept.
+    pub n_group: u32,
+    pub topk_group: u32,
+    /// 1: `router_weight` is f32 whatever the dtype.
+    pub router_f32: u32,
+    pub pad2: u32,
 }
 
 /// `FmRankParams`: the pointers of one rank.
@@ -312,6 +318,10 @@ impl LayerParams {
             logit_bias: 0,
             route_k: cfg.top_k as u32,
             stop_after: STOP_NONE,
+            n_group: cfg.group_limit.map_or(0, |g| g.groups as u32),
+            topk_group: cfg.group_limit.map_or(0, |g| g.keep as u32),
+            router_f32: u32::from(cfg.router_f32),
+            pad2: 0,
         }
     }
 }

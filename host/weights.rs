@@ -55,7 +55,11 @@ impl LayerWeights {
                 w1: fill(rng, h * width, 1.0 / (width as f32).sqrt(), round),
             }
         };
-        let router = fill(&mut rng, cfg.experts * h, s_in, round);
+        let router = if cfg.router_f32 {
+            fill(&mut rng, cfg.experts * h, s_in, |x| x)
+        } else {
+            fill(&mut rng, cfg.experts * h, s_in, round)
+        };
         let router_bias = match cfg.router {
             Router::SigmoidBias { .. } => fill(&mut rng, cfg.experts, 0.5, |x| x),
             _ => Vec::new(),

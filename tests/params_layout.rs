@@ -61,7 +61,7 @@ fn rust_structs() -> BTreeMap<&'static str, (usize, Vec<Field>)> {
         ws_gemm0_done, ws_gemm1_done, ws_queue_ctl, ws_queue, ws_queue_capacity, ws_sync,
         ws_gate_hist, ws_shared_act, ws_shared_act_stride_row, ws_shared_out,
         ws_shared_out_stride_row, ws_shared_done, ws_bytes,
-        expert_owner, router_weight, router_bias, logit_bias, route_k, stop_after,
+        expert_owner, router_weight, router_bias, logit_bias, route_k, stop_after, n_group, topk_group, router_f32, pad2,
     );
     let rank = rust_fields!(RankParams;
         rank, tokens, local_experts, pad0, heap, peers, workspace, x, out, w0, w1,
@@ -82,6 +82,7 @@ fn rust_constants() -> BTreeMap<&'static str, u64> {
         ("FM_MAX_LAUNCH_RANKS", params::MAX_LAUNCH_RANKS as u64),
         ("FM_NO_FAULT", params::NO_FAULT as u64),
         ("FM_STOP_NONE", params::STOP_NONE as u64),
+        ("FM_MAX_GROUPS", flashmoe::config::MAX_GROUPS as u64),
         ("FM_STOP_GATE", flashmoe::stages::Stage::Gate.code() as u64),
         (
             "FM_STOP_DISPATCH",

@@ -86,9 +86,10 @@ fn helpers_of(threads: usize, world: usize, rank: usize) -> usize {
 }
 
 /// `w` with every value rounded to `dtype`, or `None` when it already is.
-fn rounded(w: &LayerWeights, dtype: crate::Dtype) -> Option<LayerWeights> {
+/// The router stays f32 when `router_f32` (the DeepSeek-V3 family keeps it in f32).
+fn rounded(w: &LayerWeights, dtype: crate::Dtype, router_f32: bool) -> Option<LayerWeights> {
     let exact = |v: &[f32]| v.iter().all(|&x| dtype.round(x) == x);
-    let all_exact = exact(&w.router)
+    let all_exact = (router_f32 || exact(&w.router))
         && w.experts.iter().all(|e| exact(&e.w0) && exact(&e.w1))
         && w.shared
             .as_ref()
@@ -103,7 +104,11 @@ fn rounded(w: &LayerWeights, dtype: crate::Dtype) -> Option<LayerWeights> {
         w1: r(&e.w1),
     };
     Some(LayerWeights {
-        router: r(&w.router),
+        router: if router_f32 {
+            w.router.clone()
+        } else {
+            r(&w.router)
+        },
         router_bias: w.router_bias.clone(),
         experts: w.experts.iter().map(mlp).collect(),
         shared: w.shared.as_ref().map(mlp),
@@ -117,7 +122,7 @@ impl CpuExecutor {
     /// the device would); the router bias stays f32. Allocates one heap per rank.
     pub fn new(plan: LayerPlan, weights: Arc<LayerWeights>) -> Result<Self> {
         weights.validate(&plan.config)?;
-        let weights = match rounded(&weights, plan.config.dtype) {
+        let weights = match rounded(&weights, plan.config.dtype, plan.config.router_f32) {
             Some(w) => Arc::new(w),
             None => weights,
         };

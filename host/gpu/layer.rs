@@ -65,7 +65,7 @@ pub use status::{
     describe_wait, is_consequence, wait_budget, LayerStats, StatusContext, STATUS_WORDS,
 };
 
-use crate::config::Router;
+use crate::config::{Dtype, Router};
 use crate::error::{Error, Result};
 use crate::gpu::kernels;
 use crate::params::{
@@ -477,7 +477,10 @@ impl MoeLayer {
             expert_owner: DeviceBuffer::from_bytes(&stream, &owner_bytes, "expert_owner")?,
             router: DeviceBuffer::from_bytes(
                 &stream,
-                &to_dtype_bytes(dtype, &weights.router),
+                &to_dtype_bytes(
+                    if cfg.router_f32 { Dtype::F32 } else { dtype },
+                    &weights.router,
+                ),
                 "router weights",
             )?,
             router_bias: match cfg.router {

@@ -17,9 +17,12 @@
 //!   Qwen's `mlp_only_layers` / `decoder_sparse_step` layers hold a dense MLP, not an MoE
 //!   block; the model driver chains MoE blocks only, so they are listed in
 //!   [`FamilyConfig::dense_layers`] and never loaded. Asking for one explicitly is an error.
-//! - **Group-limited selection** (DeepSeek `n_group` / `topk_group`) is not implemented by
-//!   the routers; it is accepted only where it cannot change the choice (`n_group` <= 1 or
-//!   `topk_group` >= `n_group`), otherwise refused with [`Error::UnsupportedModel`](crate::Error::UnsupportedModel).
+//! - **Group-limited selection** (DeepSeek `n_group` / `topk_group`) is run as
+//!   [`GroupLimit`](crate::config::GroupLimit): DeepSeek-V2's `group_limited_greedy` scores a
+//!   group by its largest probability, V3's `noaux_tc` by the sum of its two largest biased
+//!   scores; other groups' scores become 0, as in transformers.
+//! - The DeepSeek-V3 family (also `kimi_k2`, `glm4_moe`) keeps its router weight in f32
+//!   (`MoeConfig::router_f32`), as transformers does in every dtype.
 //! - **PhiMoE** routes with sparsemixer and normalises with LayerNorm (weight and bias);
 //!   neither exists in the runtime, so PhiMoE checkpoints are refused with
 //!   [`Error::UnsupportedModel`](crate::Error::UnsupportedModel).
@@ -76,9 +79,14 @@ pub const FAMILIES: [Family; 7] = [
 ];
 
 impl Family {
-    /// The family of a `model_type` string, if known.
+    /// The family of a `model_type` string, if known. Kimi-K2 (`kimi_k2`) and GLM-4.5
+    /// (`glm4_moe`) are read as `deepseek_v3`: the same MoE tensor names, config keys and
+    /// router (sigmoid, f32 router weight and correction bias, group-limited top-k).
     pub fn from_model_type(model_type: &str) -> Option<Family> {
-        FAMILIES.into_iter().find(|f| f.model_type() == model_type)
+        match model_type {
+            "kimi_k2" | "glm4_moe" => Some(Family::DeepseekV3),
+            _ => FAMILIES.into_iter().find(|f| f.model_type() == model_type),
+        }
     }
 
     /// The `model_type` of `config.json`.
@@ -191,6 +199,10 @@ pub struct FamilyConfig {
     pub dtype: Option<Dtype>,
     /// Decoder layers that hold a dense MLP instead of an MoE block (skipped).
     pub dense_layers: Vec<usize>,
+    /// Group-limited selection (DeepSeek `n_group` / `topk_group`), if it limits anything.
+    pub group_limit: Option<crate::config::GroupLimit>,
+    /// The router weight is kept in f32 (DeepSeek-V3 family).
+    pub router_f32: bool,
 }
 
 impl FamilyConfig {
@@ -235,6 +247,8 @@ impl FamilyConfig {
         let mut routed_scale = 1.0f32;
         let mut shared = None;
         let mut dense_layers = Vec::new();
+        let mut group_limit = None;
+        let mut router_f32 = false;
         let (experts, intermediate, router) = match family {
             Family::Mixtral => (
                 keys.usize("num_local_experts")?,
@@ -249,7 +263,11 @@ impl FamilyConfig {
                 },
             ),
             Family::Qwen2Moe | Family::Qwen3Moe => {
-                let experts = keys.usize("num_experts")?;
+                // transformers 5 writes Qwen3-MoE configs with `num_local_experts`.
+                let experts = match keys.opt_usize("num_experts")? {
+                    Some(n) => n,
+                    None => keys.usize("num_local_experts")?,
+                };
                 let step = keys.opt_usize("decoder_sparse_step")?.unwrap_or(1);
                 let only = keys.opt_usize_list("mlp_only_layers")?;
                 if step == 0 {
@@ -295,7 +313,9 @@ impl FamilyConfig {
                     intermediate,
                     gated: false,
                 });
-                keys.check_groups(family)?;
+                group_limit = keys.group_limit(family)?;
+                // transformers keeps the DeepSeek-V3 router weight in f32 in every dtype.
+                router_f32 = family == Family::DeepseekV3;
                 let router = if family == Family::DeepseekV2 {
                     Router::Softmax { renormalize: false }
                 } else {
@@ -330,6 +350,8 @@ impl FamilyConfig {
             eps,
             dtype,
             dense_layers,
+            group_limit,
+            router_f32,
         })
     }
 
@@ -366,6 +388,8 @@ impl FamilyConfig {
             shared: self.shared,
             world,
             placement,
+            group_limit: self.group_limit,
+            router_f32: self.router_f32,
         }
     }
 }

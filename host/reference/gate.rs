@@ -88,7 +88,7 @@ fn scores(
                 .and_then(|b| b.get(e))
                 .map_or(0.0, |&b| f64::from(b))
     });
-    match cfg.router {
+    let (sel, gate) = match cfg.router {
         Router::Softmax { .. } => {
             let logits: Vec<f64> = logits.collect();
             let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -106,8 +106,37 @@ fn scores(
                 .collect();
             (sel, sig)
         }
-        Router::Given => (Vec::new(), Vec::new()),
+        Router::Given => return (Vec::new(), Vec::new()),
+    };
+    (group_limited(cfg, sel), gate)
+}
+
+/// The selection scores with the experts of every group but the kept ones set to 0
+/// ([`crate::config::GroupLimit`]); unchanged without a group limit.
+fn group_limited(cfg: &MoeConfig, mut sel: Vec<f64>) -> Vec<f64> {
+    let Some(g) = cfg.group_limit else {
+        return sel;
+    };
+    let size = (cfg.experts / g.groups.max(1)).max(1);
+    let sigmoid = matches!(cfg.router, Router::SigmoidBias { .. });
+    let scores: Vec<f64> = sel
+        .chunks(size)
+        .map(|grp| {
+            if sigmoid {
+                // The sum of the group's two largest scores (one when the group has one).
+                top_k(grp, 2).iter().map(|&i| grp[i]).sum()
+            } else {
+                grp.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+            }
+        })
+        .collect();
+    let kept = top_k(&scores, g.keep);
+    for (i, v) in sel.iter_mut().enumerate() {
+        if !kept.contains(&(i / size)) {
+            *v = 0.0;
+        }
     }
+    sel
 }
 
 /// The scores the router ranks the experts by for token row `xt` (`hidden` values, in the

@@ -119,6 +119,7 @@ pub fn bad_param_name(where_: u64) -> &'static str {
         13 => "unknown router or MLP code",
         14 => "a pointer the config needs is 0",
         15 => "unknown stop_after stage",
+        16 => "group-limited selection: n_group / topk_group out of range",
         _ => "unknown parameter",
     }
 }

@@ -1,7 +1,7 @@
 //! Typed access to the keys of a `config.json`, with errors that name the key.
 
 use super::Family;
-use crate::config::Dtype;
+use crate::config::{Dtype, GroupLimit};
 use crate::error::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -138,8 +138,10 @@ impl Keys<'_> {
         Ok(None)
     }
 
-    /// Refuses DeepSeek group-limited selection unless it cannot change the choice.
-    pub(super) fn check_groups(&self, family: Family) -> Result<()> {
+    /// DeepSeek group-limited selection (`n_group` / `topk_group`; V2 only with
+    /// `topk_method = group_limited_greedy`), or `None` where it cannot change the choice
+    /// (`n_group` <= 1 or every group kept). The limits are checked by `MoeConfig::validate`.
+    pub(super) fn group_limit(&self, family: Family) -> Result<Option<GroupLimit>> {
         let n_group = self.opt_usize("n_group")?;
         let topk_group = self.opt_usize("topk_group")?;
         let method = self.opt_string("topk_method")?;
@@ -161,23 +163,15 @@ impl Keys<'_> {
             }
         }
         if !grouped {
-            return Ok(());
+            return Ok(None);
         }
         // transformers' DeepSeek-V3 defaults are n_group 8, topk_group 4.
         let (defaults_n, defaults_k) = match family {
             Family::DeepseekV3 => (8, 4),
             _ => (1, 1),
         };
-        let n = n_group.unwrap_or(defaults_n);
-        let k = topk_group.unwrap_or(defaults_k);
-        if n > 1 && k < n {
-            return Err(self.unsupported(
-                "n_group/topk_group",
-                format!("{n}/{k}"),
-                "group-limited expert selection is not implemented; only n_group <= 1 or \
-                 topk_group >= n_group (every group kept) can be run",
-            ));
-        }
-        Ok(())
+        let groups = n_group.unwrap_or(defaults_n);
+        let keep = topk_group.unwrap_or(defaults_k);
+        Ok((groups > 1 && keep < groups).then_some(GroupLimit { groups, keep }))
     }
 }

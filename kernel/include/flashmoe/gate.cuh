@@ -32,26 +32,42 @@ __device__ __forceinline__ bool better(float key, uint32_t id, float best, uint3
     return key > best || (key == best && id < best_id);
 }
 
+// Elements v * kVec<D> .. of a router row stored as W (the dtype, or f32 for families that
+// keep the router in f32), widened to f32: as many 16-byte loads as that takes.
+template <class D, class W>
+__device__ __forceinline__ void load_router_vec(const char* row, uint32_t v, float (&w)[kVec<D>]) {
+    static_assert(kVec<D> % kVec<W> == 0, "a token vector spans whole router vectors");
+#pragma unroll
+    for (int q = 0; q < kVec<D> / kVec<W>; ++q) {
+        float part[kVec<W>];
+        load_vec<W>(row + (uint64_t(v) * kVec<D> + q * kVec<W>) * sizeof(typename W::T), part);
+#pragma unroll
+        for (int i = 0; i < kVec<W>; ++i) w[q * kVec<W> + i] = part[i];
+    }
+}
+
 // Logits of `nb` (<= 8) consecutive tokens starting at t0 against every expert, written to
-// lg[i * E + e] (+ logit_bias). One pass over the router weights serves all nb tokens.
-template <class D>
+// lg[i * E + e] (+ logit_bias). One pass over the router weights serves all nb tokens. The
+// router rows are stored as W (see load_router_vec).
+template <class D, class W>
 __device__ __forceinline__ void router_logits(const Ctx& c, uint32_t t0, uint32_t nb, float* lg) {
     const FmLayerParams& L = *c.L;
     const int lane = threadIdx.x % 32;
     const uint32_t E = L.experts;
     const uint64_t row_bytes = uint64_t(L.hidden) * sizeof(typename D::T);
+    const uint64_t w_row_bytes = uint64_t(L.hidden) * sizeof(typename W::T);
     const uint32_t nvec = L.hidden / kVec<D>;
     const char* x = reinterpret_cast<const char*>(c.R->x) + t0 * row_bytes;
-    const char* W = reinterpret_cast<const char*>(L.router_weight);
+    const char* Wt = reinterpret_cast<const char*>(L.router_weight);
     const float* lb = reinterpret_cast<const float*>(L.logit_bias);
     for (uint32_t e = 0; e < E; ++e) {
         float acc[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-        const char* we = W + e * row_bytes;
+        const char* we = Wt + e * w_row_bytes;
         for (uint32_t v = lane; v < nvec; v += 32) {
             float w[kVec<D>];
-            load_vec<D>(we + uint64_t(v) * 16, w);
+            load_router_vec<D, W>(we, v, w);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 if (uint32_t(i) < nb) {
@@ -73,6 +89,51 @@ __device__ __forceinline__ void router_logits(const Ctx& c, uint32_t t0, uint32_
     __syncwarp();
 }
 
+// Group-limited selection (n_group > 1): a mask of the groups kept, bit g for group g.
+// Lane g scores group g (softmax: its largest logit, which orders groups as its largest
+// probability does; sigmoid-bias: the sum of its two largest biased scores), then the
+// topk_group best groups are taken one by one (ties to the lower group). All groups are
+// kept without a limit. Warp-wide; s holds the logits (softmax) or sigmoid scores.
+__device__ __forceinline__ uint32_t kept_groups(const Ctx& c, const float* s, bool sig,
+                                                const float* rbias) {
+    const FmLayerParams& L = *c.L;
+    const uint32_t G = L.n_group;
+    if (G <= 1) return 0xFFFFFFFFu;
+    const int lane = threadIdx.x % 32;
+    const uint32_t gsize = L.experts / G;
+    float score = -INFINITY;
+    if (uint32_t(lane) < G) {
+        float a = -INFINITY, b = -INFINITY;  // the two largest keys of the group
+        for (uint32_t e = lane * gsize; e < (lane + 1) * gsize; ++e) {
+            float key = s[e] + ((sig && rbias) ? rbias[e] : 0.f);
+            if (key != key) key = -INFINITY;
+            if (key > a) {
+                b = a;
+                a = key;
+            } else if (key > b) {
+                b = key;
+            }
+        }
+        score = sig ? (gsize > 1 ? a + b : a) : a;
+    }
+    uint32_t kept = 0;
+    for (uint32_t j = 0; j < L.topk_group; ++j) {
+        float best = (uint32_t(lane) < G && !((kept >> lane) & 1u)) ? score : -INFINITY;
+        uint32_t bi = (uint32_t(lane) < G && !((kept >> lane) & 1u)) ? uint32_t(lane) : 32u;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+            const uint32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (better(ob, oi, best, bi)) {
+                best = ob;
+                bi = oi;
+            }
+        }
+        if (bi < 32) kept |= 1u << bi;
+    }
+    return kept;
+}
+
 // Scores, top-k and weights of one token from its logits s[E] (warp-wide; s is modified).
 // Returns this lane's choice (lane < k): id and weight.
 __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_id, float& my_w) {
@@ -91,6 +152,8 @@ __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_
         z = warp_sum(z);
     }
     __syncwarp();
+    const uint32_t kept = kept_groups(c, s, sig, rbias);
+    const uint32_t gsize = L.n_group > 1 ? E / L.n_group : E;
     uint32_t chosen = 0;  // bit q: expert lane + 32 q already chosen
     my_id = -1;
     float my_v = 0.f;
@@ -102,6 +165,8 @@ __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_
             if ((chosen >> q) & 1u) continue;
             float key = s[e] + ((sig && rbias) ? rbias[e] : 0.f);
             if (key != key) key = -INFINITY;  // a NaN score ranks last
+            // Experts of groups not kept score 0 (probability 0: -inf as a softmax logit).
+            if (!((kept >> (e / gsize)) & 1u)) key = sig ? 0.f : -INFINITY;
             if (better(key, e, best, bi)) {
                 best = key;
                 bi = e;
@@ -182,7 +247,11 @@ __device__ FM_PHASE bool gate_chunk(const Ctx& c, uint32_t chunk) {
     } else {
         for (uint32_t t0 = t_begin; t0 < t_end; t0 += tb) {
             const uint32_t nb = min_u32(tb, t_end - t0);
-            router_logits<D>(c, t0, nb, lg);
+            if (L.router_f32) {
+                router_logits<D, Dt<FM_DTYPE_F32>>(c, t0, nb, lg);
+            } else {
+                router_logits<D, D>(c, t0, nb, lg);
+            }
             for (uint32_t i = 0; i < nb; ++i) {
                 int32_t id;
                 float w;

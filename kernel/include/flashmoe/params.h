@@ -30,6 +30,8 @@
 #define FM_SMEM_BYTES_F16 83200
 // f32: 1 stage x (A, B gate, B up) x 64 k x 272 B (64 + 4 pad floats) + 256 misc.
 #define FM_SMEM_BYTES_F32 52480
+// Most expert groups of group-limited selection (one group per lane of a warp).
+#define FM_MAX_GROUPS 32
 // Tokens per gate chunk (unit of the slot prefix sums; rows of ws_gate_hist).
 #define FM_GATE_CHUNK 64
 // Index of the status words (ws_status, u64[8]).
@@ -159,6 +161,15 @@ typedef struct FmLayerParams {
                                  // ws_route_* rows have route_k entries; given_* rows keep top_k
                                  // and their first route_k choices are used.
     uint32_t stop_after;         // FM_STOP_*: debug, stop cleanly after this stage (0: never)
+
+    // Group-limited selection (DeepSeek n_group / topk_group): n_group groups of consecutive
+    // experts (1..=FM_MAX_GROUPS, dividing experts; 0 or 1: no limit), the topk_group best
+    // kept; softmax scores a group by its largest probability, sigmoid-bias by the sum of
+    // its two largest biased scores. Other experts' selection scores become 0.
+    uint32_t n_group;
+    uint32_t topk_group;
+    uint32_t router_f32;         // 1: router_weight is f32 [experts][hidden], not the dtype
+    uint32_t pad2;
 } FmLayerParams;
 
 // Pointers of one rank (one block group of the launch).
