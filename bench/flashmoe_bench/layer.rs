@@ -176,6 +176,7 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
         eprintln!("memory estimate: {}", estimate.describe());
     }
     estimate.check("flashmoe-bench layer", shape.max_host_memory)?;
+    crate::memory::check_device(&estimate, 0)?;
     let weights = Arc::new(LayerWeights::random(&cfg, shape.seed));
     let data = RankData::generate(&cfg, shape.seed);
     let inputs = data.inputs(cfg.tokens);

@@ -75,6 +75,38 @@ impl Estimate {
     }
 }
 
+/// Refuses `need` device bytes per GPU when the GPU has less memory in all.
+pub fn device_fits(need: u64, have: u64, gpu: &str) -> Result<()> {
+    if need > have {
+        return Err(flashmoe::Error::PlanTooLarge {
+            what: format!(
+                "device memory: the run needs {need} bytes ({}) per GPU, {gpu} has {have} ({}): \
+                 shrink the run (fewer tokens or layers, a smaller shape)",
+                gib(need),
+                gib(have)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses the estimate's device bytes when GPU `ordinal` (0 for a single-process run,
+/// `LOCAL_RANK` for a rank) has less memory; nothing to check without a device part.
+pub fn check_device(e: &Estimate, ordinal: usize) -> Result<()> {
+    let Some(need) = e.device_per_rank else {
+        return Ok(());
+    };
+    let gpus = flashmoe::gpu::probe::probe()?;
+    match gpus.get(ordinal) {
+        Some(g) => device_fits(
+            need,
+            g.memory_bytes,
+            &format!("GPU {} ({})", g.ordinal, g.name),
+        ),
+        None => Ok(()),
+    }
+}
+
 fn mul(parts: &[u64]) -> u64 {
     parts.iter().fold(1u64, |a, &b| a.saturating_mul(b))
 }
@@ -192,6 +224,18 @@ mod tests {
         assert!(e.host_total() > plan.memory(0).total());
         let err = e.check("layer", Some(1 << 30)).unwrap_err().to_string();
         assert!(err.contains("--max-host-memory allows"), "{err}");
+    }
+
+    #[test]
+    fn device_need_over_the_gpu_is_refused_naming_both() {
+        device_fits(10, 10, "GPU 0").unwrap();
+        let err = device_fits(11 << 30, 10 << 30, "GPU 0 (test)")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("GPU 0 (test)") && err.contains("11.00 GiB"),
+            "{err}"
+        );
     }
 
     #[test]

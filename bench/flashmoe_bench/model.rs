@@ -71,7 +71,8 @@ fn check_model_memory(
     if !shape.json {
         eprintln!("memory estimate: {}", e.describe());
     }
-    e.check("flashmoe-bench model", shape.max_host_memory)
+    e.check("flashmoe-bench model", shape.max_host_memory)?;
+    crate::memory::check_device(&e, 0)
 }
 
 /// What `--layers` selects.

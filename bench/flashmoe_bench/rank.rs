@@ -113,6 +113,7 @@ pub fn run(args: &LayerArgs, env: &WorldEnv) -> Result<()> {
         estimate.describe()
     );
     estimate.check(&format!("rank {}", env.rank), shape.max_host_memory)?;
+    crate::memory::check_device(&estimate, env.local_rank)?;
     let weights = LayerWeights::random(&cfg, shape.seed);
     let data = RankData::generate(&cfg, shape.seed);
     let inputs = data.inputs(cfg.tokens);
