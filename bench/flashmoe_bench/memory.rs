@@ -222,7 +222,11 @@ mod tests {
         let e = layer(&plan, 64, false, 1);
         // Measured (peak RSS) at hidden 8192: 0.43 GiB against an estimate of 0.47 GiB;
         // everything here scales linearly with hidden.
-        assert!(e.host_total() > 3 * (1 << 30) + (1 << 29), "{}", e.describe());
+        assert!(
+            e.host_total() > 3 * (1 << 30) + (1 << 29),
+            "{}",
+            e.describe()
+        );
         assert!(e.host_total() > 2 * plan.memory(0).total());
         let err = e.check("layer", Some(1 << 30)).unwrap_err().to_string();
         assert!(err.contains("--max-host-memory allows"), "{err}");
