@@ -35,6 +35,22 @@ pub enum Error {
         what: String,
     },
 
+    /// A run would need more host memory than is available (or than the stated cap);
+    /// refused before anything large is allocated.
+    #[error("not enough host memory: {what} needs {need} bytes ({:.2} GiB), {limit} allows {available} bytes ({:.2} GiB){}", gib(*.need), gib(*.available), hint_section(.hint))]
+    HostMemory {
+        /// What needs the memory (with its parts).
+        what: String,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes available or allowed.
+        available: u64,
+        /// Where the limit comes from (`MemAvailable in /proc/meminfo`, `--max-host-memory`).
+        limit: String,
+        /// How to get past it ("" when there is nothing to say).
+        hint: String,
+    },
+
     /// A wait of the CPU executor or the device ran past its deadline.
     #[error("timeout on rank {rank} in stage {stage}: awaited {awaited} (expected {expected}, observed {observed}) after {waited_ms} ms")]
     Timeout {
@@ -150,6 +166,18 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+fn hint_section(hint: &str) -> String {
+    if hint.is_empty() {
+        String::new()
+    } else {
+        format!(": {hint}")
+    }
 }
 
 fn stderr_section(tail: &str) -> String {

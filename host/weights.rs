@@ -81,6 +81,32 @@ impl LayerWeights {
         }
     }
 
+    /// Bytes [`LayerWeights::random`] (or a checkpoint load) holds for `cfg` on the host:
+    /// every tensor as f32, every expert. Saturates instead of overflowing.
+    pub fn host_bytes(cfg: &MoeConfig) -> u64 {
+        let (h, i, e) = (
+            cfg.hidden as u64,
+            cfg.intermediate as u64,
+            cfg.experts as u64,
+        );
+        let rows0 = if cfg.mlp.is_gated() { 2 * i } else { i };
+        let expert = rows0.saturating_add(i).saturating_mul(h);
+        let shared = cfg.shared.map_or(0, |s| {
+            let w = (s.count as u64).saturating_mul(s.intermediate as u64);
+            let rows = if cfg.mlp.is_gated() {
+                w.saturating_mul(2)
+            } else {
+                w
+            };
+            rows.saturating_add(w)
+                .saturating_mul(h)
+                .saturating_add(if s.gated { h } else { 0 })
+        });
+        e.saturating_mul(expert.saturating_add(h).saturating_add(1))
+            .saturating_add(shared)
+            .saturating_mul(4)
+    }
+
     /// Checks every tensor's length against the config; the error names the tensor.
     pub fn validate(&self, cfg: &MoeConfig) -> Result<()> {
         let h = cfg.hidden;
@@ -141,15 +167,32 @@ impl LayerWeights {
                 ))
             }
         }
-        let all = self
-            .router
-            .iter()
-            .chain(&self.router_bias)
-            .chain(self.experts.iter().flat_map(|e| e.w0.iter().chain(&e.w1)));
-        if all.clone().any(|v| !v.is_finite()) {
-            return Err(Error::input("weights", "contains a non-finite value"));
+        finite("weights.router", "", &self.router)?;
+        finite("weights.router_bias", "", &self.router_bias)?;
+        for (j, e) in self.experts.iter().enumerate() {
+            finite("weights.experts[].w0", &format!("expert {j}: "), &e.w0)?;
+            finite("weights.experts[].w1", &format!("expert {j}: "), &e.w1)?;
+        }
+        if let Some(w) = &self.shared {
+            finite("weights.shared.w0", "", &w.w0)?;
+            finite("weights.shared.w1", "", &w.w1)?;
+        }
+        if let Some(g) = &self.shared_gate {
+            finite("weights.shared_gate", "", g)?;
         }
         Ok(())
+    }
+}
+
+/// An [`Error::InvalidInput`] naming `field` (and `what`, e.g. the expert) at the first
+/// non-finite value of `values`.
+fn finite(field: &'static str, what: &str, values: &[f32]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::input(
+            field,
+            format!("{what}value {i} is {} (weights must be finite)", values[i]),
+        )),
     }
 }
 
@@ -157,4 +200,84 @@ impl LayerWeights {
 pub fn random_tokens(cfg: &MoeConfig, tokens: usize, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
     fill(&mut rng, tokens * cfg.hidden, 1.0, |x| cfg.dtype.round(x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SharedExperts;
+
+    #[test]
+    fn host_bytes_match_what_random_allocates() {
+        let mut cfg = MoeConfig::new(4, 64, 96, 4, 2);
+        cfg.shared = Some(SharedExperts {
+            count: 2,
+            intermediate: 32,
+            gated: true,
+        });
+        let w = LayerWeights::random(&cfg, 1);
+        let floats = w.router.len()
+            + w.router_bias.len()
+            + w.experts
+                .iter()
+                .map(|e| e.w0.len() + e.w1.len())
+                .sum::<usize>()
+            + w.shared.as_ref().map_or(0, |s| s.w0.len() + s.w1.len())
+            + w.shared_gate.as_ref().map_or(0, Vec::len);
+        // The estimate may round up (a bias slot per expert), never down.
+        let est = LayerWeights::host_bytes(&cfg);
+        assert!(
+            est >= 4 * floats as u64 && est <= 4 * (floats as u64 + 4),
+            "{est} vs {floats}"
+        );
+        let mut huge = cfg.clone();
+        huge.hidden = usize::MAX;
+        assert_eq!(LayerWeights::host_bytes(&huge), u64::MAX);
+    }
+
+    #[test]
+    fn non_finite_values_are_refused_in_every_tensor_naming_it() {
+        let mut cfg = MoeConfig::new(4, 64, 64, 4, 2);
+        cfg.shared = Some(SharedExperts {
+            count: 1,
+            intermediate: 64,
+            gated: true,
+        });
+        let w = LayerWeights::random(&cfg, 1);
+        w.validate(&cfg).unwrap();
+        type Poke = fn(&mut LayerWeights, f32);
+        let cases: [(&str, Poke); 6] = [
+            ("weights.router", |w, v| w.router[3] = v),
+            ("weights.experts[].w0", |w, v| w.experts[2].w0[5] = v),
+            ("weights.experts[].w1", |w, v| w.experts[1].w1[0] = v),
+            ("weights.shared.w0", |w, v| {
+                if let Some(s) = &mut w.shared {
+                    s.w0[7] = v
+                }
+            }),
+            ("weights.shared.w1", |w, v| {
+                if let Some(s) = &mut w.shared {
+                    s.w1[9] = v
+                }
+            }),
+            ("weights.shared_gate", |w, v| {
+                if let Some(g) = &mut w.shared_gate {
+                    g[1] = v
+                }
+            }),
+        ];
+        for (field, poke) in cases {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut b = w.clone();
+                poke(&mut b, bad);
+                match b.validate(&cfg) {
+                    Err(Error::InvalidInput { field: f, reason }) => {
+                        assert_eq!(f, field, "{reason}");
+                        assert!(reason.contains("finite"), "{reason}");
+                    }
+                    other => panic!("{field} = {bad}: {other:?}"),
+                }
+            }
+        }
+    }
 }

@@ -515,9 +515,8 @@ fn mixtral_fused_transformers5_layout() {
     run_case(&mixtral_case(true), 1, 1, 2);
 }
 
-#[test]
-fn qwen2_moe_sharded_with_gated_shared_expert() {
-    let case = Case {
+fn qwen2_case() -> Case {
+    Case {
         config: json!({"model_type": "qwen2_moe", "hidden_size": H, "intermediate_size": 256,
             "moe_intermediate_size": 64, "num_experts": 6, "num_experts_per_tok": 3,
             "shared_expert_intermediate_size": 128, "norm_topk_prob": false,
@@ -542,7 +541,12 @@ fn qwen2_moe_sharded_with_gated_shared_expert() {
             ..expect(6, 64, 3, Dtype::F32)
         },
         eps: 1e-6,
-    };
+    }
+}
+
+#[test]
+fn qwen2_moe_sharded_with_gated_shared_expert() {
+    let case = qwen2_case();
     let loaded = run_case(&case, 3, 1, 3);
     assert_eq!(loaded.family.family, model::Family::Qwen2Moe);
 }
@@ -848,4 +852,53 @@ fn host_memory_cap_refuses_big_selections() {
     opts.layers = Some(vec![1]);
     opts.max_host_bytes = 2 * 8 * 3 * 128 * 64 * 4;
     assert_eq!(model::load(dir.path(), &opts).unwrap().layers.len(), 1);
+}
+
+/// Non-finite values in a shared expert or its gate are refused at load time, naming the
+/// layer and the tensor (not found later as a bad input of the next layer).
+#[test]
+fn non_finite_shared_experts_and_gates_name_layer_and_tensor() {
+    let cases: [(&str, f32, &str); 3] = [
+        (
+            "model.layers.1.mlp.shared_expert.down_proj.weight",
+            f32::NAN,
+            "weights.shared.w1",
+        ),
+        (
+            "model.layers.2.mlp.shared_expert.gate_proj.weight",
+            f32::NEG_INFINITY,
+            "weights.shared.w0",
+        ),
+        (
+            "model.layers.1.mlp.shared_expert_gate.weight",
+            f32::INFINITY,
+            "weights.shared_gate",
+        ),
+    ];
+    for (name, bad, field) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let case = qwen2_case();
+        let (mut tensors, _) = generate(&case, 5);
+        let t = tensors.iter_mut().find(|t| t.name == name).unwrap();
+        t.data[3] = bad;
+        write_checkpoint(dir.path(), &case.config, &tensors, 1);
+        let mut opts = LoadOptions::new(TOKENS);
+        opts.progress = false;
+        match model::load(dir.path(), &opts).unwrap_err() {
+            Error::ModelLayer { layer, source } => {
+                assert_eq!(
+                    layer,
+                    name.split('.').nth(2).unwrap().parse::<usize>().unwrap()
+                );
+                match *source {
+                    Error::InvalidInput { field: f, reason } => {
+                        assert_eq!(f, field, "{reason}");
+                        assert!(reason.contains("finite"), "{reason}");
+                    }
+                    other => panic!("{name}: {other:?}"),
+                }
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
 }

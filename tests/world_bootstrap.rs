@@ -376,6 +376,7 @@ fn an_unreachable_master_is_a_clear_error() {
     let opts = BootstrapOptions {
         timeout: Duration::from_millis(800),
         retry_interval: Duration::from_millis(50),
+        ..BootstrapOptions::default()
     };
     let start = Instant::now();
     let err = Rendezvous::connect(&env, opts).unwrap_err().to_string();

@@ -4,6 +4,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use flashmoe::config::{Capacity, Dtype, MlpKind, MoeConfig, Placement, Router, SharedExperts};
 use flashmoe::{presets, Error, Result};
 
+/// Most timed or warm-up iterations.
+pub const MAX_ITERS: usize = 1_000_000;
+
 /// Benchmarks flashmoe MoE layers and models; every run checks its output against the
 /// reference before it is timed.
 #[derive(Debug, Parser)]
@@ -171,9 +174,14 @@ pub struct ShapeArgs {
     /// Seed of weights and tokens.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Tokens per rank checked against the f64 reference (all when the layer is small).
+    /// Tokens per rank checked against the f64 reference (all when the layer is small);
+    /// 0 skips the check (the report then says "not checked").
     #[arg(long, default_value_t = 64)]
     pub check_tokens: usize,
+    /// Host memory the run may take (e.g. 16G), instead of what the system says is
+    /// available; the run is refused before allocating when its estimate exceeds it.
+    #[arg(long, value_parser = flashmoe::memory::parse_size)]
+    pub max_host_memory: Option<u64>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -227,6 +235,34 @@ pub struct ModelArgs {
 }
 
 impl ShapeArgs {
+    /// Checks the run counts: iterations within `1..=MAX_ITERS`, warm-up within
+    /// `0..=MAX_ITERS`, checked tokens within the most tokens a rank can have.
+    pub fn check_counts(&self) -> Result<()> {
+        if self.iters == 0 || self.iters > MAX_ITERS {
+            return Err(Error::config(
+                "iters",
+                self.iters,
+                format!("between 1 and {MAX_ITERS}"),
+            ));
+        }
+        if self.warmup > MAX_ITERS {
+            return Err(Error::config(
+                "warmup",
+                self.warmup,
+                format!("at most {MAX_ITERS}"),
+            ));
+        }
+        let max_tokens = flashmoe::config::MAX_TOKENS;
+        if self.check_tokens > max_tokens {
+            return Err(Error::config(
+                "check_tokens",
+                self.check_tokens,
+                format!("at most {max_tokens}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Builds and validates the layer config: preset first, then every explicit option.
     pub fn config(&self, gpu: bool) -> Result<(String, MoeConfig)> {
         let name = match self.preset.as_str() {
@@ -289,9 +325,7 @@ impl ShapeArgs {
         }
         c.world = self.world.ranks();
         c.placement = Placement::Blocked;
-        if self.iters == 0 {
-            return Err(Error::config("iters", 0, "at least 1"));
-        }
+        self.check_counts()?;
         c.validate()?;
         Ok((name.to_string(), c))
     }
@@ -315,6 +349,40 @@ mod tests {
         assert_eq!(parse_capacity("dropless"), Ok(Capacity::Dropless));
         assert_eq!(parse_capacity("1.5"), Ok(Capacity::Factor(1.5)));
         assert!(parse_capacity("lots").is_err());
+    }
+
+    fn layer(args: &[&str]) -> ShapeArgs {
+        let mut argv = vec!["flashmoe-bench", "layer"];
+        argv.extend_from_slice(args);
+        match Cli::parse_from(argv).command {
+            Command::Layer(a) => a.shape,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn huge_counts_are_typed_errors() {
+        let max = u64::MAX.to_string();
+        for (flag, field) in [
+            ("--iters", "iters"),
+            ("--warmup", "warmup"),
+            ("--check-tokens", "check_tokens"),
+        ] {
+            let s = layer(&["--preset", "tiny", flag, &max]);
+            match s.config(false) {
+                Err(Error::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{flag}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            layer(&["--iters", "0"]).check_counts(),
+            Err(Error::InvalidConfig { field: "iters", .. })
+        ));
+        let s = layer(&["--max-host-memory", "2G"]);
+        assert_eq!(s.max_host_memory, Some(2 << 30));
+        assert!(
+            Cli::try_parse_from(["flashmoe-bench", "layer", "--max-host-memory", "lots"]).is_err()
+        );
     }
 
     #[test]

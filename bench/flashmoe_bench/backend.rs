@@ -61,9 +61,9 @@ struct Cpu {
 }
 
 /// The CPU executor: one thread per rank.
-pub fn cpu_runner(plan: &LayerPlan, weights: &LayerWeights) -> Result<Box<dyn Runner>> {
+pub fn cpu_runner(plan: &LayerPlan, weights: Arc<LayerWeights>) -> Result<Box<dyn Runner>> {
     Ok(Box::new(Cpu {
-        exec: CpuExecutor::new(plan.clone(), Arc::new(weights.clone()))?,
+        exec: CpuExecutor::new(plan.clone(), weights)?,
         ranks: plan.world(),
     }))
 }

@@ -7,6 +7,7 @@ mod args;
 mod backend;
 mod gpu_backend;
 mod layer;
+mod memory;
 mod model;
 mod model_driver;
 mod nproc;

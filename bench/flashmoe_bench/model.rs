@@ -11,20 +11,68 @@ use flashmoe::model::{self, LoadOptions, ModelLayer, MoeModel};
 use flashmoe::reference::{self, RankInput, RouteOverrides};
 use flashmoe::{Error, LayerPlan, Result};
 
-/// Parses `--layers`: a count `L` (synthetic) or a range `a..b` (checkpoint layers a to b-1).
+/// Parses `--layers`: a count `L` (synthetic) or a range `a..b` (checkpoint layers a to
+/// b-1), within [`model::MAX_LAYERS`].
 pub fn parse_layers(s: &str) -> Result<LayerSel> {
-    let bad = || Error::config("layers", s, "a count L, or a range a..b with a < b");
+    let max = model::MAX_LAYERS;
+    let bad = || {
+        Error::config(
+            "layers",
+            s,
+            format!("a count L in 1..={max}, or a range a..b with a < b <= {max}"),
+        )
+    };
     if let Some((a, b)) = s.split_once("..") {
         let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-        if a >= b {
+        if a >= b || b > max {
             return Err(bad());
         }
         return Ok(LayerSel::Range(a, b));
     }
     match s.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(LayerSel::Count(n)),
+        Ok(n) if n > 0 && n <= max => Ok(LayerSel::Count(n)),
         _ => Err(bad()),
     }
+}
+
+/// `model` runs every rank as a thread of one process: under a launcher (`RANK` or
+/// `WORLD_SIZE` set) every process would run the whole model on GPU 0, so it is refused.
+pub fn refuse_launcher_env(lookup: impl Fn(&str) -> Option<String>) -> Result<()> {
+    use flashmoe::world::env::{RANK, WORLD_SIZE};
+    for var in [RANK, WORLD_SIZE] {
+        if lookup(var).is_some() {
+            return Err(Error::Env {
+                var,
+                reason: "is set, but `flashmoe-bench model` runs all ranks in one process \
+                         (--world N) and is not a multi-process rank: unset RANK and \
+                         WORLD_SIZE, or run `flashmoe-bench layer` under the launcher"
+                    .into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Host bytes the run may take, for the loaders' own caps.
+fn host_cap(shape: &crate::args::ShapeArgs) -> u64 {
+    flashmoe::memory::host_budget(shape.max_host_memory).map_or(u64::MAX, |b| b.0)
+}
+
+/// Prints the estimate of a model run and refuses it when it does not fit.
+fn check_model_memory(
+    shape: &crate::args::ShapeArgs,
+    cfg: &flashmoe::MoeConfig,
+    layers: usize,
+    weights_bytes: u64,
+    gpu: bool,
+) -> Result<()> {
+    let plan = LayerPlan::new(cfg)?;
+    let e = crate::memory::model(&plan, layers, weights_bytes, shape.check_tokens, gpu);
+    if !shape.json {
+        eprintln!("memory estimate: {}", e.describe());
+    }
+    e.check("flashmoe-bench model", shape.max_host_memory)?;
+    crate::memory::check_device(&e, 0)
 }
 
 /// What `--layers` selects.
@@ -44,6 +92,7 @@ fn build_layers(args: &ModelArgs, gpu: bool) -> Result<(String, Vec<ModelLayer>,
             let tokens = shape.tokens.unwrap_or(128);
             let mut opts = LoadOptions::new(tokens);
             opts.world = shape.world.ranks();
+            opts.max_host_bytes = host_cap(shape);
             if let Some(c) = shape.capacity {
                 opts.capacity = c;
             }
@@ -60,6 +109,11 @@ fn build_layers(args: &ModelArgs, gpu: bool) -> Result<(String, Vec<ModelLayer>,
                 .first()
                 .ok_or_else(|| Error::config("layers", &args.layers, "selects no MoE layer"))?;
             let spec = SyntheticSpec::new(first.config.clone(), 1);
+            let weights: u64 = layers
+                .iter()
+                .map(|l| flashmoe::weights::LayerWeights::host_bytes(&l.config))
+                .fold(0, u64::saturating_add);
+            check_model_memory(shape, &first.config, layers.len(), weights, gpu)?;
             let name = format!(
                 "{} ({}; dense layers skipped: {:?})",
                 dir.display(),
@@ -78,9 +132,11 @@ fn build_layers(args: &ModelArgs, gpu: bool) -> Result<(String, Vec<ModelLayer>,
             };
             let (name, cfg) = shape.config(gpu)?;
             let tokens = cfg.tokens;
-            let mut spec = SyntheticSpec::new(cfg, n);
+            let mut spec = SyntheticSpec::new(cfg.clone(), n);
             spec.zipf = args.skew;
             spec.seed = shape.seed;
+            spec.max_host_bytes = host_cap(shape);
+            check_model_memory(shape, &cfg, n, spec.host_bytes(), gpu)?;
             let layers = spec.build()?;
             Ok((
                 format!("{name} (synthetic, zipf {})", args.skew),
@@ -163,7 +219,9 @@ fn check_layers(
 
 /// Runs the `model` subcommand.
 pub fn run(args: &ModelArgs) -> Result<()> {
+    refuse_launcher_env(|k| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned()))?;
     let shape = &args.shape;
+    shape.check_counts()?;
     let gpu = crate::backend::wants_gpu(shape.backend, shape.world)?;
     if gpu && shape.backend == Backend::Auto && !shape.json {
         eprintln!("backend: gpu");
@@ -175,7 +233,16 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         Driver::Cpu(MoeModel::new(layers.clone(), model::Backend::Cpu)?)
     };
     let (first, trace) = m.forward_traced(&x)?;
-    let err = check_layers(&layers, &x, &trace, shape.check_tokens)?;
+    let err = if shape.check_tokens == 0 {
+        crate::layer::all_finite(&first.hidden)?;
+        None
+    } else {
+        Some(check_layers(&layers, &x, &trace, shape.check_tokens)?)
+    };
+    let verdict = err.map_or(
+        "not checked (--check-tokens 0); outputs are finite".to_string(),
+        |e| format!("max rel error {e:.2e} (ok)"),
+    );
     m.start_timing();
     for _ in 0..shape.warmup {
         m.forward(&x)?;
@@ -230,7 +297,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     }
     println!("flashmoe-bench model: {name}");
     println!(
-        "  backend {}, {} layers, {} tokens over {} rank(s); check vs the f64 reference: max rel error {err:.2e} (ok)",
+        "  backend {}, {} layers, {} tokens over {} rank(s); check vs the f64 reference: {verdict}",
         m.name(),
         layers.len(),
         tokens,
@@ -278,10 +345,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn model_refuses_a_launcher_environment() {
+        assert!(refuse_launcher_env(|_| None).is_ok());
+        for var in ["RANK", "WORLD_SIZE"] {
+            match refuse_launcher_env(|k| (k == var).then(|| "1".to_string())) {
+                Err(Error::Env { var: v, .. }) => assert_eq!(v, var),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn layers_parse_counts_and_ranges() {
         assert_eq!(parse_layers("4").unwrap(), LayerSel::Count(4));
         assert_eq!(parse_layers("2..5").unwrap(), LayerSel::Range(2, 5));
-        for bad in ["0", "5..2", "3..3", "a..b", "x"] {
+        let max = model::MAX_LAYERS;
+        assert_eq!(
+            parse_layers(&max.to_string()).unwrap(),
+            LayerSel::Count(max)
+        );
+        let over = (max + 1).to_string();
+        let range = format!("0..{over}");
+        for bad in [
+            "0",
+            "5..2",
+            "3..3",
+            "a..b",
+            "x",
+            "0..18446744073709551615",
+            "0..1099511627776",
+            "576460752303423488",
+            "18446744073709551616",
+            &over,
+            &range,
+        ] {
             assert!(
                 matches!(
                     parse_layers(bad),

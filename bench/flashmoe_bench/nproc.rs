@@ -7,9 +7,9 @@
 //! start the same command under any launcher that sets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 //! `MASTER_ADDR`, `MASTER_PORT` (README).
 
-use crate::args::LayerArgs;
+use crate::args::{Backend, LayerArgs, WorldArg};
 use flashmoe::world::launcher;
-use flashmoe::{Error, Result};
+use flashmoe::{Error, LayerPlan, Result};
 
 /// The command line of a child: ours without `--nproc N`, with `--json`.
 pub fn child_args(argv: &[String]) -> Vec<String> {
@@ -33,12 +33,58 @@ pub fn child_args(argv: &[String]) -> Vec<String> {
     out
 }
 
+/// What the launcher checks before it spawns anything: the count, the backend, each
+/// rank's config and memory, and that the GPUs and the NVSHMEM kernel are there (one
+/// process per GPU).
+pub fn preflight(args: &LayerArgs, n: usize) -> Result<()> {
+    let max = flashmoe::config::MAX_WORLD;
+    if n == 0 || n > max {
+        return Err(Error::config("nproc", n, format!("between 1 and {max}")));
+    }
+    if args.shape.backend == Backend::Cpu {
+        return Err(Error::config(
+            "backend",
+            "cpu",
+            format!(
+                "--nproc starts one process per GPU; the CPU executor runs all ranks as \
+                 threads of one process: use `--backend cpu --world {n}` without --nproc"
+            ),
+        ));
+    }
+    let mut shape = args.shape.clone();
+    shape.world = WorldArg::Ranks(n);
+    let (_, cfg) = shape.config(true)?;
+    let plan = LayerPlan::new(&cfg)?;
+    // Every rank holds this much on this one machine.
+    let mut estimate = crate::memory::rank(&plan, 0, shape.check_tokens);
+    for part in &mut estimate.host {
+        part.1 = part.1.saturating_mul(n as u64);
+    }
+    estimate.ranks = n;
+    eprintln!(
+        "memory estimate of the {n} local ranks: {}",
+        estimate.describe()
+    );
+    estimate.check(&format!("{n} local ranks"), shape.max_host_memory)?;
+    flashmoe::gpu::kernels::cubin(flashmoe::gpu::layer::NVSHMEM_CUBIN)?;
+    let gpus = flashmoe::gpu::probe::probe()?;
+    if gpus.len() < n {
+        return Err(Error::config(
+            "nproc",
+            n,
+            format!(
+                "one process per GPU, and this machine has {} GPU(s)",
+                gpus.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the launcher side.
 pub fn run(args: &LayerArgs) -> Result<()> {
     let n = args.nproc.unwrap_or(1);
-    if n == 0 {
-        return Err(Error::config("nproc", 0, "at least 1"));
-    }
+    preflight(args, n)?;
     let exe = std::env::current_exe().map_err(|source| Error::Io {
         path: "<current executable>".into(),
         source,

@@ -40,8 +40,9 @@ pub struct Report {
     pub peaks: Option<Peaks>,
     /// Fraction of the roofline floor reached (floor / median), when peaks are known.
     pub roofline_fraction: Option<f64>,
-    /// Largest error relative to the reference's largest magnitude.
-    pub max_rel_error: f64,
+    /// Largest error relative to the reference's largest magnitude; `None` when the run
+    /// was not checked (`--check-tokens 0`).
+    pub max_rel_error: Option<f64>,
     /// Tolerance the check used.
     pub tolerance: f64,
     /// Tokens per rank that were checked.
@@ -68,6 +69,17 @@ fn si(x: f64) -> String {
 }
 
 impl Report {
+    /// The check's verdict: "ok" only for a run that was checked.
+    pub fn check_line(&self) -> String {
+        match self.max_rel_error {
+            Some(e) => format!(
+                "max rel error {e:.2e} on {} tokens/rank vs the f64 reference (tolerance {:.0e}): ok",
+                self.checked_tokens, self.tolerance
+            ),
+            None => "not checked (--check-tokens 0); outputs are finite".to_string(),
+        }
+    }
+
     /// Prints the human-readable table.
     pub fn print_table(&self) {
         let l = &self.latency_ms;
@@ -76,10 +88,7 @@ impl Report {
         println!("  {:<10} {}", "backend", self.backend);
         println!("  {:<10} {}", "world", self.world);
         println!("  {:<10} {}", "memory", self.memory);
-        println!(
-            "  {:<10} max rel error {:.2e} on {} tokens/rank vs the f64 reference (tolerance {:.0e}): ok",
-            "check", self.max_rel_error, self.checked_tokens, self.tolerance
-        );
+        println!("  {:<10} {}", "check", self.check_line());
         println!(
             "  {:<10} {} of {} pairs",
             "dropped", self.dropped, self.pairs

@@ -73,6 +73,9 @@ pub struct CpuExecutor {
 }
 
 /// The machine's available parallelism (1 when unknown).
+/// Most threads a forward uses beyond one per rank (see [`CpuExecutor::set_threads`]).
+pub const MAX_THREADS: usize = 1024;
+
 fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
@@ -156,9 +159,15 @@ impl CpuExecutor {
     /// the machine's available parallelism). There is always one thread per rank, even
     /// when `n` is smaller than the world; the threads beyond those are helpers, dealt
     /// out evenly over the ranks, that share each rank's expert, shared-expert and
-    /// combine work. Results do not depend on it.
+    /// combine work. Results do not depend on it. More than [`MAX_THREADS`] (or the
+    /// world size, when larger) is capped there: spawning more only fails.
     pub fn set_threads(&mut self, n: usize) {
-        self.threads = if n == 0 { default_threads() } else { n };
+        let cap = MAX_THREADS.max(self.plan.world());
+        self.threads = if n == 0 {
+            default_threads()
+        } else {
+            n.min(cap)
+        };
     }
 
     /// Total threads a forward uses (see [`CpuExecutor::set_threads`]); at least the

@@ -60,20 +60,66 @@ fn ckpt_err(path: &Path, reason: impl ToString) -> Error {
     }
 }
 
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+/// Largest `config.json` or index accepted (DeepSeek-V3's index, the largest released,
+/// has about 9 MB).
+pub const MAX_JSON_BYTES: u64 = 64 << 20;
+
+/// Opens `path` for reading only if it is a regular file (after following links): a FIFO
+/// would block the open, a device such as `/dev/zero` would never end.
+fn open_regular(path: &Path) -> Result<(File, u64)> {
+    let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| ckpt_err(path, format!("invalid JSON: {e}")))
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(ckpt_err(
+            path,
+            "not a regular file (a FIFO, device or directory?)",
+        ));
+    }
+    let file = File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(ckpt_err(
+            path,
+            "not a regular file (it changed while opening)",
+        ));
+    }
+    Ok((file, meta.len()))
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    use std::io::Read;
+    let (file, len) = open_regular(path)?;
+    if len > MAX_JSON_BYTES {
+        return Err(ckpt_err(
+            path,
+            format!("{len} bytes, more than the {MAX_JSON_BYTES} accepted for JSON"),
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_JSON_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if text.len() as u64 > MAX_JSON_BYTES {
+        return Err(ckpt_err(path, "grew past the JSON size limit while read"));
+    }
+    parse_json(path, &text)
+}
+
+/// Parses JSON text (from `path`, named in errors); deeply nested input is refused by
+/// serde_json's recursion limit rather than overflowing the stack.
+pub fn parse_json(path: &Path, text: &str) -> Result<Value> {
+    serde_json::from_str(text).map_err(|e| ckpt_err(path, format!("invalid JSON: {e}")))
 }
 
 impl Shard {
     fn open(path: &Path) -> Result<Shard> {
-        let file = File::open(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let (file, _) = open_regular(path)?;
         // SAFETY: the map is read-only and private to this process. The only hazard is
         // another process truncating or rewriting the file while it is mapped, which the
         // documentation of `Checkpoint::open` rules out (checkpoints are immutable inputs).
@@ -107,7 +153,7 @@ impl Checkpoint {
         let index_path = dir.join(INDEX_FILE);
         let mut shards = Vec::new();
         let mut location = HashMap::new();
-        if index_path.is_file() {
+        if index_path.exists() {
             let index = read_json(&index_path)?;
             let map = index
                 .get("weight_map")

@@ -225,6 +225,13 @@ impl FamilyConfig {
         }
         let hidden = keys.usize("hidden_size")?;
         let layers = keys.usize("num_hidden_layers")?;
+        if layers > super::MAX_LAYERS {
+            return Err(keys.unsupported(
+                "num_hidden_layers",
+                layers,
+                format!("at most {} decoder layers", super::MAX_LAYERS),
+            ));
+        }
         let top_k = keys.usize("num_experts_per_tok")?;
         let mlp = match keys.string("hidden_act")?.as_str() {
             "silu" | "swish" => MlpKind::SwiGlu,

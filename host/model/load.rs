@@ -89,6 +89,13 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
     let selected = match &options.layers {
         None => family.moe_layers(),
         Some(list) => {
+            if list.len() > super::MAX_LAYERS {
+                return Err(Error::config(
+                    "layers",
+                    list.len(),
+                    format!("at most {} layers", super::MAX_LAYERS),
+                ));
+            }
             for &l in list {
                 if l >= family.layers {
                     return Err(Error::config(
@@ -168,7 +175,10 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
             norm,
             logit_bias: None,
         };
-        layer.validate()?;
+        layer.validate().map_err(|e| Error::ModelLayer {
+            layer: l,
+            source: Box::new(e),
+        })?;
         layers.push(layer);
     }
     bar.finish_and_clear();
@@ -182,10 +192,20 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
 /// Host bytes of one MoE layer's weights as f32.
 fn host_bytes_per_layer(f: &FamilyConfig) -> u64 {
     let (h, e, i) = (f.hidden as u64, f.experts as u64, f.intermediate as u64);
-    let shared = f
-        .shared
-        .map_or(0, |s| 3 * (s.count * s.intermediate) as u64 * h + h);
-    4 * (e * 3 * i * h + e * h + e + shared + h)
+    let shared = f.shared.map_or(0, |s| {
+        (s.count as u64)
+            .saturating_mul(s.intermediate as u64)
+            .saturating_mul(3)
+            .saturating_mul(h)
+            .saturating_add(h)
+    });
+    let experts = e.saturating_mul(3).saturating_mul(i).saturating_mul(h);
+    experts
+        .saturating_add(e.saturating_mul(h))
+        .saturating_add(e)
+        .saturating_add(shared)
+        .saturating_add(h)
+        .saturating_mul(4)
 }
 
 /// Tensors read per layer (for the progress bar; the fused layout reads fewer).

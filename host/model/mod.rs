@@ -17,6 +17,10 @@
 //! [`ModelLayer`]s) with every layer's norm, MoE launch and residual add enqueued on one
 //! stream and no host round trip between layers.
 
+/// Most decoder layers of a model (a checkpoint's `num_hidden_layers`, a synthetic
+/// model's count, a selected range); the largest released MoE models have under 100.
+pub const MAX_LAYERS: usize = 4096;
+
 pub mod backend;
 pub mod checkpoint;
 pub mod families;

@@ -93,20 +93,37 @@ impl SyntheticSpec {
     pub fn host_bytes(&self) -> u64 {
         let c = &self.config;
         let h = c.hidden as u64;
-        let expert = (c.gemm0_width() as u64 + c.intermediate as u64) * h;
+        let width = c.intermediate as u64;
+        let rows0 = if c.mlp.is_gated() { 2 * width } else { width };
+        let expert = (rows0 + width).saturating_mul(h);
         let shared = c.shared.map_or(0, |s| {
-            let w = (s.count * s.intermediate) as u64;
-            let rows = if c.mlp.is_gated() { 2 * w } else { w };
-            (rows + w) * h + if s.gated { h } else { 0 }
+            let w = (s.count as u64).saturating_mul(s.intermediate as u64);
+            let rows = if c.mlp.is_gated() {
+                w.saturating_mul(2)
+            } else {
+                w
+            };
+            rows.saturating_add(w)
+                .saturating_mul(h)
+                .saturating_add(if s.gated { h } else { 0 })
         });
-        let per_layer = c.experts as u64 * (expert + h + 1) + shared + h;
-        4 * per_layer * self.layers as u64
+        let per_layer = (c.experts as u64)
+            .saturating_mul(expert.saturating_add(h + 1))
+            .saturating_add(shared)
+            .saturating_add(h);
+        per_layer
+            .saturating_mul(4)
+            .saturating_mul(self.layers as u64)
     }
 
     /// Builds the layers (indices 0..layers).
     pub fn build(&self) -> Result<Vec<ModelLayer>> {
-        if self.layers == 0 {
-            return Err(Error::config("layers", 0, "at least 1"));
+        if self.layers == 0 || self.layers > super::MAX_LAYERS {
+            return Err(Error::config(
+                "layers",
+                self.layers,
+                format!("between 1 and {}", super::MAX_LAYERS),
+            ));
         }
         if !self.zipf.is_finite() || self.zipf < 0.0 {
             return Err(Error::config("zipf", self.zipf, "finite and >= 0"));

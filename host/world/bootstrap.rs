@@ -1,39 +1,57 @@
 //! Rendezvous of the ranks over TCP, and the hand-over of NVSHMEM's unique id.
 //!
-//! Rank 0 listens on `MASTER_ADDR:MASTER_PORT` and accepts `WORLD_SIZE - 1` peers. Each
-//! peer retries connecting until its deadline (rank 0 may start later), then sends a hello
-//! (magic, protocol version, rank, world size). Rank 0 refuses a wrong world size, a rank
-//! out of range or a rank that already joined, and names the ranks that never joined when
-//! its deadline passes. Once everyone joined, it welcomes every peer; the connections stay
-//! open for [`Rendezvous::broadcast`] (rank 0's unique id) and [`Rendezvous::all_gather`].
-//! Every socket operation has a deadline; when rank 0 fails it tells the connected peers.
+//! Rank 0 listens on `MASTER_ADDR:MASTER_PORT` and admits `WORLD_SIZE - 1` peers. Each
+//! peer retries connecting until its deadline (rank 0 may start later), receives a
+//! challenge (a fresh nonce) and answers with a hello: magic, protocol version, rank,
+//! world size, the job tag of its secret, its own nonce and an HMAC-SHA256 proof keyed
+//! with the job's secret (`FLASHMOE_BOOTSTRAP_SECRET`; see [`auth`]). Rank 0 refuses, logs
+//! and forgets a connection whose hello is foreign, unauthenticated, for another world,
+//! for a rank out of range or for a rank already taken (the newcomer is refused, the first
+//! claim stays), and keeps listening; a silent or trickling connection is dropped after
+//! [`HELLO_TIMEOUT`] without holding up the others. When its deadline passes it names the
+//! ranks that never joined and the connections it refused. Once everyone joined, it
+//! welcomes every peer with its own proof; the connections stay open for
+//! [`Rendezvous::broadcast`] (rank 0's unique id) and [`Rendezvous::all_gather`].
+//! Every frame read and write has one total deadline; when rank 0 fails it tells the
+//! connected peers.
 
+mod auth;
+mod lobby;
 mod wire;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::config::MAX_WORLD;
 use crate::error::{Error, Result};
 use crate::world::env::WorldEnv;
+use lobby::Lobby;
 use wire::{Header, Kind, Reject};
 
+pub use auth::Secret;
 pub use wire::{MAGIC, MAX_DATA, PROTOCOL};
 
 /// Bytes of NVSHMEM's unique id.
 pub const UNIQUE_ID_BYTES: usize = 128;
 /// How long rank 0 waits for the hello of a fresh connection (a peer sends it at once;
-/// a silent stranger must not hold up the others).
+/// a silent stranger is dropped after it, and holds up nobody meanwhile).
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of each bootstrap step unless configured.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest deadline of a bootstrap step (one day).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 
-/// Deadlines of the bootstrap.
+/// Deadlines and secret of the bootstrap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BootstrapOptions {
-    /// Deadline of each step (joining, one broadcast, one gather).
+    /// Deadline of each step (joining, one broadcast, one gather), at most
+    /// [`MAX_TIMEOUT`].
     pub timeout: Duration,
-    /// Pause between connection attempts of a peer while rank 0 is not listening yet.
+    /// Pause between connection attempts of a peer while rank 0 is not listening yet
+    /// (at most `timeout`).
     pub retry_interval: Duration,
+    /// The job's secret; `None`: any host that can reach rank 0's port can join.
+    pub secret: Option<Secret>,
 }
 
 impl Default for BootstrapOptions {
@@ -41,17 +59,52 @@ impl Default for BootstrapOptions {
         Self {
             timeout: DEFAULT_TIMEOUT,
             retry_interval: Duration::from_millis(100),
+            secret: None,
         }
     }
 }
 
 impl BootstrapOptions {
-    /// Defaults, with the deadline of `FLASHMOE_BOOTSTRAP_TIMEOUT_S` when it was set.
+    /// Defaults, with the deadline of `FLASHMOE_BOOTSTRAP_TIMEOUT_S` and the secret of
+    /// `FLASHMOE_BOOTSTRAP_SECRET` when they were set.
     pub fn from_env(env: &WorldEnv) -> Self {
         Self {
             timeout: env.bootstrap_timeout.unwrap_or(DEFAULT_TIMEOUT),
+            secret: env.bootstrap_secret.as_deref().map(Secret::from_text),
             ..Self::default()
         }
+    }
+
+    /// Checks the deadlines: a zero or overlong timeout, or a retry interval longer than
+    /// the timeout, is an [`Error::InvalidConfig`].
+    pub fn validate(&self) -> Result<()> {
+        if self.timeout.is_zero() || self.timeout > MAX_TIMEOUT {
+            return Err(Error::config(
+                "bootstrap.timeout",
+                format!("{:?}", self.timeout),
+                format!("more than 0 and at most {} s", MAX_TIMEOUT.as_secs()),
+            ));
+        }
+        if self.retry_interval > self.timeout {
+            return Err(Error::config(
+                "bootstrap.retry_interval",
+                format!("{:?}", self.retry_interval),
+                format!("at most the timeout ({:?})", self.timeout),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The deadline of a step that starts now.
+    fn deadline(&self) -> Result<Instant> {
+        self.validate()?;
+        wire::deadline_after(self.timeout).ok_or_else(|| {
+            Error::config(
+                "bootstrap.timeout",
+                format!("{:?}", self.timeout),
+                "not representable as a deadline",
+            )
+        })
     }
 }
 
@@ -102,14 +155,30 @@ fn io_reason(e: &std::io::Error, timeout: Duration) -> String {
     }
 }
 
-fn to_u32(what: &str, v: usize) -> Result<u32> {
-    u32::try_from(v).map_err(|_| boot(format!("{what} {v} does not fit the protocol's u32")))
+fn check_world(world: usize) -> Result<u32> {
+    if world == 0 || world > MAX_WORLD {
+        return Err(Error::config(
+            "world",
+            world,
+            format!("between 1 and {MAX_WORLD}"),
+        ));
+    }
+    Ok(world as u32)
+}
+
+/// Said once at start-up by a rank that joins a world without a secret.
+fn warn_without_secret(rank: usize, master: SocketAddr) {
+    eprintln!(
+        "flashmoe bootstrap: rank {rank}: FLASHMOE_BOOTSTRAP_SECRET is not set: any host that \
+         can reach {master} can join or disturb this job; set the same secret on every node"
+    );
 }
 
 impl Rendezvous {
     /// Joins the world described by `env`: rank 0 listens on `MASTER_ADDR:MASTER_PORT`,
     /// the others connect to it. A world of one rank opens no socket.
     pub fn connect(env: &WorldEnv, opts: BootstrapOptions) -> Result<Self> {
+        opts.validate()?;
         if env.world_size == 1 {
             return Ok(Self {
                 rank: 0,
@@ -132,130 +201,68 @@ impl Rendezvous {
         }
     }
 
-    /// Rank 0's side on an already bound listener: accepts `world - 1` peers before the
-    /// deadline and welcomes them.
+    /// Rank 0's side on an already bound listener: admits `world - 1` authenticated peers
+    /// before the deadline (refusing and logging every other connection) and welcomes
+    /// them.
     pub fn master(listener: TcpListener, world: usize, opts: BootstrapOptions) -> Result<Self> {
+        let world32 = check_world(world)?;
+        let deadline = opts.deadline()?;
         let master = listener
             .local_addr()
             .map_err(|e| boot(format!("rank 0: listener has no address: {e}")))?;
-        let world32 = to_u32("world size", world)?;
-        let deadline = Instant::now() + opts.timeout;
-        let mut slots: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
-        let mut joined = 1usize;
-        let mut refused: Vec<String> = Vec::new();
+        if opts.secret.is_none() && world > 1 {
+            warn_without_secret(0, master);
+        }
         listener
             .set_nonblocking(true)
             .map_err(|e| boot(format!("rank 0: cannot poll the listener on {master}: {e}")))?;
-        let fail = |slots: &mut Vec<Option<TcpStream>>, detail: u32, msg: String| -> Error {
-            for s in slots.iter_mut().flatten() {
-                let h = Header::new(Kind::Reject, Reject::Aborted as u32, detail);
-                let _ = wire::send(s, h, &[], Instant::now() + Duration::from_millis(200));
-            }
-            boot(msg)
-        };
-        while joined < world {
-            let (mut s, from) = match listener.accept() {
-                Ok(c) => c,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        let missing: Vec<usize> =
-                            (1..world).filter(|&r| slots[r].is_none()).collect();
-                        let mut msg = format!(
-                            "rank 0 (listening on {master}): rank(s) {missing:?} of {world} did not \
-                             join within {}",
-                            secs(opts.timeout)
-                        );
-                        if !refused.is_empty() {
-                            msg.push_str(&format!("; refused: {}", refused.join("; ")));
-                        }
-                        let first = missing.first().map_or(u32::MAX, |&r| r as u32);
-                        return Err(fail(&mut slots, first, msg));
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
+        let mut lobby = Lobby::new(world, opts.secret.as_ref(), HELLO_TIMEOUT.min(opts.timeout));
+        while !lobby.full() {
+            if Instant::now() >= deadline {
+                let missing = lobby.missing();
+                let mut msg = format!(
+                    "rank 0 (listening on {master}): rank(s) {missing:?} of {world} did not \
+                     join within {}",
+                    secs(opts.timeout)
+                );
+                let refused = lobby.refusals();
+                if !refused.is_empty() {
+                    msg.push_str(&format!("; refused: {refused}"));
                 }
-                Err(e) => {
-                    return Err(fail(
-                        &mut slots,
-                        u32::MAX,
-                        format!("rank 0: accept on {master} failed: {e}"),
-                    ))
-                }
-            };
-            let hello = s
-                .set_nonblocking(false)
-                .and_then(|_| s.set_nodelay(true))
-                .and_then(|_| {
-                    wire::recv_header(&mut s, deadline.min(Instant::now() + HELLO_TIMEOUT))
-                });
-            let h = match hello {
-                Ok(h) => h,
-                Err(e) => {
-                    refused.push(format!(
-                        "{from}: no hello ({})",
-                        io_reason(&e, opts.timeout)
-                    ));
-                    continue;
-                }
-            };
-            let reject = |s: &mut TcpStream, why: Reject, detail: u32| {
-                let h = Header::new(Kind::Reject, why as u32, detail);
-                let _ = wire::send(s, h, &[], Instant::now() + Duration::from_millis(200));
-            };
-            if !h.is_ours() || h.kind != Kind::Hello as u16 {
-                reject(&mut s, Reject::BadProtocol, u32::from(PROTOCOL));
-                refused.push(format!(
-                    "{from}: not a flashmoe bootstrap hello (magic {:#x}, protocol {}, kind {})",
-                    h.magic, h.protocol, h.kind
-                ));
-                continue;
+                let first = missing.first().map_or(u32::MAX, |&r| r as u32);
+                let mut joined: Vec<TcpStream> = lobby
+                    .slots
+                    .into_iter()
+                    .flatten()
+                    .map(|j| j.stream)
+                    .collect();
+                Self::abort_peers_detail(&mut joined, first);
+                return Err(boot(msg));
             }
-            let (rank, their_world) = (h.a as usize, h.b as usize);
-            if their_world != world {
-                reject(&mut s, Reject::WrongWorld, world32);
-                return Err(fail(
-                    &mut slots,
-                    h.a,
-                    format!(
-                        "rank 0: rank {rank} (from {from}) has WORLD_SIZE {their_world}, rank 0 has {world}"
-                    ),
-                ));
+            if !lobby.step(&listener) {
+                std::thread::sleep(Duration::from_millis(2));
             }
-            if rank == 0 || rank >= world {
-                reject(&mut s, Reject::BadRank, h.a);
-                return Err(fail(
-                    &mut slots,
-                    h.a,
-                    format!("rank 0: a peer from {from} claims rank {rank}, not in 1..{world}"),
-                ));
-            }
-            if slots[rank].is_some() {
-                reject(&mut s, Reject::DuplicateRank, h.a);
-                return Err(fail(
-                    &mut slots,
-                    h.a,
-                    format!("rank 0: rank {rank} joined twice (second time from {from})"),
-                ));
-            }
-            slots[rank] = Some(s);
-            joined += 1;
         }
         let mut peers = Vec::with_capacity(world - 1);
-        for (r, s) in slots.into_iter().enumerate().skip(1) {
-            let mut s = s.ok_or_else(|| boot(format!("rank 0: rank {r} lost")))?;
-            wire::send(
-                &mut s,
+        let slots = std::mem::take(&mut lobby.slots);
+        for (r, j) in slots.into_iter().enumerate().skip(1) {
+            let Some(mut j) = j else {
+                return Err(boot(format!("rank 0: rank {r} lost")));
+            };
+            let proof = auth::welcome_mac(opts.secret.as_ref(), &j.nonces, world32);
+            if let Err(e) = wire::send(
+                &mut j.stream,
                 Header::new(Kind::Welcome, world32, 0),
-                &[],
+                &proof,
                 deadline,
-            )
-            .map_err(|e| {
-                boot(format!(
+            ) {
+                Self::abort_peers(&mut peers, r);
+                return Err(boot(format!(
                     "rank 0: cannot welcome rank {r}: {}",
                     io_reason(&e, opts.timeout)
-                ))
-            })?;
-            peers.push(s);
+                )));
+            }
+            peers.push(j.stream);
         }
         Ok(Self {
             rank: 0,
@@ -266,37 +273,27 @@ impl Rendezvous {
         })
     }
 
-    /// A peer's side: connects to rank 0 at `master` (retrying until the deadline), says
-    /// hello and waits to be welcomed.
+    /// A peer's side: connects to rank 0 at `master` (retrying until the deadline),
+    /// answers its challenge with a hello and waits to be welcomed by a rank 0 that
+    /// proves it knows the same secret.
     pub fn peer(
         rank: usize,
         world: usize,
         master: SocketAddr,
         opts: BootstrapOptions,
     ) -> Result<Self> {
+        let world32 = check_world(world)?;
         if rank == 0 || rank >= world {
             return Err(boot(format!(
                 "rank {rank} is not a peer rank of a world of {world}"
             )));
         }
-        let (rank32, world32) = (to_u32("rank", rank)?, to_u32("world size", world)?);
-        let deadline = Instant::now() + opts.timeout;
-        let mut stream = loop {
-            let attempt = wire::left(deadline).min(Duration::from_secs(2));
-            match TcpStream::connect_timeout(&master, attempt) {
-                Ok(s) => break s,
-                Err(e) => {
-                    if Instant::now() + opts.retry_interval >= deadline {
-                        return Err(boot(format!(
-                            "rank {rank}: cannot reach rank 0 at MASTER_ADDR:MASTER_PORT = {master} \
-                             within {}: {e}",
-                            secs(opts.timeout)
-                        )));
-                    }
-                    std::thread::sleep(opts.retry_interval);
-                }
-            }
-        };
+        let rank32 = rank as u32;
+        let deadline = opts.deadline()?;
+        if opts.secret.is_none() {
+            warn_without_secret(rank, master);
+        }
+        let mut stream = Self::dial(rank, master, &opts, deadline)?;
         let io = |e: std::io::Error, what: &str| {
             boot(format!(
                 "rank {rank}: {what} rank 0 at {master}: {}",
@@ -306,13 +303,21 @@ impl Rendezvous {
         stream
             .set_nodelay(true)
             .map_err(|e| io(e, "cannot configure the connection to"))?;
-        wire::send(
-            &mut stream,
-            Header::new(Kind::Hello, rank32, world32),
-            &[],
-            deadline,
-        )
-        .map_err(|e| io(e, "cannot say hello to"))?;
+        let h = wire::recv_header(&mut stream, deadline).map_err(|e| io(e, "no challenge from"))?;
+        Self::expect_from_master(rank, &h, Kind::Challenge)?;
+        let theirs =
+            wire::recv_token(&mut stream, deadline).map_err(|e| io(e, "no challenge from"))?;
+        let nonces = (theirs, auth::nonce());
+        let secret = opts.secret.as_ref();
+        let hello = wire::Hello {
+            rank: rank32,
+            world: world32,
+            tag: auth::job_tag(secret),
+            nonce: nonces.1,
+            proof: auth::hello_mac(secret, &nonces, rank32, world32),
+        };
+        wire::write_full(&mut stream, &hello.encode(), deadline)
+            .map_err(|e| io(e, "cannot say hello to"))?;
         let h = wire::recv_header(&mut stream, deadline)
             .map_err(|e| io(e, "no welcome (not every rank joined?) from"))?;
         Self::expect_from_master(rank, &h, Kind::Welcome)?;
@@ -322,6 +327,14 @@ impl Rendezvous {
                 h.a
             )));
         }
+        let proof =
+            wire::recv_token(&mut stream, deadline).map_err(|e| io(e, "no welcome from"))?;
+        if !auth::welcome_ok(secret, &nonces, world32, &proof) {
+            return Err(boot(format!(
+                "rank {rank}: the listener at {master} could not prove it knows this job's \
+                 FLASHMOE_BOOTSTRAP_SECRET: not our rank 0"
+            )));
+        }
         Ok(Self {
             rank,
             world,
@@ -329,6 +342,34 @@ impl Rendezvous {
             opts,
             role: Role::Peer { stream },
         })
+    }
+
+    /// Connects to rank 0, retrying until the deadline.
+    fn dial(
+        rank: usize,
+        master: SocketAddr,
+        opts: &BootstrapOptions,
+        deadline: Instant,
+    ) -> Result<TcpStream> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = left
+                .min(Duration::from_secs(2))
+                .max(Duration::from_millis(1));
+            match TcpStream::connect_timeout(&master, attempt) {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    if left <= opts.retry_interval {
+                        return Err(boot(format!(
+                            "rank {rank}: cannot reach rank 0 at MASTER_ADDR:MASTER_PORT = {master} \
+                             within {}: {e}",
+                            secs(opts.timeout)
+                        )));
+                    }
+                    std::thread::sleep(opts.retry_interval);
+                }
+            }
+        }
     }
 
     fn expect_from_master(rank: usize, h: &Header, kind: Kind) -> Result<()> {
@@ -369,8 +410,12 @@ impl Rendezvous {
     }
 
     fn abort_peers(peers: &mut [TcpStream], culprit: usize) {
+        Self::abort_peers_detail(peers, u32::try_from(culprit).unwrap_or(u32::MAX));
+    }
+
+    fn abort_peers_detail(peers: &mut [TcpStream], detail: u32) {
         for s in peers.iter_mut() {
-            let h = Header::new(Kind::Reject, Reject::Aborted as u32, culprit as u32);
+            let h = Header::new(Kind::Reject, Reject::Aborted as u32, detail);
             let _ = wire::send(s, h, &[], Instant::now() + Duration::from_millis(200));
         }
     }
@@ -378,7 +423,7 @@ impl Rendezvous {
     /// Rank 0 sends `payload` to every rank; every rank returns it. Peers pass `None`
     /// (their argument is ignored).
     pub fn broadcast(&mut self, payload: Option<&[u8]>) -> Result<Vec<u8>> {
-        let deadline = Instant::now() + self.opts.timeout;
+        let deadline = self.opts.deadline()?;
         let (rank, timeout) = (self.rank, self.opts.timeout);
         match &mut self.role {
             Role::Master { peers } => {
@@ -434,7 +479,7 @@ impl Rendezvous {
     /// Every rank contributes `mine`; every rank returns all contributions in rank order.
     /// With an empty contribution this is a barrier.
     pub fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let deadline = Instant::now() + self.opts.timeout;
+        let deadline = self.opts.deadline()?;
         let (rank, world, timeout) = (self.rank, self.world, self.opts.timeout);
         let limit = MAX_DATA / world.max(1) - 4;
         if mine.len() > limit {

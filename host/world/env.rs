@@ -1,6 +1,6 @@
 //! The launcher environment (torchrun's convention): `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
-//! `MASTER_ADDR`, `MASTER_PORT`, plus the optional `LOCAL_WORLD_SIZE` and
-//! `FLASHMOE_BOOTSTRAP_TIMEOUT_S`.
+//! `MASTER_ADDR`, `MASTER_PORT`, plus the optional `LOCAL_WORLD_SIZE`,
+//! `FLASHMOE_BOOTSTRAP_TIMEOUT_S` and `FLASHMOE_BOOTSTRAP_SECRET`.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -24,11 +24,19 @@ pub const MASTER_PORT: &str = "MASTER_PORT";
 /// Deadline of every bootstrap step in seconds (optional, default 60).
 pub const BOOTSTRAP_TIMEOUT_S: &str = "FLASHMOE_BOOTSTRAP_TIMEOUT_S";
 
+/// The job's secret that authenticates the bootstrap (optional; the local launcher sets a
+/// fresh one for its children; set the same on every node of a multi-node job).
+pub const BOOTSTRAP_SECRET: &str = "FLASHMOE_BOOTSTRAP_SECRET";
+
 /// Longest bootstrap deadline accepted from the environment (one day).
 pub const MAX_BOOTSTRAP_TIMEOUT_S: f64 = 86_400.0;
+/// Shortest bootstrap deadline accepted from the environment (1 ms).
+pub const MIN_BOOTSTRAP_TIMEOUT_S: f64 = 0.001;
+/// Longest `FLASHMOE_BOOTSTRAP_SECRET` accepted, in bytes.
+pub const MAX_SECRET_BYTES: usize = 4096;
 
-/// The parsed and checked launcher environment of one rank.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The parsed and checked launcher environment of one rank (`Debug` hides the secret).
+#[derive(Clone, PartialEq, Eq)]
 pub struct WorldEnv {
     /// Global rank, `< world_size`.
     pub rank: usize,
@@ -46,6 +54,27 @@ pub struct WorldEnv {
     pub master: SocketAddr,
     /// Bootstrap deadline from `FLASHMOE_BOOTSTRAP_TIMEOUT_S`, when set.
     pub bootstrap_timeout: Option<Duration>,
+    /// The job's secret from `FLASHMOE_BOOTSTRAP_SECRET`, when set.
+    pub bootstrap_secret: Option<String>,
+}
+
+impl std::fmt::Debug for WorldEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorldEnv")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("local_rank", &self.local_rank)
+            .field("local_world_size", &self.local_world_size)
+            .field("master_addr", &self.master_addr)
+            .field("master_port", &self.master_port)
+            .field("master", &self.master)
+            .field("bootstrap_timeout", &self.bootstrap_timeout)
+            .field(
+                "bootstrap_secret",
+                &self.bootstrap_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 fn env_err(var: &'static str, reason: impl ToString) -> Error {
@@ -151,14 +180,28 @@ impl WorldEnv {
                         format!("`{t}` is not a number of seconds"),
                     )
                 })?;
-                if !(secs > 0.0 && secs <= MAX_BOOTSTRAP_TIMEOUT_S) {
+                if !(MIN_BOOTSTRAP_TIMEOUT_S..=MAX_BOOTSTRAP_TIMEOUT_S).contains(&secs) {
                     return Err(env_err(
                         BOOTSTRAP_TIMEOUT_S,
-                        format!("{t} is outside (0, {MAX_BOOTSTRAP_TIMEOUT_S}] seconds"),
+                        format!(
+                            "{t} is outside [{MIN_BOOTSTRAP_TIMEOUT_S}, \
+                             {MAX_BOOTSTRAP_TIMEOUT_S}] seconds"
+                        ),
                     ));
                 }
                 Some(Duration::from_secs_f64(secs))
             }
+        };
+        let bootstrap_secret = match lookup(BOOTSTRAP_SECRET) {
+            None => None,
+            Some(v) if v.is_empty() => return Err(env_err(BOOTSTRAP_SECRET, "is set but empty")),
+            Some(v) if v.len() > MAX_SECRET_BYTES => {
+                return Err(env_err(
+                    BOOTSTRAP_SECRET,
+                    format!("has {} bytes, at most {MAX_SECRET_BYTES}", v.len()),
+                ))
+            }
+            Some(v) => Some(v),
         };
         Ok(Self {
             rank,
@@ -169,6 +212,7 @@ impl WorldEnv {
             master_port,
             master,
             bootstrap_timeout,
+            bootstrap_secret,
         })
     }
 
@@ -197,6 +241,9 @@ impl WorldEnv {
         }
         if let Some(t) = self.bootstrap_timeout {
             v.push((BOOTSTRAP_TIMEOUT_S, t.as_secs_f64().to_string()));
+        }
+        if let Some(s) = &self.bootstrap_secret {
+            v.push((BOOTSTRAP_SECRET, s.clone()));
         }
         v
     }
@@ -317,13 +364,37 @@ mod tests {
             MASTER_PORT,
             "1..=65535",
         );
-        for t in ["0", "-1", "NaN", "1e9"] {
+        for t in ["0", "-1", "NaN", "1e9", "1e-300", "inf"] {
             expect_var(
                 with(&[(BOOTSTRAP_TIMEOUT_S, Some(t))]),
                 BOOTSTRAP_TIMEOUT_S,
                 "outside",
             );
         }
+    }
+
+    #[test]
+    fn the_secret_round_trips_is_hidden_from_debug_and_must_not_be_empty() {
+        let e = with(&[(BOOTSTRAP_SECRET, Some("s3cret-value"))]).unwrap();
+        assert_eq!(e.bootstrap_secret.as_deref(), Some("s3cret-value"));
+        assert!(!format!("{e:?}").contains("s3cret"), "{e:?}");
+        let back: HashMap<String, String> = e
+            .to_vars()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        assert_eq!(WorldEnv::from_map(&back).unwrap(), e);
+        expect_var(
+            with(&[(BOOTSTRAP_SECRET, Some(""))]),
+            BOOTSTRAP_SECRET,
+            "empty",
+        );
+        let long = "x".repeat(MAX_SECRET_BYTES + 1);
+        expect_var(
+            with(&[(BOOTSTRAP_SECRET, Some(&long))]),
+            BOOTSTRAP_SECRET,
+            "at most",
+        );
     }
 
     #[test]

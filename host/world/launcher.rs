@@ -2,7 +2,9 @@
 //! rank's JSON result.
 //!
 //! Every child gets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
-//! `MASTER_ADDR=127.0.0.1` and a free `MASTER_PORT`. A child reports its result by printing
+//! `MASTER_ADDR=127.0.0.1`, a free `MASTER_PORT` and a fresh random
+//! `FLASHMOE_BOOTSTRAP_SECRET` (unless [`LaunchOptions::env`] sets one), so only its own
+//! children can join the bootstrap. A child reports its result by printing
 //! one line `FLASHMOE_RESULT <json>` on stdout ([`emit_result`]); other output is allowed.
 //! When a rank fails (non-zero exit, no result line) or the deadline passes, every other
 //! child is killed and waited for, and the error names the rank with its exit status and
@@ -20,6 +22,9 @@ use crate::world::env;
 
 /// Prefix of the result line a rank prints on stdout.
 pub const RESULT_MARKER: &str = "FLASHMOE_RESULT ";
+
+/// Longest deadline of a launch (one week).
+pub const MAX_LAUNCH_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
 
 /// Lines of stderr kept per rank for error reports.
 pub const STDERR_TAIL_LINES: usize = 20;
@@ -42,7 +47,7 @@ pub fn emit_result<T: serde::Serialize>(value: &T) -> Result<()> {
 /// Options of [`launch_local_with`].
 #[derive(Debug, Clone)]
 pub struct LaunchOptions {
-    /// Deadline of the whole run.
+    /// Deadline of the whole run (more than 0, at most [`MAX_LAUNCH_TIMEOUT`]).
     pub timeout: Duration,
     /// Extra environment variables for every child.
     pub env: Vec<(String, String)>,
@@ -221,10 +226,18 @@ pub fn launch_local_with(
             format!("1..={}", crate::config::MAX_WORLD),
         ));
     }
+    if opts.timeout.is_zero() || opts.timeout > MAX_LAUNCH_TIMEOUT {
+        return Err(Error::config(
+            "launch.timeout",
+            format!("{:?}", opts.timeout),
+            format!("more than 0 and at most {} s", MAX_LAUNCH_TIMEOUT.as_secs()),
+        ));
+    }
     let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let port = free_port(ip)?;
     let start = Instant::now();
     let deadline = start + opts.timeout;
+    let secret = crate::world::bootstrap::Secret::generate_text();
     let mut group = Group {
         ranks: Vec::with_capacity(nproc),
     };
@@ -237,6 +250,7 @@ pub fn launch_local_with(
             .env(env::LOCAL_WORLD_SIZE, nproc.to_string())
             .env(env::MASTER_ADDR, ip.to_string())
             .env(env::MASTER_PORT, port.to_string())
+            .env(env::BOOTSTRAP_SECRET, &secret)
             .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -495,6 +509,38 @@ mod tests {
         );
         let msg = err.to_string();
         assert!(msg.contains("deadline") && msg.contains("[0, 1]"), "{msg}");
+    }
+
+    #[test]
+    fn unrepresentable_or_zero_deadlines_are_refused_before_spawning() {
+        for timeout in [Duration::MAX, Duration::ZERO, MAX_LAUNCH_TIMEOUT * 2] {
+            let opts = LaunchOptions {
+                timeout,
+                ..LaunchOptions::default()
+            };
+            let err = launch_local_with(1, Path::new("/bin/true"), &[], &opts).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidConfig {
+                        field: "launch.timeout",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_child_gets_the_same_fresh_secret() {
+        let script = r#"echo "FLASHMOE_RESULT {\"s\":\"$FLASHMOE_BOOTSTRAP_SECRET\"}""#;
+        let a = launch_local(2, Path::new("/bin/sh"), &sh(script)).unwrap();
+        let b = launch_local(1, Path::new("/bin/sh"), &sh(script)).unwrap();
+        let s = a[0].result["s"].as_str().unwrap();
+        assert_eq!(s.len(), 64, "{s}");
+        assert_eq!(a[1].result["s"], a[0].result["s"]);
+        assert_ne!(b[0].result["s"], a[0].result["s"], "a secret was reused");
     }
 
     #[test]

@@ -474,6 +474,7 @@ mod tests {
         let opts = BootstrapOptions {
             timeout: Duration::from_secs(5),
             retry_interval: Duration::from_millis(20),
+            ..BootstrapOptions::default()
         };
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();

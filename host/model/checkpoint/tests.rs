@@ -283,3 +283,37 @@ fn fp8_weights_are_dequantised_by_block() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[test]
+fn an_index_entry_naming_a_fifo_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path());
+    let fifo = dir.path().join("pipe.safetensors");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::write(
+        dir.path().join(INDEX_FILE),
+        r#"{"weight_map": {"t": "pipe.safetensors"}}"#,
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("not a regular file"), "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(2));
+}
+
+#[test]
+fn a_config_linked_to_a_device_or_oversized_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join(CONFIG_FILE)).unwrap();
+    let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("not a regular file"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let f = std::fs::File::create(dir.path().join(CONFIG_FILE)).unwrap();
+    f.set_len(MAX_JSON_BYTES + 1).unwrap(); // sparse: nothing is written
+    let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("more than"), "{err}");
+}

@@ -263,3 +263,102 @@ fn model_types_round_trip() {
     }
     assert_eq!(Family::from_model_type("llama"), None);
 }
+
+#[test]
+fn a_huge_layer_count_is_refused_at_once() {
+    let start = std::time::Instant::now();
+    for v in [qwen15(), ds_v3(), mixtral()] {
+        match parse(with(v, "num_hidden_layers", json!(1u64 << 40))) {
+            Err(Error::UnsupportedModel { key, .. }) => assert_eq!(key, "num_hidden_layers"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(start.elapsed() < std::time::Duration::from_secs(1));
+}
+
+/// Any JSON value, up to a small depth.
+fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        "[a-z_]{0,12}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+            proptest::collection::btree_map("[a-z_]{0,12}", inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// What the loader does with a parsed config: none of it may panic or hang.
+fn use_config(f: &FamilyConfig) {
+    let _ = f.moe_layers();
+    let c = f.layer_config(
+        8,
+        crate::config::Dtype::Bf16,
+        crate::config::Capacity::Dropless,
+        1,
+        crate::config::Placement::Blocked,
+    );
+    let _ = c.validate();
+}
+
+const KEYS: [&str; 16] = [
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_experts_per_tok",
+    "hidden_act",
+    "num_local_experts",
+    "num_experts",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "n_shared_experts",
+    "first_k_dense_replace",
+    "mlp_only_layers",
+    "decoder_sparse_step",
+    "shared_expert_intermediate_size",
+    "rms_norm_eps",
+];
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Arbitrary JSON gives a typed error or a config, never a panic.
+    #[test]
+    fn arbitrary_json_never_panics_the_config_parser(v in any_json()) {
+        if let Ok(f) = parse(v) {
+            use_config(&f);
+        }
+    }
+
+    /// Released configs with one key set to an arbitrary value (huge counts included)
+    /// give a typed error or a config, never a panic, and quickly.
+    #[test]
+    fn released_configs_with_one_arbitrary_key_never_panic(
+        base in 0usize..4, key in 0usize..KEYS.len(), value in any_json(),
+        big in proptest::prelude::any::<u64>(), use_big in proptest::prelude::any::<bool>(),
+    ) {
+        let v = [mixtral(), qwen15(), ds_v2_lite(), ds_v3()][base].clone();
+        let value = if use_big { json!(big) } else { value };
+        let start = std::time::Instant::now();
+        if let Ok(f) = parse(with(v, KEYS[key], value)) {
+            use_config(&f);
+        }
+        proptest::prop_assert!(start.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    /// Arbitrary text as a config file gives a typed error or a value, never a panic.
+    #[test]
+    fn arbitrary_text_never_panics_the_json_reader(text in "\\PC{0,200}") {
+        let _ = crate::model::checkpoint::parse_json(Path::new("config.json"), &text);
+    }
+}
