@@ -644,3 +644,67 @@ fn forward_rows_equals_forward_on_the_listed_rows() {
     assert!(forward_rows(&plan, &w, &inputs, &ov, &[vec![200], vec![]]).is_err());
     assert!(forward_rows(&plan, &w, &inputs, &ov, &[vec![0]]).is_err());
 }
+
+fn route_one(c: &MoeConfig, w: &LayerWeights) -> GateOutput {
+    gate(
+        &plan(c),
+        w,
+        &unit_token(),
+        1,
+        None,
+        &RouteOverrides::default(),
+    )
+    .expect("gate")
+}
+
+#[test]
+fn group_limited_softmax_keeps_the_groups_with_the_largest_probability() {
+    use crate::config::GroupLimit;
+    // Groups of two: maxima 3.0, 2.5, 2.9, 2.8 -> groups 0 and 2 kept (DeepSeek-V2).
+    let logits = [3.0f32, -5.0, 2.5, -5.0, 2.9, -5.0, 2.8, 2.7];
+    let mut c = cfg(8, 3, Router::Softmax { renormalize: false });
+    let w = weights_with_logits(&c, &logits);
+    assert_eq!(
+        route_one(&c, &w).ids,
+        vec![0, 4, 6],
+        "no limit: plain top-3"
+    );
+    c.group_limit = Some(GroupLimit { groups: 4, keep: 2 });
+    let g = route_one(&c, &w);
+    // Within groups 0 and 2: 3.0, 2.9, then the -5 tie goes to the lower id (1).
+    assert_eq!(g.ids, vec![0, 4, 1]);
+    // The weights stay the unmasked probabilities.
+    let p = softmax(&logits.map(f64::from));
+    for (j, &e) in g.ids.iter().enumerate() {
+        assert!(
+            (f64::from(g.weights[j]) - p[e as usize]).abs() < 1e-6,
+            "{g:?}"
+        );
+    }
+}
+
+#[test]
+fn group_limited_sigmoid_scores_a_group_by_its_two_best_biased_scores() {
+    use crate::config::GroupLimit;
+    // Group 0 (experts 0, 1): sigma(2) + sigma(2) = 1.76; group 1 (2, 3): sigma(3) +
+    // sigma(-3) = 1.0, though expert 2 alone is the best; group 2 and 3 lower still.
+    let logits = [2.0f32, 2.0, 3.0, -3.0, -1.0, -1.0, -2.0, -2.0];
+    let mut c = cfg(8, 2, Router::SigmoidBias { renormalize: true });
+    let mut w = weights_with_logits(&c, &logits);
+    w.router_bias = vec![0.0; 8];
+    assert_eq!(route_one(&c, &w).ids, vec![2, 0], "no limit");
+    c.group_limit = Some(GroupLimit { groups: 4, keep: 1 });
+    let g = route_one(&c, &w);
+    assert_eq!(g.ids, vec![0, 1]);
+    let s = sig(2.0);
+    assert!(
+        (f64::from(g.weights[0]) - s / (2.0 * s)).abs() < 1e-6,
+        "{g:?}"
+    );
+    // Negative biases elsewhere move the choice to group 1 (0.95 - 0.55); the masked experts score 0,
+    // so with keep 1 the second choice is the masked expert 0 (0.0) over expert 3's
+    // sigma(-3) - 0.6 < 0, as transformers' masked_fill(0.0) does.
+    w.router_bias = vec![-1.0, -1.0, 0.0, -0.6, -1.0, -1.0, -1.0, -1.0];
+    let g = route_one(&c, &w);
+    assert_eq!(g.ids, vec![2, 0], "{g:?}");
+}

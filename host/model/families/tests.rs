@@ -140,33 +140,44 @@ fn deepseek_v2_lite_scales_without_renormalising_and_skips_the_dense_layer() {
 }
 
 #[test]
-fn group_limited_selection_is_refused_unless_trivial() {
+fn group_limited_selection_is_read_as_a_group_limit() {
+    use crate::config::GroupLimit;
     let v = with(ds_v2_lite(), "topk_method", json!("group_limited_greedy"));
     let v = with(v, "n_group", json!(8));
-    let err = parse(with(v.clone(), "topk_group", json!(3))).unwrap_err();
-    match err {
-        Error::UnsupportedModel { key, value, .. } => {
-            assert_eq!(
-                (key.as_str(), value.as_str()),
-                ("n_group/topk_group", "8/3")
-            );
-        }
-        other => panic!("unexpected {other:?}"),
-    }
-    // Every group kept: the selection is plain top-k, accepted.
-    parse(with(v, "topk_group", json!(8))).unwrap();
-
-    // DeepSeek-V3 as released (8/4) is refused; 1/1 is accepted.
+    let f = parse(with(v.clone(), "topk_group", json!(3))).unwrap();
+    assert_eq!(f.group_limit, Some(GroupLimit { groups: 8, keep: 3 }));
     assert!(
-        matches!(parse(ds_v3()), Err(Error::UnsupportedModel { key, .. }) if key == "n_group/topk_group")
+        !f.router_f32,
+        "DeepSeek-V2 rounds its router like every weight"
     );
-    // Keys absent: transformers' V3 defaults (8/4) apply, so still refused.
+    // Every group kept: the selection is plain top-k.
+    assert_eq!(
+        parse(with(v, "topk_group", json!(8))).unwrap().group_limit,
+        None
+    );
+    // Greedy V2 ignores the group keys.
+    let v = with(
+        with(ds_v2_lite(), "n_group", json!(8)),
+        "topk_group",
+        json!(3),
+    );
+    assert_eq!(parse(v).unwrap().group_limit, None);
+
+    // DeepSeek-V3 as released (8/4), with its router in f32; absent keys are transformers'
+    // defaults (8/4); 1/1 is no limit.
+    let f = parse(ds_v3()).unwrap();
+    assert_eq!(f.group_limit, Some(GroupLimit { groups: 8, keep: 4 }));
+    assert!(f.router_f32);
     let mut absent = ds_v3();
     absent.as_object_mut().unwrap().remove("n_group");
     absent.as_object_mut().unwrap().remove("topk_group");
-    assert!(parse(absent).is_err());
+    assert_eq!(
+        parse(absent).unwrap().group_limit,
+        Some(GroupLimit { groups: 8, keep: 4 })
+    );
     let v = with(with(ds_v3(), "n_group", json!(1)), "topk_group", json!(1));
     let f = parse(v).unwrap();
+    assert_eq!(f.group_limit, None);
     assert_eq!(f.router, Router::SigmoidBias { renormalize: true });
     assert_eq!(f.routed_scale, 2.5);
     assert_eq!(f.dense_layers, vec![0, 1, 2]);
@@ -174,6 +185,43 @@ fn group_limited_selection_is_refused_unless_trivial() {
         f.shared.map(|s| (s.count, s.intermediate, s.gated)),
         Some((1, 2048, false))
     );
+    // Kimi-K2 and GLM-4.5 configs are read as DeepSeek-V3.
+    for mt in ["kimi_k2", "glm4_moe"] {
+        let f = parse(with(ds_v3(), "model_type", json!(mt))).unwrap();
+        assert_eq!(f.family, Family::DeepseekV3, "{mt}");
+        assert!(f.router_f32, "{mt}");
+    }
+    // An impossible group count is refused by the config's validation.
+    let bad = with(with(ds_v3(), "n_group", json!(7)), "topk_group", json!(3));
+    let f = parse(bad).unwrap();
+    let cfg = f.layer_config(
+        16,
+        crate::config::Dtype::Bf16,
+        crate::config::Capacity::Dropless,
+        1,
+        crate::config::Placement::Blocked,
+    );
+    assert!(matches!(
+        cfg.validate(),
+        Err(Error::InvalidConfig {
+            field: "group_limit.groups",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn qwen3_reads_either_spelling_of_the_expert_count() {
+    let v = json!({"model_type": "qwen3_moe", "hidden_size": 2048, "moe_intermediate_size": 768,
+        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": true,
+        "num_hidden_layers": 48, "hidden_act": "silu"});
+    let n = parse(v.clone()).unwrap().experts;
+    let mut t5 = v;
+    let e = t5.as_object_mut().unwrap().remove("num_experts").unwrap();
+    t5.as_object_mut()
+        .unwrap()
+        .insert("num_local_experts".into(), e);
+    assert_eq!(parse(t5).unwrap().experts, n);
 }
 
 #[test]
