@@ -105,6 +105,8 @@ pub enum RouterArg {
     Softmax,
     /// Sigmoid scores + selection bias, renormalised (DeepSeek-V3).
     SigmoidBias,
+    /// Top-k logits, sigmoid weight scaling the expert's input (Llama-4).
+    SigmoidInput,
     /// Routing given by the caller (random, uniform).
     Given,
 }
@@ -323,6 +325,7 @@ impl ShapeArgs {
                 RouterArg::SoftmaxNorm => Router::Softmax { renormalize: true },
                 RouterArg::Softmax => Router::Softmax { renormalize: false },
                 RouterArg::SigmoidBias => Router::SigmoidBias { renormalize: true },
+                RouterArg::SigmoidInput => Router::SigmoidInput,
                 RouterArg::Given => Router::Given,
             };
         }
