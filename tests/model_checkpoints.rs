@@ -100,6 +100,10 @@ struct Layout {
     shared_module: Option<&'static str>,
     /// Where the selection bias lives, relative to the block (sigmoid-bias routers).
     bias_at: &'static str,
+    /// Router module (`gate`; Llama-4: `router`).
+    router: &'static str,
+    /// Fused experts stored `[E, in, out]` (Llama-4) instead of `[E, out, in]`.
+    fused_in_out: bool,
 }
 
 /// A family test case: the checkpoint and what the runtime must make of it.
@@ -215,7 +219,7 @@ fn generate(case: &Case, seed: u64) -> (Vec<T>, Vec<Written>) {
         let router = rand_vec(&mut rng, e * H, 4.0 * s_in, st);
         push(
             &mut tensors,
-            format!("{b}.gate.weight"),
+            format!("{b}.{}.weight", case.layout.router),
             vec![e, H],
             router.clone(),
             st,
@@ -240,7 +244,30 @@ fn generate(case: &Case, seed: u64) -> (Vec<T>, Vec<Written>) {
                 w1: rand_vec(&mut rng, H * i, 1.0 / (i as f32).sqrt(), st),
             })
             .collect();
-        if case.layout.fused {
+        if case.layout.fused_in_out {
+            // Llama-4: [E, H, 2I] and [E, I, H], the transposes of the runtime's rows.
+            let t = |m: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+                (0..cols)
+                    .flat_map(|c| (0..rows).map(move |r| m[r * cols + c]))
+                    .collect()
+            };
+            let gate_up: Vec<f32> = experts.iter().flat_map(|x| t(&x.w0, 2 * i, H)).collect();
+            let down: Vec<f32> = experts.iter().flat_map(|x| t(&x.w1, H, i)).collect();
+            push(
+                &mut tensors,
+                format!("{b}.experts.gate_up_proj"),
+                vec![e, H, 2 * i],
+                gate_up,
+                st,
+            );
+            push(
+                &mut tensors,
+                format!("{b}.experts.down_proj"),
+                vec![e, i, H],
+                down,
+                st,
+            );
+        } else if case.layout.fused {
             let gate_up: Vec<f32> = experts.iter().flat_map(|x| x.w0.iter().copied()).collect();
             let down: Vec<f32> = experts.iter().flat_map(|x| x.w1.iter().copied()).collect();
             push(
@@ -496,6 +523,8 @@ fn mixtral_case(fused: bool) -> Case {
             fused,
             shared_module: None,
             bias_at: "gate.e_score_correction_bias",
+            router: "gate",
+            fused_in_out: false,
         },
         layers: 2,
         dense: vec![],
@@ -531,6 +560,8 @@ fn qwen2_case() -> Case {
             fused: false,
             shared_module: Some("shared_expert"),
             bias_at: "gate.e_score_correction_bias",
+            router: "gate",
+            fused_in_out: false,
         },
         layers: 3,
         dense: vec![],
@@ -568,6 +599,8 @@ fn qwen3_moe_fused_renormalised_on_two_ranks() {
             fused: true,
             shared_module: None,
             bias_at: "gate.e_score_correction_bias",
+            router: "gate",
+            fused_in_out: false,
         },
         layers: 2,
         dense: vec![],
@@ -594,6 +627,8 @@ fn olmoe_f16_storage_bf16_layers() {
             fused: false,
             shared_module: None,
             bias_at: "gate.e_score_correction_bias",
+            router: "gate",
+            fused_in_out: false,
         },
         layers: 2,
         dense: vec![],
@@ -624,6 +659,8 @@ fn deepseek_v2_dense_layer_skipped_shared_experts_scaled() {
             fused: false,
             shared_module: Some("shared_experts"),
             bias_at: "gate.e_score_correction_bias",
+            router: "gate",
+            fused_in_out: false,
         },
         layers: 3,
         dense: vec![0],
@@ -662,6 +699,8 @@ fn deepseek_v3_case() -> Case {
             fused: false,
             shared_module: Some("shared_experts"),
             bias_at: "gate.e_score_correction_bias",
+            router: "gate",
+            fused_in_out: false,
         },
         layers: 3,
         dense: vec![0],
@@ -683,6 +722,40 @@ fn deepseek_v3_case() -> Case {
 }
 
 #[test]
+fn llama4_text_input_scaled_top1_fused_in_out_with_a_dense_layer() {
+    // interleave step 2: layers 1 and 3 are MoE, 0 and 2 dense (skipped).
+    let case = Case {
+        config: json!({"model_type": "llama4_text", "hidden_size": H, "intermediate_size": 64,
+            "intermediate_size_mlp": 128, "num_local_experts": 4, "num_experts_per_tok": 1,
+            "num_hidden_layers": 4, "interleave_moe_layer_step": 2, "rms_norm_eps": 1e-5,
+            "hidden_act": "silu", "torch_dtype": "float32"}),
+        layout: Layout {
+            block: "feed_forward",
+            proj: ["gate_proj", "up_proj", "down_proj"],
+            fused: true,
+            shared_module: Some("shared_expert"),
+            bias_at: "gate.e_score_correction_bias",
+            router: "router",
+            fused_in_out: true,
+        },
+        layers: 4,
+        dense: vec![0, 2],
+        storage: St::BF16,
+        expect: MoeConfig {
+            router: Router::SigmoidInput,
+            shared: Some(SharedExperts {
+                count: 1,
+                intermediate: 64,
+                gated: false,
+            }),
+            ..expect(4, 64, 1, Dtype::F32)
+        },
+        eps: 1e-5,
+    };
+    run_case(&case, 1, 1, 13);
+}
+
+#[test]
 fn minimax_m2_sigmoid_with_the_bias_on_the_block() {
     let case = Case {
         config: json!({"model_type": "minimax_m2", "hidden_size": H, "intermediate_size": 64,
@@ -695,6 +768,8 @@ fn minimax_m2_sigmoid_with_the_bias_on_the_block() {
             fused: false,
             shared_module: None,
             bias_at: "e_score_correction_bias",
+            router: "gate",
+            fused_in_out: false,
         },
         layers: 2,
         dense: vec![],

@@ -64,6 +64,10 @@ pub enum Family {
     DeepseekV2,
     /// `deepseek_v3`.
     DeepseekV3,
+    /// `llama4_text`: top-1 of the logits, sigmoid weight on the expert's input
+    /// ([`Router::SigmoidInput`]), an ungated shared expert, fused experts stored
+    /// `[E, in, out]`, MoE on `moe_layers` only.
+    Llama4,
     /// `minimax_m2`: Mixtral's tensor names, sigmoid scores with a selection bias on the
     /// block, weights always renormalised, never scaled.
     MinimaxM2,
@@ -72,7 +76,7 @@ pub enum Family {
 }
 
 /// Every family, in documentation order.
-pub const FAMILIES: [Family; 8] = [
+pub const FAMILIES: [Family; 9] = [
     Family::Mixtral,
     Family::Qwen2Moe,
     Family::Qwen3Moe,
@@ -80,6 +84,7 @@ pub const FAMILIES: [Family; 8] = [
     Family::DeepseekV2,
     Family::DeepseekV3,
     Family::MinimaxM2,
+    Family::Llama4,
     Family::PhiMoe,
 ];
 
@@ -104,6 +109,7 @@ impl Family {
             Family::DeepseekV2 => "deepseek_v2",
             Family::DeepseekV3 => "deepseek_v3",
             Family::MinimaxM2 => "minimax_m2",
+            Family::Llama4 => "llama4_text",
             Family::PhiMoe => "phimoe",
         }
     }
@@ -112,7 +118,9 @@ impl Family {
     pub fn naming(self) -> Naming {
         let qwen_like = Naming {
             moe_prefixes: &["mlp"],
+            router: "gate",
             proj: ["gate_proj", "up_proj", "down_proj"],
+            fused_in_out: false,
             shared_module: None,
             shared_gate: false,
             router_bias: None,
@@ -131,6 +139,13 @@ impl Family {
             },
             Family::Qwen3Moe | Family::Olmoe => qwen_like,
             // transformers 5 renames `.block_sparse_moe.` to `.mlp.` (the bias with it).
+            Family::Llama4 => Naming {
+                moe_prefixes: &["feed_forward"],
+                router: "router",
+                fused_in_out: true,
+                shared_module: Some("shared_expert"),
+                ..qwen_like
+            },
             Family::MinimaxM2 => Naming {
                 moe_prefixes: &["block_sparse_moe", "mlp"],
                 proj: ["w1", "w3", "w2"],
@@ -161,6 +176,11 @@ impl std::fmt::Display for Family {
 pub struct Naming {
     /// Module prefixes of the MoE block, tried in order (`block_sparse_moe`, `mlp`).
     pub moe_prefixes: &'static [&'static str],
+    /// Module name of the router under the block (`gate`, Llama-4's `router`).
+    pub router: &'static str,
+    /// Fused experts are stored `[E, in, out]` (Llama-4: `gate_up_proj` `[E, H, 2I]`,
+    /// `down_proj` `[E, I, H]`), not transformers 5's `[E, out, in]`.
+    pub fused_in_out: bool,
     /// Names of the gate, up and down projections of one expert.
     pub proj: [&'static str; 3],
     /// Module name of the shared expert(s) under the MoE prefix, if the family has them.
@@ -259,7 +279,7 @@ impl FamilyConfig {
             }
         };
         let default_eps = match family {
-            Family::Mixtral | Family::Olmoe => 1e-5,
+            Family::Mixtral | Family::Olmoe | Family::Llama4 => 1e-5,
             _ => 1e-6,
         };
         let eps = keys.opt_f64("rms_norm_eps")?.unwrap_or(default_eps) as f32;
@@ -276,6 +296,25 @@ impl FamilyConfig {
                 keys.usize("intermediate_size")?,
                 Router::Softmax { renormalize: true },
             ),
+            Family::Llama4 => {
+                let experts = keys.usize("num_local_experts")?;
+                let intermediate = keys.usize("intermediate_size")?;
+                let step = keys.opt_usize("interleave_moe_layer_step")?.unwrap_or(1);
+                if step == 0 {
+                    return Err(keys.unsupported("interleave_moe_layer_step", "0", "must be >= 1"));
+                }
+                let moe = match keys.opt_usize_list_present("moe_layers")? {
+                    Some(list) => list,
+                    None => (step - 1..layers).step_by(step).collect(),
+                };
+                dense_layers = (0..layers).filter(|l| !moe.contains(l)).collect();
+                shared = Some(SharedExperts {
+                    count: 1,
+                    intermediate,
+                    gated: false,
+                });
+                (experts, intermediate, Router::SigmoidInput)
+            }
             Family::MinimaxM2 => {
                 if let Some(s) = keys.opt_string("scoring_func")? {
                     if s != "sigmoid" {

@@ -240,14 +240,15 @@ impl LayerReader<'_> {
             .iter()
             .map(|p| Naming::block(self.layer, p))
             .collect();
+        let router = naming.router;
         candidates
             .iter()
-            .find(|b| self.ckpt.contains(&format!("{b}.gate.weight")))
+            .find(|b| self.ckpt.contains(&format!("{b}.{router}.weight")))
             .cloned()
             .ok_or_else(|| Error::Checkpoint {
                 path: self.ckpt.dir().to_path_buf(),
                 reason: format!(
-                    "tensor `{}.gate.weight` is missing (expected shape [{}, {}]; \
+                    "tensor `{}.{router}.weight` is missing (expected shape [{}, {}]; \
                      the MoE router of layer {})",
                     candidates.first().map(String::as_str).unwrap_or("?"),
                     self.family.experts,
@@ -265,14 +266,20 @@ impl LayerReader<'_> {
         let block = self.block()?;
         // The DeepSeek-V3 family keeps the router in f32 (`router_f32`): not rounded.
         let router_dtype = if f.router_f32 { None } else { d };
-        let router = self.read(&format!("{block}.gate.weight"), &[e, h], router_dtype)?;
+        let router = self.read(
+            &format!("{block}.{}.weight", naming.router),
+            &[e, h],
+            router_dtype,
+        )?;
         let router_bias = match naming.router_bias {
             // Kept in f32 as transformers does (`_keep_in_fp32_modules_strict`).
             Some(at) => self.read(&format!("{block}.{at}"), &[e], None)?,
             None => Vec::new(),
         };
         let fused = format!("{block}.experts.gate_up_proj");
-        let experts = if self.ckpt.contains(&fused) {
+        let experts = if self.ckpt.contains(&fused) && naming.fused_in_out {
+            self.fused_in_out(&block, e, h, i)?
+        } else if self.ckpt.contains(&fused) {
             let gate_up = self.read(&fused, &[e, 2 * i, h], d)?;
             let down = self.read(&format!("{block}.experts.down_proj"), &[e, h, i], d)?;
             self.bar.inc((e * 3).saturating_sub(2) as u64);
@@ -311,6 +318,30 @@ impl LayerReader<'_> {
         })
     }
 
+    /// Fused experts stored `[E, in, out]` (Llama-4): `gate_up_proj` `[E, H, 2I]` (gate
+    /// columns first) and `down_proj` `[E, I, H]`, transposed into the runtime's
+    /// `[out, in]` rows.
+    fn fused_in_out(
+        &self,
+        block: &str,
+        e: usize,
+        h: usize,
+        i: usize,
+    ) -> Result<Vec<ExpertWeights>> {
+        let d = Some(self.dtype);
+        let gate_up = self.read(&format!("{block}.experts.gate_up_proj"), &[e, h, 2 * i], d)?;
+        let down = self.read(&format!("{block}.experts.down_proj"), &[e, i, h], d)?;
+        self.bar.inc((e * 3).saturating_sub(2) as u64);
+        Ok(gate_up
+            .chunks_exact(h * 2 * i)
+            .zip(down.chunks_exact(i * h))
+            .map(|(gu, dn)| ExpertWeights {
+                w0: transpose(gu, h, 2 * i),
+                w1: transpose(dn, i, h),
+            })
+            .collect())
+    }
+
     /// One gated MLP stored as three `[out, in]` matrices under `prefix`.
     fn mlp(&self, prefix: &str, proj: [&str; 3], width: usize) -> Result<ExpertWeights> {
         let h = self.family.hidden;
@@ -320,4 +351,15 @@ impl LayerReader<'_> {
         let w1 = self.read(&format!("{prefix}.{}.weight", proj[2]), &[h, width], d)?;
         Ok(ExpertWeights { w0, w1 })
     }
+}
+
+/// The `[cols, rows]` transpose of a row-major `[rows, cols]` matrix.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; m.len()];
+    for (r, row) in m.chunks_exact(cols).take(rows).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            t[c * rows + r] = v;
+        }
+    }
+    t
 }

@@ -118,6 +118,14 @@ impl Keys<'_> {
         }
     }
 
+    /// A list of unsigned integers, or `None` when the key is absent or null.
+    pub(super) fn opt_usize_list_present(&self, key: &str) -> Result<Option<Vec<usize>>> {
+        match self.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => self.opt_usize_list(key).map(Some),
+        }
+    }
+
     /// `torch_dtype` (transformers 4) or `dtype` (transformers 5).
     pub(super) fn dtype(&self) -> Result<Option<Dtype>> {
         for key in ["torch_dtype", "dtype"] {
