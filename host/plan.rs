@@ -474,5 +474,8 @@ impl LayerPlan {
     }
 }
 
+mod traffic;
+pub use traffic::Traffic;
+
 #[cfg(test)]
 mod tests;

@@ -29,6 +29,8 @@ pub enum Command {
     /// Stage checks of one small layer: stop after each stage (gate, dispatch, GEMM0,
     /// GEMM1, combine), read back what it wrote and compare it with the CPU side.
     Stages(StagesArgs),
+    /// The plan of a layer (memory per rank, tiles, bytes per launch), nothing allocated.
+    Plan(PlanArgs),
     /// Report the GPUs and kernels this build can use.
     Probe,
 }
@@ -215,6 +217,17 @@ pub struct LayerArgs {
     /// Start N local ranks (one process per GPU, NVSHMEM world) and gather their results.
     #[arg(long)]
     pub nproc: Option<usize>,
+}
+
+/// `flashmoe-bench plan`.
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// Shape (`--preset auto` means `tiny` here; run options are unused).
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+    /// Print every rank even in worlds above 16 (else the first and the last).
+    #[arg(long)]
+    pub all_ranks: bool,
 }
 
 /// `flashmoe-bench stages`.

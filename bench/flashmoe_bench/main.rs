@@ -11,6 +11,7 @@ mod memory;
 mod model;
 mod model_driver;
 mod nproc;
+mod plan_cmd;
 mod rank;
 mod report;
 mod stages;
@@ -80,6 +81,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Model(a) => model::run(a),
+        Command::Plan(a) => plan_cmd::run(a),
         Command::Stages(a) => match stages::run(a) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
