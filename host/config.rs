@@ -151,7 +151,8 @@ pub enum Placement {
 /// largest probability in the group, as DeepSeek-V2's `group_limited_greedy`; sigmoid-bias
 /// router: the sum of the group's two largest biased scores, as DeepSeek-V3's `noaux_tc`),
 /// the `keep` best groups are kept (ties to the lower group), and the top-k is taken over the
-/// kept groups' experts, the others' selection scores set to 0 (as transformers masks them).
+/// kept groups' experts; the others rank last (transformers 5 masks them with -inf for the
+/// sigmoid router, with probability 0 for softmax).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupLimit {
     /// Number of groups (`n_group`), dividing `experts`; at most [`MAX_GROUPS`].

@@ -11,6 +11,8 @@
 //! | OLMoE | softmax | `norm_topk_prob` (default false) | 1 | none |
 //! | DeepSeek-V2 / V2-Lite | softmax | never (transformers ignores `norm_topk_prob`) | `routed_scaling_factor` | `n_shared_experts`, ungated |
 //! | DeepSeek-V3 (also `kimi_k2`, `glm4_moe`) | sigmoid + `e_score_correction_bias` for selection, group-limited, f32 router | `norm_topk_prob` (default true) | `routed_scaling_factor` | `n_shared_experts`, ungated |
+//! | Qwen3-Next | softmax | `norm_topk_prob` (default true) | 1 | one, gated; RMSNorm scaled by `(1 + w)` |
+//! | Llama-4 (`llama4_text`) | top-k logits, `sigmoid(logit)` scales the expert's input | no | 1 | one, ungated |
 //! | MiniMax-M2 | sigmoid + the block's `e_score_correction_bias` for selection | always | 1 | none |
 //!
 //! Decisions where the runtime does less than the model:
@@ -21,7 +23,7 @@
 //! - **Group-limited selection** (DeepSeek `n_group` / `topk_group`) is run as
 //!   [`GroupLimit`](crate::config::GroupLimit): DeepSeek-V2's `group_limited_greedy` scores a
 //!   group by its largest probability, V3's `noaux_tc` by the sum of its two largest biased
-//!   scores; other groups' scores become 0, as in transformers.
+//!   scores; the other groups' experts rank last, as in transformers 5.
 //! - The DeepSeek-V3 family (also `kimi_k2`, `glm4_moe`) keeps its router weight in f32
 //!   (`MoeConfig::router_f32`), as transformers does in every dtype.
 //! - **PhiMoE** routes with sparsemixer and normalises with LayerNorm (weight and bias);
@@ -58,6 +60,9 @@ pub enum Family {
     Qwen2Moe,
     /// `qwen3_moe`.
     Qwen3Moe,
+    /// `qwen3_next` (Qwen3-Next): Qwen2-MoE's block (gated shared expert), renormalised by
+    /// default, RMSNorm scaled by `(1 + w)`.
+    Qwen3Next,
     /// `olmoe`.
     Olmoe,
     /// `deepseek_v2` (V2 and V2-Lite).
@@ -76,10 +81,11 @@ pub enum Family {
 }
 
 /// Every family, in documentation order.
-pub const FAMILIES: [Family; 9] = [
+pub const FAMILIES: [Family; 10] = [
     Family::Mixtral,
     Family::Qwen2Moe,
     Family::Qwen3Moe,
+    Family::Qwen3Next,
     Family::Olmoe,
     Family::DeepseekV2,
     Family::DeepseekV3,
@@ -105,6 +111,7 @@ impl Family {
             Family::Mixtral => "mixtral",
             Family::Qwen2Moe => "qwen2_moe",
             Family::Qwen3Moe => "qwen3_moe",
+            Family::Qwen3Next => "qwen3_next",
             Family::Olmoe => "olmoe",
             Family::DeepseekV2 => "deepseek_v2",
             Family::DeepseekV3 => "deepseek_v3",
@@ -132,7 +139,7 @@ impl Family {
                 proj: ["w1", "w3", "w2"],
                 ..qwen_like
             },
-            Family::Qwen2Moe => Naming {
+            Family::Qwen2Moe | Family::Qwen3Next => Naming {
                 shared_module: Some("shared_expert"),
                 shared_gate: true,
                 ..qwen_like
@@ -237,6 +244,8 @@ pub struct FamilyConfig {
     pub group_limit: Option<crate::config::GroupLimit>,
     /// The router weight is kept in f32 (DeepSeek-V3 family).
     pub router_f32: bool,
+    /// The RMSNorm scales by `1 + w` (Qwen3-Next, Qwen3.5).
+    pub norm_unit_offset: bool,
 }
 
 impl FamilyConfig {
@@ -338,7 +347,7 @@ impl FamilyConfig {
                     renormalize: norm_topk.unwrap_or(false),
                 },
             ),
-            Family::Qwen2Moe | Family::Qwen3Moe => {
+            Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen3Next => {
                 // transformers 5 writes Qwen3-MoE configs with `num_local_experts`.
                 let experts = match keys.opt_usize("num_experts")? {
                     Some(n) => n,
@@ -352,7 +361,7 @@ impl FamilyConfig {
                 dense_layers = (0..layers)
                     .filter(|i| only.contains(i) || experts == 0 || (i + 1) % step != 0)
                     .collect();
-                if family == Family::Qwen2Moe {
+                if family != Family::Qwen3Moe {
                     let width = keys.opt_usize("shared_expert_intermediate_size")?;
                     shared = width.filter(|&w| w > 0).map(|w| SharedExperts {
                         count: 1,
@@ -364,7 +373,8 @@ impl FamilyConfig {
                     experts,
                     keys.usize("moe_intermediate_size")?,
                     Router::Softmax {
-                        renormalize: norm_topk.unwrap_or(false),
+                        // Qwen3-Next renormalises unless told otherwise.
+                        renormalize: norm_topk.unwrap_or(family == Family::Qwen3Next),
                     },
                 )
             }
@@ -428,6 +438,7 @@ impl FamilyConfig {
             dense_layers,
             group_limit,
             router_f32,
+            norm_unit_offset: family == Family::Qwen3Next,
         })
     }
 

@@ -164,8 +164,15 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
             bar: &bar,
         };
         let weights = reader.weights()?;
+        let mut weight = reader.read(&Naming::norm(l), &[family.hidden], Some(dtype))?;
+        if family.norm_unit_offset {
+            // Qwen3-Next / Qwen3.5 scale by (1 + w): stored here as that factor, in the
+            // dtype (transformers multiplies in f32 and rounds once; in bf16 the results
+            // differ by at most a rounding step).
+            weight.iter_mut().for_each(|w| *w = dtype.round(1.0 + *w));
+        }
         let norm = RmsNorm {
-            weight: reader.read(&Naming::norm(l), &[family.hidden], Some(dtype))?,
+            weight,
             eps: family.eps,
         };
         let layer = ModelLayer {

@@ -58,9 +58,15 @@ pub(crate) fn route(
         let (sel, gate) = scores(cfg, w, xt, logit_bias);
         let chosen = top_k(&sel, k);
         let mut wts: Vec<f64> = match cfg.router {
-            Router::Softmax { renormalize } | Router::SigmoidBias { renormalize } => {
-                renormalized(chosen.iter().map(|&e| gate[e]).collect(), renormalize)
+            Router::Softmax { renormalize } => {
+                renormalized(chosen.iter().map(|&e| gate[e]).collect(), renormalize, 0.0)
             }
+            // DeepSeek-V3 divides by the sum + 1e-20.
+            Router::SigmoidBias { renormalize } => renormalized(
+                chosen.iter().map(|&e| gate[e]).collect(),
+                renormalize,
+                1e-20,
+            ),
             Router::SigmoidInput => chosen.iter().map(|&e| gate[e]).collect(),
             // Without routing the inputs were refused by `check_input`; route nothing.
             Router::Given => Vec::new(),
@@ -138,9 +144,12 @@ fn group_limited(cfg: &MoeConfig, mut sel: Vec<f64>) -> Vec<f64> {
         })
         .collect();
     let kept = top_k(&scores, g.keep);
+    // transformers 5 masks the sigmoid router's other groups with -inf (DeepSeek-V3,
+    // GLM-4.5) and the softmax router's with probability 0 (DeepSeek-V2).
+    let masked = if sigmoid { f64::NEG_INFINITY } else { 0.0 };
     for (i, v) in sel.iter_mut().enumerate() {
         if !kept.contains(&(i / size)) {
-            *v = 0.0;
+            *v = masked;
         }
     }
     sel
@@ -234,9 +243,9 @@ pub(crate) fn gate_checked(
 }
 
 /// The k chosen weights divided by their sum when `renormalize` (both routers), else as is.
-fn renormalized(mut wts: Vec<f64>, renormalize: bool) -> Vec<f64> {
+fn renormalized(mut wts: Vec<f64>, renormalize: bool, eps: f64) -> Vec<f64> {
     if renormalize {
-        let s: f64 = wts.iter().sum();
+        let s: f64 = wts.iter().sum::<f64>() + eps;
         wts.iter_mut().for_each(|v| *v /= s);
     }
     wts

@@ -701,12 +701,12 @@ fn group_limited_sigmoid_scores_a_group_by_its_two_best_biased_scores() {
         (f64::from(g.weights[0]) - s / (2.0 * s)).abs() < 1e-6,
         "{g:?}"
     );
-    // Negative biases elsewhere move the choice to group 1 (0.95 - 0.55); the masked experts score 0,
-    // so with keep 1 the second choice is the masked expert 0 (0.0) over expert 3's
-    // sigma(-3) - 0.6 < 0, as transformers' masked_fill(0.0) does.
+    // Negative biases elsewhere move the choice to group 1 (0.95 - 0.55): the masked
+    // experts rank last (transformers 5: -inf), so the second choice is expert 3 although
+    // its biased score sigma(-3) - 0.6 is below 0.
     w.router_bias = vec![-1.0, -1.0, 0.0, -0.6, -1.0, -1.0, -1.0, -1.0];
     let g = route_one(&c, &w);
-    assert_eq!(g.ids, vec![2, 0], "{g:?}");
+    assert_eq!(g.ids, vec![2, 3], "{g:?}");
 }
 
 #[test]
@@ -749,4 +749,23 @@ fn sigmoid_input_router_scales_the_expert_input_and_sums_with_weight_one() {
         diff > 1e-6,
         "input and output scaling agree: the test proves nothing"
     );
+}
+
+#[test]
+fn sigmoid_renormalisation_divides_by_the_sum_plus_1e_20() {
+    // Logits so negative that the sigmoids underflow towards 1e-22: DeepSeek-V3's
+    // `/ (sum + 1e-20)` then leaves the weights far below 1.
+    let logits = [-50.0f32, -51.0, -60.0, -61.0];
+    let c = cfg(4, 2, Router::SigmoidBias { renormalize: true });
+    let mut w = weights_with_logits(&c, &logits);
+    w.router_bias = vec![0.0; 4];
+    let g = route_one(&c, &w);
+    assert_eq!(g.ids, vec![0, 1]);
+    let (a, b) = (sig(-50.0), sig(-51.0));
+    let want = a / (a + b + 1e-20);
+    assert!(
+        (f64::from(g.weights[0]) - want).abs() < 1e-6 * want,
+        "{g:?} vs {want}"
+    );
+    assert!(want < 0.5, "the epsilon must matter in this test: {want}");
 }

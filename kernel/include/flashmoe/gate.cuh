@@ -167,8 +167,9 @@ __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_
             if ((chosen >> q) & 1u) continue;
             float key = s[e] + ((sig && rbias) ? rbias[e] : 0.f);
             if (key != key) key = -INFINITY;  // a NaN score ranks last
-            // Experts of groups not kept score 0 (probability 0: -inf as a softmax logit).
-            if (!((kept >> (e / gsize)) & 1u)) key = sig ? 0.f : -INFINITY;
+            // Experts of groups not kept rank last (transformers 5: -inf for the sigmoid
+            // router, probability 0 for softmax, which is -inf as a logit).
+            if (!((kept >> (e / gsize)) & 1u)) key = -INFINITY;
             if (better(key, e, best, bi)) {
                 best = key;
                 bi = e;
@@ -192,7 +193,8 @@ __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_
     }
     const float tot = warp_sum(uint32_t(lane) < c.k ? my_v : 0.f);
     const bool renorm = L.renormalize != 0;
-    my_w = (renorm ? my_v / tot : my_v) * L.routed_scale;
+    // DeepSeek-V3 divides by the sum + 1e-20 (sigmoid scores can all underflow).
+    my_w = (renorm ? my_v / (sig ? tot + 1e-20f : tot) : my_v) * L.routed_scale;
 }
 
 // Routes the tokens of one chunk: route_ids / route_weights and the chunk's row of

@@ -168,7 +168,7 @@ typedef struct FmLayerParams {
     // Group-limited selection (DeepSeek n_group / topk_group): n_group groups of consecutive
     // experts (1..=FM_MAX_GROUPS, dividing experts; 0 or 1: no limit), the topk_group best
     // kept; softmax scores a group by its largest probability, sigmoid-bias by the sum of
-    // its two largest biased scores. Other experts' selection scores become 0.
+    // its two largest biased scores. Other experts rank last.
     uint32_t n_group;
     uint32_t topk_group;
     uint32_t router_f32;         // 1: router_weight is f32 [experts][hidden], not the dtype
