@@ -20,7 +20,8 @@ for each dtype (float32, bfloat16):
      over the MoE layers in order (dense layers skipped, as flashmoe skips them);
    `topk` holds the router's chosen expert ids per token (ascending), from the block's
    own router (`mlp.gate`).
-   Rows have widely varying scale: N(0, 1) rows times 10^U(-2, 2).
+   Rows have widely varying scale: N(0, 1) rows times 10^U(-2, 2) for the chain,
+   10^U(-1, 0.5) for a block alone (its input is a normed row).
 4. writes `fixture.json` (family, dtype, MoE layers, versions).
 
 The versions used are recorded in `<out>/versions.json`.
@@ -56,6 +57,12 @@ from transformers import (
 H = 64
 I = 64
 TOKENS = 48
+# Row scales (decades). A block's input is a normed row (RMS about the norm weight), so it
+# spans 10^-1..10^0.5; the chain's input is the residual stream, 10^-2..10^2. (Block rows of
+# scale 100 push sigmoid routers to logits near -100, where transformers' `+ 1e-20` in the
+# DeepSeek-V3 renormalisation dominates the selected weights: not a realistic regime.)
+BLOCK_SCALE = (-1.0, 0.5)
+CHAIN_SCALE = (-2.0, 2.0)
 
 # Attention is never run; keep it as small as the configs allow.
 COMMON = dict(
@@ -163,9 +170,10 @@ def randomise(model, gen):
             b.copy_(torch.empty_like(b).uniform_(-0.1, 0.1, generator=gen))
 
 
-def rows(gen, dtype):
+def rows(gen, dtype, lo, hi):
+    """N(0, 1) rows, each times 10^U(lo, hi)."""
     x = torch.randn(TOKENS, H, generator=gen)
-    scale = 10.0 ** (torch.rand(TOKENS, 1, generator=gen) * 4.0 - 2.0)
+    scale = 10.0 ** (torch.rand(TOKENS, 1, generator=gen) * (hi - lo) + lo)
     return (x * scale).to(dtype)
 
 
@@ -187,12 +195,12 @@ def expected(model, dtype, gen):
     moe = [i for i, layer in enumerate(layers) if moe_block(layer) is not None]
     out = {}
     for i in moe:
-        x = rows(gen, dtype)
+        x = rows(gen, dtype, *BLOCK_SCALE)
         block = moe_block(layers[i])
         out[f"block.{i}.input"] = x
         out[f"block.{i}.output"] = block_out(block, x)
         out[f"block.{i}.topk"] = block_topk(block, x)
-    x = rows(gen, dtype)
+    x = rows(gen, dtype, *CHAIN_SCALE)
     out["chain.input"] = x.clone()
     for i in moe:
         layer = layers[i]

@@ -263,7 +263,9 @@ impl LayerReader<'_> {
         let (h, e, i) = (f.hidden, f.experts, f.intermediate);
         let d = Some(self.dtype);
         let block = self.block()?;
-        let router = self.read(&format!("{block}.gate.weight"), &[e, h], d)?;
+        // A router kept in f32 (`router_f32`) is read as stored, not rounded to the dtype.
+        let router_dtype = if f.router_f32 { None } else { d };
+        let router = self.read(&format!("{block}.gate.weight"), &[e, h], router_dtype)?;
         let router_bias = if naming.router_bias {
             // Kept in f32 as transformers does (`_keep_in_fp32_modules_strict`).
             self.read(&format!("{block}.gate.e_score_correction_bias"), &[e], None)?
