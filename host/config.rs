@@ -110,8 +110,19 @@ pub enum Router {
         /// Divide the k selected scores by their sum.
         renormalize: bool,
     },
+    /// Llama-4: top-k on the logits; the chosen expert's input is scaled by
+    /// `sigmoid(logit)` (times `routed_scale`) and its output added with weight 1.
+    SigmoidInput,
     /// The caller gives the expert ids and weights of every token.
     Given,
+}
+
+impl Router {
+    /// True when the routing weight scales the expert's input rather than its output
+    /// ([`Router::SigmoidInput`]).
+    pub fn scales_input(self) -> bool {
+        matches!(self, Router::SigmoidInput)
+    }
 }
 
 /// How many rows each (source rank, expert) pair may send.
@@ -352,11 +363,14 @@ impl MoeConfig {
                 ),
             ));
         }
-        if self.router == Router::Given {
+        if !matches!(
+            self.router,
+            Router::Softmax { .. } | Router::SigmoidBias { .. }
+        ) {
             return Err(Error::config(
                 "group_limit",
                 "Some",
-                "None with Router::Given (the caller chooses the experts)",
+                "only with the softmax and sigmoid-bias routers",
             ));
         }
         Ok(())

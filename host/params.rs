@@ -247,6 +247,7 @@ pub fn router_code(r: Router) -> (u32, u32) {
         Router::Softmax { renormalize } => (0, renormalize as u32),
         Router::SigmoidBias { renormalize } => (1, renormalize as u32),
         Router::Given => (2, 0),
+        Router::SigmoidInput => (3, 0),
     }
 }
 

@@ -19,15 +19,16 @@ stages-w1 15
 stages-e2 15
 stages-e4 20
 stages-f32 15
+stages-ds 15
 test-gpu_abi 15
-test-gpu_layer 90
+test-gpu_layer 80
 test-gpu_model 40
 test-gpu_nvshmem 25
 test-gpu_roofline 15
 memcheck 30
 racecheck 30
 synccheck 20
-graph-replay 20
+graph-replay 15
 bench-tiny 10
 bench-flashmoe-paper 10
 bench-qwen3-30b-a3b 10
@@ -110,6 +111,10 @@ step stages-w1 stages.txt "$bench" stages --backend gpu --preset tiny
 step stages-e2 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:2
 step stages-e4 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:4
 step stages-f32 stages.txt "$bench" stages --backend gpu --preset tiny --dtype f32 --world emulated:2
+# DeepSeek-style routing: sigmoid + selection bias, group-limited top-k, f32 router, a
+# shared expert, scaled weights (the preset's router and MLP otherwise).
+step stages-ds stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:2 \
+    --experts 16 --top-k 4 --router sigmoid-bias --groups 4/2 --router-f32 --shared 1
 
 # ---- the existing GPU tests (a skip is a failure: FLASHMOE_EXPECT_GPU=1); graph replay
 #      runs as its own step below

@@ -14,11 +14,12 @@ use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::Duration;
 
-const ROUTERS: [Router; 5] = [
+const ROUTERS: [Router; 6] = [
     Router::Softmax { renormalize: true },
     Router::Softmax { renormalize: false },
     Router::SigmoidBias { renormalize: true },
     Router::SigmoidBias { renormalize: false },
+    Router::SigmoidInput,
     Router::Given,
 ];
 const MLPS: [MlpKind; 4] = [
@@ -183,6 +184,22 @@ fn random_case(rng: &mut StdRng, seed: u64) -> Case {
         Capacity::Factor(rng.random_range(0.1..2.0))
     };
     c.routed_scale = if rng.random_bool(0.5) { 1.0 } else { 2.5 };
+    // Group-limited selection where the router allows it: a divisor of the expert count
+    // as the group count, and enough groups kept for top-k.
+    if matches!(
+        c.router,
+        Router::Softmax { .. } | Router::SigmoidBias { .. }
+    ) && rng.random_bool(0.3)
+    {
+        let divisors: Vec<usize> = (2..=experts.min(32)).filter(|g| experts % g == 0).collect();
+        if !divisors.is_empty() {
+            let groups = divisors[rng.random_range(0..divisors.len())];
+            let size = experts / groups;
+            let keep = rng.random_range(top_k.div_ceil(size).max(1)..=groups);
+            c.group_limit = Some(flashmoe::config::GroupLimit { groups, keep });
+        }
+    }
+    c.router_f32 = rng.random_bool(0.3);
     c.shared = match rng.random_range(0..3) {
         0 => None,
         n => Some(SharedExperts {

@@ -32,10 +32,11 @@ const MLPS: [MlpKind; 4] = [
     MlpKind::Gelu,
     MlpKind::Relu,
 ];
-const ROUTERS: [Router; 4] = [
+const ROUTERS: [Router; 5] = [
     Router::Softmax { renormalize: true },
     Router::Softmax { renormalize: false },
     Router::SigmoidBias { renormalize: true },
+    Router::SigmoidInput,
     Router::Given,
 ];
 const EXPERTS: [usize; 3] = [8, 64, 128];

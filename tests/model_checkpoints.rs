@@ -98,6 +98,8 @@ struct Layout {
     fused: bool,
     /// Shared expert module (`shared_expert` / `shared_experts`).
     shared_module: Option<&'static str>,
+    /// Where the selection bias lives, relative to the block (sigmoid-bias routers).
+    bias_at: &'static str,
 }
 
 /// A family test case: the checkpoint and what the runtime must make of it.
@@ -223,7 +225,7 @@ fn generate(case: &Case, seed: u64) -> (Vec<T>, Vec<Written>) {
             let bias = rand_vec(&mut rng, e, 0.3, St::F32);
             push(
                 &mut tensors,
-                format!("{b}.gate.e_score_correction_bias"),
+                format!("{b}.{}", case.layout.bias_at),
                 vec![e],
                 bias.clone(),
                 St::F32,
@@ -493,6 +495,7 @@ fn mixtral_case(fused: bool) -> Case {
             proj: ["w1", "w3", "w2"],
             fused,
             shared_module: None,
+            bias_at: "gate.e_score_correction_bias",
         },
         layers: 2,
         dense: vec![],
@@ -527,6 +530,7 @@ fn qwen2_case() -> Case {
             proj: ["gate_proj", "up_proj", "down_proj"],
             fused: false,
             shared_module: Some("shared_expert"),
+            bias_at: "gate.e_score_correction_bias",
         },
         layers: 3,
         dense: vec![],
@@ -563,6 +567,7 @@ fn qwen3_moe_fused_renormalised_on_two_ranks() {
             proj: ["gate_proj", "up_proj", "down_proj"],
             fused: true,
             shared_module: None,
+            bias_at: "gate.e_score_correction_bias",
         },
         layers: 2,
         dense: vec![],
@@ -588,6 +593,7 @@ fn olmoe_f16_storage_bf16_layers() {
             proj: ["gate_proj", "up_proj", "down_proj"],
             fused: false,
             shared_module: None,
+            bias_at: "gate.e_score_correction_bias",
         },
         layers: 2,
         dense: vec![],
@@ -617,6 +623,7 @@ fn deepseek_v2_dense_layer_skipped_shared_experts_scaled() {
             proj: ["gate_proj", "up_proj", "down_proj"],
             fused: false,
             shared_module: Some("shared_experts"),
+            bias_at: "gate.e_score_correction_bias",
         },
         layers: 3,
         dense: vec![0],
@@ -654,6 +661,7 @@ fn deepseek_v3_case() -> Case {
             proj: ["gate_proj", "up_proj", "down_proj"],
             fused: false,
             shared_module: Some("shared_experts"),
+            bias_at: "gate.e_score_correction_bias",
         },
         layers: 3,
         dense: vec![0],
@@ -666,10 +674,38 @@ fn deepseek_v3_case() -> Case {
                 intermediate: 64,
                 gated: false,
             }),
+            // transformers keeps the DeepSeek-V3 router in f32.
+            router_f32: true,
             ..expect(8, 64, 2, Dtype::F32)
         },
         eps: 1e-6,
     }
+}
+
+#[test]
+fn minimax_m2_sigmoid_with_the_bias_on_the_block() {
+    let case = Case {
+        config: json!({"model_type": "minimax_m2", "hidden_size": H, "intermediate_size": 64,
+            "num_local_experts": 8, "num_experts_per_tok": 2, "num_hidden_layers": 2,
+            "rms_norm_eps": 1e-6, "hidden_act": "silu", "scoring_func": "sigmoid",
+            "torch_dtype": "float32"}),
+        layout: Layout {
+            block: "block_sparse_moe",
+            proj: ["w1", "w3", "w2"],
+            fused: false,
+            shared_module: None,
+            bias_at: "e_score_correction_bias",
+        },
+        layers: 2,
+        dense: vec![],
+        storage: St::BF16,
+        expect: MoeConfig {
+            router: Router::SigmoidBias { renormalize: true },
+            ..expect(8, 64, 2, Dtype::F32)
+        },
+        eps: 1e-6,
+    };
+    run_case(&case, 1, 2, 11);
 }
 
 #[test]

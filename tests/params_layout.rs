@@ -136,6 +136,10 @@ fn rust_constants() -> BTreeMap<&'static str, u64> {
             "FM_ROUTER_GIVEN",
             params::router_code(Router::Given).0 as u64,
         ),
+        (
+            "FM_ROUTER_SIGMOID_INPUT",
+            params::router_code(Router::SigmoidInput).0 as u64,
+        ),
         ("FM_STATUS_OK", params::status::OK),
         ("FM_STATUS_TIMEOUT", params::status::TIMEOUT),
         ("FM_STATUS_BAD_PARAMS", params::status::BAD_PARAMS),

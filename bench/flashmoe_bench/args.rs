@@ -1,7 +1,9 @@
 //! Command line of `flashmoe-bench`.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use flashmoe::config::{Capacity, Dtype, MlpKind, MoeConfig, Placement, Router, SharedExperts};
+use flashmoe::config::{
+    Capacity, Dtype, GroupLimit, MlpKind, MoeConfig, Placement, Router, SharedExperts,
+};
 use flashmoe::{presets, Error, Result};
 
 /// Most timed or warm-up iterations.
@@ -76,6 +78,15 @@ fn parse_world(s: &str) -> std::result::Result<WorldArg, String> {
     Ok(WorldArg::Ranks(n))
 }
 
+fn parse_groups(s: &str) -> std::result::Result<GroupLimit, String> {
+    let bad = || format!("`{s}`: expected GROUPS/KEEP, e.g. 8/4");
+    let (g, k) = s.split_once('/').ok_or_else(bad)?;
+    Ok(GroupLimit {
+        groups: g.parse().map_err(|_| bad())?,
+        keep: k.parse().map_err(|_| bad())?,
+    })
+}
+
 fn parse_capacity(s: &str) -> std::result::Result<Capacity, String> {
     if s == "dropless" {
         return Ok(Capacity::Dropless);
@@ -94,6 +105,8 @@ pub enum RouterArg {
     Softmax,
     /// Sigmoid scores + selection bias, renormalised (DeepSeek-V3).
     SigmoidBias,
+    /// Top-k logits, sigmoid weight scaling the expert's input (Llama-4).
+    SigmoidInput,
     /// Routing given by the caller (random, uniform).
     Given,
 }
@@ -182,6 +195,12 @@ pub struct ShapeArgs {
     /// available; the run is refused before allocating when its estimate exceeds it.
     #[arg(long, value_parser = flashmoe::memory::parse_size)]
     pub max_host_memory: Option<u64>,
+    /// Group-limited expert selection GROUPS/KEEP (DeepSeek `n_group`/`topk_group`).
+    #[arg(long, value_parser = parse_groups)]
+    pub groups: Option<GroupLimit>,
+    /// Keep the router weight in f32 whatever the dtype (the DeepSeek-V3 family).
+    #[arg(long)]
+    pub router_f32: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -306,6 +325,7 @@ impl ShapeArgs {
                 RouterArg::SoftmaxNorm => Router::Softmax { renormalize: true },
                 RouterArg::Softmax => Router::Softmax { renormalize: false },
                 RouterArg::SigmoidBias => Router::SigmoidBias { renormalize: true },
+                RouterArg::SigmoidInput => Router::SigmoidInput,
                 RouterArg::Given => Router::Given,
             };
         }
@@ -325,6 +345,10 @@ impl ShapeArgs {
         }
         c.world = self.world.ranks();
         c.placement = Placement::Blocked;
+        if self.groups.is_some() {
+            c.group_limit = self.groups;
+        }
+        c.router_f32 |= self.router_f32;
         self.check_counts()?;
         c.validate()?;
         Ok((name.to_string(), c))

@@ -246,6 +246,7 @@ pub fn describe(cfg: &MoeConfig, plan: &LayerPlan) -> String {
         Router::Softmax { renormalize: true } => "softmax-norm",
         Router::Softmax { renormalize: false } => "softmax",
         Router::SigmoidBias { .. } => "sigmoid-bias",
+        Router::SigmoidInput => "sigmoid-input",
         Router::Given => "given",
     };
     let cap = match cfg.capacity {

@@ -139,6 +139,8 @@ pub fn run(
         }
         let t = i / k;
         let owner = plan.owners[e as usize];
+        // Llama-4 scales the expert's input by the routing weight (stored in the dtype).
+        let (row, _) = crate::reference::expert_input(cfg, &x[t * h..(t + 1) * h], g.weights[i]);
         sh.put_row(
             me,
             owner.rank as usize,
@@ -146,7 +148,7 @@ pub fn run(
             STAGE_DISPATCH,
             owner.local as usize,
             slot as usize,
-            &x[t * h..(t + 1) * h],
+            &row,
         )?;
         kept[e as usize] += 1;
     }

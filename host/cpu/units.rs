@@ -315,7 +315,12 @@ impl<'a> Ctx<'a> {
                     g.slots[i] as usize,
                 );
                 heap.read(off, &mut sc.y)?;
-                let wt = g.weights[i];
+                // An input-scaled router (Llama-4) sums the outputs with weight 1.
+                let wt = if cfg.router.scales_input() {
+                    1.0
+                } else {
+                    g.weights[i]
+                };
                 row.iter_mut()
                     .zip(&sc.y)
                     .for_each(|(acc, v)| *acc += wt * v);

@@ -10,7 +10,8 @@
 //! | Qwen3-MoE | softmax | `norm_topk_prob` (default false) | 1 | none |
 //! | OLMoE | softmax | `norm_topk_prob` (default false) | 1 | none |
 //! | DeepSeek-V2 / V2-Lite | softmax | never (transformers ignores `norm_topk_prob`) | `routed_scaling_factor` | `n_shared_experts`, ungated |
-//! | DeepSeek-V3 | sigmoid + `e_score_correction_bias` for selection | `norm_topk_prob` (default true) | `routed_scaling_factor` | `n_shared_experts`, ungated |
+//! | DeepSeek-V3 (also `kimi_k2`, `glm4_moe`) | sigmoid + `e_score_correction_bias` for selection, group-limited, f32 router | `norm_topk_prob` (default true) | `routed_scaling_factor` | `n_shared_experts`, ungated |
+//! | MiniMax-M2 | sigmoid + the block's `e_score_correction_bias` for selection | always | 1 | none |
 //!
 //! Decisions where the runtime does less than the model:
 //! - **Dense layers are skipped.** DeepSeek's first `first_k_dense_replace` layers and
@@ -64,18 +65,22 @@ pub enum Family {
     DeepseekV2,
     /// `deepseek_v3`.
     DeepseekV3,
+    /// `minimax_m2`: Mixtral's tensor names, sigmoid scores with a selection bias on the
+    /// block, weights always renormalised, never scaled.
+    MinimaxM2,
     /// `phimoe` (recognised, refused: sparsemixer routing and LayerNorm).
     PhiMoe,
 }
 
 /// Every family, in documentation order.
-pub const FAMILIES: [Family; 7] = [
+pub const FAMILIES: [Family; 8] = [
     Family::Mixtral,
     Family::Qwen2Moe,
     Family::Qwen3Moe,
     Family::Olmoe,
     Family::DeepseekV2,
     Family::DeepseekV3,
+    Family::MinimaxM2,
     Family::PhiMoe,
 ];
 
@@ -99,6 +104,7 @@ impl Family {
             Family::Olmoe => "olmoe",
             Family::DeepseekV2 => "deepseek_v2",
             Family::DeepseekV3 => "deepseek_v3",
+            Family::MinimaxM2 => "minimax_m2",
             Family::PhiMoe => "phimoe",
         }
     }
@@ -110,7 +116,7 @@ impl Family {
             proj: ["gate_proj", "up_proj", "down_proj"],
             shared_module: None,
             shared_gate: false,
-            router_bias: false,
+            router_bias: None,
         };
         match self {
             // transformers 5 renames `.block_sparse_moe.` to `.mlp.` when it fuses.
@@ -125,13 +131,20 @@ impl Family {
                 ..qwen_like
             },
             Family::Qwen3Moe | Family::Olmoe => qwen_like,
+            // transformers 5 renames `.block_sparse_moe.` to `.mlp.` (the bias with it).
+            Family::MinimaxM2 => Naming {
+                moe_prefixes: &["block_sparse_moe", "mlp"],
+                proj: ["w1", "w3", "w2"],
+                router_bias: Some("e_score_correction_bias"),
+                ..qwen_like
+            },
             Family::DeepseekV2 => Naming {
                 shared_module: Some("shared_experts"),
                 ..qwen_like
             },
             Family::DeepseekV3 => Naming {
                 shared_module: Some("shared_experts"),
-                router_bias: true,
+                router_bias: Some("gate.e_score_correction_bias"),
                 ..qwen_like
             },
         }
@@ -155,8 +168,9 @@ pub struct Naming {
     pub shared_module: Option<&'static str>,
     /// Whether the shared output is gated (`shared_expert_gate.weight` [1, H]).
     pub shared_gate: bool,
-    /// Whether the router has `gate.e_score_correction_bias` `[E]`.
-    pub router_bias: bool,
+    /// The router's selection bias `[E]` (`e_score_correction_bias`), relative to the MoE
+    /// block, if the family has one: on the gate (DeepSeek-V3) or on the block (MiniMax-M2).
+    pub router_bias: Option<&'static str>,
 }
 
 impl Naming {
@@ -263,6 +277,22 @@ impl FamilyConfig {
                 keys.usize("intermediate_size")?,
                 Router::Softmax { renormalize: true },
             ),
+            Family::MinimaxM2 => {
+                if let Some(s) = keys.opt_string("scoring_func")? {
+                    if s != "sigmoid" {
+                        return Err(keys.unsupported(
+                            "scoring_func",
+                            &s,
+                            "MiniMax-M2 routing is sigmoid (transformers hard-codes it)",
+                        ));
+                    }
+                }
+                (
+                    keys.usize("num_local_experts")?,
+                    keys.usize("intermediate_size")?,
+                    Router::SigmoidBias { renormalize: true },
+                )
+            }
             Family::Olmoe => (
                 keys.usize("num_experts")?,
                 keys.usize("intermediate_size")?,

@@ -211,7 +211,7 @@ fn host_bytes_per_layer(f: &FamilyConfig) -> u64 {
 /// Tensors read per layer (for the progress bar; the fused layout reads fewer).
 fn tensors_per_layer(f: &FamilyConfig) -> usize {
     let naming = f.family.naming();
-    2 + usize::from(naming.router_bias)
+    2 + usize::from(naming.router_bias.is_some())
         + 3 * f.experts
         + if f.shared.is_some() { 3 } else { 0 }
         + usize::from(naming.shared_gate && f.shared.is_some())
@@ -263,14 +263,13 @@ impl LayerReader<'_> {
         let (h, e, i) = (f.hidden, f.experts, f.intermediate);
         let d = Some(self.dtype);
         let block = self.block()?;
-        // A router kept in f32 (`router_f32`) is read as stored, not rounded to the dtype.
+        // DeepSeek-V2 and the V3 family keep the router in f32 (`router_f32`): not rounded.
         let router_dtype = if f.router_f32 { None } else { d };
         let router = self.read(&format!("{block}.gate.weight"), &[e, h], router_dtype)?;
-        let router_bias = if naming.router_bias {
+        let router_bias = match naming.router_bias {
             // Kept in f32 as transformers does (`_keep_in_fp32_modules_strict`).
-            self.read(&format!("{block}.gate.e_score_correction_bias"), &[e], None)?
-        } else {
-            Vec::new()
+            Some(at) => self.read(&format!("{block}.{at}"), &[e], None)?,
+            None => Vec::new(),
         };
         let fused = format!("{block}.experts.gate_up_proj");
         let experts = if self.ckpt.contains(&fused) {

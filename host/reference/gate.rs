@@ -61,6 +61,7 @@ pub(crate) fn route(
             Router::Softmax { renormalize } | Router::SigmoidBias { renormalize } => {
                 renormalized(chosen.iter().map(|&e| gate[e]).collect(), renormalize)
             }
+            Router::SigmoidInput => chosen.iter().map(|&e| gate[e]).collect(),
             // Without routing the inputs were refused by `check_input`; route nothing.
             Router::Given => Vec::new(),
         };
@@ -105,6 +106,12 @@ fn scores(
                 .map(|(e, &s)| s + w.router_bias.get(e).map_or(0.0, |&b| f64::from(b)))
                 .collect();
             (sel, sig)
+        }
+        // Llama-4: the top-k of the logits themselves, weighted by their sigmoid.
+        Router::SigmoidInput => {
+            let logits: Vec<f64> = logits.collect();
+            let sig = logits.iter().map(|&l| sigmoid(l)).collect();
+            (logits, sig)
         }
         Router::Given => return (Vec::new(), Vec::new()),
     };

@@ -209,6 +209,21 @@ fn dot64(a: &[f32], b: &[f32]) -> f64 {
 
 /// Output row of token `t` in f64, before rounding: its kept experts in choice order, then
 /// the shared experts (the fixed combine order).
+/// The row an expert is fed for a choice of weight `weight` and the weight its output is
+/// summed with: `(x, weight)`, or for a router that scales the input
+/// ([`Router::scales_input`], Llama-4) `(round(x * weight), 1)`: the product is stored in
+/// the dtype, as the device's dispatch stores it.
+pub fn expert_input(cfg: &MoeConfig, xt: &[f32], weight: f32) -> (Vec<f32>, f64) {
+    if cfg.router.scales_input() {
+        (
+            xt.iter().map(|&v| cfg.dtype.round(v * weight)).collect(),
+            1.0,
+        )
+    } else {
+        (xt.to_vec(), f64::from(weight))
+    }
+}
+
 pub(crate) fn token_row(
     cfg: &MoeConfig,
     w: &LayerWeights,
@@ -225,8 +240,8 @@ pub(crate) fn token_row(
         if g.slots[i] < 0 {
             continue;
         }
-        let y = expert_mlp(cfg, &w.experts[g.ids[i] as usize], cfg.intermediate, xt);
-        let wj = f64::from(g.weights[i]);
+        let (xin, wj) = expert_input(cfg, xt, g.weights[i]);
+        let y = expert_mlp(cfg, &w.experts[g.ids[i] as usize], cfg.intermediate, &xin);
         for (a, yv) in acc.iter_mut().zip(&y) {
             *a += wj * yv;
         }

@@ -708,3 +708,45 @@ fn group_limited_sigmoid_scores_a_group_by_its_two_best_biased_scores() {
     let g = route_one(&c, &w);
     assert_eq!(g.ids, vec![2, 0], "{g:?}");
 }
+
+#[test]
+fn sigmoid_input_router_scales_the_expert_input_and_sums_with_weight_one() {
+    // Llama-4: top-1 of the logits, weight sigmoid(logit) applied to the input.
+    let logits = [1.0f32, 3.0, 2.0, -1.0];
+    let c = cfg(4, 1, Router::SigmoidInput);
+    let w = weights_with_logits(&c, &logits);
+    let g = route_one(&c, &w);
+    assert_eq!(g.ids, vec![1]);
+    assert!((f64::from(g.weights[0]) - sig(3.0)).abs() < 1e-6, "{g:?}");
+    let x = unit_token();
+    let out = forward(
+        &plan(&c),
+        &w,
+        &[RankInput {
+            x: &x,
+            tokens: 1,
+            routing: None,
+        }],
+        &RouteOverrides::default(),
+    )
+    .expect("forward");
+    let scaled: Vec<f32> = x.iter().map(|&v| v * g.weights[0]).collect();
+    let want = expert_mlp(&c, &w.experts[1], c.intermediate, &scaled);
+    for (a, b) in out.out[0].iter().zip(&want) {
+        assert!(
+            (f64::from(*a) - b).abs() <= 1e-6 * b.abs().max(1.0),
+            "{a} vs {b}"
+        );
+    }
+    // Not the output scaled: SwiGLU is not linear, so the two differ.
+    let unscaled = expert_mlp(&c, &w.experts[1], c.intermediate, &x);
+    let diff = want
+        .iter()
+        .zip(&unscaled)
+        .map(|(a, b)| (a - f64::from(g.weights[0]) * b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        diff > 1e-6,
+        "input and output scaling agree: the test proves nothing"
+    );
+}

@@ -58,6 +58,12 @@ impl Cx<'_> {
         self.x[r].get(t * h..(t + 1) * h).unwrap_or(&[])
     }
 
+    /// The row the expert of pair `p` of source `s` is fed (scaled by the weight for a
+    /// router that scales the input, Llama-4).
+    fn expert_row(&self, s: usize, p: &Pair) -> Vec<f32> {
+        reference::expert_input(&self.case.plan.config, self.token(s, p.token), p.weight).0
+    }
+
     /// Kept pairs of source `s` under its own (captured) routing.
     fn pairs(&self, s: usize) -> Vec<Pair> {
         kept_pairs(&self.rank(s).gate, self.k, self.case.plan.config.experts)
@@ -208,7 +214,7 @@ impl Cx<'_> {
                 .heap
                 .row(s, STAGE_DISPATCH, CELL_RECV, o.local as usize, p.slot);
             let got = values(plan.config.dtype, &self.rank(q).heap, off, h);
-            let want = self.token(s, p.token);
+            let want = self.expert_row(s, p);
             for (c, &w) in want.iter().enumerate() {
                 let g = got.as_ref().map_or(f32::NAN, |v| v[c]);
                 rep.exact(g.to_bits() == w.to_bits(), || Mismatch {
@@ -274,7 +280,7 @@ impl Cx<'_> {
                     continue;
                 };
                 let want =
-                    reference::expert_activation(cfg, w, cfg.intermediate, self.token(s, p.token));
+                    reference::expert_activation(cfg, w, cfg.intermediate, &self.expert_row(s, &p));
                 let off = s as u64 * ws.act_stride_source
                     + u64::from(o.local) * ws.act_stride_expert
                     + p.slot as u64 * ws.act_stride_row;
@@ -305,7 +311,7 @@ impl Cx<'_> {
                 let Some(w) = self.case.weights.experts.get(p.expert) else {
                     continue;
                 };
-                let want = reference::expert_mlp(cfg, w, cfg.intermediate, self.token(s, p.token));
+                let want = reference::expert_mlp(cfg, w, cfg.intermediate, &self.expert_row(s, p));
                 let off = plan.heap.row(
                     o.rank as usize,
                     STAGE_COMBINE,

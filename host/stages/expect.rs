@@ -49,7 +49,7 @@ pub fn signal(epoch: u64, rows: usize) -> u64 {
 }
 
 /// One kept (token, choice) pair of a source rank.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pair {
     /// Token of the source.
     pub token: usize,
@@ -59,6 +59,8 @@ pub struct Pair {
     pub expert: usize,
     /// Slot in the expert's cells.
     pub slot: usize,
+    /// Routing weight of the choice.
+    pub weight: f32,
 }
 
 /// The kept pairs of one source's routing (`slots` decide what is kept), in token then
@@ -75,6 +77,7 @@ pub fn kept_pairs(g: &GateOutput, k: usize, experts: usize) -> Vec<Pair> {
                 choice: i % k.max(1),
                 expert,
                 slot: slot as usize,
+                weight: g.weights.get(i).copied().unwrap_or(f32::NAN),
             })
         })
         .collect()

@@ -77,7 +77,8 @@ __device__ FM_PHASE void combine_tokens(const Ctx& c) {
         if (uint32_t(lane) < k) {
             const uint64_t p = uint64_t(t) * k + lane;
             const int32_t slot = c.route_slots()[p];
-            w = c.route_weights()[p];
+            // An input-scaled router (Llama-4) sums the outputs with weight 1.
+            w = L.router == FM_ROUTER_SIGMOID_INPUT ? 1.f : c.route_weights()[p];
             if (slot >= 0) {
                 const uint32_t o = __ldg(owners + c.route_ids()[p]);
                 off = heap_row(L, o >> 16, kStageCombine, kCellRecv, o & 0xFFFFu, uint32_t(slot));

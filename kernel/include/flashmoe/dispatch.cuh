@@ -58,7 +58,12 @@ __device__ FM_PHASE void dispatch_chunk(const Ctx& c, uint32_t chunk) {
         if (slot < 0) continue;
         const uint32_t o = __ldg(owners + ids_s[p]);
         char* dst = row_target(c, o >> 16, kStageDispatch, o & 0xFFFFu, uint32_t(slot));
-        warp_copy(dst, x + uint64_t(t0 + p / k) * row_bytes, row_bytes, lane);
+        const char* src = x + uint64_t(t0 + p / k) * row_bytes;
+        if (L.router == FM_ROUTER_SIGMOID_INPUT) {
+            warp_copy_scaled<D>(dst, src, row_bytes, c.route_weights()[uint64_t(t0) * k + p], lane);
+        } else {
+            warp_copy(dst, src, row_bytes, lane);
+        }
     }
     __syncthreads();
 }

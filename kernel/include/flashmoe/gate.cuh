@@ -141,11 +141,13 @@ __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_
     const int lane = threadIdx.x % 32;
     const uint32_t E = L.experts;
     const bool sig = L.router == FM_ROUTER_SIGMOID_BIAS;
+    // Llama-4: the keys are the logits themselves; the weight is their sigmoid.
+    const bool sig_in = L.router == FM_ROUTER_SIGMOID_INPUT;
     const float* rbias = reinterpret_cast<const float*>(L.router_bias);
     float m = -INFINITY, z = 0.f;
     if (sig) {
         for (uint32_t e = lane; e < E; e += 32) s[e] = 1.f / (1.f + expf(-s[e]));
-    } else {
+    } else if (!sig_in) {
         for (uint32_t e = lane; e < E; e += 32) m = fmaxf(m, s[e]);
         m = warp_max(m);
         for (uint32_t e = lane; e < E; e += 32) z += expf(s[e] - m);
@@ -185,7 +187,7 @@ __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_
         if (uint32_t(lane) == bi % 32) chosen |= 1u << (bi / 32);
         if (uint32_t(lane) == j) {
             my_id = int32_t(bi);
-            my_v = sig ? s[bi] : expf(s[bi] - m) / z;
+            my_v = sig ? s[bi] : (sig_in ? 1.f / (1.f + expf(-s[bi])) : expf(s[bi] - m) / z);
         }
     }
     const float tot = warp_sum(uint32_t(lane) < c.k ? my_v : 0.f);

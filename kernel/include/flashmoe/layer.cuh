@@ -64,12 +64,13 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
     if (R.tokens > L.tokens_max) return bad(11, L.tokens_max, R.tokens);
     if (uint64_t(L.world) * R.local_experts > kMaxSignalPairs)
         return bad(12, kMaxSignalPairs, uint64_t(L.world) * R.local_experts);
-    if (L.router > FM_ROUTER_GIVEN || L.mlp > FM_MLP_RELU) return bad(13, FM_ROUTER_GIVEN, L.router);
+    if (L.router > FM_ROUTER_SIGMOID_INPUT || L.mlp > FM_MLP_RELU)
+        return bad(13, FM_ROUTER_SIGMOID_INPUT, L.router);
     if (L.stop_after > FM_STOP_COMBINE) return bad(15, FM_STOP_COMBINE, L.stop_after);
     if (L.n_group > 1 &&
         (L.n_group > FM_MAX_GROUPS || L.experts % L.n_group || L.topk_group == 0 ||
          L.topk_group > L.n_group || c.k > L.topk_group * (L.experts / L.n_group) ||
-         L.router == FM_ROUTER_GIVEN))
+         (L.router != FM_ROUTER_SOFTMAX && L.router != FM_ROUTER_SIGMOID_BIAS)))
         return bad(16, FM_MAX_GROUPS, (uint64_t(L.n_group) << 32) | L.topk_group);
     // Pointers the configuration needs (observed: which one is missing).
     if (L.expert_owner == 0) return bad(14, 1, 0);

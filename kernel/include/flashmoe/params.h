@@ -58,6 +58,9 @@
 #define FM_ROUTER_SOFTMAX 0u
 #define FM_ROUTER_SIGMOID_BIAS 1u
 #define FM_ROUTER_GIVEN 2u
+// Llama-4: top-k on the logits; sigmoid(logit) scales the expert's INPUT (at dispatch) and
+// the output is summed with weight 1.
+#define FM_ROUTER_SIGMOID_INPUT 3u
 
 // Status codes written by the kernel into the workspace status words.
 #define FM_STATUS_OK 0u

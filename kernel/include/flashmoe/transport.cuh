@@ -130,6 +130,20 @@ __device__ __forceinline__ void transport_quiet() {
 }
 
 // One warp copies `bytes` (a multiple of 16) from src to dst with 16-byte vectors.
+// A row of `bytes` (a multiple of 16) times `scale`, rounded to the dtype, warp-wide
+// (Llama-4's input-scaled routing: the expert is fed x * weight).
+template <class D>
+__device__ __forceinline__ void warp_copy_scaled(char* dst, const char* src, uint64_t bytes,
+                                                 float scale, int lane) {
+    for (uint64_t i = lane; i < bytes / 16; i += 32) {
+        float v[kVec<D>];
+        load_vec<D>(src + i * 16, v);
+#pragma unroll
+        for (int j = 0; j < kVec<D>; ++j) v[j] *= scale;
+        store_vec<D>(dst + i * 16, v);
+    }
+}
+
 __device__ __forceinline__ void warp_copy(char* dst, const char* src, uint64_t bytes, int lane) {
     const uint64_t nvec = bytes / 16;
     uint64_t i = lane;
