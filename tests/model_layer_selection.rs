@@ -137,3 +137,37 @@ fn ranges_past_the_model_or_without_moe_layers_are_refused() {
         Err(Error::InvalidConfig { .. })
     ));
 }
+
+/// `flashmoe-bench model --checkpoint DIR --layers 0..2` runs on the damaged checkpoint;
+/// `--layers 5..6` fails with the tensor's name.
+#[test]
+fn bench_model_reads_only_the_selected_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), Damage::Missing);
+    let path = dir.path().to_str().unwrap();
+    let run = |layers: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flashmoe-bench"))
+            .args(["model", "--checkpoint", path, "--layers", layers])
+            .args([
+                "--backend",
+                "cpu",
+                "--tokens",
+                "8",
+                "--iters",
+                "1",
+                "--warmup",
+                "0",
+            ])
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
+            .output()
+            .unwrap()
+    };
+    let ok = run("0..2");
+    let err = String::from_utf8_lossy(&ok.stderr);
+    assert!(ok.status.success(), "{err}");
+    let bad = run("5..6");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{err}");
+    assert!(err.contains(BROKEN), "{err}");
+}
