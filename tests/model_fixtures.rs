@@ -365,7 +365,7 @@ fn run_fixture(
     }
     let mut m = MoeModel::new(loaded.layers.clone(), backend).map_err(|e| e.to_string())?;
     let (out, trace) = m
-        .forward_traced(&[chain_in.data.clone()])
+        .forward_traced(std::slice::from_ref(&chain_in.data))
         .map_err(|e| e.to_string())?;
     let mut excluded = vec![false; tokens];
     let mut state = chain_in.data.clone();
