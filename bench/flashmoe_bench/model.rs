@@ -80,7 +80,7 @@ fn check_model_memory(
 pub enum LayerSel {
     /// The first L layers (synthetic: L layers).
     Count(usize),
-    /// Decoder layers a..b of a checkpoint.
+    /// Decoder layers a..b of a checkpoint (its MoE layers; dense ones are skipped).
     Range(usize, usize),
 }
 
@@ -96,15 +96,16 @@ fn build_layers(args: &ModelArgs, gpu: bool) -> Result<(String, Vec<ModelLayer>,
             if let Some(c) = shape.capacity {
                 opts.capacity = c;
             }
-            opts.layers = match sel {
-                LayerSel::Range(a, b) => Some((a..b).collect()),
-                LayerSel::Count(_) => None,
-            };
-            let loaded = model::load(dir, &opts)?;
-            let mut layers = loaded.layers;
-            if let LayerSel::Count(n) = sel {
-                layers.truncate(n);
-            }
+            // Only the selected layers are read: the first n MoE layers, or the MoE layers
+            // of a..b (dense ones skipped).
+            let ckpt = model::Checkpoint::open(dir)?;
+            let family = model::load::family(&ckpt)?;
+            opts.layers = Some(match sel {
+                LayerSel::Range(a, b) => model::load::select_layers(&family, a..b)?,
+                LayerSel::Count(n) => family.moe_layers().into_iter().take(n).collect(),
+            });
+            let loaded = model::load::load_from(&ckpt, &opts)?;
+            let layers = loaded.layers;
             let first = layers
                 .first()
                 .ok_or_else(|| Error::config("layers", &args.layers, "selects no MoE layer"))?;

@@ -24,13 +24,15 @@
 //!   [`GroupLimit`](crate::config::GroupLimit): DeepSeek-V2's `group_limited_greedy` scores a
 //!   group by its largest probability, V3's `noaux_tc` by the sum of its two largest biased
 //!   scores; the other groups' experts rank last, as in transformers 5.
-//! - The DeepSeek-V3 family (also `kimi_k2`, `glm4_moe`) keeps its router weight in f32
-//!   (`MoeConfig::router_f32`), as transformers does in every dtype.
+//! - DeepSeek-V2 and the DeepSeek-V3 family (also `kimi_k2`, `glm4_moe`) keep their router
+//!   weight in f32 (`MoeConfig::router_f32`), as transformers does in every dtype: it is
+//!   read from the checkpoint without rounding.
 //! - **PhiMoE** routes with sparsemixer and normalises with LayerNorm (weight and bias);
 //!   neither exists in the runtime, so PhiMoE checkpoints are refused with
 //!   [`Error::UnsupportedModel`](crate::Error::UnsupportedModel).
-//! - DeepSeek-V3 renormalises with `+ 1e-20` in transformers; the runtime divides by the
-//!   plain sum (the sum of k sigmoids is far above 1e-20, so the results agree in f32).
+//! - DeepSeek-V3 renormalises with `+ 1e-20`, as transformers does (MiniMax-M2, which
+//!   transformers divides by the plain sum, gets the same epsilon: a difference only when
+//!   every chosen sigmoid underflows).
 //! - Qwen2-MoE computes the shared-expert gate's sigmoid in the model dtype; the runtime
 //!   computes it in f32/f64.
 //! - DeepSeek-V3's FP8 release is read: every FP8 weight is dequantised with its
@@ -242,7 +244,7 @@ pub struct FamilyConfig {
     pub dense_layers: Vec<usize>,
     /// Group-limited selection (DeepSeek `n_group` / `topk_group`), if it limits anything.
     pub group_limit: Option<crate::config::GroupLimit>,
-    /// The router weight is kept in f32 (DeepSeek-V3 family).
+    /// The router weight is kept in f32 (DeepSeek-V2 and the DeepSeek-V3 family).
     pub router_f32: bool,
     /// The RMSNorm scales by `1 + w` (Qwen3-Next, Qwen3.5).
     pub norm_unit_offset: bool,
@@ -400,8 +402,9 @@ impl FamilyConfig {
                     gated: false,
                 });
                 group_limit = keys.group_limit(family)?;
-                // transformers keeps the DeepSeek-V3 router weight in f32 in every dtype.
-                router_f32 = family == Family::DeepseekV3;
+                // transformers keeps the DeepSeek router weight (V2 and V3) in f32 in every
+                // dtype (`_keep_in_fp32_modules_strict`) and computes the logits in f32.
+                router_f32 = true;
                 let router = if family == Family::DeepseekV2 {
                     Router::Softmax { renormalize: false }
                 } else {

@@ -82,10 +82,42 @@ pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<LoadedModel>
     load_from(&ckpt, options)
 }
 
-/// Loads from an already opened checkpoint.
-pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel> {
+/// The family config of an opened checkpoint (its `config.json`).
+pub fn family(ckpt: &Checkpoint) -> Result<FamilyConfig> {
     let config_path = ckpt.dir().join(super::checkpoint::CONFIG_FILE);
-    let family = FamilyConfig::parse(&config_path, ckpt.config())?;
+    FamilyConfig::parse(&config_path, ckpt.config())
+}
+
+/// The MoE layers among decoder layers `range` (dense layers in it are skipped), for
+/// [`LoadOptions::layers`]. Errors when the range ends past `num_hidden_layers` or holds no
+/// MoE layer.
+pub fn select_layers(family: &FamilyConfig, range: std::ops::Range<usize>) -> Result<Vec<usize>> {
+    if range.end > family.layers {
+        return Err(Error::config(
+            "layers",
+            format!("{}..{}", range.start, range.end),
+            format!("num_hidden_layers = {}", family.layers),
+        ));
+    }
+    let list: Vec<usize> = range.clone().filter(|&l| family.is_moe(l)).collect();
+    if list.is_empty() {
+        return Err(Error::config(
+            "layers",
+            format!("{}..{}", range.start, range.end),
+            format!(
+                "selects no MoE layer of this {} checkpoint; MoE layers: {:?}",
+                family.family,
+                family.moe_layers()
+            ),
+        ));
+    }
+    Ok(list)
+}
+
+/// Loads from an already opened checkpoint: only the tensors of the selected layers are
+/// read (the shards are memory-mapped; other layers' bytes are never touched).
+pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel> {
+    let family = family(ckpt)?;
     let selected = match &options.layers {
         None => family.moe_layers(),
         Some(list) => {
@@ -271,7 +303,7 @@ impl LayerReader<'_> {
         let (h, e, i) = (f.hidden, f.experts, f.intermediate);
         let d = Some(self.dtype);
         let block = self.block()?;
-        // The DeepSeek-V3 family keeps the router in f32 (`router_f32`): not rounded.
+        // DeepSeek-V2 and the V3 family keep the router in f32 (`router_f32`): not rounded.
         let router_dtype = if f.router_f32 { None } else { d };
         let router = self.read(
             &format!("{block}.{}.weight", naming.router),

@@ -147,8 +147,8 @@ fn group_limited_selection_is_read_as_a_group_limit() {
     let f = parse(with(v.clone(), "topk_group", json!(3))).unwrap();
     assert_eq!(f.group_limit, Some(GroupLimit { groups: 8, keep: 3 }));
     assert!(
-        !f.router_f32,
-        "DeepSeek-V2 rounds its router like every weight"
+        f.router_f32,
+        "transformers keeps DeepSeek-V2's gate.weight in f32 (_keep_in_fp32_modules_strict)"
     );
     // Every group kept: the selection is plain top-k.
     assert_eq!(

@@ -1,0 +1,527 @@
+//! flashmoe against transformers' own outputs, on the fixtures of `tests/fixtures/moe/`
+//! (written by `scripts/make_moe_fixtures.py`; versions in `versions.json`).
+//!
+//! Every fixture is a tiny random checkpoint saved by transformers (`save_pretrained`), in
+//! f32 or bf16, plus transformers' outputs in `expected.safetensors`: each MoE block alone
+//! on given rows (`block.{l}.*`) and the chain `x = x + moe(norm(x))` over the MoE layers
+//! (`chain.*`), with the router's chosen experts per token (`*.topk`). Each is loaded with
+//! `flashmoe::model::load` (what `flashmoe-bench model --checkpoint` runs) and run on the
+//! f64 reference and on the CPU executor.
+//!
+//! Acceptance, per token row: `max |got - want| <= tol * max |want|` (the row's largest
+//! magnitude; rows span four decades of scale), with `tol` 1e-5 for f32 and 1e-2 for bf16.
+//! A token whose expert set differs from transformers' is excluded (and counted) only when
+//! the difference is a near-tie: every expert transformers chose instead ranks within the
+//! rounding slack of transformers' router ([`ranking`]) of the reference's k-th expert. Any
+//! other difference fails, and so do more than [`MAX_EXCLUDED`] excluded tokens.
+
+use flashmoe::model::{self, Backend, LoadOptions, LoadedModel, ModelLayer, MoeModel};
+use flashmoe::reference::{self, RankInput, RouteOverrides};
+use flashmoe::{Capacity, Dtype, LayerPlan, Router};
+use safetensors::{Dtype as St, SafeTensors};
+use serde_json::Value;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/moe")
+}
+
+/// The fixtures, by directory name.
+const FIXTURES: [&str; 19] = [
+    "mixtral-f32",
+    "mixtral-bf16",
+    "qwen2_moe-f32",
+    "qwen2_moe-bf16",
+    "qwen3_moe-f32",
+    "qwen3_moe-bf16",
+    "qwen3_moe_fused-bf16",
+    "olmoe-f32",
+    "olmoe-bf16",
+    "deepseek_v2_lite-f32",
+    "deepseek_v2_lite-bf16",
+    "deepseek_v2_group-f32",
+    "deepseek_v2_group-bf16",
+    "deepseek_v3-f32",
+    "deepseek_v3-bf16",
+    "glm4_moe-f32",
+    "glm4_moe-bf16",
+    "kimi_k2-f32",
+    "kimi_k2-bf16",
+];
+
+/// Most tokens a comparison may exclude as near-ties (of 48 per fixture).
+const MAX_EXCLUDED: usize = 4;
+
+/// Accepted errors `(tensor, row)`: the largest error relative to the largest magnitude of
+/// the whole output ([`tensor_error`]) and of its own row ([`row_error`]).
+///
+/// f32: 1e-5 for both (observed: below 1.1e-6).
+///
+/// bf16: transformers rounds to bf16 after the gate and up projections, the SwiGLU product,
+/// the down projection, the weighting and the sum (and the shared expert and its gate),
+/// each a relative error up to 2^-8, while the reference is exact then rounded once: its
+/// own outputs are up to 1.01e-2 (tensor) and 2.3e-2 (row, where expert contributions
+/// cancel) from the reference. So: 4 roundings (1.6e-2) of the tensor's largest magnitude,
+/// 8 (3.1e-2) of the row's. A wrong expert, weight or norm is off by 1e-1 or more.
+fn tolerance(dtype: Dtype) -> (f64, f64) {
+    match dtype {
+        Dtype::F32 => (1e-5, 1e-5),
+        _ => (4.0 * BF16_U, 8.0 * BF16_U),
+    }
+}
+
+/// bf16's unit roundoff (8 significant bits).
+const BF16_U: f64 = 1.0 / 256.0;
+
+/// Relative slack of a score computed in f32 where the reference uses f64.
+const F32_SLACK: f64 = 5e-5;
+
+/// What a token's experts are ranked by, and how far each value may be off in
+/// transformers' computation (the near-tie slack).
+///
+/// Where transformers computes the router logits in bf16 (Mixtral, Qwen, OLMoE in a bf16
+/// model: `F.linear` in the model dtype), each logit is rounded, so it may be off by
+/// `|l| * 2^-8`; softmax ranks by logit, so two experts are a near-tie when their logits
+/// are closer than the sum of their slacks. Routers computed in f32 (f32 models, and the
+/// DeepSeek family whose router weight transformers keeps in f32) are ranked by the
+/// reference's selection scores (group-masked) with a relative slack of 5e-5 each.
+fn ranking(layer: &ModelLayer, xt: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let cfg = &layer.config;
+    let bf16_logits = cfg.dtype != Dtype::F32
+        && !cfg.router_f32
+        && cfg.group_limit.is_none()
+        && matches!(cfg.router, Router::Softmax { .. });
+    let scores: Vec<f64> = if bf16_logits {
+        layer
+            .weights
+            .router
+            .chunks_exact(cfg.hidden)
+            .map(|w| {
+                w.iter()
+                    .zip(xt)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum()
+            })
+            .collect()
+    } else {
+        reference::selection_scores(cfg, &layer.weights, xt, None)
+    };
+    let unit = if bf16_logits { BF16_U } else { F32_SLACK };
+    let slack = scores.iter().map(|s| s.abs() * unit).collect();
+    (scores, slack)
+}
+
+/// One tensor of `expected.safetensors`: shape and values (ids as f32, exactly).
+struct Tensor {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+fn read_expected(dir: &Path) -> HashMap<String, Tensor> {
+    let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = match view.dtype() {
+                St::I32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
+                    .collect(),
+                d => model::checkpoint::decode(view.data(), d).unwrap(),
+            };
+            let shape = view.shape().to_vec();
+            (name, Tensor { shape, data })
+        })
+        .collect()
+}
+
+/// How one token's expert set compares with transformers'.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Selection {
+    Same,
+    /// Differs only by experts whose ranking value is within the slack of the reference's
+    /// k-th: the largest gap over the allowed slack (at most 1).
+    NearTie(f64),
+    /// Differs by an expert that is clearly worse (its gap over the allowed slack).
+    Flip(f64),
+}
+
+/// Compares transformers' chosen set `want` with the reference's `got`, by `scores` with
+/// per-expert `slack` ([`ranking`]).
+fn selection(
+    want: &BTreeSet<usize>,
+    got: &BTreeSet<usize>,
+    scores: &[f64],
+    slack: &[f64],
+) -> Selection {
+    if want == got {
+        return Selection::Same;
+    }
+    let Some(kth) = got
+        .iter()
+        .copied()
+        .min_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+    else {
+        return Selection::Flip(f64::INFINITY);
+    };
+    let worst = want
+        .difference(got)
+        .map(|&e| (scores[kth] - scores[e]) / (slack[kth] + slack[e]).max(f64::MIN_POSITIVE))
+        .fold(0f64, f64::max);
+    if worst <= 1.0 {
+        Selection::NearTie(worst)
+    } else {
+        Selection::Flip(worst)
+    }
+}
+
+/// The tokens to exclude from one layer's comparison: `x` are the rows the layer's router
+/// saw (normed), `topk` transformers' ids. Errors on a flip that is not a near-tie.
+fn near_ties(layer: &ModelLayer, x: &[f32], topk: &Tensor) -> Result<Vec<bool>, String> {
+    let cfg = &layer.config;
+    let (h, k) = (cfg.hidden, cfg.top_k);
+    let tokens = x.len() / h;
+    let plan = LayerPlan::new(cfg).map_err(|e| e.to_string())?;
+    let ov = RouteOverrides::default();
+    let g =
+        reference::gate(&plan, &layer.weights, x, tokens, None, &ov).map_err(|e| e.to_string())?;
+    let mut out = vec![false; tokens];
+    for t in 0..tokens {
+        let want: BTreeSet<usize> = topk.data[t * k..(t + 1) * k]
+            .iter()
+            .map(|&v| v as usize)
+            .collect();
+        let got: BTreeSet<usize> = g.ids[t * k..(t + 1) * k]
+            .iter()
+            .map(|&v| v as usize)
+            .collect();
+        let (scores, slack) = ranking(layer, &x[t * h..(t + 1) * h]);
+        match selection(&want, &got, &scores, &slack) {
+            Selection::Same => {}
+            Selection::NearTie(_) => out[t] = true,
+            Selection::Flip(gap) => {
+                return Err(format!(
+                    "layer {} token {t}: transformers chose {want:?}, the reference {got:?} \
+                     (gap {gap:.3e} times the near-tie slack)",
+                    layer.index
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The largest row error relative to the row's largest magnitude, over kept rows.
+fn row_error(got: &[f32], want: &[f32], h: usize, excluded: &[bool]) -> f64 {
+    got.chunks(h)
+        .zip(want.chunks(h))
+        .zip(excluded)
+        .filter(|(_, &x)| !x)
+        .map(|((g, w), _)| {
+            let scale = w.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
+            let worst = g.iter().zip(w).fold(0f64, |m, (a, b)| {
+                let d = (f64::from(*a) - f64::from(*b)).abs();
+                if d.is_nan() {
+                    f64::INFINITY
+                } else {
+                    m.max(d)
+                }
+            });
+            if scale > 0.0 {
+                worst / scale
+            } else {
+                worst
+            }
+        })
+        .fold(0f64, f64::max)
+}
+
+/// The largest `|got - want|` over kept rows divided by the largest `|want|` of all rows.
+fn tensor_error(got: &[f32], want: &[f32], h: usize, excluded: &[bool]) -> f64 {
+    let scale = want.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
+    let worst = got
+        .chunks(h)
+        .zip(want.chunks(h))
+        .zip(excluded)
+        .filter(|(_, &x)| !x)
+        .flat_map(|((g, w), _)| g.iter().zip(w))
+        .fold(0f64, |m, (a, b)| {
+            let d = (f64::from(*a) - f64::from(*b)).abs();
+            if d.is_nan() {
+                f64::INFINITY
+            } else {
+                m.max(d)
+            }
+        });
+    worst / scale.max(f64::MIN_POSITIVE)
+}
+
+/// One comparison's result.
+#[derive(Debug)]
+struct Outcome {
+    /// [`tensor_error`].
+    error: f64,
+    /// [`row_error`].
+    row: f64,
+    excluded: usize,
+}
+
+fn check(
+    what: &str,
+    got: &[f32],
+    want: &Tensor,
+    h: usize,
+    excluded: &[bool],
+    dtype: Dtype,
+) -> Result<Outcome, String> {
+    if got.len() != want.data.len() {
+        return Err(format!(
+            "{what}: {} values, expected {}",
+            got.len(),
+            want.data.len()
+        ));
+    }
+    let error = tensor_error(got, &want.data, h, excluded);
+    let row = row_error(got, &want.data, h, excluded);
+    let n = excluded.iter().filter(|&&x| x).count();
+    if n > MAX_EXCLUDED {
+        return Err(format!(
+            "{what}: {n} near-tie tokens excluded, at most {MAX_EXCLUDED}"
+        ));
+    }
+    let (tol, row_tol) = tolerance(dtype);
+    if !(error <= tol && row <= row_tol) {
+        return Err(format!(
+            "{what}: error {error:.3e} (tolerance {tol:.1e}), row error {row:.3e} (tolerance {row_tol:.1e})"
+        ));
+    }
+    Ok(Outcome {
+        error,
+        row,
+        excluded: n,
+    })
+}
+
+fn load(dir: &Path, tokens: usize) -> LoadedModel {
+    let mut opts = LoadOptions::new(tokens);
+    opts.progress = false;
+    opts.capacity = Capacity::Dropless;
+    model::load(dir, &opts).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// Runs every comparison of one fixture on one backend; returns one line per comparison.
+fn run_fixture(
+    dir: &Path,
+    expected: &HashMap<String, Tensor>,
+    backend: Backend,
+) -> Result<Vec<(String, Outcome)>, String> {
+    let chain_in = &expected["chain.input"];
+    let tokens = chain_in.shape[0];
+    let loaded = load(dir, tokens);
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap()).unwrap();
+    let moe: Vec<usize> = meta["moe_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let indices: Vec<usize> = loaded.layers.iter().map(|l| l.index).collect();
+    if indices != moe {
+        return Err(format!("MoE layers {indices:?}, transformers has {moe:?}"));
+    }
+    let mut results = Vec::new();
+    let h = loaded.layers[0].config.hidden;
+    let dtype = loaded.layers[0].config.dtype;
+    for layer in &loaded.layers {
+        let l = layer.index;
+        let x = &expected[&format!("block.{l}.input")].data;
+        let excluded = near_ties(layer, x, &expected[&format!("block.{l}.topk")])?;
+        let plan = LayerPlan::new(&layer.config).map_err(|e| e.to_string())?;
+        let mut b = backend
+            .build(plan, layer.weights.clone())
+            .map_err(|e| e.to_string())?;
+        let input = [RankInput {
+            x,
+            tokens,
+            routing: None,
+        }];
+        let out = b
+            .forward_host(&input, &RouteOverrides::default())
+            .map_err(|e| e.to_string())?;
+        let what = format!("block {l}");
+        let o = check(
+            &what,
+            &out.out[0],
+            &expected[&format!("block.{l}.output")],
+            h,
+            &excluded,
+            dtype,
+        )?;
+        results.push((what, o));
+    }
+    let mut m = MoeModel::new(loaded.layers.clone(), backend).map_err(|e| e.to_string())?;
+    let (out, trace) = m
+        .forward_traced(std::slice::from_ref(&chain_in.data))
+        .map_err(|e| e.to_string())?;
+    let mut excluded = vec![false; tokens];
+    let mut state = chain_in.data.clone();
+    for (layer, after) in loaded.layers.iter().zip(&trace) {
+        let normed = layer.norm.apply(&state, layer.config.dtype);
+        let ties = near_ties(
+            layer,
+            &normed,
+            &expected[&format!("chain.{}.topk", layer.index)],
+        )?;
+        excluded.iter_mut().zip(ties).for_each(|(e, t)| *e |= t);
+        state = after[0].clone();
+    }
+    let o = check(
+        "chain",
+        &out.hidden[0],
+        &expected["chain.output"],
+        h,
+        &excluded,
+        dtype,
+    )?;
+    results.push(("chain".to_string(), o));
+    Ok(results)
+}
+
+#[test]
+fn every_fixture_matches_transformers() {
+    let mut failures = Vec::new();
+    for name in FIXTURES {
+        let dir = fixtures_dir().join(name);
+        let expected = read_expected(&dir);
+        for (backend, label) in [(Backend::Reference, "reference"), (Backend::Cpu, "cpu")] {
+            match run_fixture(&dir, &expected, backend) {
+                Ok(results) => {
+                    for (what, o) in results {
+                        println!(
+                            "{name:24} {label:9} {what:8} error {:.2e}  row error {:.2e}  excluded {}",
+                            o.error, o.row, o.excluded
+                        );
+                    }
+                }
+                Err(e) => failures.push(format!("{name} ({label}): {e}")),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_fixture_is_listed() {
+    let mut found: Vec<String> = std::fs::read_dir(fixtures_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("fixture.json").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    let mut listed: Vec<String> = FIXTURES.iter().map(|s| s.to_string()).collect();
+    listed.sort();
+    assert_eq!(found, listed);
+}
+
+/// The comparison rejects a wrong output and a clear routing flip.
+#[test]
+fn perturbed_expectations_are_rejected() {
+    let dir = fixtures_dir().join("mixtral-f32");
+    let good = read_expected(&dir);
+    assert!(run_fixture(&dir, &good, Backend::Reference).is_ok());
+
+    // One value of one token off by 1e-4 of its row's largest magnitude.
+    let mut bad = read_expected(&dir);
+    let out = bad.get_mut("block.1.output").unwrap();
+    let h = out.shape[1];
+    let row = &mut out.data[5 * h..6 * h];
+    let scale = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    row[7] += 1e-4 * scale;
+    let err = run_fixture(&dir, &bad, Backend::Reference).unwrap_err();
+    assert!(err.contains("block 1: error"), "{err}");
+
+    // The same on the chain output.
+    let mut bad = read_expected(&dir);
+    let out = bad.get_mut("chain.output").unwrap();
+    let v = out.data[3 * h + 2];
+    out.data[3 * h + 2] = v + 1e-3 * v.abs().max(1.0);
+    let err = run_fixture(&dir, &bad, Backend::Reference).unwrap_err();
+    assert!(err.contains("chain: error"), "{err}");
+
+    // A token routed to the expert the reference ranks last is a flip, not a near-tie.
+    let loaded = load(&dir, 48);
+    let layer = &loaded.layers[0];
+    let x = &good["block.0.input"].data;
+    let k = layer.config.top_k;
+    let t = 0;
+    let scores =
+        reference::selection_scores(&layer.config, &layer.weights, &x[t * h..(t + 1) * h], None);
+    let worst = (0..scores.len())
+        .min_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+        .unwrap();
+    let mut bad = read_expected(&dir);
+    let topk = bad.get_mut("block.0.topk").unwrap();
+    topk.data[t * k] = worst as f32;
+    if topk.data[t * k + 1] == worst as f32 {
+        topk.data[t * k + 1] = topk.data[t * k];
+    }
+    let err = run_fixture(&dir, &bad, Backend::Reference).unwrap_err();
+    assert!(err.contains("layer 0 token 0: transformers chose"), "{err}");
+}
+
+#[test]
+fn selection_verdicts() {
+    let scores = [0.40, 0.30, 0.297, 0.03];
+    let slack = [0.002; 4];
+    let set = |v: &[usize]| v.iter().copied().collect::<BTreeSet<usize>>();
+    assert_eq!(
+        selection(&set(&[0, 1]), &set(&[0, 1]), &scores, &slack),
+        Selection::Same
+    );
+    match selection(&set(&[0, 2]), &set(&[0, 1]), &scores, &slack) {
+        Selection::NearTie(g) => assert!((g - 0.75).abs() < 1e-9, "{g}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        selection(&set(&[0, 3]), &set(&[0, 1]), &scores, &slack),
+        Selection::Flip(_)
+    ));
+    let tight = [1e-4; 4];
+    assert!(matches!(
+        selection(&set(&[0, 2]), &set(&[0, 1]), &scores, &tight),
+        Selection::Flip(_)
+    ));
+}
+
+/// Qwen3-MoE configs spell the expert count `num_experts` (transformers 4) or
+/// `num_local_experts` (transformers 5, as in the fixture): both load the same layers.
+#[test]
+fn qwen3_expert_count_spellings_load_alike() {
+    let src = fixtures_dir().join("qwen3_moe-f32");
+    let text = std::fs::read_to_string(src.join("config.json")).unwrap();
+    assert!(text.contains("\"num_local_experts\""));
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        text.replace("\"num_local_experts\"", "\"num_experts\""),
+    )
+    .unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let a = load(&src, 8);
+    let b = load(tmp.path(), 8);
+    assert_eq!(a.family, b.family);
+    assert_eq!(a.layers.len(), b.layers.len());
+    for (x, y) in a.layers.iter().zip(&b.layers) {
+        assert_eq!(x.weights, y.weights);
+        assert_eq!(x.config, y.config);
+    }
+}
