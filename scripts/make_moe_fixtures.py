@@ -44,6 +44,10 @@ from transformers import (
     DeepseekV3ForCausalLM,
     Glm4MoeConfig,
     Glm4MoeForCausalLM,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
+    MiniMaxM2Config,
+    MiniMaxM2ForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -52,6 +56,8 @@ from transformers import (
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    Qwen3NextConfig,
+    Qwen3NextForCausalLM,
 )
 
 H = 64
@@ -141,6 +147,28 @@ def fixtures():
                           first_k_dense_replace=1, n_group=1, topk_group=1,
                           routed_scaling_factor=2.827, norm_topk_prob=True),
          "kimi_k2", True),
+        # Qwen3-Next: Qwen2-MoE's block, renormalised, RMSNorm by (1 + w).
+        ("qwen3_next", Qwen3NextForCausalLM,
+         Qwen3NextConfig(**COMMON, head_dim=32, num_hidden_layers=1, num_experts=4,
+                         num_experts_per_tok=2, moe_intermediate_size=I,
+                         shared_expert_intermediate_size=I, norm_topk_prob=True,
+                         decoder_sparse_step=1, mlp_only_layers=[],
+                         layer_types=["full_attention"], linear_num_value_heads=2,
+                         linear_num_key_heads=2, linear_key_head_dim=16,
+                         linear_value_head_dim=16),
+         None, True),
+        # MiniMax-M2: sigmoid + the block's correction bias, always renormalised.
+        ("minimax_m2", MiniMaxM2ForCausalLM,
+         MiniMaxM2Config(**COMMON, head_dim=32, num_hidden_layers=1, num_local_experts=4,
+                         num_experts_per_tok=2),
+         None, True),
+        # Llama-4 text: top-1 logits, sigmoid scales the expert's input, shared expert,
+        # MoE on every second layer (layer 1 of 2).
+        ("llama4", Llama4ForCausalLM,
+         Llama4TextConfig(**COMMON, head_dim=32, num_hidden_layers=2, num_local_experts=4,
+                          num_experts_per_tok=1, intermediate_size_mlp=I,
+                          interleave_moe_layer_step=2),
+         None, True),
     ]
 
 
@@ -149,6 +177,8 @@ def moe_block(layer):
     block = getattr(layer, "mlp", None)
     if block is None:
         block = getattr(layer, "block_sparse_moe", None)
+    if block is None:
+        block = getattr(layer, "feed_forward", None)  # Llama-4
     return block if block is not None and hasattr(block, "experts") else None
 
 
@@ -158,7 +188,8 @@ def randomise(model, gen):
     for name, p in model.named_parameters():
         if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
             p.copy_(torch.empty_like(p).uniform_(0.5, 1.5, generator=gen))
-        elif name.endswith(".gate.weight") or name.endswith("shared_expert_gate.weight"):
+        elif (name.endswith(".gate.weight") or name.endswith("shared_expert_gate.weight")
+              or name.endswith(".router.weight")):
             # Router logits with a spread of ~1.5 on unit-RMS rows.
             p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / math.sqrt(p.shape[-1])))
         elif p.dim() >= 2:
@@ -185,7 +216,13 @@ def block_out(block, x):
 
 
 def block_topk(block, x):
-    ids = block.gate(x)[-1]
+    if hasattr(block, "router"):  # Llama-4: the top-k of the logits
+        logits = block.router(x)[1]
+        ids = torch.topk(logits, block.top_k, dim=-1).indices
+    elif hasattr(block, "e_score_correction_bias"):  # MiniMax-M2: the bias lives on the block
+        ids = block.gate(x, block.e_score_correction_bias)[-1]
+    else:
+        ids = block.gate(x)[-1]
     return torch.sort(ids.to(torch.int32), dim=-1).values.contiguous()
 
 

@@ -28,7 +28,7 @@ fn fixtures_dir() -> PathBuf {
 }
 
 /// The fixtures, by directory name.
-const FIXTURES: [&str; 19] = [
+const FIXTURES: [&str; 25] = [
     "mixtral-f32",
     "mixtral-bf16",
     "qwen2_moe-f32",
@@ -48,6 +48,12 @@ const FIXTURES: [&str; 19] = [
     "glm4_moe-bf16",
     "kimi_k2-f32",
     "kimi_k2-bf16",
+    "qwen3_next-f32",
+    "qwen3_next-bf16",
+    "minimax_m2-f32",
+    "minimax_m2-bf16",
+    "llama4-f32",
+    "llama4-bf16",
 ];
 
 /// Most tokens a comparison may exclude as near-ties (of 48 per fixture).
@@ -86,30 +92,39 @@ const F32_SLACK: f64 = 5e-5;
 /// are closer than the sum of their slacks. Routers computed in f32 (f32 models, and the
 /// DeepSeek family whose router weight transformers keeps in f32) are ranked by the
 /// reference's selection scores (group-masked) with a relative slack of 5e-5 each.
+///
+/// MiniMax-M2 also computes its logits in bf16 but ranks by `sigmoid(l) + b`: a logit off
+/// by `|l| * 2^-8` moves the score by at most a quarter of that (the sigmoid's slope).
 fn ranking(layer: &ModelLayer, xt: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let cfg = &layer.config;
-    let bf16_logits = cfg.dtype != Dtype::F32
-        && !cfg.router_f32
-        && cfg.group_limit.is_none()
-        && matches!(cfg.router, Router::Softmax { .. });
-    let scores: Vec<f64> = if bf16_logits {
-        layer
-            .weights
-            .router
-            .chunks_exact(cfg.hidden)
-            .map(|w| {
-                w.iter()
-                    .zip(xt)
-                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                    .sum()
-            })
-            .collect()
-    } else {
-        reference::selection_scores(cfg, &layer.weights, xt, None)
-    };
-    let unit = if bf16_logits { BF16_U } else { F32_SLACK };
-    let slack = scores.iter().map(|s| s.abs() * unit).collect();
-    (scores, slack)
+    let bf16_logits = cfg.dtype != Dtype::F32 && !cfg.router_f32 && cfg.group_limit.is_none();
+    let logits: Vec<f64> = layer
+        .weights
+        .router
+        .chunks_exact(cfg.hidden)
+        .map(|w| {
+            w.iter()
+                .zip(xt)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum()
+        })
+        .collect();
+    match cfg.router {
+        Router::Softmax { .. } | Router::SigmoidInput if bf16_logits => {
+            let slack = logits.iter().map(|l| l.abs() * BF16_U).collect();
+            (logits, slack)
+        }
+        Router::SigmoidBias { .. } if bf16_logits => {
+            let scores = reference::selection_scores(cfg, &layer.weights, xt, None);
+            let slack = logits.iter().map(|l| 0.25 * l.abs() * BF16_U).collect();
+            (scores, slack)
+        }
+        _ => {
+            let scores = reference::selection_scores(cfg, &layer.weights, xt, None);
+            let slack = scores.iter().map(|s| s.abs() * F32_SLACK).collect();
+            (scores, slack)
+        }
+    }
 }
 
 /// One tensor of `expected.safetensors`: shape and values (ids as f32, exactly).
