@@ -58,6 +58,8 @@ from transformers import (
     Qwen3MoeForCausalLM,
     Qwen3NextConfig,
     Qwen3NextForCausalLM,
+    Qwen3_5MoeForCausalLM,
+    Qwen3_5MoeTextConfig,
 )
 
 H = 64
@@ -156,6 +158,15 @@ def fixtures():
                          layer_types=["full_attention"], linear_num_value_heads=2,
                          linear_num_key_heads=2, linear_key_head_dim=16,
                          linear_value_head_dim=16),
+         None, True),
+        # Qwen3.5-MoE, text model (Qwen3-Next's block, always renormalised).
+        ("qwen3_5_moe", Qwen3_5MoeForCausalLM,
+         Qwen3_5MoeTextConfig(**COMMON, head_dim=32, num_hidden_layers=1, num_experts=4,
+                              num_experts_per_tok=2, moe_intermediate_size=I,
+                              shared_expert_intermediate_size=I,
+                              layer_types=["full_attention"], linear_num_value_heads=2,
+                              linear_num_key_heads=2, linear_key_head_dim=16,
+                              linear_value_head_dim=16),
          None, True),
         # MiniMax-M2: sigmoid + the block's correction bias, always renormalised.
         ("minimax_m2", MiniMaxM2ForCausalLM,

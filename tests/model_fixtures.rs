@@ -28,7 +28,7 @@ fn fixtures_dir() -> PathBuf {
 }
 
 /// The fixtures, by directory name.
-const FIXTURES: [&str; 25] = [
+const FIXTURES: [&str; 27] = [
     "mixtral-f32",
     "mixtral-bf16",
     "qwen2_moe-f32",
@@ -50,6 +50,8 @@ const FIXTURES: [&str; 25] = [
     "kimi_k2-bf16",
     "qwen3_next-f32",
     "qwen3_next-bf16",
+    "qwen3_5_moe-f32",
+    "qwen3_5_moe-bf16",
     "minimax_m2-f32",
     "minimax_m2-bf16",
     "llama4-f32",
@@ -538,5 +540,43 @@ fn qwen3_expert_count_spellings_load_alike() {
     for (x, y) in a.layers.iter().zip(&b.layers) {
         assert_eq!(x.weights, y.weights);
         assert_eq!(x.config, y.config);
+    }
+}
+
+/// Qwen3.5-MoE as released is multimodal: `model_type: qwen3_5_moe` with the text model's
+/// keys in `text_config` and its layers under `model.language_model.layers`. Rewritten so
+/// from the text fixture, it must load the same layers.
+#[test]
+fn qwen3_5_multimodal_layout_loads_like_the_text_model() {
+    let src = fixtures_dir().join("qwen3_5_moe-f32");
+    let tmp = tempfile::tempdir().unwrap();
+    let text: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let nested = serde_json::json!({"model_type": "qwen3_5_moe", "text_config": text});
+    std::fs::write(tmp.path().join("config.json"), nested.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            (
+                name.replacen("model.layers.", "model.language_model.layers.", 1),
+                view,
+            )
+        })
+        .collect();
+    assert!(renamed
+        .iter()
+        .any(|(n, _)| n.starts_with("model.language_model.layers.0.mlp")));
+    safetensors::serialize_to_file(renamed, None, &tmp.path().join("model.safetensors")).unwrap();
+    let a = load(&src, 8);
+    let b = load(tmp.path(), 8);
+    assert_eq!(b.family.layer_prefix, "model.language_model.layers");
+    assert_eq!(a.layers.len(), b.layers.len());
+    for (x, y) in a.layers.iter().zip(&b.layers) {
+        assert_eq!(x.config, y.config);
+        assert_eq!(x.weights, y.weights);
+        assert_eq!(x.norm, y.norm);
     }
 }

@@ -65,6 +65,9 @@ pub enum Family {
     /// `qwen3_next` (Qwen3-Next): Qwen2-MoE's block (gated shared expert), renormalised by
     /// default, RMSNorm scaled by `(1 + w)`.
     Qwen3Next,
+    /// `qwen3_5_moe_text` (and the multimodal `qwen3_5_moe`, its text model only):
+    /// Qwen3-Next's block, always renormalised.
+    Qwen35Moe,
     /// `olmoe`.
     Olmoe,
     /// `deepseek_v2` (V2 and V2-Lite).
@@ -83,11 +86,12 @@ pub enum Family {
 }
 
 /// Every family, in documentation order.
-pub const FAMILIES: [Family; 10] = [
+pub const FAMILIES: [Family; 11] = [
     Family::Mixtral,
     Family::Qwen2Moe,
     Family::Qwen3Moe,
     Family::Qwen3Next,
+    Family::Qwen35Moe,
     Family::Olmoe,
     Family::DeepseekV2,
     Family::DeepseekV3,
@@ -103,6 +107,7 @@ impl Family {
     pub fn from_model_type(model_type: &str) -> Option<Family> {
         match model_type {
             "kimi_k2" | "glm4_moe" => Some(Family::DeepseekV3),
+            "qwen3_5_moe" => Some(Family::Qwen35Moe),
             _ => FAMILIES.into_iter().find(|f| f.model_type() == model_type),
         }
     }
@@ -114,6 +119,7 @@ impl Family {
             Family::Qwen2Moe => "qwen2_moe",
             Family::Qwen3Moe => "qwen3_moe",
             Family::Qwen3Next => "qwen3_next",
+            Family::Qwen35Moe => "qwen3_5_moe_text",
             Family::Olmoe => "olmoe",
             Family::DeepseekV2 => "deepseek_v2",
             Family::DeepseekV3 => "deepseek_v3",
@@ -141,7 +147,7 @@ impl Family {
                 proj: ["w1", "w3", "w2"],
                 ..qwen_like
             },
-            Family::Qwen2Moe | Family::Qwen3Next => Naming {
+            Family::Qwen2Moe | Family::Qwen3Next | Family::Qwen35Moe => Naming {
                 shared_module: Some("shared_expert"),
                 shared_gate: true,
                 ..qwen_like
@@ -202,16 +208,22 @@ pub struct Naming {
 }
 
 impl Naming {
-    /// `model.layers.{layer}.post_attention_layernorm.weight`.
-    pub fn norm(layer: usize) -> String {
-        format!("model.layers.{layer}.post_attention_layernorm.weight")
+    /// `{layers}.{layer}.post_attention_layernorm.weight` (`layers`: the family's
+    /// [`FamilyConfig::layer_prefix`], `model.layers` for most).
+    pub fn norm(layers: &str, layer: usize) -> String {
+        format!("{layers}.{layer}.post_attention_layernorm.weight")
     }
 
-    /// `model.layers.{layer}.{prefix}`.
-    pub fn block(layer: usize, prefix: &str) -> String {
-        format!("model.layers.{layer}.{prefix}")
+    /// `{layers}.{layer}.{prefix}`.
+    pub fn block(layers: &str, layer: usize, prefix: &str) -> String {
+        format!("{layers}.{layer}.{prefix}")
     }
 }
+
+/// Where the decoder layers of most checkpoints live.
+pub const LAYERS: &str = "model.layers";
+/// Where Qwen3.5-MoE's multimodal checkpoints keep the text decoder's layers.
+pub const LANGUAGE_MODEL_LAYERS: &str = "model.language_model.layers";
 
 /// The MoE-relevant content of a `config.json`, mapped to the runtime's terms.
 #[derive(Debug, Clone, PartialEq)]
@@ -248,13 +260,24 @@ pub struct FamilyConfig {
     pub router_f32: bool,
     /// The RMSNorm scales by `1 + w` (Qwen3-Next, Qwen3.5).
     pub norm_unit_offset: bool,
+    /// Tensor name prefix of the decoder layers ([`LAYERS`], or
+    /// [`LANGUAGE_MODEL_LAYERS`] for a multimodal Qwen3.5-MoE checkpoint).
+    pub layer_prefix: &'static str,
 }
 
 impl FamilyConfig {
     /// Reads a parsed `config.json`; `path` is used in errors.
     pub fn parse(path: &Path, json: &Value) -> Result<FamilyConfig> {
-        let keys = Keys { path, json };
-        let model_type = keys.string("model_type")?;
+        let top = Keys { path, json };
+        let model_type = top.string("model_type")?;
+        // A multimodal Qwen3.5-MoE config keeps the text model's keys in `text_config`,
+        // and the checkpoint its layers under `model.language_model`.
+        let (keys, layer_prefix) = match (model_type.as_str(), json.get("text_config")) {
+            ("qwen3_5_moe", Some(text)) if text.is_object() => {
+                (Keys { path, json: text }, LANGUAGE_MODEL_LAYERS)
+            }
+            _ => (top, LAYERS),
+        };
         let family = Family::from_model_type(&model_type).ok_or_else(|| {
             keys.unsupported(
                 "model_type",
@@ -294,7 +317,10 @@ impl FamilyConfig {
             _ => 1e-6,
         };
         let eps = keys.opt_f64("rms_norm_eps")?.unwrap_or(default_eps) as f32;
-        let dtype = keys.dtype()?;
+        let dtype = match keys.dtype()? {
+            Some(d) => Some(d),
+            None => top.dtype()?,
+        };
         let norm_topk = keys.opt_bool("norm_topk_prob")?;
         let mut routed_scale = 1.0f32;
         let mut shared = None;
@@ -349,7 +375,7 @@ impl FamilyConfig {
                     renormalize: norm_topk.unwrap_or(false),
                 },
             ),
-            Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen3Next => {
+            Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen3Next | Family::Qwen35Moe => {
                 // transformers 5 writes Qwen3-MoE configs with `num_local_experts`.
                 let experts = match keys.opt_usize("num_experts")? {
                     Some(n) => n,
@@ -375,8 +401,9 @@ impl FamilyConfig {
                     experts,
                     keys.usize("moe_intermediate_size")?,
                     Router::Softmax {
-                        // Qwen3-Next renormalises unless told otherwise.
-                        renormalize: norm_topk.unwrap_or(family == Family::Qwen3Next),
+                        // Qwen3-Next renormalises unless told otherwise, Qwen3.5 always.
+                        renormalize: family == Family::Qwen35Moe
+                            || norm_topk.unwrap_or(family == Family::Qwen3Next),
                     },
                 )
             }
@@ -441,7 +468,8 @@ impl FamilyConfig {
             dense_layers,
             group_limit,
             router_f32,
-            norm_unit_offset: family == Family::Qwen3Next,
+            norm_unit_offset: matches!(family, Family::Qwen3Next | Family::Qwen35Moe),
+            layer_prefix,
         })
     }
 

@@ -196,7 +196,11 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
             bar: &bar,
         };
         let weights = reader.weights()?;
-        let mut weight = reader.read(&Naming::norm(l), &[family.hidden], Some(dtype))?;
+        let mut weight = reader.read(
+            &Naming::norm(family.layer_prefix, l),
+            &[family.hidden],
+            Some(dtype),
+        )?;
         if family.norm_unit_offset {
             // Qwen3-Next / Qwen3.5 scale by (1 + w): stored here as that factor, in the
             // dtype (transformers multiplies in f32 and rounds once; in bf16 the results
@@ -277,7 +281,7 @@ impl LayerReader<'_> {
         let candidates: Vec<String> = naming
             .moe_prefixes
             .iter()
-            .map(|p| Naming::block(self.layer, p))
+            .map(|p| Naming::block(self.family.layer_prefix, self.layer, p))
             .collect();
         let router = naming.router;
         candidates

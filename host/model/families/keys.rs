@@ -7,6 +7,7 @@ use serde_json::Value;
 use std::path::Path;
 
 /// Typed access to the keys of a `config.json`.
+#[derive(Clone, Copy)]
 pub(super) struct Keys<'a> {
     pub(super) path: &'a Path,
     pub(super) json: &'a Value,
