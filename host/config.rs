@@ -113,11 +113,36 @@ pub enum Router {
     /// Llama-4: top-k on the logits; the chosen expert's input is scaled by
     /// `sigmoid(logit)` (times `routed_scale`) and its output added with weight 1.
     SigmoidInput,
+    /// PhiMoE's sparsemixer at inference (top-2): the first choice is the largest logit
+    /// `m1`, weighted by the softmax over the experts whose logit is within relative
+    /// distance `2 eps` of `m1` (`(m1 - s_j) / max(|s_j|, m1) <= 2 eps`); the second is the
+    /// largest of the others, `m2`, weighted likewise over the others within `2 eps` of
+    /// `m2`. `jitter_bits` holds `eps` (`router_jitter_noise`) as f32 bits: see
+    /// [`Router::sparse_mixer`].
+    SparseMixer {
+        /// `eps.to_bits()`.
+        jitter_bits: u32,
+    },
     /// The caller gives the expert ids and weights of every token.
     Given,
 }
 
 impl Router {
+    /// PhiMoE's sparsemixer with jitter epsilon `eps` (`router_jitter_noise`, 0.01).
+    pub fn sparse_mixer(eps: f32) -> Router {
+        Router::SparseMixer {
+            jitter_bits: eps.to_bits(),
+        }
+    }
+
+    /// The sparsemixer's epsilon (0 for other routers).
+    pub fn jitter(self) -> f32 {
+        match self {
+            Router::SparseMixer { jitter_bits } => f32::from_bits(jitter_bits),
+            _ => 0.0,
+        }
+    }
+
     /// True when the routing weight scales the expert's input rather than its output
     /// ([`Router::SigmoidInput`]).
     pub fn scales_input(self) -> bool {
@@ -303,6 +328,19 @@ impl MoeConfig {
             check_dim("shared.intermediate", s.intermediate)?;
         }
         self.check_group_limit()?;
+        if let Router::SparseMixer { .. } = self.router {
+            let eps = self.router.jitter();
+            if !eps.is_finite() || !(0.0..1.0).contains(&eps) {
+                return Err(Error::config("router.jitter", eps, "finite, in [0, 1)"));
+            }
+            if self.top_k != 2 {
+                return Err(Error::config(
+                    "top_k",
+                    self.top_k,
+                    "2 with the sparsemixer router (PhiMoE)",
+                ));
+            }
+        }
         if self.world == 0 || self.world > MAX_WORLD {
             return Err(Error::config(
                 "world",

@@ -185,7 +185,8 @@ pub struct LayerParams {
     pub topk_group: u32,
     /// 1: `router_weight` is f32 whatever the dtype.
     pub router_f32: u32,
-    pub pad2: u32,
+    /// The sparsemixer's epsilon (PhiMoE's `router_jitter_noise`), 0 for other routers.
+    pub router_eps: f32,
 }
 
 /// `FmRankParams`: the pointers of one rank.
@@ -248,6 +249,7 @@ pub fn router_code(r: Router) -> (u32, u32) {
         Router::SigmoidBias { renormalize } => (1, renormalize as u32),
         Router::Given => (2, 0),
         Router::SigmoidInput => (3, 0),
+        Router::SparseMixer { .. } => (4, 0),
     }
 }
 
@@ -322,7 +324,7 @@ impl LayerParams {
             n_group: cfg.group_limit.map_or(0, |g| g.groups as u32),
             topk_group: cfg.group_limit.map_or(0, |g| g.keep as u32),
             router_f32: u32::from(cfg.router_f32),
-            pad2: 0,
+            router_eps: cfg.router.jitter(),
         }
     }
 }

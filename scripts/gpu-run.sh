@@ -110,7 +110,8 @@ step facts facts.txt bash -c "nvidia-smi; r=\$?; '$bench' probe; cat '$here/ptxa
 step stages-w1 stages.txt "$bench" stages --backend gpu --preset tiny
 step stages-e2 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:2
 step stages-e4 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:4
-step stages-f32 stages.txt "$bench" stages --backend gpu --preset tiny --dtype f32 --world emulated:2
+step stages-f32 stages.txt "$bench" stages --backend gpu --preset tiny --dtype f32 --world emulated:2 \
+    --router sparse-mixer
 # DeepSeek-style routing: sigmoid + selection bias, group-limited top-k, f32 router, a
 # shared expert, scaled weights (the preset's router and MLP otherwise).
 step stages-ds stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:2 \

@@ -52,6 +52,8 @@ from transformers import (
     MixtralForCausalLM,
     OlmoeConfig,
     OlmoeForCausalLM,
+    PhimoeConfig,
+    PhimoeForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
@@ -168,6 +170,11 @@ def fixtures():
                               linear_num_key_heads=2, linear_key_head_dim=16,
                               linear_value_head_dim=16),
          None, True),
+        # PhiMoE: sparsemixer (eps 0.01) and LayerNorm with a bias.
+        ("phimoe", PhimoeForCausalLM,
+         PhimoeConfig(**COMMON, num_hidden_layers=1, num_local_experts=4, num_experts_per_tok=2,
+                      router_jitter_noise=0.01, input_jitter_noise=0.0),
+         None, True),
         # MiniMax-M2: sigmoid + the block's correction bias, always renormalised.
         ("minimax_m2", MiniMaxM2ForCausalLM,
          MiniMaxM2Config(**COMMON, head_dim=32, num_hidden_layers=1, num_local_experts=4,
@@ -227,9 +234,12 @@ def block_out(block, x):
 
 
 def block_topk(block, x):
-    if hasattr(block, "router"):  # Llama-4: the top-k of the logits
-        logits = block.router(x)[1]
-        ids = torch.topk(logits, block.top_k, dim=-1).indices
+    if hasattr(block, "router"):
+        out = block.router(x)
+        if len(out) == 3:  # PhiMoE: (logits, weights, experts) from sparsemixer
+            ids = out[-1]
+        else:  # Llama-4: (scores, logits); the top-k of the logits
+            ids = torch.topk(out[1], block.top_k, dim=-1).indices
     elif hasattr(block, "e_score_correction_bias"):  # MiniMax-M2: the bias lives on the block
         ids = block.gate(x, block.e_score_correction_bias)[-1]
     else:

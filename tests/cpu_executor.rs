@@ -14,12 +14,15 @@ use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::Duration;
 
-const ROUTERS: [Router; 6] = [
+const ROUTERS: [Router; 7] = [
     Router::Softmax { renormalize: true },
     Router::Softmax { renormalize: false },
     Router::SigmoidBias { renormalize: true },
     Router::SigmoidBias { renormalize: false },
     Router::SigmoidInput,
+    Router::SparseMixer {
+        jitter_bits: 0x3c23_d70a, // 0.01
+    },
     Router::Given,
 ];
 const MLPS: [MlpKind; 4] = [
@@ -176,6 +179,10 @@ fn random_case(rng: &mut StdRng, seed: u64) -> Case {
     );
     c.world = world;
     c.router = ROUTERS[rng.random_range(0..ROUTERS.len())];
+    if matches!(c.router, Router::SparseMixer { .. }) {
+        // PhiMoE's sparsemixer picks exactly two experts.
+        c.top_k = 2;
+    }
     c.mlp = MLPS[rng.random_range(0..MLPS.len())];
     c.dtype = [Dtype::F32, Dtype::Bf16, Dtype::F16][rng.random_range(0..3)];
     c.capacity = if rng.random_bool(0.3) {
@@ -230,7 +237,7 @@ fn random_case(rng: &mut StdRng, seed: u64) -> Case {
         .collect();
     let mut ov = RouteOverrides::default();
     if rng.random_bool(0.2) {
-        ov.top_k = Some(rng.random_range(1..=top_k));
+        ov.top_k = Some(rng.random_range(1..=c.top_k));
     }
     if c.router != Router::Given && rng.random_bool(0.2) {
         ov.logit_bias = Some((0..experts).map(|_| rng.random_range(-1.0..1.0)).collect());

@@ -87,6 +87,7 @@ fn model(specs: &[LayerSpec], world: usize, tokens: usize, seed: u64) -> Vec<Mod
                     .map(|_| s.dtype.round(1.0 + rng.random_range(-0.2f32..0.2)))
                     .collect(),
                 eps: 1e-5,
+                bias: None,
             };
             let logit_bias = s.logit_bias.then(|| {
                 (0..s.experts)

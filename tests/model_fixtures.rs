@@ -28,7 +28,7 @@ fn fixtures_dir() -> PathBuf {
 }
 
 /// The fixtures, by directory name.
-const FIXTURES: [&str; 27] = [
+const FIXTURES: [&str; 29] = [
     "mixtral-f32",
     "mixtral-bf16",
     "qwen2_moe-f32",
@@ -52,6 +52,8 @@ const FIXTURES: [&str; 27] = [
     "qwen3_next-bf16",
     "qwen3_5_moe-f32",
     "qwen3_5_moe-bf16",
+    "phimoe-f32",
+    "phimoe-bf16",
     "minimax_m2-f32",
     "minimax_m2-bf16",
     "llama4-f32",
@@ -112,7 +114,9 @@ fn ranking(layer: &ModelLayer, xt: &[f32]) -> (Vec<f64>, Vec<f64>) {
         })
         .collect();
     match cfg.router {
-        Router::Softmax { .. } | Router::SigmoidInput if bf16_logits => {
+        Router::Softmax { .. } | Router::SigmoidInput | Router::SparseMixer { .. }
+            if bf16_logits =>
+        {
             let slack = logits.iter().map(|l| l.abs() * BF16_U).collect();
             (logits, slack)
         }

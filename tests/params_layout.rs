@@ -61,7 +61,7 @@ fn rust_structs() -> BTreeMap<&'static str, (usize, Vec<Field>)> {
         ws_gemm0_done, ws_gemm1_done, ws_queue_ctl, ws_queue, ws_queue_capacity, ws_sync,
         ws_gate_hist, ws_shared_act, ws_shared_act_stride_row, ws_shared_out,
         ws_shared_out_stride_row, ws_shared_done, ws_bytes,
-        expert_owner, router_weight, router_bias, logit_bias, route_k, stop_after, n_group, topk_group, router_f32, pad2,
+        expert_owner, router_weight, router_bias, logit_bias, route_k, stop_after, n_group, topk_group, router_f32, router_eps,
     );
     let rank = rust_fields!(RankParams;
         rank, tokens, local_experts, pad0, heap, peers, workspace, x, out, w0, w1,
@@ -139,6 +139,10 @@ fn rust_constants() -> BTreeMap<&'static str, u64> {
         (
             "FM_ROUTER_SIGMOID_INPUT",
             params::router_code(Router::SigmoidInput).0 as u64,
+        ),
+        (
+            "FM_ROUTER_SPARSEMIXER",
+            params::router_code(Router::sparse_mixer(0.01)).0 as u64,
         ),
         ("FM_STATUS_OK", params::status::OK),
         ("FM_STATUS_TIMEOUT", params::status::TIMEOUT),

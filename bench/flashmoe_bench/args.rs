@@ -109,6 +109,8 @@ pub enum RouterArg {
     SigmoidBias,
     /// Top-k logits, sigmoid weight scaling the expert's input (Llama-4).
     SigmoidInput,
+    /// PhiMoE's sparsemixer, epsilon 0.01 (top-2).
+    SparseMixer,
     /// Routing given by the caller (random, uniform).
     Given,
 }
@@ -339,6 +341,7 @@ impl ShapeArgs {
                 RouterArg::Softmax => Router::Softmax { renormalize: false },
                 RouterArg::SigmoidBias => Router::SigmoidBias { renormalize: true },
                 RouterArg::SigmoidInput => Router::SigmoidInput,
+                RouterArg::SparseMixer => Router::sparse_mixer(0.01),
                 RouterArg::Given => Router::Given,
             };
         }

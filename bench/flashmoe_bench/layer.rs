@@ -247,6 +247,7 @@ pub fn describe(cfg: &MoeConfig, plan: &LayerPlan) -> String {
         Router::Softmax { renormalize: false } => "softmax",
         Router::SigmoidBias { .. } => "sigmoid-bias",
         Router::SigmoidInput => "sigmoid-input",
+        Router::SparseMixer { .. } => "sparse-mixer",
         Router::Given => "given",
     };
     let cap = match cfg.capacity {

@@ -169,6 +169,16 @@ impl GpuModel {
         let mut built = Vec::with_capacity(layers.len());
         for layer in layers {
             let index = layer.index;
+            if layer.norm.bias.is_some() {
+                return Err(Error::ModelLayer {
+                    layer: index,
+                    source: Box::new(Error::config(
+                        "norm",
+                        "LayerNorm (PhiMoE)",
+                        "RMSNorm: the GPU model driver has no LayerNorm kernel yet; run this model on the CPU backend",
+                    )),
+                });
+            }
             let plan = LayerPlan::new(&layer.config).map_err(in_layer(index))?;
             let mut moe = MoeLayer::new(
                 stream.clone(),

@@ -27,9 +27,10 @@
 //! - DeepSeek-V2 and the DeepSeek-V3 family (also `kimi_k2`, `glm4_moe`) keep their router
 //!   weight in f32 (`MoeConfig::router_f32`), as transformers does in every dtype: it is
 //!   read from the checkpoint without rounding.
-//! - **PhiMoE** routes with sparsemixer and normalises with LayerNorm (weight and bias);
-//!   neither exists in the runtime, so PhiMoE checkpoints are refused with
-//!   [`Error::UnsupportedModel`](crate::Error::UnsupportedModel).
+//! - **PhiMoE** routes with the inference-time sparsemixer and normalises with LayerNorm
+//!   (weight and bias): both run on the reference and the CPU executor, the router in the
+//!   kernel; the GPU model driver refuses LayerNorm with a typed error (its norm kernel is
+//!   RMSNorm only).
 //! - DeepSeek-V3 renormalises with `+ 1e-20`, as transformers does (MiniMax-M2, which
 //!   transformers divides by the plain sum, gets the same epsilon: a difference only when
 //!   every chosen sigmoid underflows).
@@ -81,7 +82,8 @@ pub enum Family {
     /// `minimax_m2`: Mixtral's tensor names, sigmoid scores with a selection bias on the
     /// block, weights always renormalised, never scaled.
     MinimaxM2,
-    /// `phimoe` (recognised, refused: sparsemixer routing and LayerNorm).
+    /// `phimoe`: Mixtral's tensor names, the sparsemixer router
+    /// ([`Router::SparseMixer`], `router_jitter_noise`), LayerNorm (weight and bias).
     PhiMoe,
 }
 
@@ -260,6 +262,8 @@ pub struct FamilyConfig {
     pub router_f32: bool,
     /// The RMSNorm scales by `1 + w` (Qwen3-Next, Qwen3.5).
     pub norm_unit_offset: bool,
+    /// The post-attention norm is a LayerNorm with a bias (PhiMoE), not an RMSNorm.
+    pub layer_norm: bool,
     /// Tensor name prefix of the decoder layers ([`LAYERS`], or
     /// [`LANGUAGE_MODEL_LAYERS`] for a multimodal Qwen3.5-MoE checkpoint).
     pub layer_prefix: &'static str,
@@ -288,9 +292,6 @@ impl FamilyConfig {
                 ),
             )
         })?;
-        if family == Family::PhiMoe {
-            return Err(keys.phimoe_refusal());
-        }
         let hidden = keys.usize("hidden_size")?;
         let layers = keys.usize("num_hidden_layers")?;
         if layers > super::MAX_LAYERS {
@@ -313,7 +314,7 @@ impl FamilyConfig {
             }
         };
         let default_eps = match family {
-            Family::Mixtral | Family::Olmoe | Family::Llama4 => 1e-5,
+            Family::Mixtral | Family::Olmoe | Family::Llama4 | Family::PhiMoe => 1e-5,
             _ => 1e-6,
         };
         let eps = keys.opt_f64("rms_norm_eps")?.unwrap_or(default_eps) as f32;
@@ -450,7 +451,21 @@ impl FamilyConfig {
                 };
                 (experts, intermediate, router)
             }
-            Family::PhiMoe => return Err(keys.phimoe_refusal()),
+            Family::PhiMoe => {
+                let eps = keys.opt_f64("router_jitter_noise")?.unwrap_or(0.01) as f32;
+                if top_k != 2 {
+                    return Err(keys.unsupported(
+                        "num_experts_per_tok",
+                        top_k,
+                        "2: PhiMoE's sparsemixer picks two experts",
+                    ));
+                }
+                (
+                    keys.usize("num_local_experts")?,
+                    keys.usize("intermediate_size")?,
+                    Router::sparse_mixer(eps),
+                )
+            }
         };
         Ok(FamilyConfig {
             family,
@@ -470,6 +485,7 @@ impl FamilyConfig {
             router_f32,
             norm_unit_offset: matches!(family, Family::Qwen3Next | Family::Qwen35Moe),
             layer_prefix,
+            layer_norm: family == Family::PhiMoe,
         })
     }
 

@@ -207,9 +207,16 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
             // differ by at most a rounding step).
             weight.iter_mut().for_each(|w| *w = dtype.round(1.0 + *w));
         }
+        let bias = if family.layer_norm {
+            let name = Naming::norm(family.layer_prefix, l).replace(".weight", ".bias");
+            Some(reader.read(&name, &[family.hidden], Some(dtype))?)
+        } else {
+            None
+        };
         let norm = RmsNorm {
             weight,
             eps: family.eps,
+            bias,
         };
         let layer = ModelLayer {
             index: l,

@@ -1,6 +1,7 @@
 //! RMSNorm as every supported family computes it (`shared/notes/model-families.md` §4):
 //! `w ⊙ to_dtype( x · rsqrt(mean(x²) + eps) )`, the mean and the scaling in f32, the
-//! product with the weight in the model dtype.
+//! product with the weight in the model dtype; and PhiMoE's LayerNorm (a bias present):
+//! `to_dtype( (x - mean) · rsqrt(var + eps) ⊙ w + b )`, rounded once.
 
 use crate::config::Dtype;
 use crate::error::{Error, Result};
@@ -12,6 +13,9 @@ pub struct RmsNorm {
     pub weight: Vec<f32>,
     /// `rms_norm_eps`.
     pub eps: f32,
+    /// LayerNorm's bias `[hidden]` (PhiMoE): present, the norm is a LayerNorm (mean
+    /// subtracted, biased); `None` for RMSNorm.
+    pub bias: Option<Vec<f32>>,
 }
 
 impl RmsNorm {
@@ -20,6 +24,7 @@ impl RmsNorm {
         RmsNorm {
             weight: vec![1.0; hidden],
             eps,
+            bias: None,
         }
     }
 
@@ -36,6 +41,20 @@ impl RmsNorm {
                 "norm.weight",
                 format!("value {i} is not finite"),
             ));
+        }
+        if let Some(b) = &self.bias {
+            if b.len() != hidden {
+                return Err(Error::input(
+                    "norm.bias",
+                    format!("has {} values, hidden = {hidden}", b.len()),
+                ));
+            }
+            if let Some(i) = b.iter().position(|v| !v.is_finite()) {
+                return Err(Error::input(
+                    "norm.bias",
+                    format!("value {i} is not finite"),
+                ));
+            }
         }
         if !self.eps.is_finite() || self.eps <= 0.0 {
             return Err(Error::input(
@@ -55,6 +74,12 @@ impl RmsNorm {
         if hidden == 0 {
             return out;
         }
+        if let Some(bias) = &self.bias {
+            for row in x.chunks(hidden) {
+                self.layer_norm_row(row, bias, dtype, &mut out);
+            }
+            return out;
+        }
         for row in x.chunks(hidden) {
             let ms = row
                 .iter()
@@ -69,6 +94,27 @@ impl RmsNorm {
             );
         }
         out
+    }
+}
+
+impl RmsNorm {
+    /// One LayerNorm row: mean and variance accumulated in f64, used in f32.
+    fn layer_norm_row(&self, row: &[f32], bias: &[f32], dtype: Dtype, out: &mut Vec<f32>) {
+        let n = row.len().max(1) as f64;
+        let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = row
+            .iter()
+            .map(|&v| (f64::from(v) - mean) * (f64::from(v) - mean))
+            .sum::<f64>()
+            / n;
+        let r = 1.0 / (var as f32 + self.eps).sqrt();
+        let mean = mean as f32;
+        out.extend(
+            row.iter()
+                .zip(&self.weight)
+                .zip(bias)
+                .map(|((&v, &w), &b)| dtype.round((v - mean) * r * w + b)),
+        );
     }
 }
 
@@ -107,11 +153,32 @@ mod tests {
                 .map(|i| Dtype::Bf16.round(1.0 + i as f32 / 100.0))
                 .collect(),
             eps: 1e-5,
+            bias: None,
         };
         let x: Vec<f32> = (0..64).map(|i| (i as f32).sin()).collect();
         for v in n.apply(&x, Dtype::Bf16) {
             assert_eq!(v, Dtype::Bf16.round(v));
         }
+    }
+
+    #[test]
+    fn layer_norm_centres_scales_and_biases() {
+        let mut n = RmsNorm::ones(4, 1e-6);
+        n.bias = Some(vec![0.5; 4]);
+        let y = n.apply(&[1.0, 2.0, 3.0, 4.0], Dtype::F32);
+        // mean 2.5, var 1.25: (x - 2.5) / sqrt(1.25) + 0.5.
+        for (v, x) in y.iter().zip([1.0f32, 2.0, 3.0, 4.0]) {
+            let want = (x - 2.5) / 1.25f32.sqrt() + 0.5;
+            assert!((v - want).abs() < 1e-5, "{v} vs {want}");
+        }
+        n.bias = Some(vec![0.5; 3]);
+        assert!(matches!(
+            n.validate(4),
+            Err(Error::InvalidInput {
+                field: "norm.bias",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -152,6 +152,7 @@ impl SyntheticSpec {
                     .map(|_| dtype.round(1.0 + rng.random_range(-0.1f32..0.1)))
                     .collect(),
                 eps: self.eps,
+                bias: None,
             };
             let logit_bias = (self.zipf > 0.0)
                 .then(|| zipf_logit_bias(self.config.experts, self.zipf, &mut rng));

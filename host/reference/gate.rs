@@ -53,6 +53,17 @@ pub(crate) fn route(
         return (ids, weights);
     }
     let scale = f64::from(cfg.routed_scale);
+    if let Router::SparseMixer { .. } = cfg.router {
+        for t in 0..tokens {
+            let xt = &x[t * h..(t + 1) * h];
+            let (sel, _) = scores(cfg, w, xt, logit_bias);
+            for (e, wt) in sparse_mixer(&sel, f64::from(cfg.router.jitter()), k) {
+                ids.push(e as u32);
+                weights.push((wt * scale) as f32);
+            }
+        }
+        return (ids, weights);
+    }
     for t in 0..tokens {
         let xt = &x[t * h..(t + 1) * h];
         let (sel, gate) = scores(cfg, w, xt, logit_bias);
@@ -68,6 +79,8 @@ pub(crate) fn route(
                 1e-20,
             ),
             Router::SigmoidInput => chosen.iter().map(|&e| gate[e]).collect(),
+            // Routed above (`sparse_mixer`).
+            Router::SparseMixer { .. } => Vec::new(),
             // Without routing the inputs were refused by `check_input`; route nothing.
             Router::Given => Vec::new(),
         };
@@ -112,6 +125,11 @@ fn scores(
                 .map(|(e, &s)| s + w.router_bias.get(e).map_or(0.0, |&b| f64::from(b)))
                 .collect();
             (sel, sig)
+        }
+        // PhiMoE ranks by the logits (see `sparse_mixer`).
+        Router::SparseMixer { .. } => {
+            let logits: Vec<f64> = logits.collect();
+            (logits.clone(), logits)
         }
         // Llama-4: the top-k of the logits themselves, weighted by their sigmoid.
         Router::SigmoidInput => {
@@ -166,6 +184,32 @@ pub fn selection_scores(
     logit_bias: Option<&[f32]>,
 ) -> Vec<f64> {
     scores(cfg, w, xt, logit_bias).0
+}
+
+/// PhiMoE's sparsemixer at inference on one token's logits `s`: up to `k` (expert, weight)
+/// choices; choice j is the largest logit `m` among the experts not yet chosen (ties to
+/// the lower id), weighted by the softmax over those of them whose logit is within relative
+/// distance `2 eps` of `m`: `(m - s_e) / max(|s_e|, m) <= 2 eps`.
+fn sparse_mixer(s: &[f64], eps: f64, k: usize) -> Vec<(usize, f64)> {
+    let mut taken = vec![false; s.len()];
+    let mut out = Vec::with_capacity(k);
+    for _ in 0..k {
+        let Some(best) =
+            (0..s.len())
+                .filter(|&e| !taken[e])
+                .reduce(|b, e| if s[e] > s[b] { e } else { b })
+        else {
+            break;
+        };
+        let m = s[best];
+        let z: f64 = (0..s.len())
+            .filter(|&e| !taken[e] && (m - s[e]) / s[e].abs().max(m) <= 2.0 * eps)
+            .map(|e| (s[e] - m).exp())
+            .sum();
+        out.push((best, 1.0 / z));
+        taken[best] = true;
+    }
+    out
 }
 
 /// Gives every (token, choice) pair its slot: the running count of its expert, in token

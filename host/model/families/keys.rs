@@ -43,15 +43,6 @@ impl Keys<'_> {
         }
     }
 
-    pub(super) fn phimoe_refusal(&self) -> Error {
-        self.unsupported(
-            "model_type",
-            "phimoe",
-            "PhiMoE routes with sparsemixer and normalises with LayerNorm (weight + bias); \
-             the runtime's routers are softmax top-k and sigmoid+bias, its norm is RMSNorm",
-        )
-    }
-
     pub(super) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),

@@ -225,13 +225,16 @@ fn qwen3_reads_either_spelling_of_the_expert_count() {
 }
 
 #[test]
-fn phimoe_is_refused_with_the_reason() {
+fn phimoe_routes_with_sparsemixer_and_normalises_with_layernorm() {
     let v = with(mixtral(), "model_type", json!("phimoe"));
-    match parse(v) {
-        Err(Error::UnsupportedModel { key, reason, .. }) => {
-            assert_eq!(key, "model_type");
-            assert!(reason.contains("sparsemixer") && reason.contains("LayerNorm"));
-        }
+    let f = parse(with(v.clone(), "router_jitter_noise", json!(0.02))).unwrap();
+    assert_eq!(f.router, Router::sparse_mixer(0.02));
+    assert!(f.layer_norm);
+    // The key's default is PhiMoE's 0.01.
+    assert_eq!(parse(v.clone()).unwrap().router, Router::sparse_mixer(0.01));
+    // Sparsemixer picks exactly two experts.
+    match parse(with(v, "num_experts_per_tok", json!(3))) {
+        Err(Error::UnsupportedModel { key, .. }) => assert_eq!(key, "num_experts_per_tok"),
         other => panic!("unexpected {other:?}"),
     }
 }

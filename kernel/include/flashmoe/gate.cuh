@@ -134,6 +134,53 @@ __device__ __forceinline__ uint32_t kept_groups(const Ctx& c, const float* s, bo
     return kept;
 }
 
+// PhiMoE's sparsemixer on one token's logits s[E] (warp-wide, k = 2): choice j is the
+// largest logit m left (ties to the lower id), weighted by 1 / sum of exp(s_e - m) over
+// the experts left with (m - s_e) / max(|s_e|, m) <= 2 eps. Returns this lane's choice.
+__device__ __forceinline__ void sparse_mixer(const Ctx& c, const float* s, int32_t& my_id,
+                                             float& my_w) {
+    const FmLayerParams& L = *c.L;
+    const int lane = threadIdx.x % 32;
+    const uint32_t E = L.experts;
+    const float eps2 = 2.f * L.router_eps;
+    uint32_t first = E;
+    my_id = -1;
+    my_w = 0.f;
+    for (uint32_t j = 0; j < c.k; ++j) {
+        float best = -INFINITY;
+        uint32_t bi = E;
+        for (uint32_t e = lane; e < E; e += 32) {
+            if (e == first) continue;
+            float key = s[e];
+            if (key != key) key = -INFINITY;
+            if (better(key, e, best, bi)) {
+                best = key;
+                bi = e;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+            const uint32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (better(ob, oi, best, bi)) {
+                best = ob;
+                bi = oi;
+            }
+        }
+        float z = 0.f;
+        for (uint32_t e = lane; e < E; e += 32) {
+            if (e == first) continue;
+            if ((best - s[e]) / fmaxf(fabsf(s[e]), best) <= eps2) z += expf(s[e] - best);
+        }
+        z = warp_sum(z);
+        if (uint32_t(lane) == j) {
+            my_id = int32_t(bi);
+            my_w = L.routed_scale / z;
+        }
+        first = bi;
+    }
+}
+
 // Scores, top-k and weights of one token from its logits s[E] (warp-wide; s is modified).
 // Returns this lane's choice (lane < k): id and weight.
 __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_id, float& my_w) {
@@ -259,7 +306,11 @@ __device__ FM_PHASE bool gate_chunk(const Ctx& c, uint32_t chunk) {
             for (uint32_t i = 0; i < nb; ++i) {
                 int32_t id;
                 float w;
-                select_topk(c, lg + i * E, id, w);
+                if (L.router == FM_ROUTER_SPARSEMIXER) {
+                    sparse_mixer(c, lg + i * E, id, w);
+                } else {
+                    select_topk(c, lg + i * E, id, w);
+                }
                 if (uint32_t(lane) < k) {
                     ids[uint64_t(t0 + i) * k + lane] = id;
                     wts[uint64_t(t0 + i) * k + lane] = w;

@@ -61,6 +61,9 @@
 // Llama-4: top-k on the logits; sigmoid(logit) scales the expert's INPUT (at dispatch) and
 // the output is summed with weight 1.
 #define FM_ROUTER_SIGMOID_INPUT 3u
+// PhiMoE's sparsemixer (top-2): choice j is the largest logit m left, weighted by the
+// softmax over the experts left whose logit is within relative distance 2 eps of m.
+#define FM_ROUTER_SPARSEMIXER 4u
 
 // Status codes written by the kernel into the workspace status words.
 #define FM_STATUS_OK 0u
@@ -172,7 +175,7 @@ typedef struct FmLayerParams {
     uint32_t n_group;
     uint32_t topk_group;
     uint32_t router_f32;         // 1: router_weight is f32 [experts][hidden], not the dtype
-    uint32_t pad2;
+    float router_eps;            // FM_ROUTER_SPARSEMIXER's epsilon, 0 otherwise
 } FmLayerParams;
 
 // Pointers of one rank (one block group of the launch).
