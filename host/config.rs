@@ -113,6 +113,16 @@ pub enum Router {
     /// Llama-4: top-k on the logits; the chosen expert's input is scaled by
     /// `sigmoid(logit)` (times `routed_scale`) and its output added with weight 1.
     SigmoidInput,
+    /// DeepSeek-V4: scores `sqrt(softplus(logit))`, the selection bias added for the
+    /// choice only, weights the chosen scores (divided by their sum + 1e-20 when
+    /// `renormalize`) times `routed_scale`.
+    SqrtSoftplusBias {
+        /// Divide the k selected scores by their sum.
+        renormalize: bool,
+    },
+    /// gpt-oss: `logits = x . W^T + b` (the router bias, `LayerWeights::router_bias`), the
+    /// top-k of the logits, weighted by the softmax over those k logits.
+    TopkSoftmax,
     /// PhiMoE's sparsemixer at inference (top-2): the first choice is the largest logit
     /// `m1`, weighted by the softmax over the experts whose logit is within relative
     /// distance `2 eps` of `m1` (`(m1 - s_j) / max(|s_j|, m1) <= 2 eps`); the second is the
@@ -133,6 +143,15 @@ impl Router {
         Router::SparseMixer {
             jitter_bits: eps.to_bits(),
         }
+    }
+
+    /// True when the router has a per-expert bias `[experts]` (`LayerWeights::router_bias`):
+    /// a selection bias (sigmoid-bias, sqrt-softplus-bias) or gpt-oss's logit bias.
+    pub fn has_bias(self) -> bool {
+        matches!(
+            self,
+            Router::SigmoidBias { .. } | Router::SqrtSoftplusBias { .. } | Router::TopkSoftmax
+        )
     }
 
     /// The sparsemixer's epsilon (0 for other routers).
@@ -404,12 +423,12 @@ impl MoeConfig {
         }
         if !matches!(
             self.router,
-            Router::Softmax { .. } | Router::SigmoidBias { .. }
+            Router::Softmax { .. } | Router::SigmoidBias { .. } | Router::SqrtSoftplusBias { .. }
         ) {
             return Err(Error::config(
                 "group_limit",
                 "Some",
-                "only with the softmax and sigmoid-bias routers",
+                "only with the softmax, sigmoid-bias and sqrt-softplus-bias routers",
             ));
         }
         Ok(())

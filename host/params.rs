@@ -250,6 +250,8 @@ pub fn router_code(r: Router) -> (u32, u32) {
         Router::Given => (2, 0),
         Router::SigmoidInput => (3, 0),
         Router::SparseMixer { .. } => (4, 0),
+        Router::TopkSoftmax => (5, 0),
+        Router::SqrtSoftplusBias { renormalize } => (6, renormalize as u32),
     }
 }
 

@@ -6,7 +6,7 @@
 //!   rows (transformers' fused `gate_up_proj` convention);
 //! - `w1`: `[hidden][intermediate]` (the down projection).
 
-use crate::config::{MoeConfig, Router};
+use crate::config::MoeConfig;
 use crate::error::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -60,9 +60,10 @@ impl LayerWeights {
         } else {
             fill(&mut rng, cfg.experts * h, s_in, round)
         };
-        let router_bias = match cfg.router {
-            Router::SigmoidBias { .. } => fill(&mut rng, cfg.experts, 0.5, |x| x),
-            _ => Vec::new(),
+        let router_bias = if cfg.router.has_bias() {
+            fill(&mut rng, cfg.experts, 0.5, |x| x)
+        } else {
+            Vec::new()
         };
         let experts = (0..cfg.experts)
             .map(|_| mlp(&mut rng, cfg.intermediate))
@@ -121,7 +122,7 @@ impl LayerWeights {
             }
         };
         check("weights.router", self.router.len(), cfg.experts * h)?;
-        if matches!(cfg.router, Router::SigmoidBias { .. }) {
+        if cfg.router.has_bias() {
             check("weights.router_bias", self.router_bias.len(), cfg.experts)?;
         }
         check("weights.experts", self.experts.len(), cfg.experts)?;

@@ -14,12 +14,14 @@ use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::Duration;
 
-const ROUTERS: [Router; 7] = [
+const ROUTERS: [Router; 9] = [
     Router::Softmax { renormalize: true },
     Router::Softmax { renormalize: false },
     Router::SigmoidBias { renormalize: true },
     Router::SigmoidBias { renormalize: false },
     Router::SigmoidInput,
+    Router::TopkSoftmax,
+    Router::SqrtSoftplusBias { renormalize: true },
     Router::SparseMixer {
         jitter_bits: 0x3c23_d70a, // 0.01
     },
@@ -195,7 +197,7 @@ fn random_case(rng: &mut StdRng, seed: u64) -> Case {
     // as the group count, and enough groups kept for top-k.
     if matches!(
         c.router,
-        Router::Softmax { .. } | Router::SigmoidBias { .. }
+        Router::Softmax { .. } | Router::SigmoidBias { .. } | Router::SqrtSoftplusBias { .. }
     ) && rng.random_bool(0.3)
     {
         let divisors: Vec<usize> = (2..=experts.min(32)).filter(|g| experts % g == 0).collect();

@@ -32,11 +32,13 @@ const MLPS: [MlpKind; 4] = [
     MlpKind::Gelu,
     MlpKind::Relu,
 ];
-const ROUTERS: [Router; 5] = [
+const ROUTERS: [Router; 7] = [
     Router::Softmax { renormalize: true },
     Router::Softmax { renormalize: false },
     Router::SigmoidBias { renormalize: true },
     Router::SigmoidInput,
+    Router::TopkSoftmax,
+    Router::SqrtSoftplusBias { renormalize: true },
     Router::Given,
 ];
 const EXPERTS: [usize; 3] = [8, 64, 128];

@@ -111,6 +111,10 @@ pub enum RouterArg {
     SigmoidInput,
     /// PhiMoE's sparsemixer, epsilon 0.01 (top-2).
     SparseMixer,
+    /// sqrt(softplus) scores + selection bias, renormalised (DeepSeek-V4).
+    SqrtSoftplusBias,
+    /// Top-k of the biased logits, softmax over the k (gpt-oss).
+    TopkSoftmax,
     /// Routing given by the caller (random, uniform).
     Given,
 }
@@ -342,6 +346,8 @@ impl ShapeArgs {
                 RouterArg::SigmoidBias => Router::SigmoidBias { renormalize: true },
                 RouterArg::SigmoidInput => Router::SigmoidInput,
                 RouterArg::SparseMixer => Router::sparse_mixer(0.01),
+                RouterArg::SqrtSoftplusBias => Router::SqrtSoftplusBias { renormalize: true },
+                RouterArg::TopkSoftmax => Router::TopkSoftmax,
                 RouterArg::Given => Router::Given,
             };
         }

@@ -248,6 +248,8 @@ pub fn describe(cfg: &MoeConfig, plan: &LayerPlan) -> String {
         Router::SigmoidBias { .. } => "sigmoid-bias",
         Router::SigmoidInput => "sigmoid-input",
         Router::SparseMixer { .. } => "sparse-mixer",
+        Router::SqrtSoftplusBias { .. } => "sqrt-softplus-bias",
+        Router::TopkSoftmax => "topk-softmax",
         Router::Given => "given",
     };
     let cap = match cfg.capacity {

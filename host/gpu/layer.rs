@@ -483,13 +483,14 @@ impl MoeLayer {
                 ),
                 "router weights",
             )?,
-            router_bias: match cfg.router {
-                Router::SigmoidBias { .. } => Some(DeviceBuffer::from_bytes(
+            router_bias: if cfg.router.has_bias() {
+                Some(DeviceBuffer::from_bytes(
                     &stream,
                     &bytes_of_f32(&weights.router_bias),
                     "router bias",
-                )?),
-                _ => None,
+                )?)
+            } else {
+                None
             },
             logit_bias: DeviceBuffer::zeroed(&stream, 4 * cfg.experts, "logit bias")?,
             shared_w0: weights

@@ -72,12 +72,21 @@ pub(crate) fn route(
             Router::Softmax { renormalize } => {
                 renormalized(chosen.iter().map(|&e| gate[e]).collect(), renormalize, 0.0)
             }
-            // DeepSeek-V3 divides by the sum + 1e-20.
-            Router::SigmoidBias { renormalize } => renormalized(
-                chosen.iter().map(|&e| gate[e]).collect(),
-                renormalize,
-                1e-20,
-            ),
+            // DeepSeek-V3 and V4 divide by the sum + 1e-20.
+            Router::SigmoidBias { renormalize } | Router::SqrtSoftplusBias { renormalize } => {
+                renormalized(
+                    chosen.iter().map(|&e| gate[e]).collect(),
+                    renormalize,
+                    1e-20,
+                )
+            }
+            // gpt-oss: the softmax over the k chosen (biased) logits.
+            Router::TopkSoftmax => {
+                let top = chosen.first().map_or(0.0, |&e| sel[e]);
+                let ex: Vec<f64> = chosen.iter().map(|&e| (sel[e] - top).exp()).collect();
+                let z: f64 = ex.iter().sum();
+                ex.iter().map(|v| v / z).collect()
+            }
             Router::SigmoidInput => chosen.iter().map(|&e| gate[e]).collect(),
             // Routed above (`sparse_mixer`).
             Router::SparseMixer { .. } => Vec::new(),
@@ -126,6 +135,29 @@ fn scores(
                 .collect();
             (sel, sig)
         }
+        // DeepSeek-V4: sqrt(softplus(logit)), biased for the choice only.
+        Router::SqrtSoftplusBias { .. } => {
+            let score: Vec<f64> = logits
+                .map(|l| {
+                    // softplus without overflow: max(l, 0) + ln(1 + e^-|l|).
+                    (l.max(0.0) + (-l.abs()).exp().ln_1p()).sqrt()
+                })
+                .collect();
+            let sel = score
+                .iter()
+                .enumerate()
+                .map(|(e, &s)| s + w.router_bias.get(e).map_or(0.0, |&b| f64::from(b)))
+                .collect();
+            (sel, score)
+        }
+        // gpt-oss: the logits plus the router's own bias.
+        Router::TopkSoftmax => {
+            let biased: Vec<f64> = logits
+                .enumerate()
+                .map(|(e, l)| l + w.router_bias.get(e).map_or(0.0, |&b| f64::from(b)))
+                .collect();
+            (biased.clone(), biased)
+        }
         // PhiMoE ranks by the logits (see `sparse_mixer`).
         Router::SparseMixer { .. } => {
             let logits: Vec<f64> = logits.collect();
@@ -149,7 +181,10 @@ fn group_limited(cfg: &MoeConfig, mut sel: Vec<f64>) -> Vec<f64> {
         return sel;
     };
     let size = (cfg.experts / g.groups.max(1)).max(1);
-    let sigmoid = matches!(cfg.router, Router::SigmoidBias { .. });
+    let sigmoid = matches!(
+        cfg.router,
+        Router::SigmoidBias { .. } | Router::SqrtSoftplusBias { .. }
+    );
     let scores: Vec<f64> = sel
         .chunks(size)
         .map(|grp| {

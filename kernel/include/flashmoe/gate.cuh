@@ -187,13 +187,24 @@ __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_
     const FmLayerParams& L = *c.L;
     const int lane = threadIdx.x % 32;
     const uint32_t E = L.experts;
-    const bool sig = L.router == FM_ROUTER_SIGMOID_BIAS;
+    // Biased-score routers: scores f(logit), + router_bias for the choice only, weights
+    // the chosen scores (sigmoid: DeepSeek-V3; sqrt(softplus): DeepSeek-V4).
+    const bool sqsp = L.router == FM_ROUTER_SQRTSOFTPLUS_BIAS;
+    const bool sig = L.router == FM_ROUTER_SIGMOID_BIAS || sqsp;
     // Llama-4: the keys are the logits themselves; the weight is their sigmoid.
     const bool sig_in = L.router == FM_ROUTER_SIGMOID_INPUT;
+    // gpt-oss: keys are the logits + router_bias; weights the softmax over the k chosen.
+    const bool tks = L.router == FM_ROUTER_TOPK_SOFTMAX;
     const float* rbias = reinterpret_cast<const float*>(L.router_bias);
     float m = -INFINITY, z = 0.f;
-    if (sig) {
+    if (sqsp) {
+        // softplus without overflow: max(l, 0) + log1p(exp(-|l|)).
+        for (uint32_t e = lane; e < E; e += 32)
+            s[e] = sqrtf(fmaxf(s[e], 0.f) + log1pf(expf(-fabsf(s[e]))));
+    } else if (sig) {
         for (uint32_t e = lane; e < E; e += 32) s[e] = 1.f / (1.f + expf(-s[e]));
+    } else if (tks) {
+        for (uint32_t e = lane; e < E; e += 32) s[e] += rbias ? rbias[e] : 0.f;
     } else if (!sig_in) {
         for (uint32_t e = lane; e < E; e += 32) m = fmaxf(m, s[e]);
         m = warp_max(m);
@@ -235,8 +246,16 @@ __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_
         if (uint32_t(lane) == bi % 32) chosen |= 1u << (bi / 32);
         if (uint32_t(lane) == j) {
             my_id = int32_t(bi);
-            my_v = sig ? s[bi] : (sig_in ? 1.f / (1.f + expf(-s[bi])) : expf(s[bi] - m) / z);
+            my_v = (sig || tks) ? s[bi] : (sig_in ? 1.f / (1.f + expf(-s[bi])) : expf(s[bi] - m) / z);
         }
+    }
+    if (tks) {
+        // Softmax over the k chosen logits; lane 0 holds the largest.
+        const float top = __shfl_sync(0xffffffffu, my_v, 0);
+        my_v = uint32_t(lane) < c.k ? expf(my_v - top) : 0.f;
+        const float zk = warp_sum(my_v);
+        my_w = my_v / zk * L.routed_scale;
+        return;
     }
     const float tot = warp_sum(uint32_t(lane) < c.k ? my_v : 0.f);
     const bool renorm = L.renormalize != 0;

@@ -64,19 +64,22 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
     if (R.tokens > L.tokens_max) return bad(11, L.tokens_max, R.tokens);
     if (uint64_t(L.world) * R.local_experts > kMaxSignalPairs)
         return bad(12, kMaxSignalPairs, uint64_t(L.world) * R.local_experts);
-    if (L.router > FM_ROUTER_SPARSEMIXER || L.mlp > FM_MLP_RELU)
-        return bad(13, FM_ROUTER_SPARSEMIXER, L.router);
+    if (L.router > FM_ROUTER_SQRTSOFTPLUS_BIAS || L.mlp > FM_MLP_RELU)
+        return bad(13, FM_ROUTER_SQRTSOFTPLUS_BIAS, L.router);
     if (L.router == FM_ROUTER_SPARSEMIXER && c.k > 2) return bad(5, 2, c.k);
     if (L.stop_after > FM_STOP_COMBINE) return bad(15, FM_STOP_COMBINE, L.stop_after);
     if (L.n_group > 1 &&
         (L.n_group > FM_MAX_GROUPS || L.experts % L.n_group || L.topk_group == 0 ||
          L.topk_group > L.n_group || c.k > L.topk_group * (L.experts / L.n_group) ||
-         (L.router != FM_ROUTER_SOFTMAX && L.router != FM_ROUTER_SIGMOID_BIAS)))
+         (L.router != FM_ROUTER_SOFTMAX && L.router != FM_ROUTER_SIGMOID_BIAS &&
+          L.router != FM_ROUTER_SQRTSOFTPLUS_BIAS)))
         return bad(16, FM_MAX_GROUPS, (uint64_t(L.n_group) << 32) | L.topk_group);
     // Pointers the configuration needs (observed: which one is missing).
     if (L.expert_owner == 0) return bad(14, 1, 0);
     if (L.router != FM_ROUTER_GIVEN && L.router_weight == 0) return bad(14, 1, 1);
-    if (L.router == FM_ROUTER_SIGMOID_BIAS && L.router_bias == 0) return bad(14, 1, 2);
+    if ((L.router == FM_ROUTER_SIGMOID_BIAS || L.router == FM_ROUTER_TOPK_SOFTMAX ||
+         L.router == FM_ROUTER_SQRTSOFTPLUS_BIAS) && L.router_bias == 0)
+        return bad(14, 1, 2);
     if (L.router == FM_ROUTER_GIVEN && (R.given_ids == 0 || R.given_weights == 0)) return bad(14, 1, 3);
     if (R.tokens != 0 && (R.x == 0 || R.out == 0)) return bad(14, 1, 4);
     if (R.local_experts != 0 && (R.w0 == 0 || R.w1 == 0)) return bad(14, 1, 5);

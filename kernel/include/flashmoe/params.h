@@ -64,6 +64,10 @@
 // PhiMoE's sparsemixer (top-2): choice j is the largest logit m left, weighted by the
 // softmax over the experts left whose logit is within relative distance 2 eps of m.
 #define FM_ROUTER_SPARSEMIXER 4u
+// gpt-oss: top-k of (logit + router_bias), weighted by the softmax over those k.
+#define FM_ROUTER_TOPK_SOFTMAX 5u
+// DeepSeek-V4: sqrt(softplus(logit)) scores, + router_bias for the choice only.
+#define FM_ROUTER_SQRTSOFTPLUS_BIAS 6u
 
 // Status codes written by the kernel into the workspace status words.
 #define FM_STATUS_OK 0u
