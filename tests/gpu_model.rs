@@ -326,6 +326,31 @@ fn single_rank_f32_model_matches_cpu_model_and_reference_layer_by_layer() {
 }
 
 #[test]
+fn layer_norm_models_match_the_cpu_model() {
+    // PhiMoE's LayerNorm (weight and bias) in front of every block, f32 and bf16 layers.
+    for (dtype, label) in [
+        (Dtype::F32, "layernorm f32"),
+        (Dtype::Bf16, "layernorm bf16"),
+    ] {
+        let specs: Vec<LayerSpec> = varied_f32()
+            .into_iter()
+            .map(|s| LayerSpec { dtype, ..s })
+            .collect();
+        let mut layers = model(&specs, 2, 64, 77);
+        let mut rng = StdRng::seed_from_u64(78);
+        for l in &mut layers {
+            l.norm.bias = Some(
+                (0..l.config.hidden)
+                    .map(|_| dtype.round(rng.random_range(-0.3f32..0.3)))
+                    .collect(),
+            );
+        }
+        let x = inputs(&layers, 64, 300);
+        check_against_cpu_model(&layers, &x, label);
+    }
+}
+
+#[test]
 fn emulated_world_f32_model_matches_cpu_model_and_reference_layer_by_layer() {
     for world in [2, 4] {
         let layers = model(&varied_f32(), world, 64, 2 + world as u64);

@@ -93,6 +93,8 @@ struct DeviceLayer {
     logit_bias: Option<Vec<f32>>,
     events: LayerEvents,
     norm_weight: DeviceBuffer,
+    /// LayerNorm's bias (PhiMoE), or `None` for RMSNorm.
+    norm_bias: Option<DeviceBuffer>,
     moe: MoeLayer,
 }
 
@@ -169,16 +171,6 @@ impl GpuModel {
         let mut built = Vec::with_capacity(layers.len());
         for layer in layers {
             let index = layer.index;
-            if layer.norm.bias.is_some() {
-                return Err(Error::ModelLayer {
-                    layer: index,
-                    source: Box::new(Error::config(
-                        "norm",
-                        "LayerNorm (PhiMoE)",
-                        "RMSNorm: the GPU model driver has no LayerNorm kernel yet; run this model on the CPU backend",
-                    )),
-                });
-            }
             let plan = LayerPlan::new(&layer.config).map_err(in_layer(index))?;
             let mut moe = MoeLayer::new(
                 stream.clone(),
@@ -192,6 +184,14 @@ impl GpuModel {
                 .map_err(in_layer(index))?;
             let norm_weight =
                 DeviceBuffer::from_bytes(&stream, &f32_bytes(&layer.norm.weight), "norm weight")?;
+            let norm_bias = match &layer.norm.bias {
+                Some(b) => Some(DeviceBuffer::from_bytes(
+                    &stream,
+                    &f32_bytes(b),
+                    "norm bias",
+                )?),
+                None => None,
+            };
             built.push(DeviceLayer {
                 index,
                 dtype: layer.config.dtype,
@@ -205,6 +205,7 @@ impl GpuModel {
                     end: event()?,
                 },
                 norm_weight,
+                norm_bias,
                 moe,
             });
         }
@@ -424,6 +425,7 @@ impl GpuModel {
             let ev = &layer.events;
             ev.start.record(stream).map_err(cuda("record event"))?;
             norm.weight = layer.norm_weight.ptr();
+            norm.bias = layer.norm_bias.as_ref().map_or(0, DeviceBuffer::ptr);
             norm.eps = layer.eps;
             // SAFETY: state pointers per the contract; `normed` holds max_tokens * hidden
             // elements of the widest layer dtype; the weight holds `hidden` f32.

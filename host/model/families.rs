@@ -28,9 +28,8 @@
 //!   weight in f32 (`MoeConfig::router_f32`), as transformers does in every dtype: it is
 //!   read from the checkpoint without rounding.
 //! - **PhiMoE** routes with the inference-time sparsemixer and normalises with LayerNorm
-//!   (weight and bias): both run on the reference and the CPU executor, the router in the
-//!   kernel; the GPU model driver refuses LayerNorm with a typed error (its norm kernel is
-//!   RMSNorm only).
+//!   (weight and bias): the reference and the CPU executor run both, the kernel the router
+//!   and the GPU model driver's norm kernel the LayerNorm.
 //! - DeepSeek-V3 renormalises with `+ 1e-20`, as transformers does (MiniMax-M2, which
 //!   transformers divides by the plain sum, gets the same epsilon: a difference only when
 //!   every chosen sigmoid underflows).

@@ -37,6 +37,8 @@ pub struct NormParams {
     pub hidden: u32,
     /// `rms_norm_eps`.
     pub eps: f32,
+    /// The LayerNorm bias, f32 `[hidden]` (PhiMoE); 0 for RMSNorm.
+    pub bias: u64,
 }
 
 /// `FmResidualParams`: one residual add over every rank (`state = round(state + y)`).
@@ -272,7 +274,8 @@ mod tests {
         assert_eq!(offset_of!(NormParams, weight), 160);
         assert_eq!(offset_of!(NormParams, hidden), 168);
         assert_eq!(offset_of!(NormParams, eps), 172);
-        assert_eq!(size_of::<NormParams>(), 176);
+        assert_eq!(offset_of!(NormParams, bias), 176);
+        assert_eq!(size_of::<NormParams>(), 184);
         assert_eq!(offset_of!(ResidualParams, y), 64);
         assert_eq!(offset_of!(ResidualParams, rows), 128);
         assert_eq!(offset_of!(ResidualParams, hidden), 160);

@@ -6,6 +6,9 @@
 //             sum(x^2) of the f32 values accumulated in f64 (as the host does), the rest in
 //             f32 with IEEE round-to-nearest (no FMA contraction): bit-exact with the host
 //             except where the f64 sum's order changes the f32 mean (last-bit ties).
+//   layer norm (PhiMoE, `bias` set): out = round_T( (x - mean) * r * w + b ),
+//             r = 1 / sqrt( f32(var) + eps ), mean and var accumulated in f64 as the host
+//             does (host/model/norm.rs), the rest in f32 without FMA contraction.
 //   residual: state = round_T( state + y )
 //
 // The residual state ("S") is f32 (one buffer for layers of any dtype, holding values
@@ -32,6 +35,7 @@ typedef struct FmNormParams {
     unsigned long long weight;                    // f32 [hidden]
     unsigned int hidden;
     float eps;
+    unsigned long long bias;                      // f32 [hidden]: LayerNorm; 0: RMSNorm
 } FmNormParams;
 
 // Per-launch parameters of the residual add: blockIdx.y = rank, grid-stride over elements.
@@ -48,7 +52,8 @@ static_assert(offsetof(FmNormParams, rows) == 128, "FmNormParams layout");
 static_assert(offsetof(FmNormParams, weight) == 160, "FmNormParams layout");
 static_assert(offsetof(FmNormParams, hidden) == 168, "FmNormParams layout");
 static_assert(offsetof(FmNormParams, eps) == 172, "FmNormParams layout");
-static_assert(sizeof(FmNormParams) == 176, "FmNormParams layout");
+static_assert(offsetof(FmNormParams, bias) == 176, "FmNormParams layout");
+static_assert(sizeof(FmNormParams) == 184, "FmNormParams layout");
 static_assert(offsetof(FmResidualParams, y) == 64, "FmResidualParams layout");
 static_assert(offsetof(FmResidualParams, rows) == 128, "FmResidualParams layout");
 static_assert(offsetof(FmResidualParams, hidden) == 160, "FmResidualParams layout");
@@ -91,6 +96,31 @@ __device__ __forceinline__ double block_sum(double v, double* scratch) {
     return total;
 }
 
+// ---- LayerNorm (PhiMoE): one block per row, two passes (mean, then variance) -------------
+template <typename S, typename T>
+__device__ __noinline__ void layer_norm(const FmNormParams& p, const S* x, T* out) {
+    __shared__ double scratch[FM_MODEL_OP_THREADS / 32];
+    const unsigned h = p.hidden;
+    const float* w = reinterpret_cast<const float*>(p.weight);
+    const float* b = reinterpret_cast<const float*>(p.bias);
+    double s = 0.0;
+    for (unsigned i = threadIdx.x; i < h; i += FM_MODEL_OP_THREADS) s += static_cast<double>(ld(x[i]));
+    const double mean = __ddiv_rn(block_sum(s, scratch), static_cast<double>(h));
+    __syncthreads();  // scratch is reused by the second reduction
+    double v = 0.0;
+    for (unsigned i = threadIdx.x; i < h; i += FM_MODEL_OP_THREADS) {
+        const double d = static_cast<double>(ld(x[i])) - mean;
+        v = __fma_rn(d, d, v);
+    }
+    const float var = static_cast<float>(__ddiv_rn(block_sum(v, scratch), static_cast<double>(h)));
+    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, p.eps)));
+    const float m = static_cast<float>(mean);
+    for (unsigned i = threadIdx.x; i < h; i += FM_MODEL_OP_THREADS) {
+        const float y = __fmul_rn(__fmul_rn(__fsub_rn(ld(x[i]), m), r), w[i]);
+        out[i] = st<T>(__fadd_rn(y, b[i]));
+    }
+}
+
 // ---- RMSNorm: one block per row -------------------------------------------------------------
 template <typename S, typename T>
 __device__ __forceinline__ void rms_norm(const FmNormParams& p) {
@@ -101,6 +131,7 @@ __device__ __forceinline__ void rms_norm(const FmNormParams& p) {
     const unsigned h = p.hidden;
     const S* x = reinterpret_cast<const S*>(p.x[rank]) + static_cast<size_t>(row) * h;
     T* out = reinterpret_cast<T*>(p.out[rank]) + static_cast<size_t>(row) * h;
+    if (p.bias != 0) return layer_norm<S, T>(p, x, out);
     const float* w = reinterpret_cast<const float*>(p.weight);
     const bool vec = h % 4 == 0 && aligned4<S>(x) && aligned4<T>(out) && aligned4<float>(w);
 
