@@ -6,7 +6,6 @@ use flashmoe::cpu::CpuExecutor;
 use flashmoe::reference::{LayerOutput, RankInput, RouteOverrides};
 use flashmoe::weights::LayerWeights;
 use flashmoe::{Error, LayerPlan, Result};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// The cubin of the persistent layer kernel (`kernel/flashmoe.cu`).
@@ -63,7 +62,7 @@ struct Cpu {
 /// The CPU executor: one thread per rank.
 pub fn cpu_runner(plan: &LayerPlan, weights: &LayerWeights) -> Result<Box<dyn Runner>> {
     Ok(Box::new(Cpu {
-        exec: CpuExecutor::new(plan.clone(), Arc::new(weights.clone()))?,
+        exec: CpuExecutor::from_weights(plan.clone(), weights)?,
         ranks: plan.world(),
     }))
 }
