@@ -1,6 +1,6 @@
 //! The router: logits, top-k selection, weights, and slot assignment.
 
-use super::{check_input, dot64, sigmoid, GateOutput, RouteOverrides};
+use super::{check_input, dots64, sigmoid, GateOutput, RouteOverrides};
 use crate::config::{GivenRouting, MoeConfig, Router};
 use crate::error::Result;
 use crate::plan::LayerPlan;
@@ -56,9 +56,9 @@ pub(crate) fn route(
     let mut logits = vec![0f64; cfg.experts];
     for t in 0..tokens {
         let xt = &x[t * h..(t + 1) * h];
+        dots64(xt, &w.router, &mut logits);
         for (e, l) in logits.iter_mut().enumerate() {
-            *l = dot64(xt, &w.router[e * h..(e + 1) * h])
-                + logit_bias.map_or(0.0, |b| f64::from(b[e]));
+            *l += logit_bias.map_or(0.0, |b| f64::from(b[e]));
         }
         let (chosen, mut wts): (Vec<usize>, Vec<f64>) = match cfg.router {
             Router::Softmax { renormalize } => {

@@ -644,3 +644,21 @@ fn forward_rows_equals_forward_on_the_listed_rows() {
     assert!(forward_rows(&plan, &w, &inputs, &ov, &[vec![200], vec![]]).is_err());
     assert!(forward_rows(&plan, &w, &inputs, &ov, &[vec![0]]).is_err());
 }
+
+#[test]
+fn dots64_is_dot64_bit_for_bit() {
+    for (h, rows) in [(1usize, 1usize), (5, 3), (64, 8), (67, 13), (256, 17)] {
+        let x: Vec<f32> = (0..h)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let w: Vec<f32> = (0..h * rows)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
+            .collect();
+        let mut got = vec![f64::NAN; rows];
+        super::dots64(&x, &w, &mut got);
+        for (e, g) in got.iter().enumerate() {
+            let want = super::dot64(&x, &w[e * h..(e + 1) * h]);
+            assert_eq!(g.to_bits(), want.to_bits(), "h {h} row {e}");
+        }
+    }
+}

@@ -34,9 +34,9 @@ pub use pack::{Lhs, PackedMatrix};
 pub const NR: usize = 32;
 /// Rows of `x` per register tile.
 pub const MR: usize = 8;
-/// Depth of one cache block: a panel's block (`KC x NR`, 32 KiB in f32, 16 KiB in bf16)
+/// Depth of one cache block: a panel's block (`KC x NR`, 16 KiB in f32, 8 KiB in bf16)
 /// stays in L1 while every row tile of `x` passes over it. Even, for `vdpbf16ps` pairs.
-pub const KC: usize = 256;
+pub const KC: usize = 128;
 
 /// How a packed matrix is stored and multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -179,3 +179,28 @@ fn packed_weights_keep_their_dtype_width() {
     assert_eq!(PackedMatrix::pack(&w, n, k, Dtype::F16).bytes(), n * k * 2);
     assert_eq!(PackedMatrix::pack(&w, n, k, Dtype::F32).bytes(), n * k * 4);
 }
+
+/// Throughput of every kernel on expert-unit shapes (not a check: run by hand with
+/// `cargo test --lib gemm_speed -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn gemm_speed() {
+    for (dtype, kernel) in kernels() {
+        for (rows, n, k) in [(32, 2048, 2048), (8, 2048, 2048), (32, 1024, 4096)] {
+            let x = values(rows * k, 1, dtype);
+            let w = PackedMatrix::pack_for(&values(n * k, 2, dtype), n, k, dtype, kernel);
+            let mut out = vec![0f32; rows * n];
+            let mut s = f64::MAX;
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                let lhs = Lhs::new(&x, rows, k, kernel);
+                for c0 in (0..n).step_by(64) {
+                    gemm(&lhs, &w, c0, 64, &mut out[c0..], n);
+                }
+                s = s.min(t.elapsed().as_secs_f64());
+            }
+            let gf = 2.0 * (rows * n * k) as f64 / s / 1e9;
+            println!("{kernel:?} {dtype:?} {rows}x{n}x{k}: {gf:.1} GFLOP/s (best of 20)");
+        }
+    }
+}
