@@ -80,7 +80,7 @@ pub(super) fn tile(x: &Lhs, w: &PackedMatrix, s: Step, acc: &mut [[f32; NR]]) {
     let rows = acc.len().min(super::MR);
     let acc = &mut acc[..rows];
     match w.kernel() {
-        Kernel::Bf16Dot if has_bf16() => {
+        Kernel::Bf16Dot | Kernel::Bf16Amx if has_bf16() => {
             let ldx = x.k().div_ceil(2);
             let (i0, ni) = (s.k0 / 2, s.kc.div_ceil(2));
             let xs = &x.pairs()[s.r0 * ldx..];

@@ -12,18 +12,21 @@
 //! but needs f32 weights; the bf16 kernel reads half the bytes.
 //!
 //! The kernel is chosen at run time from the CPU and the dtype ([`Kernel::detect`]):
-//! AVX-512 with `vdpbf16ps` for bf16 where the CPU has `avx512_bf16`, AVX-512F FMA for f32,
+//! AMX (`tdpbf16ps`) for bf16 where the CPU has AMX-BF16 and Linux grants it, else
+//! AVX-512 with `vdpbf16ps` where the CPU has `avx512_bf16`, AVX-512F FMA for f32,
 //! for f16 (widened by `vcvtph2ps`) and for bf16 without `avx512_bf16`, and a portable
 //! kernel (multiply then add, vectorised by the compiler) elsewhere.
 //!
 //! Determinism: every output value is computed by one chain of operations over `k` in
-//! order (one accumulator per output, no split of `k` across lanes or threads), so it
+//! order (one accumulator per output, no split of `k` across threads), so it
 //! depends only on its row of `x`, its column of `w` and the kernel: not on how many rows
 //! or columns are computed together, nor on the thread. Kernels differ in rounding (FMA,
-//! pairwise `vdpbf16ps` with its flush of subnormals, or multiply-then-add), so results
+//! `tdpbf16ps` over 32 depths or `vdpbf16ps` over 2, both flushing subnormals, or
+//! multiply-then-add), so results
 //! may differ between machines whose CPUs pick different kernels; on one machine they are
 //! bit-identical run to run and whatever the thread count.
 
+mod amx;
 mod avx512;
 mod pack;
 mod portable;
@@ -44,6 +47,10 @@ pub enum Kernel {
     /// f32 weights `[k][NR]` per panel; AVX-512F FMA.
     F32Fma,
     /// bf16 weights in pairs along `k` (`[k / 2][NR][2]` per panel) and `x` rounded to
+    /// bf16; AMX `tdpbf16ps` (f32 accumulation, subnormals flushed) on whole steps of 32
+    /// depths, `vdpbf16ps` on the rest.
+    Bf16Amx,
+    /// bf16 weights in pairs along `k` (`[k / 2][NR][2]` per panel) and `x` rounded to
     /// bf16; AVX-512 BF16 `vdpbf16ps` (f32 accumulation, subnormals flushed).
     Bf16Dot,
     /// bf16 weights `[k][NR]` per panel, widened in registers; AVX-512F FMA.
@@ -56,17 +63,35 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs for weights of `dtype`.
+    /// The fastest kernel this CPU runs for weights of `dtype`, within the ceiling set by
+    /// the environment variable `FLASHMOE_CPU_GEMM`: `portable` (the portable kernel only),
+    /// `avx512` (no AMX), anything else or unset: the fastest.
     pub fn detect(dtype: crate::Dtype) -> Kernel {
-        [
-            Kernel::Bf16Dot,
-            Kernel::F32Fma,
-            Kernel::Bf16Fma,
-            Kernel::F16Fma,
-        ]
-        .into_iter()
-        .find(|k| k.fits(dtype) && k.supported())
-        .unwrap_or(Kernel::Portable)
+        let ceiling = std::env::var("FLASHMOE_CPU_GEMM").unwrap_or_default();
+        let order: &[Kernel] = match ceiling.as_str() {
+            "portable" => &[],
+            "avx512" => &Self::ALL[1..],
+            _ => &Self::ALL,
+        };
+        order
+            .iter()
+            .copied()
+            .find(|k| k.fits(dtype) && k.supported())
+            .unwrap_or(Kernel::Portable)
+    }
+
+    /// Every kernel but the portable one, fastest first.
+    const ALL: [Kernel; 5] = [
+        Kernel::Bf16Amx,
+        Kernel::Bf16Dot,
+        Kernel::F32Fma,
+        Kernel::Bf16Fma,
+        Kernel::F16Fma,
+    ];
+
+    /// Whether it takes bf16 pairs along `k` (weights and `x`).
+    pub fn pairs(self) -> bool {
+        matches!(self, Kernel::Bf16Amx | Kernel::Bf16Dot)
     }
 
     /// Whether this kernel multiplies weights of `dtype`.
@@ -75,7 +100,7 @@ impl Kernel {
         matches!(
             (self, dtype),
             (Kernel::F32Fma, F32)
-                | (Kernel::Bf16Dot | Kernel::Bf16Fma, Bf16)
+                | (Kernel::Bf16Amx | Kernel::Bf16Dot | Kernel::Bf16Fma, Bf16)
                 | (Kernel::F16Fma, F16)
                 | (Kernel::Portable, _)
         )
@@ -85,6 +110,7 @@ impl Kernel {
     pub fn supported(self) -> bool {
         match self {
             Kernel::Portable => true,
+            Kernel::Bf16Amx => amx::available(),
             Kernel::Bf16Dot => avx512::has_bf16(),
             Kernel::F32Fma | Kernel::Bf16Fma | Kernel::F16Fma => avx512::has_f(),
         }
@@ -136,11 +162,19 @@ struct Step {
     first: bool,
 }
 
-/// Every row of `x` times panel `p` of `w` into `acc` (`[rows][NR]`), block by block of
-/// [`KC`] along `k`, row tile by row tile of [`MR`].
+/// Every row of `x` times panel `p` of `w` into `acc` (`[rows][NR]`): with AMX over the
+/// whole steps of its depth where the kernel is [`Kernel::Bf16Amx`], then block by block
+/// of [`KC`] along the rest of `k`, row tile by row tile of [`MR`].
 fn panel(x: &Lhs, w: &PackedMatrix, p: usize, acc: &mut [[f32; NR]]) {
     let k = w.k();
-    for k0 in (0..k.max(1)).step_by(KC) {
+    let from = match w.kernel() {
+        Kernel::Bf16Amx => amx::panel(x, w, p, acc),
+        _ => 0,
+    };
+    if k == 0 {
+        acc.iter_mut().for_each(|a| *a = [0.0; NR]);
+    }
+    for k0 in (from..k).step_by(KC) {
         for (t, tile) in acc.chunks_mut(MR).enumerate() {
             let s = Step {
                 r0: t * MR,

@@ -18,7 +18,7 @@ pub struct PackedMatrix {
     k: usize,
     kernel: Kernel,
     dtype: Dtype,
-    /// Elements of one panel (`NR * k`, `k` rounded up to even for [`Kernel::Bf16Dot`]).
+    /// Elements of one panel (`NR * k`, `k` rounded up to even for the bf16-pair kernels).
     panel_len: usize,
     data: Vec<Line>,
 }
@@ -49,7 +49,7 @@ impl PackedMatrix {
         } else {
             Kernel::Portable
         };
-        let depth = if kernel == Kernel::Bf16Dot {
+        let depth = if kernel.pairs() {
             k.next_multiple_of(2)
         } else {
             k
@@ -76,9 +76,13 @@ impl PackedMatrix {
     fn fill<T: Pod>(&mut self, w: &[f32], conv: impl Fn(f32) -> T) {
         let (n, k, kernel) = (self.n, self.k, self.kernel);
         // Position of (column c of the panel, depth i) inside the panel.
-        let pos = |c: usize, i: usize| match kernel {
-            Kernel::Bf16Dot => (i / 2) * 2 * NR + 2 * c + i % 2,
-            _ => i * NR + c,
+        let pairs = kernel.pairs();
+        let pos = |c: usize, i: usize| {
+            if pairs {
+                (i / 2) * 2 * NR + 2 * c + i % 2
+            } else {
+                i * NR + c
+            }
         };
         let dst = bytemuck::cast_slice_mut::<Line, T>(&mut self.data);
         for (p, panel) in dst.chunks_mut(self.panel_len).enumerate() {
@@ -143,7 +147,8 @@ impl PackedMatrix {
 }
 
 /// The rows of `x` for one kernel: f32 as given, or bf16 pairs along `k` for
-/// [`Kernel::Bf16Dot`] (each value rounded to bf16, a no-op for a bf16 layer's rows).
+/// [`Kernel::Bf16Dot`] and [`Kernel::Bf16Amx`] (each value rounded to bf16, a no-op for a
+/// bf16 layer's rows).
 pub struct Lhs<'a> {
     rows: usize,
     k: usize,
@@ -162,7 +167,7 @@ impl<'a> Lhs<'a> {
     pub fn new(x: &'a [f32], rows: usize, k: usize, kernel: Kernel) -> Self {
         let rows = if k == 0 { rows } else { rows.min(x.len() / k) };
         let x = &x[..rows * k];
-        let data = if kernel == Kernel::Bf16Dot {
+        let data = if kernel.pairs() {
             let bits =
                 |v: Option<&f32>| u32::from(v.map_or(0, |&v| half::bf16::from_f32(v).to_bits()));
             let pairs = x.chunks(k.max(1)).flat_map(|row| {
@@ -196,7 +201,7 @@ impl<'a> Lhs<'a> {
         self.kernel
     }
 
-    /// The f32 rows (empty for [`Kernel::Bf16Dot`]).
+    /// The f32 rows (empty for the bf16-pair kernels).
     pub(super) fn f32_rows(&self) -> &[f32] {
         match &self.data {
             LhsData::F32(x) => x,

@@ -18,6 +18,7 @@ fn values(n: usize, seed: u32, dtype: Dtype) -> Vec<f32> {
 fn kernels() -> Vec<(Dtype, Kernel)> {
     let all = [
         Kernel::F32Fma,
+        Kernel::Bf16Amx,
         Kernel::Bf16Dot,
         Kernel::Bf16Fma,
         Kernel::F16Fma,
@@ -48,7 +49,9 @@ fn run(x: &[f32], rows: usize, k: usize, w: &PackedMatrix, col0: usize, ncols: u
         .collect()
 }
 
-const SHAPES: [(usize, usize, usize); 7] = [
+const SHAPES: [(usize, usize, usize); 9] = [
+    (33, 40, 96),
+    (20, 64, 70),
     (1, 1, 1),
     (3, 5, 13),
     (8, 32, 64),
@@ -130,7 +133,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 fn fma_kernels_are_one_fma_chain_per_output() {
     // The documented order: acc = fma(x[i], w[i], acc) for i = 0 .. k (f32::mul_add is an
     // exact fused multiply-add wherever it runs); the portable kernel multiplies then adds.
-    for (dtype, kernel) in kernels().into_iter().filter(|(_, k)| *k != Kernel::Bf16Dot) {
+    for (dtype, kernel) in kernels().into_iter().filter(|(_, k)| !k.pairs()) {
         let (rows, n, k) = (5, 40, 300);
         let x = values(rows * k, 11, dtype);
         let wv = values(n * k, 13, dtype);
