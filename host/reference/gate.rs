@@ -1,6 +1,6 @@
 //! The router: logits, top-k selection, weights, and slot assignment.
 
-use super::{check_input, dots64, sigmoid, GateOutput, RouteOverrides};
+use super::{check_input, sigmoid, GateOutput, RouteOverrides};
 use crate::config::{GivenRouting, MoeConfig, Router};
 use crate::error::Result;
 use crate::plan::LayerPlan;
@@ -53,10 +53,9 @@ pub(crate) fn route(
         return (ids, weights);
     }
     let scale = f64::from(cfg.routed_scale);
-    let mut logits = vec![0f64; cfg.experts];
-    for t in 0..tokens {
-        let xt = &x[t * h..(t + 1) * h];
-        dots64(xt, &w.router, &mut logits);
+    let all = super::logits::logits64(x, tokens, &w.router, h);
+    for logits in all.chunks(cfg.experts.max(1)).take(tokens) {
+        let mut logits = logits.to_vec();
         for (e, l) in logits.iter_mut().enumerate() {
             *l += logit_bias.map_or(0.0, |b| f64::from(b[e]));
         }

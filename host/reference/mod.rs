@@ -18,6 +18,7 @@
 
 mod compare;
 mod gate;
+mod logits;
 mod mlp;
 
 pub use compare::{normalised_error, tolerance};
