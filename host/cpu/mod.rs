@@ -32,6 +32,7 @@
 //! violations (a signal with an impossible row count, an access outside a heap) are
 //! reported as [`Error::Device`], as the kernel reports them through its status word.
 
+mod act;
 mod gemm;
 mod heap;
 mod packed;

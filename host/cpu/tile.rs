@@ -2,6 +2,7 @@
 //! computes it: weights in the dtype, f32 accumulation (the GEMM of [`super::gemm`]), the
 //! activation stored in the dtype between the two GEMMs, the result rounded to the dtype.
 
+use super::act::act_row;
 use super::gemm::{gemm, Lhs};
 use super::packed::PackedMlp;
 use crate::config::{Dtype, MlpKind};
@@ -53,18 +54,6 @@ fn round_bf16(x: f32) -> f32 {
     f32::from_bits(hi << 16)
 }
 
-/// The activation in f32 (same definitions as [`crate::reference::activation`]).
-pub fn act(kind: MlpKind, z: f32) -> f32 {
-    match kind {
-        MlpKind::SwiGlu => z / (1.0 + (-z).exp()),
-        MlpKind::GeGlu | MlpKind::Gelu => {
-            const C: f32 = 0.797_884_6; // sqrt(2 / pi)
-            0.5 * z * (1.0 + (C * (z + 0.044715 * z * z * z)).tanh())
-        }
-        MlpKind::Relu => z.max(0.0),
-    }
-}
-
 /// One expert MLP (routed or shared) ready to run on row blocks.
 pub struct TiledMlp<'a> {
     /// Activation kind.
@@ -107,14 +96,8 @@ impl TiledMlp<'_> {
             }
             for r in 0..rows {
                 let out = &mut a[r * wd + n0..r * wd + n0 + TILE_N];
-                for (c, o) in out.iter_mut().enumerate() {
-                    let g = act(self.kind, z[r * TILE_N + c]);
-                    *o = if self.kind.is_gated() {
-                        g * u[r * TILE_N + c]
-                    } else {
-                        g
-                    };
-                }
+                let (zr, ur) = (&z[r * TILE_N..][..TILE_N], &u[r * TILE_N..][..TILE_N]);
+                act_row(self.kind, zr, ur, out);
                 round_all(self.dtype, out);
             }
         }
@@ -129,6 +112,7 @@ impl TiledMlp<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::act::act;
     use super::*;
     use crate::config::MoeConfig;
     use crate::reference;
