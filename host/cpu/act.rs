@@ -16,7 +16,7 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding and removing 1.5 * 2^23 rounds to the nearest integer (|x * log2 e| < 2^22).
     const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
+    let x = x.max(-87.0).min(88.0);
     let n = (x * LOG2E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
@@ -46,6 +46,7 @@ fn gelu(z: f32) -> f32 {
 }
 
 /// The activation of `z`.
+#[cfg(test)]
 pub fn act(kind: MlpKind, z: f32) -> f32 {
     match kind {
         MlpKind::SwiGlu => silu(z),
@@ -55,15 +56,39 @@ pub fn act(kind: MlpKind, z: f32) -> f32 {
 }
 
 /// `out[c] = act(z[c]) * u[c]` for gated kinds, `act(z[c])` otherwise (`u` unused).
+/// Compiled for AVX-512 too, chosen at run time: the same IEEE operations in the same
+/// order (Rust neither contracts nor reorders them), so the same bits either way.
 pub fn act_row(kind: MlpKind, z: &[f32], u: &[f32], out: &mut [f32]) {
-    let gated = |f: fn(f32) -> f32, out: &mut [f32]| {
-        for ((o, &z), &u) in out.iter_mut().zip(z).zip(u) {
-            *o = f(z) * u;
-        }
-    };
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        unsafe { act_row_avx512(kind, z, u, out) };
+        return;
+    }
+    act_row_any(kind, z, u, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn act_row_avx512(kind: MlpKind, z: &[f32], u: &[f32], out: &mut [f32]) {
+    act_row_any(kind, z, u, out);
+}
+
+#[inline(always)]
+fn act_row_any(kind: MlpKind, z: &[f32], u: &[f32], out: &mut [f32]) {
+    let n = out.len().min(z.len());
+    let (z, out) = (&z[..n], &mut out[..n]);
     match kind {
-        MlpKind::SwiGlu => gated(silu, out),
-        MlpKind::GeGlu => gated(gelu, out),
+        MlpKind::SwiGlu => {
+            for ((o, &z), &u) in out.iter_mut().zip(z).zip(&u[..n]) {
+                *o = silu(z) * u;
+            }
+        }
+        MlpKind::GeGlu => {
+            for ((o, &z), &u) in out.iter_mut().zip(z).zip(&u[..n]) {
+                *o = gelu(z) * u;
+            }
+        }
         MlpKind::Gelu => out.iter_mut().zip(z).for_each(|(o, &z)| *o = gelu(z)),
         MlpKind::Relu => out.iter_mut().zip(z).for_each(|(o, &z)| *o = z.max(0.0)),
     }

@@ -7,6 +7,7 @@
 //! a signal before the reads of whoever sees that signal (the device's `st.release` /
 //! `ld.acquire` pair). Elements are packed little-endian, element 0 in the low bits.
 
+use super::tile::bf16_bits;
 use crate::config::Dtype;
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +43,45 @@ fn decode(dtype: Dtype, bits: u64) -> f32 {
         Dtype::F16 => half::f16::from_bits(bits as u16).to_f32(),
         Dtype::F32 => f32::from_bits(bits as u32),
     }
+}
+
+/// `values` encoded by `enc` into the words of `span`, `PER` per word, first in the
+/// low bits (one function per dtype, so that the loop has no branch per value).
+#[inline(always)]
+fn store<const PER: usize>(span: &[AtomicU64], values: &[f32], enc: impl Fn(f32) -> u64) {
+    let bits = 64 / PER;
+    for (w, chunk) in span.iter().zip(values.chunks(PER)) {
+        let word = chunk
+            .iter()
+            .enumerate()
+            .fold(0u64, |acc, (i, &v)| acc | (enc(v) << (i * bits)));
+        w.store(word, Ordering::Relaxed);
+    }
+}
+
+/// The words of `span` decoded by `dec` into `out`, `PER` values per word.
+#[inline(always)]
+fn load<const PER: usize>(span: &[AtomicU64], out: &mut [f32], dec: impl Fn(u64) -> f32) {
+    let bits = 64 / PER;
+    let mask = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    for (w, chunk) in span.iter().zip(out.chunks_mut(PER)) {
+        let word = w.load(Ordering::Relaxed);
+        for (i, o) in chunk.iter_mut().enumerate() {
+            *o = dec((word >> (i * bits)) & mask);
+        }
+    }
+}
+
+/// `half::bf16::from_bits(b).to_f32()`, branch-free: NaNs keep their payload with the
+/// quiet bit set.
+#[inline(always)]
+fn bf16_value(b: u16) -> f32 {
+    let q = if b & 0x7fff > 0x7f80 { b | 0x40 } else { b };
+    f32::from_bits(u32::from(q) << 16)
 }
 
 impl SymHeap {
@@ -98,39 +138,22 @@ impl SymHeap {
 
     /// Stores `values` at byte `offset`, each rounded to the dtype (data ordering).
     pub fn write(&self, offset: u64, values: &[f32]) -> Result<()> {
-        let per = 8 / self.dtype.size();
-        let bits = 64 / per;
-        for (w, chunk) in self
-            .span(offset, values.len())?
-            .iter()
-            .zip(values.chunks(per))
-        {
-            let word = chunk.iter().enumerate().fold(0u64, |acc, (i, &v)| {
-                acc | (encode(self.dtype, v) << (i * bits))
-            });
-            w.store(word, Ordering::Relaxed);
+        let span = self.span(offset, values.len())?;
+        match self.dtype {
+            Dtype::Bf16 => store::<4>(span, values, |v| u64::from(bf16_bits(v))),
+            Dtype::F16 => store::<4>(span, values, |v| encode(Dtype::F16, v)),
+            Dtype::F32 => store::<2>(span, values, |v| u64::from(v.to_bits())),
         }
         Ok(())
     }
 
     /// Loads `out.len()` values from byte `offset` (data ordering).
     pub fn read(&self, offset: u64, out: &mut [f32]) -> Result<()> {
-        let per = 8 / self.dtype.size();
-        let bits = 64 / per;
-        let mask = if bits == 64 {
-            u64::MAX
-        } else {
-            (1u64 << bits) - 1
-        };
-        for (w, chunk) in self
-            .span(offset, out.len())?
-            .iter()
-            .zip(out.chunks_mut(per))
-        {
-            let word = w.load(Ordering::Relaxed);
-            for (i, o) in chunk.iter_mut().enumerate() {
-                *o = decode(self.dtype, (word >> (i * bits)) & mask);
-            }
+        let span = self.span(offset, out.len())?;
+        match self.dtype {
+            Dtype::Bf16 => load::<4>(span, out, |b| bf16_value(b as u16)),
+            Dtype::F16 => load::<4>(span, out, |b| decode(Dtype::F16, b)),
+            Dtype::F32 => load::<2>(span, out, |b| f32::from_bits(b as u32)),
         }
         Ok(())
     }

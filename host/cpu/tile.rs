@@ -33,14 +33,39 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn round_all(dtype: Dtype, v: &mut [f32]) {
     match dtype {
         Dtype::F32 => {}
-        Dtype::Bf16 => v.iter_mut().for_each(|x| *x = round_bf16(*x)),
+        Dtype::Bf16 => round_all_bf16(v),
         Dtype::F16 => v.iter_mut().for_each(|x| *x = dtype.round(*x)),
     }
+}
+
+/// Every value of `v` rounded to bf16; compiled for AVX-512 too and chosen at run time
+/// (integer operations: the same bits either way).
+fn round_all_bf16(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        unsafe { round_all_bf16_avx512(v) };
+        return;
+    }
+    v.iter_mut().for_each(|x| *x = round_bf16(*x));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn round_all_bf16_avx512(v: &mut [f32]) {
+    v.iter_mut().for_each(|x| *x = round_bf16(*x));
 }
 
 /// `x` rounded to bf16 and back, as `half::bf16::from_f32(x).to_f32()` computes it.
 #[inline(always)]
 fn round_bf16(x: f32) -> f32 {
+    f32::from_bits(u32::from(bf16_bits(x)) << 16)
+}
+
+/// The bits of `x` rounded to bf16, as `half::bf16::from_f32(x).to_bits()` computes
+/// them, branch-free.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     let nan = b & 0x7fff_ffff > 0x7f80_0000;
     // Round half to even: up when the dropped half is above 0x8000, or exactly 0x8000
@@ -51,7 +76,7 @@ fn round_bf16(x: f32) -> f32 {
     } else {
         (b >> 16) + up
     };
-    f32::from_bits(hi << 16)
+    hi as u16
 }
 
 /// One expert MLP (routed or shared) ready to run on row blocks.

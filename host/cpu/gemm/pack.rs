@@ -1,6 +1,7 @@
 //! The two operands of [`super::gemm`]: the weights packed into panels in their own dtype
 //! ([`PackedMatrix`]), and the rows of `x` in the form the kernel reads ([`Lhs`]).
 
+use super::super::tile::bf16_bits;
 use super::{Kernel, NR};
 use crate::Dtype;
 use bytemuck::{Pod, Zeroable};
@@ -156,6 +157,20 @@ pub struct Lhs<'a> {
     data: LhsData<'a>,
 }
 
+/// The rows of `x` (`[rows][k]`) as bf16 pairs, `[rows][ceil(k / 2)]`.
+fn pairs(x: &[f32], k: usize) -> Vec<u32> {
+    let half = k.div_ceil(2);
+    let mut out = vec![0u32; x.len().div_ceil(k.max(1)) * half];
+    for (row, o) in x.chunks(k.max(1)).zip(out.chunks_mut(half.max(1))) {
+        for (p, o) in row.chunks(2).zip(o.iter_mut()) {
+            let lo = u32::from(bf16_bits(p[0]));
+            let hi = p.get(1).map_or(0, |&v| u32::from(bf16_bits(v)));
+            *o = lo | hi << 16;
+        }
+    }
+    out
+}
+
 enum LhsData<'a> {
     F32(&'a [f32]),
     /// `[rows][ceil(k / 2)]`: `x[2i]` in the low half, `x[2i + 1]` (or 0) in the high half.
@@ -168,13 +183,7 @@ impl<'a> Lhs<'a> {
         let rows = if k == 0 { rows } else { rows.min(x.len() / k) };
         let x = &x[..rows * k];
         let data = if kernel.pairs() {
-            let bits =
-                |v: Option<&f32>| u32::from(v.map_or(0, |&v| half::bf16::from_f32(v).to_bits()));
-            let pairs = x.chunks(k.max(1)).flat_map(|row| {
-                row.chunks(2)
-                    .map(|p| bits(p.first()) | bits(p.get(1)) << 16)
-            });
-            LhsData::Pairs(pairs.collect())
+            LhsData::Pairs(pairs(x, k))
         } else {
             LhsData::F32(x)
         };
