@@ -45,17 +45,26 @@ fn decode(dtype: Dtype, bits: u64) -> f32 {
     }
 }
 
+/// Words per batch of [`store`] and [`load`]: values are converted in a plain buffer
+/// (a loop that vectorises), then moved with one relaxed atomic access per word.
+const BATCH: usize = 64;
+
 /// `values` encoded by `enc` into the words of `span`, `PER` per word, first in the
 /// low bits (one function per dtype, so that the loop has no branch per value).
 #[inline(always)]
 fn store<const PER: usize>(span: &[AtomicU64], values: &[f32], enc: impl Fn(f32) -> u64) {
     let bits = 64 / PER;
-    for (w, chunk) in span.iter().zip(values.chunks(PER)) {
-        let word = chunk
-            .iter()
-            .enumerate()
-            .fold(0u64, |acc, (i, &v)| acc | (enc(v) << (i * bits)));
-        w.store(word, Ordering::Relaxed);
+    let mut buf = [0u64; BATCH];
+    for (ws, vs) in span.chunks(BATCH).zip(values.chunks(BATCH * PER)) {
+        for (b, chunk) in buf.iter_mut().zip(vs.chunks(PER)) {
+            *b = chunk
+                .iter()
+                .enumerate()
+                .fold(0u64, |acc, (i, &v)| acc | (enc(v) << (i * bits)));
+        }
+        for (w, &b) in ws.iter().zip(&buf) {
+            w.store(b, Ordering::Relaxed);
+        }
     }
 }
 
@@ -68,10 +77,15 @@ fn load<const PER: usize>(span: &[AtomicU64], out: &mut [f32], dec: impl Fn(u64)
     } else {
         (1u64 << bits) - 1
     };
-    for (w, chunk) in span.iter().zip(out.chunks_mut(PER)) {
-        let word = w.load(Ordering::Relaxed);
-        for (i, o) in chunk.iter_mut().enumerate() {
-            *o = dec((word >> (i * bits)) & mask);
+    let mut buf = [0u64; BATCH];
+    for (ws, os) in span.chunks(BATCH).zip(out.chunks_mut(BATCH * PER)) {
+        for (b, w) in buf.iter_mut().zip(ws) {
+            *b = w.load(Ordering::Relaxed);
+        }
+        for (&b, chunk) in buf.iter().zip(os.chunks_mut(PER)) {
+            for (i, o) in chunk.iter_mut().enumerate() {
+                *o = dec((b >> (i * bits)) & mask);
+            }
         }
     }
 }

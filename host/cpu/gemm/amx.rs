@@ -29,10 +29,35 @@ pub fn available() -> bool {
     }
 }
 
+/// The tile configuration this thread has loaded during one GEMM call (loaded when first
+/// needed, again only when the row split changes), released when dropped. It cannot
+/// leave the thread that made it: tile state belongs to a thread.
+#[derive(Default)]
+pub(super) struct Tiles {
+    /// Rows of the two row blocks of the configuration loaded, if any.
+    loaded: Option<(usize, usize)>,
+    _thread_bound: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if self.loaded.is_some() {
+            imp::release();
+        }
+    }
+}
+
 /// Every row of `x` times panel `p` of `w` into `acc` (`[rows][NR]`, overwritten) over
 /// the depths `0 .. d`, `d` the whole steps of [`STEP`] in `k`; returns `d` (0 when AMX
 /// is not available: then `acc` is untouched).
-pub(super) fn panel(x: &Lhs, w: &PackedMatrix, p: usize, acc: &mut [[f32; NR]]) -> usize {
+pub(super) fn panel(
+    x: &Lhs,
+    w: &PackedMatrix,
+    p: usize,
+    acc: &mut [[f32; NR]],
+    tiles: &mut Tiles,
+) -> usize {
     let steps = x.k().min(w.k()) / STEP;
     if steps == 0 || !available() {
         return 0;
@@ -43,20 +68,20 @@ pub(super) fn panel(x: &Lhs, w: &PackedMatrix, p: usize, acc: &mut [[f32; NR]]) 
         let b = &w.panel_u16(p)[..steps * STEP * NR];
         for (t, tile) in acc.chunks_mut(32).enumerate() {
             let xs = &x.pairs()[t * 32 * ldx..];
-            imp::pass(xs, ldx, steps, b, tile);
+            imp::pass(xs, ldx, steps, b, tile, tiles);
         }
         steps * STEP
     }
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
     {
-        let _ = (p, acc);
+        let _ = (p, acc, tiles);
         0
     }
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
-    use super::{NR, STEP};
+    use super::{Tiles, NR, STEP};
     use std::arch::asm;
 
     /// The 64-byte tile configuration `ldtilecfg` reads (palette 1).
@@ -98,19 +123,11 @@ mod imp {
         ret == 0
     }
 
-    /// Rows `0 .. min(32, acc.len())` of `x` (bf16 pairs, `ldx` pairs per row) times the
-    /// panel `b` (`[steps * 16][NR][2]` bf16) into `acc`, overwritten.
-    pub(super) fn pass(x: &[u32], ldx: usize, steps: usize, b: &[u16], acc: &mut [[f32; NR]]) {
-        let rows = acc.len().min(32);
-        if rows == 0 || steps == 0 {
+    /// Loads the configuration for row blocks of `m0` and `m1` rows, unless it is loaded.
+    fn configure(tiles: &mut Tiles, m0: usize, m1: usize) {
+        if tiles.loaded == Some((m0, m1)) {
             return;
         }
-        let (m0, m1) = (rows.min(16), rows.saturating_sub(16));
-        // Bounds of every tile read and write below, checked once: x rows 0 .. rows with
-        // steps * 16 pairs each, b with steps * 16 pair rows of NR * 2 values.
-        let x = &x[..(rows - 1) * ldx + steps * STEP / 2];
-        let b = &b[..steps * STEP * NR];
-        let acc = &mut acc[..rows];
         let mut cfg = Config {
             palette: 1,
             start_row: 0,
@@ -125,18 +142,50 @@ mod imp {
             cfg.rows[i] = r as u8;
             cfg.colsb[i] = if r == 0 { 0 } else { 64 };
         }
+        // SAFETY: only reached once `request` granted AMX; ldtilecfg reads the 64 bytes
+        // of `cfg`, a valid palette-1 configuration (rows <= 16, 64 bytes per row).
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly)) };
+        tiles.loaded = Some((m0, m1));
+    }
+
+    /// Returns this thread's tile registers to their initial state.
+    pub(super) fn release() {
+        // SAFETY: tilerelease touches no memory; it only resets the tile state.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// Rows `0 .. min(32, acc.len())` of `x` (bf16 pairs, `ldx` pairs per row) times the
+    /// panel `b` (`[steps * 16][NR][2]` bf16) into `acc`, overwritten.
+    pub(super) fn pass(
+        x: &[u32],
+        ldx: usize,
+        steps: usize,
+        b: &[u16],
+        acc: &mut [[f32; NR]],
+        tiles: &mut Tiles,
+    ) {
+        let rows = acc.len().min(32);
+        if rows == 0 || steps == 0 {
+            return;
+        }
+        let (m0, m1) = (rows.min(16), rows.saturating_sub(16));
+        // Bounds of every tile read and write below, checked once: x rows 0 .. rows with
+        // steps * 16 pairs each, b with steps * 16 pair rows of NR * 2 values.
+        let x = &x[..(rows - 1) * ldx + steps * STEP / 2];
+        let b = &b[..steps * STEP * NR];
+        let acc = &mut acc[..rows];
+        configure(tiles, m0, m1);
         let xstride = ldx * 4;
         let bstride = NR * 2 * 2;
         let out = acc.as_mut_ptr().cast::<u8>();
-        // SAFETY: the CPU has AMX-TILE and AMX-BF16 and the OS granted this process the
-        // tile data (`request`). Every tileloadd reads `rows` rows of 64 bytes at its
+        // SAFETY: the CPU has AMX-TILE and AMX-BF16, the OS granted this process the
+        // tile data (`request`) and the configuration for (m0, m1) is loaded. Every tileloadd reads `rows` rows of 64 bytes at its
         // stride inside the slices bounded above: x rows r < rows at pairs
         // s * 16 .. s * 16 + 16 <= steps * 16 <= ldx; b pair rows s * 16 .. s * 16 + 16,
         // bytes 0 .. 128 of each. Every tilestored writes m0 (m1) rows of 64 bytes at a
         // 128-byte stride (one [f32; NR] row of acc) inside acc's rows. Tiles 2, 3, 5 are
-        // used only when m1 > 0. The tile state is released before returning.
+        // used only when m1 > 0.
         unsafe {
-            asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
             asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
             if m1 > 0 {
                 asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
@@ -187,7 +236,6 @@ mod imp {
                     options(nostack),
                 );
             }
-            asm!("tilerelease", options(nostack, nomem));
         }
     }
 }

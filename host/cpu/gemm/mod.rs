@@ -140,8 +140,9 @@ pub fn gemm(x: &Lhs, w: &PackedMatrix, col0: usize, ncols: usize, out: &mut [f32
     );
     let out = &mut out[..(rows - 1) * ldo + ncols];
     let mut acc = vec![[0f32; NR]; rows];
+    let mut tiles = amx::Tiles::default();
     for p in col0 / NR..(col0 + ncols).div_ceil(NR) {
-        panel(x, w, p, &mut acc);
+        panel(x, w, p, &mut acc, &mut tiles);
         let (lo, hi) = (col0.max(p * NR), (col0 + ncols).min((p + 1) * NR));
         for (r, a) in acc.iter().enumerate() {
             out[r * ldo + lo - col0..r * ldo + hi - col0]
@@ -165,10 +166,10 @@ struct Step {
 /// Every row of `x` times panel `p` of `w` into `acc` (`[rows][NR]`): with AMX over the
 /// whole steps of its depth where the kernel is [`Kernel::Bf16Amx`], then block by block
 /// of [`KC`] along the rest of `k`, row tile by row tile of [`MR`].
-fn panel(x: &Lhs, w: &PackedMatrix, p: usize, acc: &mut [[f32; NR]]) {
+fn panel(x: &Lhs, w: &PackedMatrix, p: usize, acc: &mut [[f32; NR]], tiles: &mut amx::Tiles) {
     let k = w.k();
     let from = match w.kernel() {
-        Kernel::Bf16Amx => amx::panel(x, w, p, acc),
+        Kernel::Bf16Amx => amx::panel(x, w, p, acc, tiles),
         _ => 0,
     };
     if k == 0 {

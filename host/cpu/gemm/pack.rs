@@ -162,13 +162,38 @@ fn pairs(x: &[f32], k: usize) -> Vec<u32> {
     let half = k.div_ceil(2);
     let mut out = vec![0u32; x.len().div_ceil(k.max(1)) * half];
     for (row, o) in x.chunks(k.max(1)).zip(out.chunks_mut(half.max(1))) {
-        for (p, o) in row.chunks(2).zip(o.iter_mut()) {
-            let lo = u32::from(bf16_bits(p[0]));
-            let hi = p.get(1).map_or(0, |&v| u32::from(bf16_bits(v)));
-            *o = lo | hi << 16;
+        let even = row.chunks_exact(2);
+        if let (Some(&last), Some(o)) = (even.remainder().first(), o.last_mut()) {
+            *o = u32::from(bf16_bits(last));
         }
+        pair_row(even, o);
     }
     out
+}
+
+/// `o[i] = bf16(p[0]) | bf16(p[1]) << 16` for the pairs `p`; compiled for AVX-512 too and
+/// chosen at run time (integer operations: the same bits either way).
+fn pair_row(pairs: std::slice::ChunksExact<'_, f32>, o: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        unsafe { pair_row_avx512(pairs, o) };
+        return;
+    }
+    pair_row_any(pairs, o);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn pair_row_avx512(pairs: std::slice::ChunksExact<'_, f32>, o: &mut [u32]) {
+    pair_row_any(pairs, o);
+}
+
+#[inline(always)]
+fn pair_row_any(pairs: std::slice::ChunksExact<'_, f32>, o: &mut [u32]) {
+    for (p, o) in pairs.zip(o.iter_mut()) {
+        *o = u32::from(bf16_bits(p[0])) | u32::from(bf16_bits(p[1])) << 16;
+    }
 }
 
 enum LhsData<'a> {
