@@ -59,10 +59,11 @@ struct Cpu {
     ranks: usize,
 }
 
-/// The CPU executor: one thread per rank.
-pub fn cpu_runner(plan: &LayerPlan, weights: &LayerWeights) -> Result<Box<dyn Runner>> {
+/// The CPU executor (one thread per rank), taking the weights: each expert's f32 copy is
+/// freed once packed.
+pub fn cpu_runner_owned(plan: &LayerPlan, weights: LayerWeights) -> Result<Box<dyn Runner>> {
     Ok(Box::new(Cpu {
-        exec: CpuExecutor::from_weights(plan.clone(), weights)?,
+        exec: CpuExecutor::from_owned(plan.clone(), weights)?,
         ranks: plan.world(),
     }))
 }

@@ -108,17 +108,35 @@ fn gate_weights(w: &LayerWeights, dtype: crate::Dtype) -> LayerWeights {
 impl CpuExecutor {
     /// An executor for `plan` with `weights`, which are checked against the config.
     /// Weights are rounded to the dtype (as an upload to the device would; the router bias
-    /// stays f32) and the expert matrices packed for the GEMM kernel in the dtype itself
-    /// (no f32 copy is kept, nor `weights`). Allocates one heap per rank.
+    /// stays f32) and the expert matrices packed for the GEMM kernel in the dtype itself:
+    /// no f32 copy of them is kept, nor `weights`. When this holds the only reference to
+    /// `weights`, each expert's f32 matrices are freed as soon as they are packed.
     pub fn new(plan: LayerPlan, weights: Arc<LayerWeights>) -> Result<Self> {
-        Self::from_weights(plan, &weights)
+        match Arc::try_unwrap(weights) {
+            Ok(owned) => Self::from_owned(plan, owned),
+            Err(shared) => Self::from_weights(plan, &shared),
+        }
     }
 
     /// As [`CpuExecutor::new`], from borrowed weights (nothing of them is kept).
     pub fn from_weights(plan: LayerPlan, weights: &LayerWeights) -> Result<Self> {
         weights.validate(&plan.config)?;
-        let packed = Arc::new(PackedLayer::new(weights, &plan.config));
-        let weights = Arc::new(gate_weights(weights, plan.config.dtype));
+        let packed = PackedLayer::new(weights, &plan.config);
+        let gate = gate_weights(weights, plan.config.dtype);
+        Self::with_packed(plan, gate, packed)
+    }
+
+    /// As [`CpuExecutor::new`], consuming the weights: each expert's f32 matrices are
+    /// freed once packed, so the layer's weights are never held twice.
+    pub fn from_owned(plan: LayerPlan, mut weights: LayerWeights) -> Result<Self> {
+        weights.validate(&plan.config)?;
+        let packed = PackedLayer::take(&mut weights, &plan.config);
+        let gate = gate_weights(&weights, plan.config.dtype);
+        Self::with_packed(plan, gate, packed)
+    }
+
+    fn with_packed(plan: LayerPlan, gate: LayerWeights, packed: PackedLayer) -> Result<Self> {
+        let (weights, packed) = (Arc::new(gate), Arc::new(packed));
         let heaps = (0..plan.world())
             .map(|r| SymHeap::new(r, plan.heap.bytes, plan.config.dtype))
             .collect::<Result<Vec<_>>>()?;

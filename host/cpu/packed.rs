@@ -44,25 +44,31 @@ impl PackedLayer {
     /// Packs `w`'s experts for `cfg` (validated weights), experts spread over the
     /// machine's threads.
     pub fn new(w: &LayerWeights, cfg: &MoeConfig) -> Self {
-        let (h, gated, dtype) = (cfg.hidden, cfg.mlp.is_gated(), cfg.dtype);
-        let one = |e: &ExpertWeights| PackedMlp::new(e, h, cfg.intermediate, gated, dtype);
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per = w.experts.len().div_ceil(threads).max(1);
-        let experts = std::thread::scope(|s| {
-            let parts: Vec<_> = w
-                .experts
-                .chunks(per)
-                .map(|part| s.spawn(move || part.iter().map(one).collect::<Vec<_>>()))
-                .collect();
-            parts
-                .into_iter()
-                .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        let experts = spread(&w.experts, |part| {
+            part.iter().map(|e| one(e, cfg)).collect()
+        });
+        let shared = w.shared.as_ref().and_then(|e| shared(e, cfg));
+        PackedLayer { experts, shared }
+    }
+
+    /// As [`PackedLayer::new`], taking the expert matrices out of `w` (left empty) and
+    /// freeing each one once packed: the f32 and the packed copies of the whole layer
+    /// never coexist.
+    pub fn take(w: &mut LayerWeights, cfg: &MoeConfig) -> Self {
+        let experts = spread_mut(&mut w.experts, |part| {
+            part.iter_mut()
+                .map(|e| {
+                    let p = one(e, cfg);
+                    *e = empty();
+                    p
+                })
                 .collect()
         });
-        let shared = cfg
-            .shared
-            .zip(w.shared.as_ref())
-            .map(|(s, e)| PackedMlp::new(e, h, s.count * s.intermediate, gated, dtype));
+        let shared = w.shared.as_mut().and_then(|e| {
+            let p = shared(e, cfg);
+            *e = empty();
+            p
+        });
         PackedLayer { experts, shared }
     }
 
@@ -74,4 +80,71 @@ impl PackedLayer {
             .map(PackedMlp::bytes)
             .sum()
     }
+}
+
+/// An expert with no matrices.
+fn empty() -> ExpertWeights {
+    ExpertWeights {
+        w0: Vec::new(),
+        w1: Vec::new(),
+    }
+}
+
+/// Routed expert `e` packed for `cfg`.
+fn one(e: &ExpertWeights, cfg: &MoeConfig) -> PackedMlp {
+    PackedMlp::new(
+        e,
+        cfg.hidden,
+        cfg.intermediate,
+        cfg.mlp.is_gated(),
+        cfg.dtype,
+    )
+}
+
+/// The fused shared experts `e` packed for `cfg`, when it has shared experts.
+fn shared(e: &ExpertWeights, cfg: &MoeConfig) -> Option<PackedMlp> {
+    let s = cfg.shared?;
+    let width = s.count * s.intermediate;
+    Some(PackedMlp::new(
+        e,
+        cfg.hidden,
+        width,
+        cfg.mlp.is_gated(),
+        cfg.dtype,
+    ))
+}
+
+/// Threads to pack with: the machine's.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `f` over consecutive parts of `items`, one part per thread, results in order.
+fn spread<T: Sync, R: Send>(items: &[T], f: impl Fn(&[T]) -> Vec<R> + Sync) -> Vec<R> {
+    let per = items.len().div_ceil(threads()).max(1);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = items.chunks(per).map(|p| s.spawn(|| f(p))).collect();
+        join_all(parts)
+    })
+}
+
+/// [`spread`] over mutable parts.
+fn spread_mut<T: Send, R: Send>(items: &mut [T], f: impl Fn(&mut [T]) -> Vec<R> + Sync) -> Vec<R> {
+    let per = items.len().div_ceil(threads()).max(1);
+    std::thread::scope(|s| {
+        let f = &f;
+        let parts: Vec<_> = items
+            .chunks_mut(per)
+            .map(|p| s.spawn(move || f(p)))
+            .collect();
+        join_all(parts)
+    })
+}
+
+/// The results of `parts` in order; a panic in one is resumed here.
+fn join_all<R>(parts: Vec<std::thread::ScopedJoinHandle<'_, Vec<R>>>) -> Vec<R> {
+    parts
+        .into_iter()
+        .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        .collect()
 }
