@@ -18,7 +18,7 @@ use std::sync::{Mutex, PoisonError};
 
 /// Rows of one expert unit (a half `TILE_M` block: enough units to share a rank's
 /// experts among several threads, rows enough to reuse each weight tile).
-pub const EXPERT_UNIT_ROWS: usize = TILE_M / 2;
+pub const EXPERT_UNIT_ROWS: usize = TILE_M;
 
 /// Tokens of one shared-expert or combine unit.
 pub const TOKEN_CHUNK: usize = 32;
