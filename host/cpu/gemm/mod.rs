@@ -151,6 +151,15 @@ pub fn gemm(x: &Lhs, w: &PackedMatrix, col0: usize, ncols: usize, out: &mut [f32
     }
 }
 
+/// The row tiles `(first row, rows)` of a block of `rows` rows: as few as [`MR`] allows,
+/// of even sizes (33 rows are 7, 7, 7, 6, 6, not 8, 8, 8, 8, 1: a tile of one row leaves
+/// the FMA units waiting on its two chains of additions).
+fn row_tiles(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    let n = rows.div_ceil(MR);
+    let (base, extra) = (rows / n.max(1), rows % n.max(1));
+    (0..n).map(move |t| (t * base + t.min(extra), base + usize::from(t < extra)))
+}
+
 /// One call of a register-tile kernel: rows `r0 ..` of `x` (as many as the accumulator
 /// tile has, at most [`MR`]) times depths `k0 .. k0 + kc` of panel `p`, added to the tile
 /// (or into a zeroed tile when `first`).
@@ -165,7 +174,7 @@ struct Step {
 
 /// Every row of `x` times panel `p` of `w` into `acc` (`[rows][NR]`): with AMX over the
 /// whole steps of its depth where the kernel is [`Kernel::Bf16Amx`], then block by block
-/// of [`KC`] along the rest of `k`, row tile by row tile of [`MR`].
+/// of [`KC`] along the rest of `k`, row tile by row tile ([`row_tiles`]).
 fn panel(x: &Lhs, w: &PackedMatrix, p: usize, acc: &mut [[f32; NR]], tiles: &mut amx::Tiles) {
     let k = w.k();
     let from = match w.kernel() {
@@ -176,9 +185,10 @@ fn panel(x: &Lhs, w: &PackedMatrix, p: usize, acc: &mut [[f32; NR]], tiles: &mut
         acc.iter_mut().for_each(|a| *a = [0.0; NR]);
     }
     for k0 in (from..k).step_by(KC) {
-        for (t, tile) in acc.chunks_mut(MR).enumerate() {
+        for (r0, m) in row_tiles(acc.len()) {
+            let tile = &mut acc[r0..r0 + m];
             let s = Step {
-                r0: t * MR,
+                r0,
                 p,
                 k0,
                 kc: KC.min(k - k0),

@@ -189,7 +189,7 @@ fn packed_weights_keep_their_dtype_width() {
 #[ignore]
 fn gemm_speed() {
     for (dtype, kernel) in kernels() {
-        for (rows, n, k) in [(32, 2048, 2048), (8, 2048, 2048), (32, 1024, 4096)] {
+        for (rows, n, k) in [(64, 2048, 2048), (33, 2048, 2048), (8, 2048, 2048), (32, 1024, 4096)] {
             let x = values(rows * k, 1, dtype);
             let w = PackedMatrix::pack_for(&values(n * k, 2, dtype), n, k, dtype, kernel);
             let mut out = vec![0f32; rows * n];
@@ -205,5 +205,22 @@ fn gemm_speed() {
             let gf = 2.0 * (rows * n * k) as f64 / s / 1e9;
             println!("{kernel:?} {dtype:?} {rows}x{n}x{k}: {gf:.1} GFLOP/s (best of 20)");
         }
+    }
+}
+
+#[test]
+fn row_tiles_cover_the_rows_evenly() {
+    for rows in 0..100 {
+        let t: Vec<(usize, usize)> = row_tiles(rows).collect();
+        assert_eq!(t.len(), rows.div_ceil(MR));
+        let mut next = 0;
+        for &(r0, m) in &t {
+            assert_eq!(r0, next);
+            assert!((1..=MR).contains(&m));
+            next += m;
+        }
+        assert_eq!(next, rows);
+        let (lo, hi) = (t.iter().map(|x| x.1).min(), t.iter().map(|x| x.1).max());
+        assert!(hi.zip(lo).is_none_or(|(h, l)| h - l <= 1), "{rows}: {t:?}");
     }
 }
