@@ -17,7 +17,10 @@ pub fn exp(x: f32) -> f32 {
     // Adding and removing 1.5 * 2^23 rounds to the nearest integer (|x * log2 e| < 2^22).
     const ROUND: f32 = 12_582_912.0;
     let x = x.max(-87.0).min(88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    // t's low mantissa bits hold the integer n (plus the bits of 1.5 * 2^23).
+    let ni = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
@@ -25,7 +28,7 @@ pub fn exp(x: f32) -> f32 {
         + 5.000_000_1e-1;
     let y = p * (r * r) + r + 1.0;
     // n is an integer in [-126, 127]: 2^n is the float of biased exponent n + 127.
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    y * f32::from_bits((ni.wrapping_add(127) as u32) << 23)
 }
 
 /// `z * sigmoid(s * z')`, the shape of both SiLU and tanh-GELU.

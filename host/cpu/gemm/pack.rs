@@ -157,42 +157,39 @@ pub struct Lhs<'a> {
     data: LhsData<'a>,
 }
 
-/// The rows of `x` (`[rows][k]`) as bf16 pairs, `[rows][ceil(k / 2)]`.
+/// The rows of `x` (`[rows][k]`) as bf16 pairs, `[rows][ceil(k / 2)]`: in memory, each
+/// row's bf16 values in order (little-endian pairs), then a zero when `k` is odd.
 fn pairs(x: &[f32], k: usize) -> Vec<u32> {
     let half = k.div_ceil(2);
     let mut out = vec![0u32; x.len().div_ceil(k.max(1)) * half];
     for (row, o) in x.chunks(k.max(1)).zip(out.chunks_mut(half.max(1))) {
-        let even = row.chunks_exact(2);
-        if let (Some(&last), Some(o)) = (even.remainder().first(), o.last_mut()) {
-            *o = u32::from(bf16_bits(last));
-        }
-        pair_row(even, o);
+        bf16_row(row, bytemuck::cast_slice_mut::<u32, u16>(o));
     }
     out
 }
 
-/// `o[i] = bf16(p[0]) | bf16(p[1]) << 16` for the pairs `p`; compiled for AVX-512 too and
-/// chosen at run time (integer operations: the same bits either way).
-fn pair_row(pairs: std::slice::ChunksExact<'_, f32>, o: &mut [u32]) {
+/// `o[i] = bf16 bits of row[i]`; compiled for AVX-512 too and chosen at run time
+/// (integer operations: the same bits either way).
+fn bf16_row(row: &[f32], o: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked just above).
-        unsafe { pair_row_avx512(pairs, o) };
+        unsafe { bf16_row_avx512(row, o) };
         return;
     }
-    pair_row_any(pairs, o);
+    bf16_row_any(row, o);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn pair_row_avx512(pairs: std::slice::ChunksExact<'_, f32>, o: &mut [u32]) {
-    pair_row_any(pairs, o);
+fn bf16_row_avx512(row: &[f32], o: &mut [u16]) {
+    bf16_row_any(row, o);
 }
 
 #[inline(always)]
-fn pair_row_any(pairs: std::slice::ChunksExact<'_, f32>, o: &mut [u32]) {
-    for (p, o) in pairs.zip(o.iter_mut()) {
-        *o = u32::from(bf16_bits(p[0])) | u32::from(bf16_bits(p[1])) << 16;
+fn bf16_row_any(row: &[f32], o: &mut [u16]) {
+    for (o, &v) in o.iter_mut().zip(row) {
+        *o = bf16_bits(v);
     }
 }
 

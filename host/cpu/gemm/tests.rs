@@ -189,7 +189,12 @@ fn packed_weights_keep_their_dtype_width() {
 #[ignore]
 fn gemm_speed() {
     for (dtype, kernel) in kernels() {
-        for (rows, n, k) in [(64, 2048, 2048), (33, 2048, 2048), (8, 2048, 2048), (32, 1024, 4096)] {
+        for (rows, n, k) in [
+            (64, 2048, 2048),
+            (33, 2048, 2048),
+            (8, 2048, 2048),
+            (32, 1024, 4096),
+        ] {
             let x = values(rows * k, 1, dtype);
             let w = PackedMatrix::pack_for(&values(n * k, 2, dtype), n, k, dtype, kernel);
             let mut out = vec![0f32; rows * n];
