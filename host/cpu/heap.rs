@@ -7,7 +7,7 @@
 //! a signal before the reads of whoever sees that signal (the device's `st.release` /
 //! `ld.acquire` pair). Elements are packed little-endian, element 0 in the low bits.
 
-use super::tile::bf16_bits;
+use super::bf16::{bits_row, values_row};
 use crate::config::Dtype;
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,57 +45,64 @@ fn decode(dtype: Dtype, bits: u64) -> f32 {
     }
 }
 
-/// Words per batch of [`store`] and [`load`]: values are converted in a plain buffer
-/// (a loop that vectorises), then moved with one relaxed atomic access per word.
+/// Words per batch of [`SymHeap::write`] and [`SymHeap::read`]: values are converted in
+/// a plain buffer (a loop that vectorises), then moved with one relaxed atomic access per
+/// word.
 const BATCH: usize = 64;
 
-/// `values` encoded by `enc` into the words of `span`, `PER` per word, first in the
-/// low bits (one function per dtype, so that the loop has no branch per value).
-#[inline(always)]
-fn store<const PER: usize>(span: &[AtomicU64], values: &[f32], enc: impl Fn(f32) -> u64) {
-    let bits = 64 / PER;
-    let mut buf = [0u64; BATCH];
-    for (ws, vs) in span.chunks(BATCH).zip(values.chunks(BATCH * PER)) {
-        for (b, chunk) in buf.iter_mut().zip(vs.chunks(PER)) {
-            *b = chunk
-                .iter()
-                .enumerate()
-                .fold(0u64, |acc, (i, &v)| acc | (enc(v) << (i * bits)));
+/// `values` encoded in the dtype into `words`, `8 / size` per word, first in the low bits.
+fn encode_words(dtype: Dtype, values: &[f32], words: &mut [u64]) {
+    match dtype {
+        // Little-endian: the words' bytes are the values' bits in order.
+        Dtype::Bf16 if cfg!(target_endian = "little") => {
+            bits_row(values, bytemuck::cast_slice_mut::<u64, u16>(words));
         }
-        for (w, &b) in ws.iter().zip(&buf) {
-            w.store(b, Ordering::Relaxed);
+        Dtype::F32 if cfg!(target_endian = "little") => {
+            let w32 = bytemuck::cast_slice_mut::<u64, u32>(words);
+            w32.iter_mut()
+                .zip(values)
+                .for_each(|(w, v)| *w = v.to_bits());
         }
-    }
-}
-
-/// The words of `span` decoded by `dec` into `out`, `PER` values per word.
-#[inline(always)]
-fn load<const PER: usize>(span: &[AtomicU64], out: &mut [f32], dec: impl Fn(u64) -> f32) {
-    let bits = 64 / PER;
-    let mask = if bits == 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
-    let mut buf = [0u64; BATCH];
-    for (ws, os) in span.chunks(BATCH).zip(out.chunks_mut(BATCH * PER)) {
-        for (b, w) in buf.iter_mut().zip(ws) {
-            *b = w.load(Ordering::Relaxed);
-        }
-        for (&b, chunk) in buf.iter().zip(os.chunks_mut(PER)) {
-            for (i, o) in chunk.iter_mut().enumerate() {
-                *o = dec((b >> (i * bits)) & mask);
+        _ => {
+            let per = 8 / dtype.size();
+            let bits = 64 / per;
+            for (w, chunk) in words.iter_mut().zip(values.chunks(per)) {
+                *w = chunk
+                    .iter()
+                    .enumerate()
+                    .fold(0u64, |acc, (i, &v)| acc | (encode(dtype, v) << (i * bits)));
             }
         }
     }
 }
 
-/// `half::bf16::from_bits(b).to_f32()`, branch-free: NaNs keep their payload with the
-/// quiet bit set.
-#[inline(always)]
-fn bf16_value(b: u16) -> f32 {
-    let q = if b & 0x7fff > 0x7f80 { b | 0x40 } else { b };
-    f32::from_bits(u32::from(q) << 16)
+/// `words` decoded from the dtype into `out`, `8 / size` values per word.
+fn decode_words(dtype: Dtype, words: &[u64], out: &mut [f32]) {
+    match dtype {
+        Dtype::Bf16 if cfg!(target_endian = "little") => {
+            values_row(bytemuck::cast_slice::<u64, u16>(words), out);
+        }
+        Dtype::F32 if cfg!(target_endian = "little") => {
+            let w32 = bytemuck::cast_slice::<u64, u32>(words);
+            out.iter_mut()
+                .zip(w32)
+                .for_each(|(o, &w)| *o = f32::from_bits(w));
+        }
+        _ => {
+            let per = 8 / dtype.size();
+            let bits = 64 / per;
+            let mask = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            for (&w, chunk) in words.iter().zip(out.chunks_mut(per)) {
+                for (i, o) in chunk.iter_mut().enumerate() {
+                    *o = decode(dtype, (w >> (i * bits)) & mask);
+                }
+            }
+        }
+    }
 }
 
 impl SymHeap {
@@ -153,10 +160,14 @@ impl SymHeap {
     /// Stores `values` at byte `offset`, each rounded to the dtype (data ordering).
     pub fn write(&self, offset: u64, values: &[f32]) -> Result<()> {
         let span = self.span(offset, values.len())?;
-        match self.dtype {
-            Dtype::Bf16 => store::<4>(span, values, |v| u64::from(bf16_bits(v))),
-            Dtype::F16 => store::<4>(span, values, |v| encode(Dtype::F16, v)),
-            Dtype::F32 => store::<2>(span, values, |v| u64::from(v.to_bits())),
+        let per = 8 / self.dtype.size();
+        let mut buf = [0u64; BATCH];
+        for (ws, vs) in span.chunks(BATCH).zip(values.chunks(BATCH * per)) {
+            let words = &mut buf[..ws.len()];
+            encode_words(self.dtype, vs, words);
+            for (w, &b) in ws.iter().zip(words.iter()) {
+                w.store(b, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -164,10 +175,14 @@ impl SymHeap {
     /// Loads `out.len()` values from byte `offset` (data ordering).
     pub fn read(&self, offset: u64, out: &mut [f32]) -> Result<()> {
         let span = self.span(offset, out.len())?;
-        match self.dtype {
-            Dtype::Bf16 => load::<4>(span, out, |b| bf16_value(b as u16)),
-            Dtype::F16 => load::<4>(span, out, |b| decode(Dtype::F16, b)),
-            Dtype::F32 => load::<2>(span, out, |b| f32::from_bits(b as u32)),
+        let per = 8 / self.dtype.size();
+        let mut buf = [0u64; BATCH];
+        for (ws, os) in span.chunks(BATCH).zip(out.chunks_mut(BATCH * per)) {
+            let words = &mut buf[..ws.len()];
+            for (b, w) in words.iter_mut().zip(ws) {
+                *b = w.load(Ordering::Relaxed);
+            }
+            decode_words(self.dtype, words, os);
         }
         Ok(())
     }

@@ -33,6 +33,7 @@
 //! reported as [`Error::Device`], as the kernel reports them through its status word.
 
 mod act;
+mod bf16;
 mod gemm;
 mod heap;
 mod packed;

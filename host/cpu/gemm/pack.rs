@@ -1,7 +1,7 @@
 //! The two operands of [`super::gemm`]: the weights packed into panels in their own dtype
 //! ([`PackedMatrix`]), and the rows of `x` in the form the kernel reads ([`Lhs`]).
 
-use super::super::tile::bf16_bits;
+use super::super::bf16::bits_row;
 use super::{Kernel, NR};
 use crate::Dtype;
 use bytemuck::{Pod, Zeroable};
@@ -163,34 +163,9 @@ fn pairs(x: &[f32], k: usize) -> Vec<u32> {
     let half = k.div_ceil(2);
     let mut out = vec![0u32; x.len().div_ceil(k.max(1)) * half];
     for (row, o) in x.chunks(k.max(1)).zip(out.chunks_mut(half.max(1))) {
-        bf16_row(row, bytemuck::cast_slice_mut::<u32, u16>(o));
+        bits_row(row, bytemuck::cast_slice_mut::<u32, u16>(o));
     }
     out
-}
-
-/// `o[i] = bf16 bits of row[i]`; compiled for AVX-512 too and chosen at run time
-/// (integer operations: the same bits either way).
-fn bf16_row(row: &[f32], o: &mut [u16]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        unsafe { bf16_row_avx512(row, o) };
-        return;
-    }
-    bf16_row_any(row, o);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn bf16_row_avx512(row: &[f32], o: &mut [u16]) {
-    bf16_row_any(row, o);
-}
-
-#[inline(always)]
-fn bf16_row_any(row: &[f32], o: &mut [u16]) {
-    for (o, &v) in o.iter_mut().zip(row) {
-        *o = bf16_bits(v);
-    }
 }
 
 enum LhsData<'a> {
