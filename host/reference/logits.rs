@@ -22,6 +22,7 @@ pub(crate) fn logits64(x: &[f32], tokens: usize, router: &[f32], h: usize) -> Ve
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::incompatible_msrv)] // AVX-512 intrinsics: stable since Rust 1.89
 mod avx512 {
     use std::arch::x86_64::*;
 
@@ -59,6 +60,7 @@ mod avx512 {
     /// `acc[j][l] = sum_i rows[j][i] * rt[i * lanes + l]` for 16 lanes, each a chain of
     /// FMAs over `i` in order from -0.0.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // j indexes three arrays in step
     fn tile(rows: &[&[f32]; TT], rt: &[f64], lanes: usize, acc: &mut [[f64; 16]; TT]) {
         let h = rows[0].len();
         // Bounds of every read below: rt[i * lanes .. i * lanes + 16] for i < h.

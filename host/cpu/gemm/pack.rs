@@ -177,7 +177,7 @@ enum LhsData<'a> {
 impl<'a> Lhs<'a> {
     /// The first `rows` rows of `x` (`[rows][k]`; fewer when `x` is shorter) for `kernel`.
     pub fn new(x: &'a [f32], rows: usize, k: usize, kernel: Kernel) -> Self {
-        let rows = if k == 0 { rows } else { rows.min(x.len() / k) };
+        let rows = x.len().checked_div(k).map_or(rows, |n| rows.min(n));
         let x = &x[..rows * k];
         let data = if kernel.pairs() {
             LhsData::Pairs(pairs(x, k))

@@ -6,6 +6,10 @@
 //! caller's bug), then reads them through raw pointers in the inner loop, where a bounds
 //! check per row and depth would cost as much as the arithmetic.
 
+//! The AVX-512 intrinsics are stable since Rust 1.89, above the crate's declared MSRV
+//! (1.85): building this needs 1.89 (`clippy::incompatible_msrv` is allowed for that).
+#![allow(clippy::incompatible_msrv)]
+
 use super::super::NR;
 use std::arch::x86_64::*;
 
