@@ -83,6 +83,11 @@ pub(super) fn panel(
 mod imp {
     use super::{Tiles, NR, STEP};
     use std::arch::asm;
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+
+    /// Steps ahead that the weight stream is prefetched (each step's 2 KiB comes from
+    /// memory once per unit; the tile loads would otherwise wait on it).
+    const AHEAD: usize = 2;
 
     /// The 64-byte tile configuration `ldtilecfg` reads (palette 1).
     #[repr(C, align(64))]
@@ -191,6 +196,15 @@ mod imp {
                 asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
             }
             for s in 0..steps {
+                // The weights of step s + AHEAD (2 KiB, contiguous): a hint, which never
+                // faults, so the address may pass the panel's end.
+                let next = b
+                    .as_ptr()
+                    .wrapping_add((s + AHEAD) * STEP * NR)
+                    .cast::<i8>();
+                for line in 0..STEP * NR * 2 / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line * 64));
+                }
                 let a0 = x.as_ptr().add(s * STEP / 2);
                 let b0 = b.as_ptr().add(s * STEP * NR);
                 let b1 = b0.add(NR);
