@@ -5,7 +5,8 @@ For each shape and dtype it runs `flashmoe-bench layer --backend cpu --json` (wh
 its output against the f64 reference before timing) and a PyTorch implementation of the
 same layer (same config: tokens, hidden, intermediate, experts, top-k, MLP, router, dtype),
 on the same cores and thread count, in two variants: the per-expert loop that transformers
-ships and a sort-by-expert one; the better median of the two counts. It prints, per shape
+ships and a sort-by-expert one; the better median of the two counts (rounds alternate the
+two sides, each figure is the median over rounds). It prints, per shape
 and dtype, both medians, their ratio, each one's GFLOP/s (the flashmoe report's FLOP count
 for both) against `torch.matmul` on a 2048^3 GEMM of the same dtype on the same cores, and
 flashmoe's peak RSS against the size of the weights in their dtype.
@@ -45,10 +46,12 @@ def parse_config(text):
                 mlp=mlp, dtype=dtype, router=router)
 
 
-def run_flashmoe(binary, preset, tokens, dtype, iters, warmup, cpus):
+def run_flashmoe(binary, preset, tokens, dtype, iters, warmup, cpus, check_tokens=None):
     cmd = ["taskset", "-c", cpus, binary, "layer", "--backend", "cpu", "--preset", preset,
            "--tokens", str(tokens), "--dtype", dtype, "--iters", str(iters),
            "--warmup", str(warmup), "--json"]
+    if check_tokens is not None:
+        cmd += ["--check-tokens", str(check_tokens)]
     # GNU time reports the run's own peak RSS (a forked child of this process would also
     # count the pages it shares with it until exec).
     timer = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
@@ -164,6 +167,12 @@ def median_ms(fn, iters, warmup):
     return ts[len(ts) // 2]
 
 
+def mid(v):
+    """The median of `v` (the lower one of an even count)."""
+    v = sorted(v)
+    return v[(len(v) - 1) // 2]
+
+
 def matmul_gflops(torch, dtype, n=2048, reps=5):
     dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
     a = torch.randn(n, n).to(dt)
@@ -188,6 +197,7 @@ def main():
     ap.add_argument("--dtypes", default="bf16,f32")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of both sides")
     args = ap.parse_args()
 
     cpus = f"0-{args.threads - 1}"
@@ -196,6 +206,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {args.threads} thread(s) on CPUs {cpus}, "
+          f"{args.rounds} round(s) of {args.iters} iterations, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     peaks = {d: matmul_gflops(torch, d) for d in args.dtypes.split(",")}
     print("| shape | dtype | flashmoe ms | PyTorch ms (loop / sorted) | flashmoe / PyTorch "
@@ -205,17 +216,27 @@ def main():
     for spec in args.shapes.split(","):
         preset, tokens = spec.split(":")
         for dtype in args.dtypes.split(","):
-            fm, rss_kb = run_flashmoe(args.bin, preset, int(tokens), dtype, args.iters,
-                                      args.warmup, cpus)
-            cfg = parse_config(fm["config"])
-            flops = fm["work"]["flops"]
-            moe = TorchMoe(torch, cfg)
-            with torch.inference_mode():
-                loop = median_ms(moe.forward_loop, args.iters, args.warmup)
-                srt = median_ms(moe.forward_sorted, args.iters, args.warmup)
+            # Rounds alternate the two sides, so that both see the same load; each side's
+            # figure is the median of its per-round medians. The first round checks 64
+            # tokens against the reference, later ones 8.
+            fms, loops, srts = [], [], []
+            moe = None
+            for r in range(args.rounds):
+                fm, rss = run_flashmoe(args.bin, preset, int(tokens), dtype, args.iters,
+                                       args.warmup, cpus, None if r == 0 else 8)
+                fms.append(fm["latency_ms"]["median"])
+                rss_kb = rss if r == 0 else max(rss_kb or 0, rss or 0)
+                if moe is None:
+                    cfg = parse_config(fm["config"])
+                    flops = fm["work"]["flops"]
+                    moe = TorchMoe(torch, cfg)
+                with torch.inference_mode():
+                    loops.append(median_ms(moe.forward_loop, args.iters, args.warmup))
+                    srts.append(median_ms(moe.forward_sorted, args.iters, args.warmup))
+            loop, srt = mid(loops), mid(srts)
             weights = (moe.router.numel() + moe.w0.numel() + moe.w1.numel()) * moe.router.element_size()
             del moe
-            fm_ms = fm["latency_ms"]["median"]
+            fm_ms = mid(fms)
             best = min(loop, srt)
             gf = flops / fm_ms / 1e6
             rss = f"{rss_kb / 1024 / 1024:.2f} GiB / {weights / 2**30:.2f} GiB" if rss_kb else "n/a"
