@@ -6,7 +6,6 @@ use flashmoe::cpu::CpuExecutor;
 use flashmoe::reference::{LayerOutput, RankInput, RouteOverrides};
 use flashmoe::weights::LayerWeights;
 use flashmoe::{Error, LayerPlan, Result};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// The cubin of the persistent layer kernel (`kernel/flashmoe.cu`).
@@ -60,10 +59,11 @@ struct Cpu {
     ranks: usize,
 }
 
-/// The CPU executor: one thread per rank.
-pub fn cpu_runner(plan: &LayerPlan, weights: Arc<LayerWeights>) -> Result<Box<dyn Runner>> {
+/// The CPU executor (one thread per rank), taking the weights: each expert's f32 copy is
+/// freed once packed.
+pub fn cpu_runner_owned(plan: &LayerPlan, weights: LayerWeights) -> Result<Box<dyn Runner>> {
     Ok(Box::new(Cpu {
-        exec: CpuExecutor::new(plan.clone(), weights)?,
+        exec: CpuExecutor::from_owned(plan.clone(), weights)?,
         ranks: plan.world(),
     }))
 }

@@ -12,7 +12,6 @@ use flashmoe::{Error, LayerPlan, Result};
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
-use std::sync::Arc;
 
 /// Random caller routing: k distinct experts per token, equal weights.
 pub fn random_routing(cfg: &MoeConfig, tokens: usize, seed: u64) -> GivenRouting {
@@ -39,22 +38,6 @@ pub fn sample_rows(tokens: usize, n: usize) -> Vec<usize> {
     (0..n).map(|i| i * tokens / n).collect()
 }
 
-/// Compares sampled rows of `got` with the reference; returns the max relative error.
-pub fn check(
-    plan: &LayerPlan,
-    weights: &LayerWeights,
-    inputs: &[RankInput],
-    ov: &RouteOverrides,
-    got: &LayerOutput,
-    check_tokens: usize,
-) -> Result<f64> {
-    let rows: Vec<Vec<usize>> = inputs
-        .iter()
-        .map(|i| sample_rows(i.tokens, check_tokens))
-        .collect();
-    check_rows(plan, weights, inputs, ov, &got.out, &rows)
-}
-
 /// Compares the rows `rows[r]` of `out[r]` (rank r's output, `[tokens][hidden]`; may be
 /// empty for a rank with no rows to check) with the reference over every rank's `inputs`;
 /// returns the max error relative to the reference's largest magnitude.
@@ -67,6 +50,18 @@ pub fn check_rows(
     rows: &[Vec<usize>],
 ) -> Result<f64> {
     let want = reference::forward_rows(plan, weights, inputs, ov, rows)?;
+    compare(plan, out, rows, &want)
+}
+
+/// The rows `rows[r]` of `out[r]` against the reference's `want[r]` (from
+/// `reference::forward_rows` on the same rows); returns the max error relative to the
+/// reference's largest magnitude.
+pub fn compare(
+    plan: &LayerPlan,
+    out: &[Vec<f32>],
+    rows: &[Vec<usize>],
+    want: &[Vec<Vec<f64>>],
+) -> Result<f64> {
     let h = plan.config.hidden;
     let (mut max_err, mut max_ref) = (0.0f64, 0.0f64);
     for (r, rank_rows) in rows.iter().enumerate() {
@@ -177,30 +172,32 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
     }
     estimate.check("flashmoe-bench layer", shape.max_host_memory)?;
     crate::memory::check_device(&estimate, 0)?;
-    let weights = Arc::new(LayerWeights::random(&cfg, shape.seed));
+    let weights = LayerWeights::random(&cfg, shape.seed);
     let data = RankData::generate(&cfg, shape.seed);
     let inputs = data.inputs(cfg.tokens);
     let ov = RouteOverrides::default();
 
+    // The reference comes first, so that the CPU executor can take the weights (and free
+    // each expert's f32 copy once packed) instead of both being held.
+    let rows: Vec<Vec<usize>> = inputs
+        .iter()
+        .map(|i| sample_rows(i.tokens, shape.check_tokens))
+        .collect();
+    let want = reference::forward_rows(&plan, &weights, &inputs, &ov, &rows)?;
     let mut runner: Box<dyn Runner> = if gpu {
         backend::gpu_runner(&plan, &weights, shape.world)?
     } else {
-        backend::cpu_runner(&plan, weights.clone())?
+        backend::cpu_runner_owned(&plan, weights)?
     };
     let first = runner.run(&inputs, &ov)?;
     let tol = reference::tolerance(cfg.dtype);
+    // `--check-tokens 0`: nothing is compared, the report says "not checked" (the output
+    // must still be finite).
     let err = if shape.check_tokens == 0 {
         all_finite(&first.out)?;
         None
     } else {
-        Some(check(
-            &plan,
-            &weights,
-            &inputs,
-            &ov,
-            &first,
-            shape.check_tokens,
-        )?)
+        Some(compare(&plan, &first.out, &rows, &want)?)
     };
     if let Some(err) = err.filter(|&e| e > tol) {
         return Err(Error::input(

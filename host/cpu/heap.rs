@@ -7,6 +7,7 @@
 //! a signal before the reads of whoever sees that signal (the device's `st.release` /
 //! `ld.acquire` pair). Elements are packed little-endian, element 0 in the low bits.
 
+use super::bf16::{bits_row, values_row};
 use crate::config::Dtype;
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +42,66 @@ fn decode(dtype: Dtype, bits: u64) -> f32 {
         Dtype::Bf16 => half::bf16::from_bits(bits as u16).to_f32(),
         Dtype::F16 => half::f16::from_bits(bits as u16).to_f32(),
         Dtype::F32 => f32::from_bits(bits as u32),
+    }
+}
+
+/// Words per batch of [`SymHeap::write`] and [`SymHeap::read`]: values are converted in
+/// a plain buffer (a loop that vectorises), then moved with one relaxed atomic access per
+/// word.
+const BATCH: usize = 64;
+
+/// `values` encoded in the dtype into `words`, `8 / size` per word, first in the low bits.
+fn encode_words(dtype: Dtype, values: &[f32], words: &mut [u64]) {
+    match dtype {
+        // Little-endian: the words' bytes are the values' bits in order.
+        Dtype::Bf16 if cfg!(target_endian = "little") => {
+            bits_row(values, bytemuck::cast_slice_mut::<u64, u16>(words));
+        }
+        Dtype::F32 if cfg!(target_endian = "little") => {
+            let w32 = bytemuck::cast_slice_mut::<u64, u32>(words);
+            w32.iter_mut()
+                .zip(values)
+                .for_each(|(w, v)| *w = v.to_bits());
+        }
+        _ => {
+            let per = 8 / dtype.size();
+            let bits = 64 / per;
+            for (w, chunk) in words.iter_mut().zip(values.chunks(per)) {
+                *w = chunk
+                    .iter()
+                    .enumerate()
+                    .fold(0u64, |acc, (i, &v)| acc | (encode(dtype, v) << (i * bits)));
+            }
+        }
+    }
+}
+
+/// `words` decoded from the dtype into `out`, `8 / size` values per word.
+fn decode_words(dtype: Dtype, words: &[u64], out: &mut [f32]) {
+    match dtype {
+        Dtype::Bf16 if cfg!(target_endian = "little") => {
+            values_row(bytemuck::cast_slice::<u64, u16>(words), out);
+        }
+        Dtype::F32 if cfg!(target_endian = "little") => {
+            let w32 = bytemuck::cast_slice::<u64, u32>(words);
+            out.iter_mut()
+                .zip(w32)
+                .for_each(|(o, &w)| *o = f32::from_bits(w));
+        }
+        _ => {
+            let per = 8 / dtype.size();
+            let bits = 64 / per;
+            let mask = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            for (&w, chunk) in words.iter().zip(out.chunks_mut(per)) {
+                for (i, o) in chunk.iter_mut().enumerate() {
+                    *o = decode(dtype, (w >> (i * bits)) & mask);
+                }
+            }
+        }
     }
 }
 
@@ -107,39 +168,30 @@ impl SymHeap {
 
     /// Stores `values` at byte `offset`, each rounded to the dtype (data ordering).
     pub fn write(&self, offset: u64, values: &[f32]) -> Result<()> {
+        let span = self.span(offset, values.len())?;
         let per = 8 / self.dtype.size();
-        let bits = 64 / per;
-        for (w, chunk) in self
-            .span(offset, values.len())?
-            .iter()
-            .zip(values.chunks(per))
-        {
-            let word = chunk.iter().enumerate().fold(0u64, |acc, (i, &v)| {
-                acc | (encode(self.dtype, v) << (i * bits))
-            });
-            w.store(word, Ordering::Relaxed);
+        let mut buf = [0u64; BATCH];
+        for (ws, vs) in span.chunks(BATCH).zip(values.chunks(BATCH * per)) {
+            let words = &mut buf[..ws.len()];
+            encode_words(self.dtype, vs, words);
+            for (w, &b) in ws.iter().zip(words.iter()) {
+                w.store(b, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
 
     /// Loads `out.len()` values from byte `offset` (data ordering).
     pub fn read(&self, offset: u64, out: &mut [f32]) -> Result<()> {
+        let span = self.span(offset, out.len())?;
         let per = 8 / self.dtype.size();
-        let bits = 64 / per;
-        let mask = if bits == 64 {
-            u64::MAX
-        } else {
-            (1u64 << bits) - 1
-        };
-        for (w, chunk) in self
-            .span(offset, out.len())?
-            .iter()
-            .zip(out.chunks_mut(per))
-        {
-            let word = w.load(Ordering::Relaxed);
-            for (i, o) in chunk.iter_mut().enumerate() {
-                *o = decode(self.dtype, (word >> (i * bits)) & mask);
+        let mut buf = [0u64; BATCH];
+        for (ws, os) in span.chunks(BATCH).zip(out.chunks_mut(BATCH * per)) {
+            let words = &mut buf[..ws.len()];
+            for (b, w) in words.iter_mut().zip(ws) {
+                *b = w.load(Ordering::Relaxed);
             }
+            decode_words(self.dtype, words, os);
         }
         Ok(())
     }

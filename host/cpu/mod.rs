@@ -32,7 +32,11 @@
 //! violations (a signal with an impossible row count, an access outside a heap) are
 //! reported as [`Error::Device`], as the kernel reports them through its status word.
 
+mod act;
+mod bf16;
+mod gemm;
 mod heap;
+mod packed;
 mod rank;
 mod signal;
 mod stages;
@@ -40,13 +44,15 @@ mod tile;
 mod units;
 mod work;
 
+pub use gemm::Kernel;
 pub use heap::SymHeap;
 pub use signal::word as signal_word;
 
 use crate::error::{Error, Result};
 use crate::plan::LayerPlan;
 use crate::reference::{check_input, GateOutput, LayerOutput, RankInput, RouteOverrides};
-use crate::weights::LayerWeights;
+use crate::weights::{ExpertWeights, LayerWeights};
+use packed::PackedLayer;
 use signal::{next_epoch, Stop};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,7 +65,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct CpuExecutor {
     plan: LayerPlan,
+    /// The router, its bias and the shared gate, rounded to the dtype; the expert
+    /// matrices are left empty here: they live in `packed`.
     weights: Arc<LayerWeights>,
+    packed: Arc<PackedLayer>,
     heaps: Vec<SymHeap>,
     epoch: u64,
     timeout: Duration,
@@ -88,53 +97,68 @@ fn helpers_of(threads: usize, world: usize, rank: usize) -> usize {
     extra / world + usize::from(rank < extra % world)
 }
 
-/// `w` with every value rounded to `dtype`, or `None` when it already is.
-/// The router stays f32 when `router_f32` (the DeepSeek-V3 family keeps it in f32).
-fn rounded(w: &LayerWeights, dtype: crate::Dtype, router_f32: bool) -> Option<LayerWeights> {
-    let exact = |v: &[f32]| v.iter().all(|&x| dtype.round(x) == x);
-    let all_exact = (router_f32 || exact(&w.router))
-        && w.experts.iter().all(|e| exact(&e.w0) && exact(&e.w1))
-        && w.shared
-            .as_ref()
-            .is_none_or(|s| exact(&s.w0) && exact(&s.w1))
-        && w.shared_gate.as_deref().is_none_or(exact);
-    if all_exact {
-        return None;
-    }
+/// What the gate and the combine read of `w`: the router (kept f32 when `router_f32`, the
+/// DeepSeek-V3 family) and the shared gate rounded to `dtype` (the router bias stays f32),
+/// with empty expert matrices (one per expert, and one for the shared experts when
+/// present), which the executor keeps packed instead.
+fn gate_weights(w: &LayerWeights, dtype: crate::Dtype, router_f32: bool) -> LayerWeights {
     let r = |v: &[f32]| v.iter().map(|&x| dtype.round(x)).collect::<Vec<f32>>();
-    let mlp = |e: &crate::ExpertWeights| crate::ExpertWeights {
-        w0: r(&e.w0),
-        w1: r(&e.w1),
+    let empty = || ExpertWeights {
+        w0: Vec::new(),
+        w1: Vec::new(),
     };
-    Some(LayerWeights {
+    LayerWeights {
         router: if router_f32 {
             w.router.clone()
         } else {
             r(&w.router)
         },
         router_bias: w.router_bias.clone(),
-        experts: w.experts.iter().map(mlp).collect(),
-        shared: w.shared.as_ref().map(mlp),
+        experts: w.experts.iter().map(|_| empty()).collect(),
+        shared: w.shared.as_ref().map(|_| empty()),
         shared_gate: w.shared_gate.as_deref().map(r),
-    })
+    }
 }
 
 impl CpuExecutor {
     /// An executor for `plan` with `weights`, which are checked against the config.
-    /// Weights not already representable in the dtype are rounded to it (as an upload to
-    /// the device would); the router bias stays f32. Allocates one heap per rank.
+    /// Weights are rounded to the dtype (as an upload to the device would; the router bias
+    /// stays f32) and the expert matrices packed for the GEMM kernel in the dtype itself:
+    /// no f32 copy of them is kept, nor `weights`. When this holds the only reference to
+    /// `weights`, each expert's f32 matrices are freed as soon as they are packed.
     pub fn new(plan: LayerPlan, weights: Arc<LayerWeights>) -> Result<Self> {
+        match Arc::try_unwrap(weights) {
+            Ok(owned) => Self::from_owned(plan, owned),
+            Err(shared) => Self::from_weights(plan, &shared),
+        }
+    }
+
+    /// As [`CpuExecutor::new`], from borrowed weights (nothing of them is kept).
+    pub fn from_weights(plan: LayerPlan, weights: &LayerWeights) -> Result<Self> {
         weights.validate(&plan.config)?;
-        let weights = match rounded(&weights, plan.config.dtype, plan.config.router_f32) {
-            Some(w) => Arc::new(w),
-            None => weights,
-        };
+        let packed = PackedLayer::new(weights, &plan.config);
+        let gate = gate_weights(weights, plan.config.dtype, plan.config.router_f32);
+        Self::with_packed(plan, gate, packed)
+    }
+
+    /// As [`CpuExecutor::new`], consuming the weights: each expert's f32 matrices are
+    /// freed once packed, so the layer's weights are never held twice.
+    pub fn from_owned(plan: LayerPlan, mut weights: LayerWeights) -> Result<Self> {
+        weights.validate(&plan.config)?;
+        let packed = PackedLayer::take(&mut weights, &plan.config);
+        let gate = gate_weights(&weights, plan.config.dtype, plan.config.router_f32);
+        Self::with_packed(plan, gate, packed)
+    }
+
+    fn with_packed(plan: LayerPlan, gate: LayerWeights, packed: PackedLayer) -> Result<Self> {
+        let (weights, packed) = (Arc::new(gate), Arc::new(packed));
         let heaps = (0..plan.world())
             .map(|r| SymHeap::new(r, plan.heap.bytes, plan.config.dtype))
             .collect::<Result<Vec<_>>>()?;
         Ok(CpuExecutor {
             plan,
             weights,
+            packed,
             heaps,
             epoch: 0,
             timeout: DEFAULT_TIMEOUT,
@@ -148,6 +172,20 @@ impl CpuExecutor {
     /// The plan.
     pub fn plan(&self) -> &LayerPlan {
         &self.plan
+    }
+
+    /// Bytes of the packed expert weights (in the dtype's own width).
+    pub fn weight_bytes(&self) -> usize {
+        self.packed.bytes()
+    }
+
+    /// The GEMM kernel this executor's expert weights are packed for (chosen from the
+    /// dtype and the CPU: see [`Kernel`]).
+    pub fn kernel(&self) -> Kernel {
+        self.packed
+            .experts
+            .first()
+            .map_or_else(|| Kernel::detect(self.plan.config.dtype), |e| e.w0.kernel())
     }
 
     /// Longest a rank waits for one signal before failing with [`Error::Timeout`].
@@ -230,6 +268,7 @@ impl CpuExecutor {
         let shared = rank::Shared {
             plan: &self.plan,
             w: &self.weights,
+            packed: &self.packed,
             heaps: &self.heaps,
             epoch,
             k,

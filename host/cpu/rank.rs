@@ -20,8 +20,10 @@ use std::time::Duration;
 pub struct Shared<'a> {
     /// The plan.
     pub plan: &'a LayerPlan,
-    /// The weights (rounded to the dtype).
+    /// The router and shared gate (rounded to the dtype; expert matrices empty).
     pub w: &'a LayerWeights,
+    /// The expert matrices, packed in the dtype.
+    pub packed: &'a super::packed::PackedLayer,
     /// Every rank's symmetric heap.
     pub heaps: &'a [SymHeap],
     /// The epoch of this forward.

@@ -1,10 +1,12 @@
-//! The expert MLP on blocks of at most `TILE_M` rows, tile by tile, in f32 as the device
-//! computes it: f32 accumulation, the activation stored in the dtype between the two
-//! GEMMs, the result rounded to the dtype.
+//! The expert MLP on blocks of at most `TILE_M` rows, tile by tile, as the device
+//! computes it: weights in the dtype, f32 accumulation (the GEMM of [`super::gemm`]), the
+//! activation stored in the dtype between the two GEMMs, the result rounded to the dtype.
 
+use super::act::act_row;
+use super::gemm::{gemm, Lhs};
+use super::packed::PackedMlp;
 use crate::config::{Dtype, MlpKind};
 use crate::plan::{TILE_M, TILE_N};
-use crate::weights::ExpertWeights;
 
 /// `sum_i a[i] * b[i]` in f32 with eight partial sums (vectorisable, and more accurate
 /// than one running sum).
@@ -31,14 +33,39 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn round_all(dtype: Dtype, v: &mut [f32]) {
     match dtype {
         Dtype::F32 => {}
-        Dtype::Bf16 => v.iter_mut().for_each(|x| *x = round_bf16(*x)),
+        Dtype::Bf16 => round_all_bf16(v),
         Dtype::F16 => v.iter_mut().for_each(|x| *x = dtype.round(*x)),
     }
+}
+
+/// Every value of `v` rounded to bf16; compiled for AVX-512 too and chosen at run time
+/// (integer operations: the same bits either way).
+fn round_all_bf16(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        unsafe { round_all_bf16_avx512(v) };
+        return;
+    }
+    v.iter_mut().for_each(|x| *x = round_bf16(*x));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn round_all_bf16_avx512(v: &mut [f32]) {
+    v.iter_mut().for_each(|x| *x = round_bf16(*x));
 }
 
 /// `x` rounded to bf16 and back, as `half::bf16::from_f32(x).to_f32()` computes it.
 #[inline(always)]
 fn round_bf16(x: f32) -> f32 {
+    f32::from_bits(u32::from(bf16_bits(x)) << 16)
+}
+
+/// The bits of `x` rounded to bf16, as `half::bf16::from_f32(x).to_bits()` computes
+/// them, branch-free.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     let nan = b & 0x7fff_ffff > 0x7f80_0000;
     // Round half to even: up when the dropped half is above 0x8000, or exactly 0x8000
@@ -49,127 +76,7 @@ fn round_bf16(x: f32) -> f32 {
     } else {
         (b >> 16) + up
     };
-    f32::from_bits(hi << 16)
-}
-
-/// The activation in f32 (same definitions as [`crate::reference::activation`]).
-pub fn act(kind: MlpKind, z: f32) -> f32 {
-    match kind {
-        MlpKind::SwiGlu => z / (1.0 + (-z).exp()),
-        MlpKind::GeGlu | MlpKind::Gelu => {
-            const C: f32 = 0.797_884_6; // sqrt(2 / pi)
-            0.5 * z * (1.0 + (C * (z + 0.044715 * z * z * z)).tanh())
-        }
-        MlpKind::Relu => z.max(0.0),
-    }
-}
-
-/// `[x0.w0, x0.w1, x1.w0, x1.w1]` over the common length, in f32 with eight partial sums
-/// per product: a 2 x 2 register block that loads each operand once for two products.
-///
-/// Lane `i` of product `(r, c)` accumulates elements `i, i + 8, ...` in order (a multiply,
-/// then an add: Rust never contracts them into an FMA), and the lanes fold exactly as in
-/// [`dot`], so every product is bit-identical to `dot` of the same rows, whatever block
-/// it is computed in. The body runs on whole `[f32; 8]` chunks so that it compiles to
-/// plain vector loads, multiplies and adds (two SSE registers per accumulator on x86-64
-/// baseline, one with AVX) without bounds checks or shuffles.
-fn dot2x2(x0: &[f32], x1: &[f32], w0: &[f32], w1: &[f32]) -> [f32; 4] {
-    let n = x0.len().min(x1.len()).min(w0.len()).min(w1.len());
-    let body = n - n % 8;
-    let mut a00 = [0f32; 8];
-    let mut a01 = [0f32; 8];
-    let mut a10 = [0f32; 8];
-    let mut a11 = [0f32; 8];
-    let chunks = blocks8(&x0[..body])
-        .zip(blocks8(&x1[..body]))
-        .zip(blocks8(&w0[..body]))
-        .zip(blocks8(&w1[..body]));
-    for (((p, q), r), s) in chunks {
-        for i in 0..8 {
-            a00[i] += p[i] * r[i];
-        }
-        for i in 0..8 {
-            a01[i] += p[i] * s[i];
-        }
-        for i in 0..8 {
-            a10[i] += q[i] * r[i];
-        }
-        for i in 0..8 {
-            a11[i] += q[i] * s[i];
-        }
-    }
-    let f = fold4(&[a00, a01, a10, a11]);
-    let tail = |x: &[f32], w: &[f32]| -> f32 {
-        x[body..n].iter().zip(&w[body..n]).map(|(p, q)| p * q).sum()
-    };
-    [
-        f[0] + tail(x0, w0),
-        f[1] + tail(x0, w1),
-        f[2] + tail(x1, w0),
-        f[3] + tail(x1, w1),
-    ]
-}
-
-/// `v` as whole `[f32; 8]` chunks (the remainder left out).
-fn blocks8(v: &[f32]) -> impl Iterator<Item = &[f32; 8]> {
-    // Every chunk has 8 elements, so no chunk is filtered out; the fixed size lets
-    // the compiler drop every bounds check of the lanes.
-    v.chunks_exact(8)
-        .filter_map(|c| <&[f32; 8]>::try_from(c).ok())
-}
-
-/// Four sets of eight partial sums, each folded as [`dot`] folds them:
-/// `((v0 + v4) + (v1 + v5)) + ((v2 + v6) + (v3 + v7))`.
-///
-/// Kept out of line on purpose: inlined, this fold's lane pairing leads LLVM's SLP
-/// vectoriser to regroup the accumulators of [`dot2x2`]'s loop across registers, which
-/// costs about three shuffles per multiply there (checked in the release assembly).
-#[inline(never)]
-fn fold4(v: &[[f32; 8]; 4]) -> [f32; 4] {
-    let f = |v: &[f32; 8]| ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-    [f(&v[0]), f(&v[1]), f(&v[2]), f(&v[3])]
-}
-
-/// Weight rows per cache block of [`gemm_nt`]: 8 rows of up to 512 f32 (16 KiB) stay in
-/// L1 while every row pair of `x` passes over them, so `x` is streamed from L2 once per
-/// 8 columns instead of once per 2.
-const COL_BLOCK: usize = 8;
-
-/// `out[r * ldo + c] = x_r . w_(col0 + c)` for `rows` rows of `x` (`[rows][k]`) and the
-/// `ncols` weight rows from `col0` of `w` (`[*][k]`), in 2 x 2 blocks (each product
-/// bit-identical to [`dot`], whatever the blocking).
-#[allow(clippy::too_many_arguments)]
-fn gemm_nt(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    w: &[f32],
-    col0: usize,
-    ncols: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    if rows == 0 || ncols == 0 {
-        return;
-    }
-    let xrow = |r: usize| &x[r * k..(r + 1) * k];
-    let wrow = |c: usize| &w[(col0 + c) * k..(col0 + c + 1) * k];
-    for cb in (0..ncols).step_by(COL_BLOCK) {
-        let ce = (cb + COL_BLOCK).min(ncols);
-        for r0 in (0..rows).step_by(2) {
-            // Past the edges the last row / column is repeated and its result discarded.
-            let r1 = (r0 + 1).min(rows - 1);
-            let (x0, x1) = (xrow(r0), xrow(r1));
-            for c0 in (cb..ce).step_by(2) {
-                let c1 = (c0 + 1).min(ncols - 1);
-                let d = dot2x2(x0, x1, wrow(c0), wrow(c1));
-                out[r0 * ldo + c0] = d[0];
-                out[r1 * ldo + c0] = d[2];
-                out[r0 * ldo + c1] = d[1];
-                out[r1 * ldo + c1] = d[3];
-            }
-        }
-    }
+    hi as u16
 }
 
 /// One expert MLP (routed or shared) ready to run on row blocks.
@@ -187,8 +94,8 @@ pub struct TiledMlp<'a> {
     pub gemm0_tiles: usize,
     /// GEMM1 column tiles per row block (the plan's `gemm1_per_block`: `hidden / TILE_N`).
     pub gemm1_tiles: usize,
-    /// The weights.
-    pub w: &'a ExpertWeights,
+    /// The weights, packed in the dtype.
+    pub w: &'a PackedMlp,
 }
 
 impl TiledMlp<'_> {
@@ -205,28 +112,24 @@ impl TiledMlp<'_> {
         }
         let mut z = [0f32; TILE_M * TILE_N];
         let mut u = [0f32; TILE_M * TILE_N];
+        let xl = Lhs::new(x, rows, h, self.w.w0.kernel());
         for tile in 0..self.gemm0_tiles.min(wd / TILE_N) {
             let n0 = tile * TILE_N;
-            gemm_nt(x, rows, h, &self.w.w0, n0, TILE_N, &mut z, TILE_N);
+            gemm(&xl, &self.w.w0, n0, TILE_N, &mut z, TILE_N);
             if self.kind.is_gated() {
-                gemm_nt(x, rows, h, &self.w.w0, wd + n0, TILE_N, &mut u, TILE_N);
+                gemm(&xl, &self.w.w0, wd + n0, TILE_N, &mut u, TILE_N);
             }
             for r in 0..rows {
                 let out = &mut a[r * wd + n0..r * wd + n0 + TILE_N];
-                for (c, o) in out.iter_mut().enumerate() {
-                    let g = act(self.kind, z[r * TILE_N + c]);
-                    *o = if self.kind.is_gated() {
-                        g * u[r * TILE_N + c]
-                    } else {
-                        g
-                    };
-                }
+                let (zr, ur) = (&z[r * TILE_N..][..TILE_N], &u[r * TILE_N..][..TILE_N]);
+                act_row(self.kind, zr, ur, out);
                 round_all(self.dtype, out);
             }
         }
+        let al = Lhs::new(a, rows, wd, self.w.w1.kernel());
         for tile in 0..self.gemm1_tiles.min(h / TILE_N) {
             let o0 = tile * TILE_N;
-            gemm_nt(a, rows, wd, &self.w.w1, o0, TILE_N, &mut y[o0..], h);
+            gemm(&al, &self.w.w1, o0, TILE_N, &mut y[o0..], h);
         }
         round_all(self.dtype, &mut y[..rows * h]);
     }
@@ -234,6 +137,7 @@ impl TiledMlp<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::act::act;
     use super::*;
     use crate::config::MoeConfig;
     use crate::reference;
@@ -249,68 +153,6 @@ mod tests {
                 .map(|(x, y)| f64::from(*x) * f64::from(*y))
                 .sum();
             assert!((f64::from(dot(&a, &b)) - want).abs() < 1e-5, "n = {n}");
-        }
-    }
-
-    #[test]
-    fn gemm_nt_handles_odd_edges() {
-        for (rows, ncols, k) in [(1, 1, 1), (3, 5, 13), (2, 2, 8), (7, 3, 64), (64, 64, 67)] {
-            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
-            let w: Vec<f32> = (0..(ncols + 2) * k)
-                .map(|i| ((i * 5) % 9) as f32 - 4.0)
-                .collect();
-            let ldo = ncols + 3;
-            let mut out = vec![f32::NAN; rows * ldo];
-            gemm_nt(&x, rows, k, &w, 2, ncols, &mut out, ldo);
-            for r in 0..rows {
-                for c in 0..ldo {
-                    let got = out[r * ldo + c];
-                    if c < ncols {
-                        let want: f32 = (0..k).map(|i| x[r * k + i] * w[(2 + c) * k + i]).sum();
-                        // Small integers: every partial sum is exact in f32.
-                        assert_eq!(got, want, "rows {rows} cols {ncols} k {k} at ({r}, {c})");
-                    } else {
-                        assert!(got.is_nan(), "({r}, {c}) is outside the output");
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn gemm_nt_is_bit_identical_to_dot_whatever_the_block() {
-        // Every product of a 2 x 2 block (and of a repeated edge row / column) must be
-        // the very bits `dot` gives for the same two rows: results then do not depend on
-        // how rows are split into blocks or over threads.
-        let mut seed = 0x9e37_79b9_u32;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            (seed as f32 / u32::MAX as f32) * 2.0 - 1.0
-        };
-        for (rows, ncols, k) in [
-            (1, 1, 5),
-            (3, 5, 13),
-            (4, 4, 64),
-            (5, 3, 256),
-            (2, 7, 131),
-            (7, 19, 40),
-        ] {
-            let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
-            let w: Vec<f32> = (0..(ncols + 1) * k).map(|_| next()).collect();
-            let mut out = vec![f32::NAN; rows * ncols];
-            gemm_nt(&x, rows, k, &w, 1, ncols, &mut out, ncols);
-            for r in 0..rows {
-                for c in 0..ncols {
-                    let want = dot(&x[r * k..(r + 1) * k], &w[(1 + c) * k..(2 + c) * k]);
-                    assert_eq!(
-                        out[r * ncols + c].to_bits(),
-                        want.to_bits(),
-                        "rows {rows} cols {ncols} k {k} at ({r}, {c})"
-                    );
-                }
-            }
         }
     }
 
@@ -381,7 +223,7 @@ mod tests {
                 width: 64,
                 gemm0_tiles: 1,
                 gemm1_tiles: 2,
-                w: &w.experts[0],
+                w: &PackedMlp::new(&w.experts[0], 128, 64, kind.is_gated(), Dtype::F32),
             };
             let mut a = vec![0f32; TILE_M * 64];
             let mut y = vec![f32::NAN; TILE_M * 128];

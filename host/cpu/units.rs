@@ -2,8 +2,8 @@
 //! token chunks and combine token chunks.
 //!
 //! Every output value is computed by exactly one unit, with a fixed order of operations
-//! that does not depend on the unit's neighbours (each product of the tile kernel is
-//! bit-identical to [`dot`] of its two rows; combine sums a token's choices in choice
+//! that does not depend on the unit's neighbours (each product of the GEMM is one chain
+//! of operations over its row and column alone; combine sums a token's choices in choice
 //! order), so results do not depend on how many threads run the units, nor on which
 //! thread runs which.
 
@@ -19,7 +19,7 @@ use std::sync::{Mutex, PoisonError};
 
 /// Rows of one expert unit (a half `TILE_M` block: enough units to share a rank's
 /// experts among several threads, rows enough to reuse each weight tile).
-pub const EXPERT_UNIT_ROWS: usize = TILE_M / 2;
+pub const EXPERT_UNIT_ROWS: usize = TILE_M;
 
 /// Tokens of one shared-expert or combine unit.
 pub const TOKEN_CHUNK: usize = 32;
@@ -200,11 +200,11 @@ impl<'a> Ctx<'a> {
         let (l, s) = (item / cfg.world, item % cfg.world);
         let it = self.item(item)?;
         let e = self.locals.get(l).map_or(usize::MAX, |&e| e as usize);
-        let w = self.sh.w.experts.get(e).ok_or_else(|| Error::Device {
+        let w = self.sh.packed.experts.get(e).ok_or_else(|| Error::Device {
             rank: self.me,
             stage: "expert",
             what: format!("local expert {l} has no weights"),
-            expected: self.sh.w.experts.len() as u64,
+            expected: self.sh.packed.experts.len() as u64,
             observed: e as u64,
         })?;
         let mlp = TiledMlp {
@@ -259,7 +259,7 @@ impl<'a> Ctx<'a> {
 
     fn shared_experts(&self, c: usize, sc: &mut Scratch) -> Res<()> {
         let cfg = &self.sh.plan.config;
-        let (Some(s), Some(sw)) = (cfg.shared, &self.sh.w.shared) else {
+        let (Some(s), Some(sw)) = (cfg.shared, &self.sh.packed.shared) else {
             return Ok(());
         };
         let h = cfg.hidden;

@@ -53,10 +53,12 @@ pub(crate) fn route(
         return (ids, weights);
     }
     let scale = f64::from(cfg.routed_scale);
+    // Every token's logits at once (bit-identical to `dot64` per expert).
+    let experts = cfg.experts.max(1);
+    let all = super::logits::logits64(x, tokens, &w.router, h);
     if let Router::SparseMixer { .. } = cfg.router {
-        for t in 0..tokens {
-            let xt = &x[t * h..(t + 1) * h];
-            let (sel, _) = scores(cfg, w, xt, logit_bias);
+        for lg in all.chunks(experts).take(tokens) {
+            let (sel, _) = scores_from_logits(cfg, w, lg, logit_bias);
             for (e, wt) in sparse_mixer(&sel, f64::from(cfg.router.jitter()), k) {
                 ids.push(e as u32);
                 weights.push((wt * scale) as f32);
@@ -64,9 +66,8 @@ pub(crate) fn route(
         }
         return (ids, weights);
     }
-    for t in 0..tokens {
-        let xt = &x[t * h..(t + 1) * h];
-        let (sel, gate) = scores(cfg, w, xt, logit_bias);
+    for lg in all.chunks(experts).take(tokens) {
+        let (sel, gate) = scores_from_logits(cfg, w, lg, logit_bias);
         let chosen = top_k(&sel, k);
         let mut wts: Vec<f64> = match cfg.router {
             Router::Softmax { renormalize } => {
@@ -110,12 +111,23 @@ fn scores(
     logit_bias: Option<&[f32]>,
 ) -> (Vec<f64>, Vec<f64>) {
     let h = cfg.hidden;
-    let logits = (0..cfg.experts).map(|e| {
-        let wr = w.router.get(e * h..(e + 1) * h).unwrap_or(&[]);
-        dot64(xt, wr)
-            + logit_bias
-                .and_then(|b| b.get(e))
-                .map_or(0.0, |&b| f64::from(b))
+    let logits: Vec<f64> = (0..cfg.experts)
+        .map(|e| dot64(xt, w.router.get(e * h..(e + 1) * h).unwrap_or(&[])))
+        .collect();
+    scores_from_logits(cfg, w, &logits, logit_bias)
+}
+
+/// [`scores`] from a token's logits (before the per-call `logit_bias`).
+fn scores_from_logits(
+    cfg: &MoeConfig,
+    w: &LayerWeights,
+    raw: &[f64],
+    logit_bias: Option<&[f32]>,
+) -> (Vec<f64>, Vec<f64>) {
+    let logits = raw.iter().enumerate().map(|(e, &l)| {
+        l + logit_bias
+            .and_then(|b| b.get(e))
+            .map_or(0.0, |&b| f64::from(b))
     });
     let (sel, gate) = match cfg.router {
         Router::Softmax { .. } => {

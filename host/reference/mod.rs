@@ -18,6 +18,7 @@
 
 mod compare;
 mod gate;
+mod logits;
 mod mlp;
 
 pub use compare::{normalised_error, tolerance};
@@ -205,6 +206,24 @@ fn dot64(a: &[f32], b: &[f32]) -> f64 {
         .zip(b)
         .map(|(&x, &y)| f64::from(x) * f64::from(y))
         .sum()
+}
+
+/// `out[e] = dot64(x, rows[e * x.len() ..][.. x.len()])` for every `e`, bit for bit: each
+/// is the same sequential f64 sum (from -0.0, as `sum` starts), but eight rows go
+/// together so that their chains of additions overlap instead of waiting on each other.
+fn dots64(x: &[f32], rows: &[f32], out: &mut [f64]) {
+    let h = x.len();
+    for (o, w) in out.chunks_mut(8).zip(rows.chunks(8 * h.max(1))) {
+        let mut acc = [-0.0f64; 8];
+        let n = o.len().min(w.len() / h.max(1));
+        for (i, &xv) in x.iter().enumerate() {
+            let xv = f64::from(xv);
+            for (j, a) in acc.iter_mut().enumerate().take(n) {
+                *a += xv * f64::from(w[j * h + i]);
+            }
+        }
+        o[..n].copy_from_slice(&acc[..n]);
+    }
 }
 
 /// Output row of token `t` in f64, before rounding: its kept experts in choice order, then

@@ -769,3 +769,47 @@ fn sigmoid_renormalisation_divides_by_the_sum_plus_1e_20() {
     );
     assert!(want < 0.5, "the epsilon must matter in this test: {want}");
 }
+
+#[test]
+fn dots64_is_dot64_bit_for_bit() {
+    for (h, rows) in [(1usize, 1usize), (5, 3), (64, 8), (67, 13), (256, 17)] {
+        let x: Vec<f32> = (0..h)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let w: Vec<f32> = (0..h * rows)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
+            .collect();
+        let mut got = vec![f64::NAN; rows];
+        super::dots64(&x, &w, &mut got);
+        for (e, g) in got.iter().enumerate() {
+            let want = super::dot64(&x, &w[e * h..(e + 1) * h]);
+            assert_eq!(g.to_bits(), want.to_bits(), "h {h} row {e}");
+        }
+    }
+}
+
+#[test]
+fn logits64_is_dot64_bit_for_bit() {
+    for (h, experts, tokens) in [
+        (1usize, 1usize, 1usize),
+        (5, 3, 7),
+        (64, 8, 4),
+        (67, 13, 9),
+        (256, 40, 5),
+    ] {
+        let x: Vec<f32> = (0..h * tokens)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let w: Vec<f32> = (0..h * experts)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
+            .collect();
+        let got = super::logits::logits64(&x, tokens, &w, h);
+        for t in 0..tokens {
+            for e in 0..experts {
+                let want = super::dot64(&x[t * h..(t + 1) * h], &w[e * h..(e + 1) * h]);
+                let g = got[t * experts + e];
+                assert_eq!(g.to_bits(), want.to_bits(), "h {h} token {t} expert {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! The executor's expert weights, packed once for the GEMM kernels in the layer's own
+//! dtype (2 bytes per value for bf16 and f16): no f32 copy of them is kept.
+
+use super::gemm::PackedMatrix;
+use crate::config::MoeConfig;
+use crate::weights::{ExpertWeights, LayerWeights};
+use crate::Dtype;
+
+/// One expert MLP (routed, or the fused shared experts), packed.
+#[derive(Debug)]
+pub struct PackedMlp {
+    /// `[gemm0 width][hidden]`: gate rows then up rows when gated.
+    pub w0: PackedMatrix,
+    /// `[hidden][width]`.
+    pub w1: PackedMatrix,
+}
+
+impl PackedMlp {
+    /// `e` (width `width`, hidden size `hidden`) packed in `dtype`.
+    pub fn new(e: &ExpertWeights, hidden: usize, width: usize, gated: bool, dtype: Dtype) -> Self {
+        let rows0 = if gated { 2 * width } else { width };
+        PackedMlp {
+            w0: PackedMatrix::pack(&e.w0, rows0, hidden, dtype),
+            w1: PackedMatrix::pack(&e.w1, hidden, width, dtype),
+        }
+    }
+
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.w0.bytes() + self.w1.bytes()
+    }
+}
+
+/// Every expert MLP of a layer, packed.
+#[derive(Debug)]
+pub struct PackedLayer {
+    /// Routed experts, by global id.
+    pub experts: Vec<PackedMlp>,
+    /// The shared experts fused into one MLP, when configured.
+    pub shared: Option<PackedMlp>,
+}
+
+impl PackedLayer {
+    /// Packs `w`'s experts for `cfg` (validated weights), experts spread over the
+    /// machine's threads.
+    pub fn new(w: &LayerWeights, cfg: &MoeConfig) -> Self {
+        let experts = spread(&w.experts, |part| {
+            part.iter().map(|e| one(e, cfg)).collect()
+        });
+        let shared = w.shared.as_ref().and_then(|e| shared(e, cfg));
+        PackedLayer { experts, shared }
+    }
+
+    /// As [`PackedLayer::new`], taking the expert matrices out of `w` (left empty) and
+    /// freeing each one once packed: the f32 and the packed copies of the whole layer
+    /// never coexist.
+    pub fn take(w: &mut LayerWeights, cfg: &MoeConfig) -> Self {
+        let experts = spread_mut(&mut w.experts, |part| {
+            part.iter_mut()
+                .map(|e| {
+                    let p = one(e, cfg);
+                    *e = empty();
+                    p
+                })
+                .collect()
+        });
+        let shared = w.shared.as_mut().and_then(|e| {
+            let p = shared(e, cfg);
+            *e = empty();
+            p
+        });
+        PackedLayer { experts, shared }
+    }
+
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.experts
+            .iter()
+            .chain(&self.shared)
+            .map(PackedMlp::bytes)
+            .sum()
+    }
+}
+
+/// An expert with no matrices.
+fn empty() -> ExpertWeights {
+    ExpertWeights {
+        w0: Vec::new(),
+        w1: Vec::new(),
+    }
+}
+
+/// Routed expert `e` packed for `cfg`.
+fn one(e: &ExpertWeights, cfg: &MoeConfig) -> PackedMlp {
+    PackedMlp::new(
+        e,
+        cfg.hidden,
+        cfg.intermediate,
+        cfg.mlp.is_gated(),
+        cfg.dtype,
+    )
+}
+
+/// The fused shared experts `e` packed for `cfg`, when it has shared experts.
+fn shared(e: &ExpertWeights, cfg: &MoeConfig) -> Option<PackedMlp> {
+    let s = cfg.shared?;
+    let width = s.count * s.intermediate;
+    Some(PackedMlp::new(
+        e,
+        cfg.hidden,
+        width,
+        cfg.mlp.is_gated(),
+        cfg.dtype,
+    ))
+}
+
+/// Threads to pack with: the machine's.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `f` over consecutive parts of `items`, one part per thread, results in order.
+fn spread<T: Sync, R: Send>(items: &[T], f: impl Fn(&[T]) -> Vec<R> + Sync) -> Vec<R> {
+    let per = items.len().div_ceil(threads()).max(1);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = items.chunks(per).map(|p| s.spawn(|| f(p))).collect();
+        join_all(parts)
+    })
+}
+
+/// [`spread`] over mutable parts.
+fn spread_mut<T: Send, R: Send>(items: &mut [T], f: impl Fn(&mut [T]) -> Vec<R> + Sync) -> Vec<R> {
+    let per = items.len().div_ceil(threads()).max(1);
+    std::thread::scope(|s| {
+        let f = &f;
+        let parts: Vec<_> = items
+            .chunks_mut(per)
+            .map(|p| s.spawn(move || f(p)))
+            .collect();
+        join_all(parts)
+    })
+}
+
+/// The results of `parts` in order; a panic in one is resumed here.
+fn join_all<R>(parts: Vec<std::thread::ScopedJoinHandle<'_, Vec<R>>>) -> Vec<R> {
+    parts
+        .into_iter()
+        .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        .collect()
+}
