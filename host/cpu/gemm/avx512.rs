@@ -89,24 +89,22 @@ pub(super) fn tile(x: &Lhs, w: &PackedMatrix, s: Step, acc: &mut [[f32; NR]]) {
             unsafe { by_rows!(rows, M => kernels::bf16_dot::<M>(xs, ldx, i0, ni, b, acc, s.first)) }
         }
         Kernel::F32Fma if has_f() => {
-            let xs = &x.f32_rows()[s.r0 * x.k()..];
+            let xs = &x.tiles()[s.r0 * x.k()..];
             let b = &w.panel_f32(s.p)[s.k0 * NR..(s.k0 + s.kc) * NR];
             // SAFETY: the CPU has AVX-512F (checked just above).
-            unsafe {
-                by_rows!(rows, M => kernels::f32_fma::<M>(xs, x.k(), s.k0, s.kc, b, acc, s.first))
-            }
+            unsafe { by_rows!(rows, M => kernels::f32_fma::<M>(xs, s.k0, s.kc, b, acc, s.first)) }
         }
         Kernel::Bf16Fma | Kernel::F16Fma if has_f() => {
             let f16 = w.kernel() == Kernel::F16Fma;
-            let xs = &x.f32_rows()[s.r0 * x.k()..];
+            let xs = &x.tiles()[s.r0 * x.k()..];
             let b = &w.panel_u16(s.p)[s.k0 * NR..(s.k0 + s.kc) * NR];
-            let (k, k0, kc, first) = (x.k(), s.k0, s.kc, s.first);
+            let (k0, kc, first) = (s.k0, s.kc, s.first);
             // SAFETY: the CPU has AVX-512F (checked just above).
             unsafe {
                 if f16 {
-                    by_rows!(rows, M => kernels::u16_fma::<true, M>(xs, k, k0, kc, b, acc, first))
+                    by_rows!(rows, M => kernels::u16_fma::<true, M>(xs, k0, kc, b, acc, first))
                 } else {
-                    by_rows!(rows, M => kernels::u16_fma::<false, M>(xs, k, k0, kc, b, acc, first))
+                    by_rows!(rows, M => kernels::u16_fma::<false, M>(xs, k0, kc, b, acc, first))
                 }
             }
         }

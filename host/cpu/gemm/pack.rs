@@ -157,6 +157,22 @@ pub struct Lhs<'a> {
     data: LhsData<'a>,
 }
 
+/// The rows of `x` (`[rows][k]`) as row tiles, each `[k][m]` from `r0 * k`.
+fn tiles(x: &[f32], k: usize) -> Vec<f32> {
+    let rows = x.len().checked_div(k).unwrap_or(0);
+    let mut out = vec![0f32; rows * k];
+    for (r0, m) in super::row_tiles(rows) {
+        let tile = &mut out[r0 * k..(r0 + m) * k];
+        for r in 0..m {
+            let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
+            for (i, &v) in row.iter().enumerate() {
+                tile[i * m + r] = v;
+            }
+        }
+    }
+    out
+}
+
 /// The rows of `x` (`[rows][k]`) as bf16 pairs, `[rows][ceil(k / 2)]`: in memory, each
 /// row's bf16 values in order (little-endian pairs), then a zero when `k` is odd.
 fn pairs(x: &[f32], k: usize) -> Vec<u32> {
@@ -170,6 +186,9 @@ fn pairs(x: &[f32], k: usize) -> Vec<u32> {
 
 enum LhsData<'a> {
     F32(&'a [f32]),
+    /// Row tile by row tile ([`super::row_tiles`]), each `[k][m]` (its `m` rows side by
+    /// side, depth by depth) from `r0 * k`: one pointer serves the whole tile.
+    Tiles(Vec<f32>),
     /// `[rows][ceil(k / 2)]`: `x[2i]` in the low half, `x[2i + 1]` (or 0) in the high half.
     Pairs(Vec<u32>),
 }
@@ -179,10 +198,10 @@ impl<'a> Lhs<'a> {
     pub fn new(x: &'a [f32], rows: usize, k: usize, kernel: Kernel) -> Self {
         let rows = x.len().checked_div(k).map_or(rows, |n| rows.min(n));
         let x = &x[..rows * k];
-        let data = if kernel.pairs() {
-            LhsData::Pairs(pairs(x, k))
-        } else {
-            LhsData::F32(x)
+        let data = match kernel {
+            Kernel::Bf16Amx | Kernel::Bf16Dot => LhsData::Pairs(pairs(x, k)),
+            Kernel::Portable => LhsData::F32(x),
+            Kernel::F32Fma | Kernel::Bf16Fma | Kernel::F16Fma => LhsData::Tiles(tiles(x, k)),
         };
         Lhs {
             rows,
@@ -207,11 +226,20 @@ impl<'a> Lhs<'a> {
         self.kernel
     }
 
-    /// The f32 rows (empty for the bf16-pair kernels).
+    /// The f32 rows (the portable kernel's; empty for the others).
     pub(super) fn f32_rows(&self) -> &[f32] {
         match &self.data {
             LhsData::F32(x) => x,
-            LhsData::Pairs(_) => &[],
+            LhsData::Pairs(_) | LhsData::Tiles(_) => &[],
+        }
+    }
+
+    /// The f32 row tiles (the FMA kernels'; empty for the others): the tile of rows
+    /// `r0 .. r0 + m` is `[k][m]` from `r0 * k`.
+    pub(super) fn tiles(&self) -> &[f32] {
+        match &self.data {
+            LhsData::Tiles(t) => t,
+            LhsData::F32(_) | LhsData::Pairs(_) => &[],
         }
     }
 
@@ -219,7 +247,7 @@ impl<'a> Lhs<'a> {
     pub(super) fn pairs(&self) -> &[u32] {
         match &self.data {
             LhsData::Pairs(p) => p,
-            LhsData::F32(_) => &[],
+            LhsData::F32(_) | LhsData::Tiles(_) => &[],
         }
     }
 }

@@ -69,30 +69,30 @@ fn rows<T, const M: usize>(x: &[T], ldx: usize, k0: usize, kc: usize) -> [*const
     p
 }
 
-/// f32 weights (`b`: `[kc][NR]`), f32 rows: `acc += x . b`, one FMA per depth.
+/// f32 weights (`b`: `[kc][NR]`), an f32 row tile (`x`: `[k][M]`, from depth 0):
+/// `acc += x . b` over depths `k0 .. k0 + kc`, one FMA per depth.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn f32_fma<const M: usize>(
     x: &[f32],
-    ldx: usize,
     k0: usize,
     kc: usize,
     b: &[f32],
     acc: &mut [[f32; NR]],
     first: bool,
 ) {
-    let xp = rows::<f32, M>(x, ldx, k0, kc);
+    let xp = x[k0 * M..(k0 + kc) * M].as_ptr();
     let bp = b[..kc * NR].as_ptr();
     let (mut c0, mut c1) = load::<M>(acc, first);
     for i in 0..kc {
         prefetch(bp.wrapping_add((i + AHEAD) * NR));
         prefetch(bp.wrapping_add((i + AHEAD) * NR + 16));
-        // SAFETY: i < kc; `b` holds kc * NR values and every row pointer kc values.
+        // SAFETY: i < kc and r < M; `b` holds kc * NR values and `xp` kc * M.
         unsafe {
             let b0 = _mm512_loadu_ps(bp.add(i * NR));
             let b1 = _mm512_loadu_ps(bp.add(i * NR + 16));
             for r in 0..M {
-                let a = _mm512_set1_ps(*xp[r].add(i));
+                let a = _mm512_set1_ps(*xp.add(i * M + r));
                 c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
                 c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
             }
@@ -112,31 +112,30 @@ fn widen<const F16: bool>(v: __m256i) -> __m512 {
     }
 }
 
-/// bf16 or f16 weights (`b`: `[kc][NR]`, widened in registers), f32 rows: as
-/// [`f32_fma`], bit for bit on the same values.
+/// bf16 or f16 weights (`b`: `[kc][NR]`, widened in registers), an f32 row tile as for
+/// [`f32_fma`]: as [`f32_fma`], bit for bit on the same values.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn u16_fma<const F16: bool, const M: usize>(
     x: &[f32],
-    ldx: usize,
     k0: usize,
     kc: usize,
     b: &[u16],
     acc: &mut [[f32; NR]],
     first: bool,
 ) {
-    let xp = rows::<f32, M>(x, ldx, k0, kc);
+    let xp = x[k0 * M..(k0 + kc) * M].as_ptr();
     let bp = b[..kc * NR].as_ptr();
     let (mut c0, mut c1) = load::<M>(acc, first);
     for i in 0..kc {
         prefetch(bp.wrapping_add((i + AHEAD) * NR));
-        // SAFETY: i < kc; `b` holds kc * NR values (two loads of 16 u16 at i * NR) and
-        // every row pointer kc values.
+        // SAFETY: i < kc and r < M; `b` holds kc * NR values (two loads of 16 u16 at
+        // i * NR) and `xp` kc * M.
         unsafe {
             let b0 = widen::<F16>(_mm256_loadu_si256(bp.add(i * NR).cast()));
             let b1 = widen::<F16>(_mm256_loadu_si256(bp.add(i * NR + 16).cast()));
             for r in 0..M {
-                let a = _mm512_set1_ps(*xp[r].add(i));
+                let a = _mm512_set1_ps(*xp.add(i * M + r));
                 c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
                 c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
             }
