@@ -333,7 +333,7 @@ impl MoeConfig {
         check_dim("hidden", self.hidden)?;
         check_dim("intermediate", self.intermediate)?;
         if let Some((alpha, limit)) = self.mlp.clamp_params() {
-            if !alpha.is_finite() || !(limit.is_finite() && limit > 0.0) {
+            if !(alpha.is_finite() && limit.is_finite() && limit > 0.0) {
                 return Err(Error::config(
                     "mlp",
                     format!("clamped-swiglu alpha {alpha} limit {limit}"),

@@ -142,7 +142,10 @@ mod tests {
         for c in 0..67 {
             let up = f64::from(u[c]).clamp(-7.0, 7.0) + 1.0;
             let want = crate::reference::activation(kind, f64::from(z[c])) * up;
-            assert!((f64::from(out[c]) - want).abs() <= 1e-5 * (1.0 + want.abs()), "{c}");
+            assert!(
+                (f64::from(out[c]) - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{c}"
+            );
             assert_eq!(act(kind, z[c]).to_bits(), {
                 let g = z[c].min(7.0);
                 times_sigmoid(g, 1.702 * g).to_bits()

@@ -329,7 +329,7 @@ impl FamilyConfig {
             "silu" | "swish" if family == Family::GptOss => {
                 let alpha = keys.opt_f64("swiglu_alpha")?.unwrap_or(1.702) as f32;
                 let limit = keys.opt_f64("swiglu_limit")?.unwrap_or(7.0) as f32;
-                if !alpha.is_finite() || !(limit.is_finite() && limit > 0.0) {
+                if !(alpha.is_finite() && limit.is_finite() && limit > 0.0) {
                     return Err(keys.unsupported(
                         "swiglu_limit",
                         format!("alpha {alpha}, limit {limit}"),
@@ -349,11 +349,9 @@ impl FamilyConfig {
             }
         };
         let default_eps = match family {
-            Family::Mixtral
-            | Family::Olmoe
-            | Family::Llama4
-            | Family::PhiMoe
-            | Family::GptOss => 1e-5,
+            Family::Mixtral | Family::Olmoe | Family::Llama4 | Family::PhiMoe | Family::GptOss => {
+                1e-5
+            }
             _ => 1e-6,
         };
         let eps = keys.opt_f64("rms_norm_eps")?.unwrap_or(default_eps) as f32;
