@@ -76,12 +76,44 @@ pub enum MlpKind {
     Gelu,
     /// `down(relu(up x))`.
     Relu,
+    /// gpt-oss: `g = min(gate x, limit)`, `u = clamp(up x, -limit, limit)`,
+    /// `down((u + 1) * g * sigmoid(alpha * g))`. The two parameters are kept as their f32
+    /// bits (so that the kind stays `Eq` and `Hash`); build it with
+    /// [`MlpKind::clamped_swiglu`] and read them with [`MlpKind::clamp_params`].
+    ClampedSwiGlu {
+        /// `alpha.to_bits()`.
+        alpha_bits: u32,
+        /// `limit.to_bits()`.
+        limit_bits: u32,
+    },
 }
 
 impl MlpKind {
     /// Whether the first GEMM produces a gate and an up projection.
     pub fn is_gated(self) -> bool {
-        matches!(self, MlpKind::SwiGlu | MlpKind::GeGlu)
+        matches!(
+            self,
+            MlpKind::SwiGlu | MlpKind::GeGlu | MlpKind::ClampedSwiGlu { .. }
+        )
+    }
+
+    /// The clamped SwiGLU of gpt-oss with sigmoid scale `alpha` and clamp `limit`.
+    pub fn clamped_swiglu(alpha: f32, limit: f32) -> Self {
+        MlpKind::ClampedSwiGlu {
+            alpha_bits: alpha.to_bits(),
+            limit_bits: limit.to_bits(),
+        }
+    }
+
+    /// `(alpha, limit)` of [`MlpKind::ClampedSwiGlu`]; `None` for the other kinds.
+    pub fn clamp_params(self) -> Option<(f32, f32)> {
+        match self {
+            MlpKind::ClampedSwiGlu {
+                alpha_bits,
+                limit_bits,
+            } => Some((f32::from_bits(alpha_bits), f32::from_bits(limit_bits))),
+            _ => None,
+        }
     }
 
     /// The name used on the command line and in reports.
@@ -91,6 +123,7 @@ impl MlpKind {
             MlpKind::GeGlu => "geglu",
             MlpKind::Gelu => "gelu",
             MlpKind::Relu => "relu",
+            MlpKind::ClampedSwiGlu { .. } => "clamped-swiglu",
         }
     }
 }
@@ -299,6 +332,15 @@ impl MoeConfig {
         }
         check_dim("hidden", self.hidden)?;
         check_dim("intermediate", self.intermediate)?;
+        if let Some((alpha, limit)) = self.mlp.clamp_params() {
+            if !(alpha.is_finite() && limit.is_finite() && limit > 0.0) {
+                return Err(Error::config(
+                    "mlp",
+                    format!("clamped-swiglu alpha {alpha} limit {limit}"),
+                    "a finite alpha and a finite positive limit",
+                ));
+            }
+        }
         if self.experts == 0 || self.experts > MAX_EXPERTS {
             return Err(Error::config(
                 "experts",

@@ -232,13 +232,15 @@ pub fn dtype_code(d: Dtype) -> u32 {
     }
 }
 
-/// `FM_MLP_*` code.
+/// `FM_MLP_*` code. The clamped SwiGLU has no kernel code yet (4, which the kernel does
+/// not know): the GPU layer refuses it before any launch.
 pub fn mlp_code(m: MlpKind) -> u32 {
     match m {
         MlpKind::SwiGlu => 0,
         MlpKind::GeGlu => 1,
         MlpKind::Gelu => 2,
         MlpKind::Relu => 3,
+        MlpKind::ClampedSwiGlu { .. } => 4,
     }
 }
 

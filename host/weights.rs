@@ -12,12 +12,18 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// One expert MLP (also used for the fused shared experts).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ExpertWeights {
     /// `[gemm0 width][hidden]`: gate rows then up rows when gated.
     pub w0: Vec<f32>,
     /// `[hidden][width]`.
     pub w1: Vec<f32>,
+    /// Bias of the first product `[gemm0 width]` (gate values then up values when gated),
+    /// added before the activation; empty for none (gpt-oss has one).
+    pub b0: Vec<f32>,
+    /// Bias of the second product `[hidden]`, added to the expert's output before its
+    /// routing weight; empty for none.
+    pub b1: Vec<f32>,
 }
 
 /// All weights of one layer.
@@ -53,6 +59,7 @@ impl LayerWeights {
             ExpertWeights {
                 w0: fill(rng, w0_rows * h, s_in, round),
                 w1: fill(rng, h * width, 1.0 / (width as f32).sqrt(), round),
+                ..ExpertWeights::default()
             }
         };
         let router = if cfg.router_f32 {
@@ -129,6 +136,12 @@ impl LayerWeights {
         for e in &self.experts {
             check("weights.experts[].w0", e.w0.len(), cfg.gemm0_width() * h)?;
             check("weights.experts[].w1", e.w1.len(), h * cfg.intermediate)?;
+            if !e.b0.is_empty() {
+                check("weights.experts[].b0", e.b0.len(), cfg.gemm0_width())?;
+            }
+            if !e.b1.is_empty() {
+                check("weights.experts[].b1", e.b1.len(), h)?;
+            }
         }
         match (&cfg.shared, &self.shared) {
             (None, None) => {}
@@ -137,6 +150,12 @@ impl LayerWeights {
                 let rows = if cfg.mlp.is_gated() { 2 * width } else { width };
                 check("weights.shared.w0", w.w0.len(), rows * h)?;
                 check("weights.shared.w1", w.w1.len(), h * width)?;
+                if !w.b0.is_empty() {
+                    check("weights.shared.b0", w.b0.len(), rows)?;
+                }
+                if !w.b1.is_empty() {
+                    check("weights.shared.b1", w.b1.len(), h)?;
+                }
             }
             (Some(_), None) => {
                 return Err(Error::input(
@@ -173,10 +192,14 @@ impl LayerWeights {
         for (j, e) in self.experts.iter().enumerate() {
             finite("weights.experts[].w0", &format!("expert {j}: "), &e.w0)?;
             finite("weights.experts[].w1", &format!("expert {j}: "), &e.w1)?;
+            finite("weights.experts[].b0", &format!("expert {j}: "), &e.b0)?;
+            finite("weights.experts[].b1", &format!("expert {j}: "), &e.b1)?;
         }
         if let Some(w) = &self.shared {
             finite("weights.shared.w0", "", &w.w0)?;
             finite("weights.shared.w1", "", &w.w1)?;
+            finite("weights.shared.b0", "", &w.b0)?;
+            finite("weights.shared.b1", "", &w.b1)?;
         }
         if let Some(g) = &self.shared_gate {
             finite("weights.shared_gate", "", g)?;

@@ -42,6 +42,8 @@ from transformers import (
     DeepseekV2ForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
     Glm4MoeConfig,
     Glm4MoeForCausalLM,
     Llama4ForCausalLM,
@@ -186,6 +188,12 @@ def fixtures():
          Llama4TextConfig(**COMMON, head_dim=32, num_hidden_layers=2, num_local_experts=4,
                           num_experts_per_tok=1, intermediate_size_mlp=I,
                           interleave_moe_layer_step=2),
+         None, True),
+        # gpt-oss: top-k of the biased logits, softmax over the k; biased experts with the
+        # clamped SwiGLU, gate/up interleaved. A low swiglu_limit so that the clamps bite.
+        ("gpt_oss", GptOssForCausalLM,
+         GptOssConfig(**COMMON, head_dim=32, num_hidden_layers=1, num_local_experts=4,
+                      num_experts_per_tok=2, swiglu_limit=1.5),
          None, True),
     ]
 

@@ -318,6 +318,7 @@ fn provenance_rows_land_where_the_plan_says() {
                         .map(|_| ExpertWeights {
                             w0: eye.clone(),
                             w1: eye.clone(),
+                            ..ExpertWeights::default()
                         })
                         .collect(),
                     shared: None,

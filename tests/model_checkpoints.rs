@@ -242,6 +242,7 @@ fn generate(case: &Case, seed: u64) -> (Vec<T>, Vec<Written>) {
             .map(|_| ExpertWeights {
                 w0: rand_vec(&mut rng, 2 * i * H, s_in, st),
                 w1: rand_vec(&mut rng, H * i, 1.0 / (i as f32).sqrt(), st),
+                ..ExpertWeights::default()
             })
             .collect();
         if case.layout.fused_in_out {
@@ -342,6 +343,7 @@ fn generate(case: &Case, seed: u64) -> (Vec<T>, Vec<Written>) {
             shared = Some(ExpertWeights {
                 w0: [gate, up].concat(),
                 w1: down,
+                ..ExpertWeights::default()
             });
             if s.gated {
                 let g = rand_vec(&mut rng, H, 2.0 * s_in, st);
@@ -375,6 +377,8 @@ fn round_weights(w: &LayerWeights, d: Dtype) -> LayerWeights {
     let mlp = |x: &ExpertWeights| ExpertWeights {
         w0: r(&x.w0),
         w1: r(&x.w1),
+        b0: r(&x.b0),
+        b1: r(&x.b1),
     };
     LayerWeights {
         router: r(&w.router),

@@ -28,7 +28,7 @@ fn fixtures_dir() -> PathBuf {
 }
 
 /// The fixtures, by directory name.
-const FIXTURES: [&str; 29] = [
+const FIXTURES: [&str; 31] = [
     "mixtral-f32",
     "mixtral-bf16",
     "qwen2_moe-f32",
@@ -58,6 +58,8 @@ const FIXTURES: [&str; 29] = [
     "minimax_m2-bf16",
     "llama4-f32",
     "llama4-bf16",
+    "gpt_oss-f32",
+    "gpt_oss-bf16",
 ];
 
 /// Most tokens a comparison may exclude as near-ties (of 48 per fixture).
@@ -99,6 +101,9 @@ const F32_SLACK: f64 = 5e-5;
 ///
 /// MiniMax-M2 also computes its logits in bf16 but ranks by `sigmoid(l) + b`: a logit off
 /// by `|l| * 2^-8` moves the score by at most a quarter of that (the sigmoid's slope).
+///
+/// gpt-oss ranks by the biased logit `l + b`, computed in bf16 (`F.linear` with the bias):
+/// off by `|l + b| * 2^-8`.
 fn ranking(layer: &ModelLayer, xt: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let cfg = &layer.config;
     let bf16_logits = cfg.dtype != Dtype::F32 && !cfg.router_f32 && cfg.group_limit.is_none();
@@ -119,6 +124,15 @@ fn ranking(layer: &ModelLayer, xt: &[f32]) -> (Vec<f64>, Vec<f64>) {
         {
             let slack = logits.iter().map(|l| l.abs() * BF16_U).collect();
             (logits, slack)
+        }
+        Router::TopkSoftmax if bf16_logits => {
+            let biased: Vec<f64> = logits
+                .iter()
+                .zip(&layer.weights.router_bias)
+                .map(|(l, b)| l + f64::from(*b))
+                .collect();
+            let slack = biased.iter().map(|l| l.abs() * BF16_U).collect();
+            (biased, slack)
         }
         Router::SigmoidBias { .. } if bf16_logits => {
             let scores = reference::selection_scores(cfg, &layer.weights, xt, None);

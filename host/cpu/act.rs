@@ -58,10 +58,16 @@ pub fn act(kind: MlpKind, z: f32) -> f32 {
         MlpKind::SwiGlu => silu(z),
         MlpKind::GeGlu | MlpKind::Gelu => gelu(z),
         MlpKind::Relu => z.max(0.0),
+        MlpKind::ClampedSwiGlu { .. } => {
+            let (alpha, limit) = kind.clamp_params().unwrap_or((1.0, f32::INFINITY));
+            let g = z.min(limit);
+            times_sigmoid(g, alpha * g)
+        }
     }
 }
 
-/// `out[c] = act(z[c]) * u[c]` for gated kinds, `act(z[c])` otherwise (`u` unused).
+/// `out[c] = act(z[c]) * u[c]` for gated kinds (`clamp(u[c], -limit, limit) + 1` in place
+/// of `u[c]` for the clamped SwiGLU), `act(z[c])` otherwise (`u` unused).
 /// Compiled for AVX-512 too, chosen at run time: the same IEEE operations in the same
 /// order (Rust neither contracts nor reorders them), so the same bits either way.
 pub fn act_row(kind: MlpKind, z: &[f32], u: &[f32], out: &mut [f32]) {
@@ -97,6 +103,13 @@ fn act_row_any(kind: MlpKind, z: &[f32], u: &[f32], out: &mut [f32]) {
         }
         MlpKind::Gelu => out.iter_mut().zip(z).for_each(|(o, &z)| *o = gelu(z)),
         MlpKind::Relu => out.iter_mut().zip(z).for_each(|(o, &z)| *o = z.max(0.0)),
+        MlpKind::ClampedSwiGlu { .. } => {
+            let (alpha, limit) = kind.clamp_params().unwrap_or((1.0, f32::INFINITY));
+            for ((o, &z), &u) in out.iter_mut().zip(z).zip(&u[..n]) {
+                let g = z.min(limit);
+                *o = times_sigmoid(g, alpha * g) * (u.max(-limit).min(limit) + 1.0);
+            }
+        }
     }
 }
 
@@ -116,6 +129,27 @@ mod tests {
         assert!(exp(1000.0).is_finite());
         for kind in [MlpKind::SwiGlu, MlpKind::Gelu] {
             assert!(act(kind, f32::NAN).is_nan(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn clamped_swiglu_matches_the_reference() {
+        let kind = MlpKind::clamped_swiglu(1.702, 7.0);
+        let z: Vec<f32> = (0..67).map(|i| (i as f32 - 33.0) * 0.37).collect();
+        let u: Vec<f32> = z.iter().rev().map(|&v| v * 0.9).collect();
+        let mut out = vec![0f32; 67];
+        act_row(kind, &z, &u, &mut out);
+        for c in 0..67 {
+            let up = f64::from(u[c]).clamp(-7.0, 7.0) + 1.0;
+            let want = crate::reference::activation(kind, f64::from(z[c])) * up;
+            assert!(
+                (f64::from(out[c]) - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{c}"
+            );
+            assert_eq!(act(kind, z[c]).to_bits(), {
+                let g = z[c].min(7.0);
+                times_sigmoid(g, 1.702 * g).to_bits()
+            });
         }
     }
 

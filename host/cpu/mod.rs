@@ -103,10 +103,7 @@ fn helpers_of(threads: usize, world: usize, rank: usize) -> usize {
 /// present), which the executor keeps packed instead.
 fn gate_weights(w: &LayerWeights, dtype: crate::Dtype, router_f32: bool) -> LayerWeights {
     let r = |v: &[f32]| v.iter().map(|&x| dtype.round(x)).collect::<Vec<f32>>();
-    let empty = || ExpertWeights {
-        w0: Vec::new(),
-        w1: Vec::new(),
-    };
+    let empty = ExpertWeights::default;
     LayerWeights {
         router: if router_f32 {
             w.router.clone()

@@ -13,6 +13,10 @@ pub struct PackedMlp {
     pub w0: PackedMatrix,
     /// `[hidden][width]`.
     pub w1: PackedMatrix,
+    /// Bias of the first product (`[gemm0 width]`, rounded to the dtype); empty for none.
+    pub b0: Vec<f32>,
+    /// Bias of the second product (`[hidden]`, rounded to the dtype); empty for none.
+    pub b1: Vec<f32>,
 }
 
 impl PackedMlp {
@@ -22,12 +26,14 @@ impl PackedMlp {
         PackedMlp {
             w0: PackedMatrix::pack(&e.w0, rows0, hidden, dtype),
             w1: PackedMatrix::pack(&e.w1, hidden, width, dtype),
+            b0: e.b0.iter().map(|&v| dtype.round(v)).collect(),
+            b1: e.b1.iter().map(|&v| dtype.round(v)).collect(),
         }
     }
 
     /// Bytes it holds.
     pub fn bytes(&self) -> usize {
-        self.w0.bytes() + self.w1.bytes()
+        self.w0.bytes() + self.w1.bytes() + 4 * (self.b0.len() + self.b1.len())
     }
 }
 
@@ -84,10 +90,7 @@ impl PackedLayer {
 
 /// An expert with no matrices.
 fn empty() -> ExpertWeights {
-    ExpertWeights {
-        w0: Vec::new(),
-        w1: Vec::new(),
-    }
+    ExpertWeights::default()
 }
 
 /// Routed expert `e` packed for `cfg`.

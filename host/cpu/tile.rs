@@ -79,6 +79,14 @@ pub fn bf16_bits(x: f32) -> u16 {
     hi as u16
 }
 
+/// Adds `b` to every row of `m` (rows of `b.len()` values; a trailing partial row too).
+#[inline]
+fn add_bias(m: &mut [f32], b: &[f32]) {
+    for row in m.chunks_mut(b.len().max(1)) {
+        row.iter_mut().zip(b).for_each(|(v, &c)| *v += c);
+    }
+}
+
 /// One expert MLP (routed or shared) ready to run on row blocks.
 pub struct TiledMlp<'a> {
     /// Activation kind.
@@ -119,6 +127,12 @@ impl TiledMlp<'_> {
             if self.kind.is_gated() {
                 gemm(&xl, &self.w.w0, wd + n0, TILE_N, &mut u, TILE_N);
             }
+            if !self.w.b0.is_empty() {
+                add_bias(&mut z[..rows * TILE_N], &self.w.b0[n0..][..TILE_N]);
+                if self.kind.is_gated() {
+                    add_bias(&mut u[..rows * TILE_N], &self.w.b0[wd + n0..][..TILE_N]);
+                }
+            }
             for r in 0..rows {
                 let out = &mut a[r * wd + n0..r * wd + n0 + TILE_N];
                 let (zr, ur) = (&z[r * TILE_N..][..TILE_N], &u[r * TILE_N..][..TILE_N]);
@@ -130,6 +144,9 @@ impl TiledMlp<'_> {
         for tile in 0..self.gemm1_tiles.min(h / TILE_N) {
             let o0 = tile * TILE_N;
             gemm(&al, &self.w.w1, o0, TILE_N, &mut y[o0..], h);
+        }
+        if !self.w.b1.is_empty() {
+            add_bias(&mut y[..rows * h], &self.w.b1[..h]);
         }
         round_all(self.dtype, &mut y[..rows * h]);
     }

@@ -360,6 +360,21 @@ impl MoeLayer {
         world.check(&plan)?;
         let cfg = plan.config.clone();
         weights.validate(&cfg)?;
+        if cfg.mlp.clamp_params().is_some() {
+            return Err(Error::config(
+                "mlp",
+                cfg.mlp.name(),
+                "an MLP the GPU kernel implements (swiglu, geglu, gelu, relu): the clamped \
+                 SwiGLU of gpt-oss runs on the CPU executor only",
+            ));
+        }
+        let biased = |e: &crate::weights::ExpertWeights| !e.b0.is_empty() || !e.b1.is_empty();
+        if weights.experts.iter().chain(&weights.shared).any(biased) {
+            return Err(Error::input(
+                "weights.experts[].b0",
+                "expert biases are not implemented by the GPU kernel (CPU executor only)",
+            ));
+        }
         if let Some(r) = opts.fault_silent_rank {
             if r >= world.world_size() {
                 return Err(Error::config(

@@ -14,6 +14,7 @@
 //! | Qwen3-Next | softmax | `norm_topk_prob` (default true) | 1 | one, gated; RMSNorm scaled by `(1 + w)` |
 //! | Llama-4 (`llama4_text`) | top-k logits, `sigmoid(logit)` scales the expert's input | no | 1 | one, ungated |
 //! | MiniMax-M2 | sigmoid + the block's `e_score_correction_bias` for selection | always | 1 | none |
+//! | gpt-oss | top-k of the biased logits, softmax over the k | (softmax over the k) | 1 | none |
 //!
 //! Decisions where the runtime does less than the model:
 //! - **Dense layers are skipped.** DeepSeek's first `first_k_dense_replace` layers and
@@ -42,6 +43,10 @@
 //!   or f32 (executors) accumulation and are not rounded; Mixtral, Qwen and OLMoE compute
 //!   them in the model dtype (bf16), so a near-tie between two experts can resolve
 //!   differently from transformers.
+//! - **gpt-oss** experts are the clamped SwiGLU ([`MlpKind::ClampedSwiGlu`],
+//!   `swiglu_alpha`, `swiglu_limit`) with a bias on both products; `gate_up_proj` is
+//!   stored `[E, H, 2I]` with gate and up columns interleaved (even gate, odd up) and is
+//!   de-interleaved on load. Its MXFP4 release (`*_blocks`, `*_scales`) is refused.
 //! - `hidden_act` must be `silu` (SwiGLU) or a tanh GELU (`gelu_pytorch_tanh`,
 //!   `gelu_new`: GeGLU); the exact erf GELU is refused.
 
@@ -84,10 +89,14 @@ pub enum Family {
     /// `phimoe`: Mixtral's tensor names, the sparsemixer router
     /// ([`Router::SparseMixer`], `router_jitter_noise`), LayerNorm (weight and bias).
     PhiMoe,
+    /// `gpt_oss`: top-k of the biased logits weighted by their softmax
+    /// ([`Router::TopkSoftmax`]), biased experts with the clamped SwiGLU
+    /// ([`MlpKind::ClampedSwiGlu`]), fused `[E, in, out]` with interleaved gate/up columns.
+    GptOss,
 }
 
 /// Every family, in documentation order.
-pub const FAMILIES: [Family; 11] = [
+pub const FAMILIES: [Family; 12] = [
     Family::Mixtral,
     Family::Qwen2Moe,
     Family::Qwen3Moe,
@@ -99,6 +108,7 @@ pub const FAMILIES: [Family; 11] = [
     Family::MinimaxM2,
     Family::Llama4,
     Family::PhiMoe,
+    Family::GptOss,
 ];
 
 impl Family {
@@ -127,6 +137,7 @@ impl Family {
             Family::MinimaxM2 => "minimax_m2",
             Family::Llama4 => "llama4_text",
             Family::PhiMoe => "phimoe",
+            Family::GptOss => "gpt_oss",
         }
     }
 
@@ -137,6 +148,7 @@ impl Family {
             router: "gate",
             proj: ["gate_proj", "up_proj", "down_proj"],
             fused_in_out: false,
+            gpt_oss_experts: false,
             shared_module: None,
             shared_gate: false,
             router_bias: None,
@@ -168,6 +180,13 @@ impl Family {
                 router_bias: Some("e_score_correction_bias"),
                 ..qwen_like
             },
+            Family::GptOss => Naming {
+                router: "router",
+                fused_in_out: true,
+                gpt_oss_experts: true,
+                router_bias: Some("router.bias"),
+                ..qwen_like
+            },
             Family::DeepseekV2 => Naming {
                 shared_module: Some("shared_experts"),
                 ..qwen_like
@@ -197,6 +216,10 @@ pub struct Naming {
     /// Fused experts are stored `[E, in, out]` (Llama-4: `gate_up_proj` `[E, H, 2I]`,
     /// `down_proj` `[E, I, H]`), not transformers 5's `[E, out, in]`.
     pub fused_in_out: bool,
+    /// gpt-oss experts: with [`Naming::fused_in_out`], `gate_up_proj` holds gate and up
+    /// columns interleaved (even gate, odd up), and the biases `gate_up_proj_bias`
+    /// `[E, 2I]` (interleaved likewise) and `down_proj_bias` `[E, H]` are present.
+    pub gpt_oss_experts: bool,
     /// Names of the gate, up and down projections of one expert.
     pub proj: [&'static str; 3],
     /// Module name of the shared expert(s) under the MoE prefix, if the family has them.
@@ -302,6 +325,19 @@ impl FamilyConfig {
         }
         let top_k = keys.usize("num_experts_per_tok")?;
         let mlp = match keys.string("hidden_act")?.as_str() {
+            // gpt-oss says `silu` but runs its own clamped SwiGLU.
+            "silu" | "swish" if family == Family::GptOss => {
+                let alpha = keys.opt_f64("swiglu_alpha")?.unwrap_or(1.702) as f32;
+                let limit = keys.opt_f64("swiglu_limit")?.unwrap_or(7.0) as f32;
+                if !(alpha.is_finite() && limit.is_finite() && limit > 0.0) {
+                    return Err(keys.unsupported(
+                        "swiglu_limit",
+                        format!("alpha {alpha}, limit {limit}"),
+                        "a finite swiglu_alpha and a finite positive swiglu_limit",
+                    ));
+                }
+                MlpKind::clamped_swiglu(alpha, limit)
+            }
             "silu" | "swish" => MlpKind::SwiGlu,
             "gelu_pytorch_tanh" | "gelu_new" => MlpKind::GeGlu,
             other => {
@@ -313,7 +349,9 @@ impl FamilyConfig {
             }
         };
         let default_eps = match family {
-            Family::Mixtral | Family::Olmoe | Family::Llama4 | Family::PhiMoe => 1e-5,
+            Family::Mixtral | Family::Olmoe | Family::Llama4 | Family::PhiMoe | Family::GptOss => {
+                1e-5
+            }
             _ => 1e-6,
         };
         let eps = keys.opt_f64("rms_norm_eps")?.unwrap_or(default_eps) as f32;
@@ -449,6 +487,23 @@ impl FamilyConfig {
                     }
                 };
                 (experts, intermediate, router)
+            }
+            Family::GptOss => {
+                if let Some(q) = json.get("quantization_config") {
+                    if !q.is_null() {
+                        return Err(keys.unsupported(
+                            "quantization_config",
+                            q,
+                            "none: the MXFP4 release (`*_blocks`, `*_scales`) is not read; \
+                             dequantise to bf16 first",
+                        ));
+                    }
+                }
+                (
+                    keys.usize("num_local_experts")?,
+                    keys.usize("intermediate_size")?,
+                    Router::TopkSoftmax,
+                )
             }
             Family::PhiMoe => {
                 let eps = keys.opt_f64("router_jitter_noise")?.unwrap_or(0.01) as f32;

@@ -327,7 +327,19 @@ impl LayerReader<'_> {
             None => Vec::new(),
         };
         let fused = format!("{block}.experts.gate_up_proj");
-        let experts = if self.ckpt.contains(&fused) && naming.fused_in_out {
+        let mxfp4 = format!("{fused}_blocks");
+        if self.ckpt.contains(&mxfp4) {
+            return Err(Error::Checkpoint {
+                path: self.ckpt.dir().to_path_buf(),
+                reason: format!(
+                    "tensor `{mxfp4}` is MXFP4 (`_blocks` + `_scales`), which is not read: \
+                     dequantise the checkpoint to bf16 first"
+                ),
+            });
+        }
+        let experts = if naming.gpt_oss_experts {
+            self.gpt_oss_experts(&block, e, h, i)?
+        } else if self.ckpt.contains(&fused) && naming.fused_in_out {
             self.fused_in_out(&block, e, h, i)?
         } else if self.ckpt.contains(&fused) {
             let gate_up = self.read(&fused, &[e, 2 * i, h], d)?;
@@ -339,6 +351,7 @@ impl LayerReader<'_> {
                 .map(|(w0, w1)| ExpertWeights {
                     w0: w0.to_vec(),
                     w1: w1.to_vec(),
+                    ..ExpertWeights::default()
                 })
                 .collect()
         } else {
@@ -388,6 +401,51 @@ impl LayerReader<'_> {
             .map(|(gu, dn)| ExpertWeights {
                 w0: transpose(gu, h, 2 * i),
                 w1: transpose(dn, i, h),
+                ..ExpertWeights::default()
+            })
+            .collect())
+    }
+
+    /// gpt-oss experts: `gate_up_proj` `[E, H, 2I]` with gate and up columns interleaved
+    /// (even gate, odd up) and its bias `[E, 2I]` likewise, `down_proj` `[E, I, H]` and its
+    /// bias `[E, H]`; de-interleaved into gate rows then up rows and transposed.
+    fn gpt_oss_experts(
+        &self,
+        block: &str,
+        e: usize,
+        h: usize,
+        i: usize,
+    ) -> Result<Vec<ExpertWeights>> {
+        let d = Some(self.dtype);
+        let x = format!("{block}.experts");
+        let gate_up = self.read(&format!("{x}.gate_up_proj"), &[e, h, 2 * i], d)?;
+        let gate_up_bias = self.read(&format!("{x}.gate_up_proj_bias"), &[e, 2 * i], d)?;
+        let down = self.read(&format!("{x}.down_proj"), &[e, i, h], d)?;
+        let down_bias = self.read(&format!("{x}.down_proj_bias"), &[e, h], d)?;
+        self.bar.inc((e * 3).saturating_sub(4) as u64);
+        // Column c of the interleaved [2I] goes to row (c odd) * I + c / 2.
+        let dest = |c: usize| (c % 2) * i + c / 2;
+        Ok(gate_up
+            .chunks_exact(h * 2 * i)
+            .zip(gate_up_bias.chunks_exact(2 * i))
+            .zip(down.chunks_exact(i * h).zip(down_bias.chunks_exact(h)))
+            .map(|((gu, gub), (dn, dnb))| {
+                let mut w0 = vec![0f32; 2 * i * h];
+                for (k, row) in gu.chunks_exact(2 * i).enumerate() {
+                    for (c, &v) in row.iter().enumerate() {
+                        w0[dest(c) * h + k] = v;
+                    }
+                }
+                let mut b0 = vec![0f32; 2 * i];
+                for (c, &v) in gub.iter().enumerate() {
+                    b0[dest(c)] = v;
+                }
+                ExpertWeights {
+                    w0,
+                    w1: transpose(dn, i, h),
+                    b0,
+                    b1: dnb.to_vec(),
+                }
             })
             .collect())
     }
@@ -399,7 +457,11 @@ impl LayerReader<'_> {
         let mut w0 = self.read(&format!("{prefix}.{}.weight", proj[0]), &[width, h], d)?;
         w0.extend(self.read(&format!("{prefix}.{}.weight", proj[1]), &[width, h], d)?);
         let w1 = self.read(&format!("{prefix}.{}.weight", proj[2]), &[h, width], d)?;
-        Ok(ExpertWeights { w0, w1 })
+        Ok(ExpertWeights {
+            w0,
+            w1,
+            ..ExpertWeights::default()
+        })
     }
 }
 

@@ -4,10 +4,16 @@ use crate::config::{MlpKind, MoeConfig};
 use crate::weights::ExpertWeights;
 
 /// The activation of an MLP kind: silu for SwiGLU, GELU (tanh approximation) for GeGLU
-/// and GELU, `max(z, 0)` for ReLU.
+/// and GELU, `max(z, 0)` for ReLU; for the clamped SwiGLU, the gate's factor
+/// `g * sigmoid(alpha g)` with `g = min(z, limit)`.
 pub fn activation(kind: MlpKind, z: f64) -> f64 {
     match kind {
         MlpKind::SwiGlu => z / (1.0 + (-z).exp()),
+        MlpKind::ClampedSwiGlu { .. } => {
+            let (alpha, limit) = kind.clamp_params().unwrap_or((1.0, f32::INFINITY));
+            let g = z.min(f64::from(limit));
+            g / (1.0 + (-f64::from(alpha) * g).exp())
+        }
         MlpKind::GeGlu | MlpKind::Gelu => {
             let c = (2.0 / std::f64::consts::PI).sqrt();
             0.5 * z * (1.0 + (c * (z + 0.044715 * z * z * z)).tanh())
@@ -20,7 +26,9 @@ pub fn activation(kind: MlpKind, z: f64) -> f64 {
 /// (`[rows][hidden]`), returning `[rows][hidden]` in f64.
 ///
 /// Gated: `a = act(x Wg^T) * (x Wu^T)` where `w0` holds the `width` gate rows then the
-/// `width` up rows; plain: `a = act(x W0^T)`; then `y = a W1^T`. Sums are in f64; `a` is
+/// `width` up rows; plain: `a = act(x W0^T)`; then `y = a W1^T`. The biases `b0` and
+/// `b1`, when present, are added to the products before the activation and to `y`; the
+/// clamped SwiGLU multiplies by `clamp(up, -limit, limit) + 1` instead of `up`. Sums are in f64; `a` is
 /// stored as f32 between the two products (the reference's storage type).
 ///
 /// Never panics: weights are not checked here (see [`crate::LayerWeights::validate`]), a
@@ -36,7 +44,7 @@ pub fn expert_mlp(cfg: &MoeConfig, w: &ExpertWeights, width: usize, x: &[f32]) -
             *an = v as f32;
         }
         for (o, yo) in yr.iter_mut().enumerate() {
-            *yo = super::dot64(&a, row(&w.w1, o, width));
+            *yo = super::dot64(&a, row(&w.w1, o, width)) + bias(&w.b1, o);
         }
     }
     y
@@ -49,15 +57,27 @@ pub fn expert_activation(cfg: &MoeConfig, w: &ExpertWeights, width: usize, xr: &
     let h = cfg.hidden;
     (0..width)
         .map(|n| {
-            let z0 = super::dot64(xr, row(&w.w0, n, h));
+            let z0 = super::dot64(xr, row(&w.w0, n, h)) + bias(&w.b0, n);
             if cfg.mlp.is_gated() {
-                let up = super::dot64(xr, row(&w.w0, width + n, h));
+                let up = super::dot64(xr, row(&w.w0, width + n, h)) + bias(&w.b0, width + n);
+                let up = match cfg.mlp.clamp_params() {
+                    Some((_, limit)) => {
+                        let l = f64::from(limit);
+                        up.max(-l).min(l) + 1.0
+                    }
+                    None => up,
+                };
                 activation(cfg.mlp, z0) * up
             } else {
                 activation(cfg.mlp, z0)
             }
         })
         .collect()
+}
+
+/// Value `i` of a bias, 0 when there is none (or it is too short).
+fn bias(b: &[f32], i: usize) -> f64 {
+    b.get(i).map_or(0.0, |&v| f64::from(v))
 }
 
 /// Row `i` of a row-major matrix with rows of `n` values, or an empty slice past its end.

@@ -420,6 +420,7 @@ fn plain_relu_and_gelu_mlp_with_identity_weights() {
         let ew = ExpertWeights {
             w0: eye.clone(),
             w1: eye,
+            ..ExpertWeights::default()
         };
         let x: Vec<f32> = (0..H).map(|i| i as f32 / 8.0 - 4.0).collect();
         let y = expert_mlp(&c, &ew, H, &x);
@@ -454,7 +455,11 @@ fn gated_mlp_multiplies_activation_by_up_projection() {
             w0[(H + i) * H + i] = 2.0;
             w1[i * H + i] = 0.5;
         }
-        let ew = ExpertWeights { w0, w1 };
+        let ew = ExpertWeights {
+            w0,
+            w1,
+            ..ExpertWeights::default()
+        };
         let x: Vec<f32> = (0..H).map(|i| i as f32 / 16.0 - 2.0).collect();
         let y = expert_mlp(&c, &ew, H, &x);
         for i in 0..H {

@@ -413,3 +413,19 @@ proptest::proptest! {
         let _ = crate::model::checkpoint::parse_json(Path::new("config.json"), &text);
     }
 }
+
+#[test]
+fn gpt_oss_reads_the_clamped_swiglu_and_refuses_mxfp4() {
+    let mut v = json!({"model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880,
+        "num_hidden_layers": 24, "num_local_experts": 32, "num_experts_per_tok": 4,
+        "hidden_act": "silu", "swiglu_limit": 7.0, "rms_norm_eps": 1e-5});
+    let f = parse(v.clone()).unwrap();
+    assert_eq!(f.family, Family::GptOss);
+    assert_eq!(f.router, Router::TopkSoftmax);
+    assert_eq!(f.mlp, MlpKind::clamped_swiglu(1.702, 7.0));
+    assert_eq!((f.experts, f.top_k, f.intermediate), (32, 4, 2880));
+    assert!(f.family.naming().gpt_oss_experts);
+    v["quantization_config"] = json!({"quant_method": "mxfp4"});
+    let e = parse(v).unwrap_err().to_string();
+    assert!(e.contains("quantization_config"), "{e}");
+}
