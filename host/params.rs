@@ -187,6 +187,9 @@ pub struct LayerParams {
     pub router_f32: u32,
     /// The sparsemixer's epsilon (PhiMoE's `router_jitter_noise`), 0 for other routers.
     pub router_eps: f32,
+    /// The clamped SwiGLU's alpha and limit (gpt-oss), 0 for other MLPs.
+    pub mlp_alpha: f32,
+    pub mlp_limit: f32,
 }
 
 /// `FmRankParams`: the pointers of one rank.
@@ -210,6 +213,10 @@ pub struct RankParams {
     pub shared_gate: u64,
     pub given_ids: u64,
     pub given_weights: u64,
+    /// f32 `[local experts][gemm0 width]` expert GEMM0 biases (gpt-oss), or 0.
+    pub b0: u64,
+    /// f32 `[local experts][hidden]` expert GEMM1 biases, or 0.
+    pub b1: u64,
 }
 
 /// `FmKernelParams`: the kernel's one parameter.
@@ -232,8 +239,7 @@ pub fn dtype_code(d: Dtype) -> u32 {
     }
 }
 
-/// `FM_MLP_*` code. The clamped SwiGLU has no kernel code yet (4, which the kernel does
-/// not know): the GPU layer refuses it before any launch.
+/// `FM_MLP_*` code.
 pub fn mlp_code(m: MlpKind) -> u32 {
     match m {
         MlpKind::SwiGlu => 0,
@@ -329,6 +335,8 @@ impl LayerParams {
             topk_group: cfg.group_limit.map_or(0, |g| g.keep as u32),
             router_f32: u32::from(cfg.router_f32),
             router_eps: cfg.router.jitter(),
+            mlp_alpha: cfg.mlp.clamp_params().map_or(0.0, |p| p.0),
+            mlp_limit: cfg.mlp.clamp_params().map_or(0.0, |p| p.1),
         }
     }
 }

@@ -54,13 +54,19 @@ impl LayerWeights {
         let round = |x: f32| cfg.dtype.round(x);
         let h = cfg.hidden;
         let s_in = 1.0 / (h as f32).sqrt();
-        let mlp = |rng: &mut StdRng, width: usize| {
+        // gpt-oss's clamped SwiGLU comes with expert biases: the random routed experts get
+        // them too, so that every path that adds them is exercised.
+        let biased = cfg.mlp.clamp_params().is_some();
+        let mlp = |rng: &mut StdRng, width: usize, with_bias: bool| {
             let w0_rows = if cfg.mlp.is_gated() { 2 * width } else { width };
-            ExpertWeights {
-                w0: fill(rng, w0_rows * h, s_in, round),
-                w1: fill(rng, h * width, 1.0 / (width as f32).sqrt(), round),
-                ..ExpertWeights::default()
-            }
+            let w0 = fill(rng, w0_rows * h, s_in, round);
+            let w1 = fill(rng, h * width, 1.0 / (width as f32).sqrt(), round);
+            let (b0, b1) = if with_bias {
+                (fill(rng, w0_rows, 0.2, round), fill(rng, h, 0.2, round))
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            ExpertWeights { w0, w1, b0, b1 }
         };
         let router = if cfg.router_f32 {
             fill(&mut rng, cfg.experts * h, s_in, |x| x)
@@ -73,9 +79,11 @@ impl LayerWeights {
             Vec::new()
         };
         let experts = (0..cfg.experts)
-            .map(|_| mlp(&mut rng, cfg.intermediate))
+            .map(|_| mlp(&mut rng, cfg.intermediate, biased))
             .collect();
-        let shared = cfg.shared.map(|s| mlp(&mut rng, s.count * s.intermediate));
+        let shared = cfg
+            .shared
+            .map(|s| mlp(&mut rng, s.count * s.intermediate, false));
         let shared_gate = cfg
             .shared
             .filter(|s| s.gated)

@@ -108,7 +108,9 @@ step facts facts.txt bash -c "nvidia-smi; r=\$?; '$bench' probe; cat '$here/ptxa
 
 # ---- stage checks on tiny: world 1, emulated 2 and 4 (bf16), then f32
 step stages-w1 stages.txt "$bench" stages --backend gpu --preset tiny
-step stages-e2 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:2
+# gpt-oss style: top-k of biased logits, clamped SwiGLU with expert biases.
+step stages-e2 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:2 \
+    --router topk-softmax --mlp clamped-swiglu
 step stages-e4 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:4
 step stages-f32 stages.txt "$bench" stages --backend gpu --preset tiny --dtype f32 --world emulated:2 \
     --router sparse-mixer

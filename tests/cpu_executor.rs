@@ -27,11 +27,16 @@ const ROUTERS: [Router; 9] = [
     },
     Router::Given,
 ];
-const MLPS: [MlpKind; 4] = [
+const MLPS: [MlpKind; 5] = [
     MlpKind::SwiGlu,
     MlpKind::GeGlu,
     MlpKind::Gelu,
     MlpKind::Relu,
+    // gpt-oss (random weights then carry expert biases); limit 1.5 so the clamps bite.
+    MlpKind::ClampedSwiGlu {
+        alpha_bits: 0x3fd9_db23, // 1.702
+        limit_bits: 0x3fc0_0000, // 1.5
+    },
 ];
 
 /// One test case: config, staging, per-rank token counts, overrides.

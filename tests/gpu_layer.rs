@@ -26,11 +26,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const DTYPES: [Dtype; 3] = [Dtype::Bf16, Dtype::F16, Dtype::F32];
-const MLPS: [MlpKind; 4] = [
+const MLPS: [MlpKind; 5] = [
     MlpKind::SwiGlu,
     MlpKind::GeGlu,
     MlpKind::Gelu,
     MlpKind::Relu,
+    MlpKind::ClampedSwiGlu {
+        alpha_bits: 0x3fd9_db23, // 1.702
+        limit_bits: 0x3fc0_0000, // 1.5: the clamps bite on random data
+    },
 ];
 const ROUTERS: [Router; 7] = [
     Router::Softmax { renormalize: true },

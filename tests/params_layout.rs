@@ -61,11 +61,11 @@ fn rust_structs() -> BTreeMap<&'static str, (usize, Vec<Field>)> {
         ws_gemm0_done, ws_gemm1_done, ws_queue_ctl, ws_queue, ws_queue_capacity, ws_sync,
         ws_gate_hist, ws_shared_act, ws_shared_act_stride_row, ws_shared_out,
         ws_shared_out_stride_row, ws_shared_done, ws_bytes,
-        expert_owner, router_weight, router_bias, logit_bias, route_k, stop_after, n_group, topk_group, router_f32, router_eps,
+        expert_owner, router_weight, router_bias, logit_bias, route_k, stop_after, n_group, topk_group, router_f32, router_eps, mlp_alpha, mlp_limit,
     );
     let rank = rust_fields!(RankParams;
         rank, tokens, local_experts, pad0, heap, peers, workspace, x, out, w0, w1,
-        shared_w0, shared_w1, shared_gate, given_ids, given_weights,
+        shared_w0, shared_w1, shared_gate, given_ids, given_weights, b0, b1,
     );
     let kernel = rust_fields!(KernelParams; layer, launch_ranks, pad0, rank);
     BTreeMap::from([
@@ -124,6 +124,10 @@ fn rust_constants() -> BTreeMap<&'static str, u64> {
         ("FM_MLP_GEGLU", params::mlp_code(MlpKind::GeGlu) as u64),
         ("FM_MLP_GELU", params::mlp_code(MlpKind::Gelu) as u64),
         ("FM_MLP_RELU", params::mlp_code(MlpKind::Relu) as u64),
+        (
+            "FM_MLP_CLAMPED_SWIGLU",
+            params::mlp_code(MlpKind::clamped_swiglu(1.702, 7.0)) as u64,
+        ),
         (
             "FM_ROUTER_SOFTMAX",
             params::router_code(Router::Softmax { renormalize: true }).0 as u64,

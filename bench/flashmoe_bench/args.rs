@@ -141,6 +141,8 @@ pub enum MlpArg {
     Gelu,
     /// Plain ReLU.
     Relu,
+    /// gpt-oss's clamped SwiGLU (alpha 1.702, limit 7; random weights get expert biases).
+    ClampedSwiglu,
 }
 
 /// The layer shape and run options shared by `layer` and `model`.
@@ -337,6 +339,7 @@ impl ShapeArgs {
                 MlpArg::Geglu => MlpKind::GeGlu,
                 MlpArg::Gelu => MlpKind::Gelu,
                 MlpArg::Relu => MlpKind::Relu,
+                MlpArg::ClampedSwiglu => MlpKind::clamped_swiglu(1.702, 7.0),
             };
         }
         if let Some(v) = self.router {

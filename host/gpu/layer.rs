@@ -237,6 +237,9 @@ struct RankBuffers {
     peers: DeviceBuffer,
     w0: DeviceBuffer,
     w1: DeviceBuffer,
+    /// Expert biases (gpt-oss), f32, when any local expert has them.
+    b0: Option<DeviceBuffer>,
+    b1: Option<DeviceBuffer>,
     /// Token buffers used by [`MoeLayer::forward_host`].
     x: DeviceBuffer,
     out: DeviceBuffer,
@@ -360,19 +363,11 @@ impl MoeLayer {
         world.check(&plan)?;
         let cfg = plan.config.clone();
         weights.validate(&cfg)?;
-        if cfg.mlp.clamp_params().is_some() {
-            return Err(Error::config(
-                "mlp",
-                cfg.mlp.name(),
-                "an MLP the GPU kernel implements (swiglu, geglu, gelu, relu): the clamped \
-                 SwiGLU of gpt-oss runs on the CPU executor only",
-            ));
-        }
         let biased = |e: &crate::weights::ExpertWeights| !e.b0.is_empty() || !e.b1.is_empty();
-        if weights.experts.iter().chain(&weights.shared).any(biased) {
+        if weights.shared.iter().any(biased) {
             return Err(Error::input(
-                "weights.experts[].b0",
-                "expert biases are not implemented by the GPU kernel (CPU executor only)",
+                "weights.shared.b0",
+                "shared-expert biases are not implemented by the GPU kernel (CPU executor only)",
             ));
         }
         if let Some(r) = opts.fault_silent_rank {
@@ -555,6 +550,12 @@ impl MoeLayer {
                 peers: DeviceBuffer::zeroed(&stream, 8 * world.world_size(), "peers table")?,
                 w0: DeviceBuffer::from_bytes(&stream, &packed.w0, "expert w0")?,
                 w1: DeviceBuffer::from_bytes(&stream, &packed.w1, "expert w1")?,
+                b0: (!packed.b0.is_empty())
+                    .then(|| DeviceBuffer::from_bytes(&stream, &packed.b0, "expert b0"))
+                    .transpose()?,
+                b1: (!packed.b1.is_empty())
+                    .then(|| DeviceBuffer::from_bytes(&stream, &packed.b1, "expert b1"))
+                    .transpose()?,
                 x: DeviceBuffer::zeroed(&stream, token_bytes, "tokens in")?,
                 out: DeviceBuffer::zeroed(&stream, token_bytes, "tokens out")?,
                 given_ids: given
@@ -600,6 +601,8 @@ impl MoeLayer {
                 workspace: rb.workspace.ptr(),
                 w0: rb.w0.ptr(),
                 w1: rb.w1.ptr(),
+                b0: rb.b0.as_ref().map_or(0, DeviceBuffer::ptr),
+                b1: rb.b1.as_ref().map_or(0, DeviceBuffer::ptr),
                 shared_w0: tables.shared_w0.as_ref().map_or(0, DeviceBuffer::ptr),
                 shared_w1: tables.shared_w1.as_ref().map_or(0, DeviceBuffer::ptr),
                 shared_gate: tables.shared_gate.as_ref().map_or(0, DeviceBuffer::ptr),

@@ -81,6 +81,11 @@ pub struct PackedExperts {
     pub w0: Vec<u8>,
     /// GEMM1 weights, bytes.
     pub w1: Vec<u8>,
+    /// GEMM0 biases, f32 `[local experts][gemm0 width]` bytes; empty when no local expert
+    /// has biases (a missing one is zeros).
+    pub b0: Vec<u8>,
+    /// GEMM1 biases, f32 `[local experts][hidden]` bytes; empty likewise.
+    pub b1: Vec<u8>,
 }
 
 /// Packs the experts `plan.local_experts[rank]` of `weights` (validated against the plan's
@@ -90,11 +95,32 @@ pub fn pack_rank_experts(plan: &LayerPlan, weights: &LayerWeights, rank: usize) 
     let mut packed = PackedExperts {
         w0: Vec::new(),
         w1: Vec::new(),
+        b0: Vec::new(),
+        b1: Vec::new(),
     };
-    for &e in plan.local_experts.get(rank).map_or(&[][..], Vec::as_slice) {
-        if let Some(ex) = weights.experts.get(e as usize) {
-            extend_dtype_bytes(&mut packed.w0, dtype, &ex.w0);
-            extend_dtype_bytes(&mut packed.w1, dtype, &ex.w1);
+    let locals = plan.local_experts.get(rank).map_or(&[][..], Vec::as_slice);
+    let experts: Vec<_> = locals
+        .iter()
+        .filter_map(|&e| weights.experts.get(e as usize))
+        .collect();
+    for ex in &experts {
+        extend_dtype_bytes(&mut packed.w0, dtype, &ex.w0);
+        extend_dtype_bytes(&mut packed.w1, dtype, &ex.w1);
+    }
+    // Biases stay f32 on the device (the kernel adds them to the f32 accumulators), each
+    // rounded to the dtype first as the CPU executor stores them.
+    let (w0, h) = (plan.config.gemm0_width(), plan.config.hidden);
+    let bias = |b: &[f32], n: usize, out: &mut Vec<u8>| {
+        let vals = (0..n).map(|i| b.get(i).map_or(0.0, |&v| dtype.round(v)));
+        out.extend(vals.flat_map(f32::to_le_bytes));
+    };
+    if experts
+        .iter()
+        .any(|ex| !ex.b0.is_empty() || !ex.b1.is_empty())
+    {
+        for ex in &experts {
+            bias(&ex.b0, w0, &mut packed.b0);
+            bias(&ex.b1, h, &mut packed.b1);
         }
     }
     packed

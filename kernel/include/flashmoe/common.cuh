@@ -174,10 +174,11 @@ struct Ctx {
     __device__ uint32_t row_blocks() const { return L->capacity / kTileM; }
     __device__ uint32_t token_row_blocks() const { return (R->tokens + kTileM - 1) / kTileM; }
     __device__ uint32_t gemm0_width() const {
-        return (L->mlp == FM_MLP_SWIGLU || L->mlp == FM_MLP_GEGLU) ? 2 * L->intermediate
-                                                                   : L->intermediate;
+        return gated() ? 2 * L->intermediate : L->intermediate;
     }
-    __device__ bool gated() const { return L->mlp == FM_MLP_SWIGLU || L->mlp == FM_MLP_GEGLU; }
+    __device__ bool gated() const {
+        return L->mlp == FM_MLP_SWIGLU || L->mlp == FM_MLP_GEGLU || L->mlp == FM_MLP_CLAMPED_SWIGLU;
+    }
     __device__ bool silent() const { return L->fault_silent_rank == me; }
     // Debug stop after GEMM0 (stage checks): no GEMM1 task is created.
     __device__ bool stop_after_gemm0() const { return L->stop_after == FM_STOP_GEMM0; }

@@ -34,6 +34,9 @@ struct TileArgs {
     char* out;           // element (0, 0) of the output tile
     uint64_t out_stride; // bytes between output rows
     uint32_t out_rows;   // rows to store (<= 64)
+    const float* bias0;  // f32 bias of the tile's 64 (gate) columns, added before the
+                         // activation / the store; nullptr: none (gpt-oss experts)
+    const float* bias1;  // f32 bias of the 64 up columns when gated, or nullptr
 };
 
 constexpr int kCStride = kTileN + 4;  // f32 staging row (pad: fewer bank conflicts)
@@ -52,6 +55,17 @@ __device__ __forceinline__ float activation(uint32_t mlp, float z) {
             return 0.5f * z * (1.f + tanhf(u));
         }
     }
+}
+
+// The gated activation act(g) * u; gpt-oss's clamped SwiGLU clamps both and adds 1 to u.
+__device__ __forceinline__ float gated_activation(uint32_t mlp, float g, float u, float alpha,
+                                                  float limit) {
+    if (mlp == FM_MLP_CLAMPED_SWIGLU) {
+        g = fminf(g, limit);
+        u = fminf(fmaxf(u, -limit), limit);
+        return (u + 1.f) * g / (1.f + expf(-alpha * g));
+    }
+    return activation(mlp, g) * u;
 }
 
 // ---- tensor-core path (bf16 / f16) ----------------------------------------------------------
@@ -266,7 +280,8 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
 // ---- the tile ----------------------------------------------------------------------------------
 // Computes one output tile into t.out. Block-wide; starts and ends with the arena free.
 template <class D, int kEpi>
-__device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp) {
+__device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, float alpha,
+                                  float limit) {
     constexpr bool kGated = kEpi == kEpiActGated;
     float acc[2][4][4];
 #pragma unroll
@@ -289,7 +304,11 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp) 
             int row, col;
             acc_coord<D::kTensorCore>(g, q, row, col);
             float v = acc[0][g][q];
-            if constexpr (kEpi == kEpiActGated) v = activation(mlp, v) * acc[1][g][q];
+            if (t.bias0) v += t.bias0[col];
+            if constexpr (kEpi == kEpiActGated) {
+                const float u = acc[1][g][q] + (t.bias1 ? t.bias1[col] : 0.f);
+                v = gated_activation(mlp, v, u, alpha, limit);
+            }
             if constexpr (kEpi == kEpiActPlain) v = activation(mlp, v);
             C[row * kCStride + col] = v;
         }

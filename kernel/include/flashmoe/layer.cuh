@@ -64,7 +64,7 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
     if (R.tokens > L.tokens_max) return bad(11, L.tokens_max, R.tokens);
     if (uint64_t(L.world) * R.local_experts > kMaxSignalPairs)
         return bad(12, kMaxSignalPairs, uint64_t(L.world) * R.local_experts);
-    if (L.router > FM_ROUTER_SQRTSOFTPLUS_BIAS || L.mlp > FM_MLP_RELU)
+    if (L.router > FM_ROUTER_SQRTSOFTPLUS_BIAS || L.mlp > FM_MLP_CLAMPED_SWIGLU)
         return bad(13, FM_ROUTER_SQRTSOFTPLUS_BIAS, L.router);
     if (L.router == FM_ROUTER_SPARSEMIXER && c.k > 2) return bad(5, 2, c.k);
     if (L.stop_after > FM_STOP_COMBINE) return bad(15, FM_STOP_COMBINE, L.stop_after);

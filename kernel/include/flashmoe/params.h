@@ -54,6 +54,8 @@
 #define FM_MLP_GEGLU 1u
 #define FM_MLP_GELU 2u
 #define FM_MLP_RELU 3u
+// gpt-oss: g = min(gate, limit), u = clamp(up, -limit, limit), act = (u + 1) * g * sigmoid(alpha g)
+#define FM_MLP_CLAMPED_SWIGLU 4u
 // router codes
 #define FM_ROUTER_SOFTMAX 0u
 #define FM_ROUTER_SIGMOID_BIAS 1u
@@ -180,6 +182,8 @@ typedef struct FmLayerParams {
     uint32_t topk_group;
     uint32_t router_f32;         // 1: router_weight is f32 [experts][hidden], not the dtype
     float router_eps;            // FM_ROUTER_SPARSEMIXER's epsilon, 0 otherwise
+    float mlp_alpha;             // FM_MLP_CLAMPED_SWIGLU's alpha (0 otherwise)
+    float mlp_limit;             // FM_MLP_CLAMPED_SWIGLU's limit (0 otherwise)
 } FmLayerParams;
 
 // Pointers of one rank (one block group of the launch).
@@ -200,6 +204,8 @@ typedef struct FmRankParams {
     uint64_t shared_gate;        // dtype [hidden], or 0
     uint64_t given_ids;          // i32 [tokens][top_k] when router == GIVEN
     uint64_t given_weights;      // f32 [tokens][top_k] when router == GIVEN
+    uint64_t b0;                 // f32 [local_experts][gemm0 width] expert GEMM0 biases, or 0
+    uint64_t b1;                 // f32 [local_experts][hidden] expert GEMM1 biases, or 0
 } FmRankParams;
 
 // The kernel's one parameter.

@@ -148,6 +148,8 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
     const bool gated = c.gated();
     bool ok = true;
     TileArgs t;
+    t.bias0 = nullptr;  // expert biases (gpt-oss) are set below where the rank has them
+    t.bias1 = nullptr;
     if (kind == kTaskG0 || kind == kTaskG1) {
         const uint32_t per = kind == kTaskG0 ? g0 : g1;
         const uint32_t unit = idx / per, nt = idx % per;
@@ -169,10 +171,15 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
             t.out = act + uint64_t(nt) * kTileN * es;
             t.out_stride = L.ws_act_stride_row;
             t.out_rows = valid;
+            if (R.b0 != 0) {
+                const float* b0 = reinterpret_cast<const float*>(R.b0) + uint64_t(l) * c.gemm0_width();
+                t.bias0 = b0 + nt * kTileN;
+                t.bias1 = gated ? b0 + I + nt * kTileN : nullptr;
+            }
             if (gated) {
-                run_tile<D, kEpiActGated>(t, c.smem, L.mlp);
+                run_tile<D, kEpiActGated>(t, c.smem, L.mlp, L.mlp_alpha, L.mlp_limit);
             } else {
-                run_tile<D, kEpiActPlain>(t, c.smem, L.mlp);
+                run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, L.mlp_alpha, L.mlp_limit);
             }
             if (threadIdx.x == 0) {
                 __threadfence();
@@ -194,7 +201,8 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
             t.out = row_target(c, s, kStageCombine, l, rb * kTileM) + uint64_t(nt) * kTileN * es;
             t.out_stride = L.heap_stride_row;
             t.out_rows = valid;
-            run_tile<D, kEpiStore>(t, c.smem, L.mlp);
+            if (R.b1 != 0) t.bias0 = reinterpret_cast<const float*>(R.b1) + uint64_t(l) * H + nt * kTileN;
+            run_tile<D, kEpiStore>(t, c.smem, L.mlp, L.mlp_alpha, L.mlp_limit);
             if (threadIdx.x == 0) {
                 __threadfence_system();  // the tile's remote stores, before the count
                 uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm1_done) +
@@ -224,9 +232,9 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
             t.out_stride = L.ws_shared_act_stride_row;
             t.out_rows = valid;
             if (gated) {
-                run_tile<D, kEpiActGated>(t, c.smem, L.mlp);
+                run_tile<D, kEpiActGated>(t, c.smem, L.mlp, L.mlp_alpha, L.mlp_limit);
             } else {
-                run_tile<D, kEpiActPlain>(t, c.smem, L.mlp);
+                run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, L.mlp_alpha, L.mlp_limit);
             }
             if (threadIdx.x == 0) {
                 __threadfence();
@@ -245,7 +253,7 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
                     uint64_t(nt) * kTileN * 4;
             t.out_stride = L.ws_shared_out_stride_row;
             t.out_rows = valid;
-            run_tile<D, kEpiStoreF32>(t, c.smem, L.mlp);
+            run_tile<D, kEpiStoreF32>(t, c.smem, L.mlp, L.mlp_alpha, L.mlp_limit);
             if (threadIdx.x == 0) {
                 __threadfence();
                 atom_add_acq_rel(c.sync() + 3, 1);
