@@ -261,6 +261,31 @@ impl Checkpoint {
         Some((shard, shard.info(name)?))
     }
 
+    /// The raw bytes of a `U8` tensor `name` of exactly `shape` (MXFP4 blocks and scales).
+    pub fn read_u8(&self, name: &str, shape: &[usize]) -> Result<Vec<u8>> {
+        let Some((shard, info)) = self.info(name) else {
+            return Err(ckpt_err(
+                &self.dir,
+                format!("tensor `{name}` is missing (expected U8 {shape:?})"),
+            ));
+        };
+        if info.shape != shape || info.dtype != StDtype::U8 {
+            return Err(ckpt_err(
+                &shard.path,
+                format!(
+                    "tensor `{name}` is {:?} {:?}, expected U8 {shape:?}",
+                    info.dtype, info.shape
+                ),
+            ));
+        }
+        let (start, end) = info.data_offsets;
+        shard
+            .mmap
+            .get(shard.data_start + start..shard.data_start + end)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| ckpt_err(&shard.path, format!("tensor `{name}` lies past the end")))
+    }
+
     /// The stored shape of a tensor.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.info(name).map(|(_, i)| i.shape.as_slice())

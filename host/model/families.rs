@@ -489,13 +489,14 @@ impl FamilyConfig {
                 (experts, intermediate, router)
             }
             Family::GptOss => {
-                if let Some(q) = json.get("quantization_config") {
-                    if !q.is_null() {
+                if let Some(q) = json.get("quantization_config").filter(|q| !q.is_null()) {
+                    // The released MXFP4 experts are dequantised on load (model::mxfp4).
+                    let method = q.get("quant_method").and_then(Value::as_str);
+                    if method != Some("mxfp4") {
                         return Err(keys.unsupported(
                             "quantization_config",
                             q,
-                            "none: the MXFP4 release (`*_blocks`, `*_scales`) is not read; \
-                             dequantise to bf16 first",
+                            "none, or `quant_method: mxfp4` (the released gpt-oss experts)",
                         ));
                     }
                 }

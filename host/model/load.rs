@@ -327,16 +327,6 @@ impl LayerReader<'_> {
             None => Vec::new(),
         };
         let fused = format!("{block}.experts.gate_up_proj");
-        let mxfp4 = format!("{fused}_blocks");
-        if self.ckpt.contains(&mxfp4) {
-            return Err(Error::Checkpoint {
-                path: self.ckpt.dir().to_path_buf(),
-                reason: format!(
-                    "tensor `{mxfp4}` is MXFP4 (`_blocks` + `_scales`), which is not read: \
-                     dequantise the checkpoint to bf16 first"
-                ),
-            });
-        }
         let experts = if naming.gpt_oss_experts {
             self.gpt_oss_experts(&block, e, h, i)?
         } else if self.ckpt.contains(&fused) && naming.fused_in_out {
@@ -418,9 +408,9 @@ impl LayerReader<'_> {
     ) -> Result<Vec<ExpertWeights>> {
         let d = Some(self.dtype);
         let x = format!("{block}.experts");
-        let gate_up = self.read(&format!("{x}.gate_up_proj"), &[e, h, 2 * i], d)?;
+        let gate_up = self.in_out(&format!("{x}.gate_up_proj"), e, h, 2 * i)?;
         let gate_up_bias = self.read(&format!("{x}.gate_up_proj_bias"), &[e, 2 * i], d)?;
-        let down = self.read(&format!("{x}.down_proj"), &[e, i, h], d)?;
+        let down = self.in_out(&format!("{x}.down_proj"), e, i, h)?;
         let down_bias = self.read(&format!("{x}.down_proj_bias"), &[e, h], d)?;
         self.bar.inc((e * 3).saturating_sub(4) as u64);
         // Column c of the interleaved [2I] goes to row (c odd) * I + c / 2.
@@ -447,6 +437,33 @@ impl LayerReader<'_> {
                     b1: dnb.to_vec(),
                 }
             })
+            .collect())
+    }
+
+    /// Tensor `name` of `e` matrices stored `[in, out]` (`[e, rows, cols]`), rounded to the
+    /// dtype; read from its MXFP4 `{name}_blocks` / `{name}_scales` (stored `[out, in]`,
+    /// dequantised and transposed) when the checkpoint has those instead.
+    fn in_out(&self, name: &str, e: usize, rows: usize, cols: usize) -> Result<Vec<f32>> {
+        let blocks = format!("{name}_blocks");
+        if !self.ckpt.contains(&blocks) {
+            return self.read(name, &[e, rows, cols], Some(self.dtype));
+        }
+        let groups = rows.div_ceil(32);
+        if rows % 32 != 0 {
+            return Err(Error::input(
+                "mxfp4",
+                format!("`{name}`: {rows} inputs are not whole groups of 32"),
+            ));
+        }
+        let b = self.ckpt.read_u8(&blocks, &[e, cols, groups, 16])?;
+        let s = self
+            .ckpt
+            .read_u8(&format!("{name}_scales"), &[e, cols, groups])?;
+        let out_in = super::mxfp4::dequantize(name, &b, &s)?;
+        Ok(out_in
+            .chunks_exact(cols * rows)
+            .flat_map(|m| transpose(m, cols, rows))
+            .map(|v| self.dtype.round(v))
             .collect())
     }
 

@@ -25,6 +25,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod families;
 pub mod load;
+pub mod mxfp4;
 pub mod norm;
 pub mod stats;
 pub mod synthetic;

@@ -415,7 +415,7 @@ proptest::proptest! {
 }
 
 #[test]
-fn gpt_oss_reads_the_clamped_swiglu_and_refuses_mxfp4() {
+fn gpt_oss_reads_the_clamped_swiglu_and_its_mxfp4_config() {
     let mut v = json!({"model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880,
         "num_hidden_layers": 24, "num_local_experts": 32, "num_experts_per_tok": 4,
         "hidden_act": "silu", "swiglu_limit": 7.0, "rms_norm_eps": 1e-5});
@@ -425,7 +425,10 @@ fn gpt_oss_reads_the_clamped_swiglu_and_refuses_mxfp4() {
     assert_eq!(f.mlp, MlpKind::clamped_swiglu(1.702, 7.0));
     assert_eq!((f.experts, f.top_k, f.intermediate), (32, 4, 2880));
     assert!(f.family.naming().gpt_oss_experts);
+    // The MXFP4 release is read (its experts dequantised on load); other schemes are not.
     v["quantization_config"] = json!({"quant_method": "mxfp4"});
+    assert_eq!(parse(v.clone()).unwrap().mlp, f.mlp);
+    v["quantization_config"] = json!({"quant_method": "awq"});
     let e = parse(v).unwrap_err().to_string();
     assert!(e.contains("quantization_config"), "{e}");
 }
