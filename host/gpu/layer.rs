@@ -365,7 +365,7 @@ impl MoeLayer {
                 "mlp",
                 cfg.mlp.name(),
                 "an MLP the GPU kernel implements (swiglu, geglu, gelu, relu): the clamped \
-                 SwiGLU of gpt-oss runs on the CPU executor only",
+                 SwiGLU of gpt-oss and DeepSeek-V4 runs on the CPU executor only",
             ));
         }
         let biased = |e: &crate::weights::ExpertWeights| !e.b0.is_empty() || !e.b1.is_empty();
