@@ -28,7 +28,7 @@ fn fixtures_dir() -> PathBuf {
 }
 
 /// The fixtures, by directory name.
-const FIXTURES: [&str; 31] = [
+const FIXTURES: [&str; 33] = [
     "mixtral-f32",
     "mixtral-bf16",
     "qwen2_moe-f32",
@@ -60,6 +60,8 @@ const FIXTURES: [&str; 31] = [
     "llama4-bf16",
     "gpt_oss-f32",
     "gpt_oss-bf16",
+    "deepseek_v4-f32",
+    "deepseek_v4-bf16",
 ];
 
 /// Most tokens a comparison may exclude as near-ties (of 48 per fixture).
@@ -104,6 +106,8 @@ const F32_SLACK: f64 = 5e-5;
 ///
 /// gpt-oss ranks by the biased logit `l + b`, computed in bf16 (`F.linear` with the bias):
 /// off by `|l + b| * 2^-8`.
+///
+/// DeepSeek-V4 ranks by `sqrt(softplus(l)) + b` with `l` and the square root in bf16.
 fn ranking(layer: &ModelLayer, xt: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let cfg = &layer.config;
     let bf16_logits = cfg.dtype != Dtype::F32 && !cfg.router_f32 && cfg.group_limit.is_none();
@@ -137,6 +141,25 @@ fn ranking(layer: &ModelLayer, xt: &[f32]) -> (Vec<f64>, Vec<f64>) {
         Router::SigmoidBias { .. } if bf16_logits => {
             let scores = reference::selection_scores(cfg, &layer.weights, xt, None);
             let slack = logits.iter().map(|l| 0.25 * l.abs() * BF16_U).collect();
+            (scores, slack)
+        }
+        Router::SqrtSoftplusBias { .. } if bf16_logits => {
+            // s = sqrt(softplus(l)), computed in bf16: the logit's rounding moves s by the
+            // slope sigmoid(l) / (2 s) times |l| 2^-8, and s is rounded once more.
+            let scores = reference::selection_scores(cfg, &layer.weights, xt, None);
+            let slack = logits
+                .iter()
+                .map(|&l| {
+                    let sp = if l > 30.0 { l } else { l.exp().ln_1p() };
+                    let s = sp.sqrt();
+                    let slope = if s > 0.0 {
+                        1.0 / (1.0 + (-l).exp()) / (2.0 * s)
+                    } else {
+                        0.0
+                    };
+                    (slope * l.abs() + s) * BF16_U
+                })
+                .collect();
             (scores, slack)
         }
         _ => {
