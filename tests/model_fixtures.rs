@@ -621,3 +621,44 @@ fn qwen3_5_multimodal_layout_loads_like_the_text_model() {
         assert_eq!(x.norm, y.norm);
     }
 }
+
+/// DeepSeek-V4's own release keeps its layers under a bare `layers.` (no `model.`); its
+/// hash-routed layers (`mlp_layer_types` `hash_moe`) are skipped when loading everything
+/// and refused, naming the key and the layer, when asked for.
+#[test]
+fn deepseek_v4_bare_layers_load_and_hash_layers_are_refused() {
+    let src = fixtures_dir().join("deepseek_v4-f32");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["mlp_layer_types"] = serde_json::json!(["hash_moe", "moe"]);
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name.replacen("model.layers.", "layers.", 1), view))
+        .collect();
+    assert!(renamed.iter().any(|(n, _)| n == "layers.1.ffn.gate.weight"));
+    safetensors::serialize_to_file(renamed, None, &tmp.path().join("model.safetensors")).unwrap();
+
+    let a = load(&src, 8);
+    let b = load(tmp.path(), 8);
+    assert_eq!(b.family.layer_prefix, "layers");
+    assert_eq!(b.family.hash_layers, vec![0]);
+    assert_eq!(b.layers.len(), 1);
+    assert_eq!(b.layers[0].index, 1);
+    assert_eq!(a.layers[1].weights, b.layers[0].weights);
+    assert_eq!(a.layers[1].norm, b.layers[0].norm);
+
+    let mut opts = LoadOptions::new(8);
+    opts.dtype = Some(Dtype::F32);
+    opts.layers = Some(vec![0]);
+    let e = model::load(tmp.path(), &opts).err().unwrap().to_string();
+    assert!(e.contains("hash_moe") && e.contains("layer 0"), "{e}");
+    assert!(
+        e.contains("mlp_layer_types") && e.contains("tid2eid"),
+        "{e}"
+    );
+}
