@@ -157,9 +157,9 @@ impl MlpKind {
             MlpKind::GeGlu => "geglu",
             MlpKind::Gelu => "gelu",
             MlpKind::Relu => "relu",
-            MlpKind::ClampedSwiGlu { up_offset_bits, .. } if up_offset_bits == 0 => {
-                "clamped-silu-glu"
-            }
+            MlpKind::ClampedSwiGlu {
+                up_offset_bits: 0, ..
+            } => "clamped-silu-glu",
             MlpKind::ClampedSwiGlu { .. } => "clamped-swiglu",
         }
     }
