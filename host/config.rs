@@ -76,16 +76,32 @@ pub enum MlpKind {
     Gelu,
     /// `down(relu(up x))`.
     Relu,
-    /// gpt-oss: `g = min(gate x, limit)`, `u = clamp(up x, -limit, limit)`,
-    /// `down((u + 1) * g * sigmoid(alpha * g))`. The two parameters are kept as their f32
-    /// bits (so that the kind stays `Eq` and `Hash`); build it with
-    /// [`MlpKind::clamped_swiglu`] and read them with [`MlpKind::clamp_params`].
+    /// The clamped SwiGLU of gpt-oss and DeepSeek-V4: `g = min(gate x, limit)`,
+    /// `u = clamp(up x, -limit, limit)`, `down((u + up_offset) * g * sigmoid(alpha * g))`.
+    /// gpt-oss uses `alpha` 1.702 and `up_offset` 1 ([`MlpKind::clamped_swiglu`]);
+    /// DeepSeek-V4 uses `alpha` 1 and `up_offset` 0, i.e. `silu(g) * u`
+    /// ([`MlpKind::clamped_silu_glu`]). The parameters are kept as their f32 bits (so that
+    /// the kind stays `Eq` and `Hash`); read them with [`MlpKind::clamp_params`].
     ClampedSwiGlu {
         /// `alpha.to_bits()`.
         alpha_bits: u32,
         /// `limit.to_bits()`.
         limit_bits: u32,
+        /// `up_offset.to_bits()`: added to the clamped up projection (1 for gpt-oss, 0 for
+        /// DeepSeek-V4).
+        up_offset_bits: u32,
     },
+}
+
+/// The parameters of [`MlpKind::ClampedSwiGlu`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClampParams {
+    /// Scale inside the gate's sigmoid.
+    pub alpha: f32,
+    /// The clamp: the gate is clamped above at `limit`, the up projection to `±limit`.
+    pub limit: f32,
+    /// Added to the clamped up projection.
+    pub up_offset: f32,
 }
 
 impl MlpKind {
@@ -97,21 +113,39 @@ impl MlpKind {
         )
     }
 
-    /// The clamped SwiGLU of gpt-oss with sigmoid scale `alpha` and clamp `limit`.
+    /// The clamped SwiGLU of gpt-oss with sigmoid scale `alpha` and clamp `limit`:
+    /// `(clamp(u, -limit, limit) + 1) * g * sigmoid(alpha g)`, `g = min(gate, limit)`.
     pub fn clamped_swiglu(alpha: f32, limit: f32) -> Self {
         MlpKind::ClampedSwiGlu {
             alpha_bits: alpha.to_bits(),
             limit_bits: limit.to_bits(),
+            up_offset_bits: 1f32.to_bits(),
         }
     }
 
-    /// `(alpha, limit)` of [`MlpKind::ClampedSwiGlu`]; `None` for the other kinds.
-    pub fn clamp_params(self) -> Option<(f32, f32)> {
+    /// The clamped SwiGLU of DeepSeek-V4 (`swiglu_limit`): `silu(min(gate, limit)) *
+    /// clamp(up, -limit, limit)`, i.e. [`MlpKind::ClampedSwiGlu`] with `alpha` 1 and
+    /// `up_offset` 0.
+    pub fn clamped_silu_glu(limit: f32) -> Self {
+        MlpKind::ClampedSwiGlu {
+            alpha_bits: 1f32.to_bits(),
+            limit_bits: limit.to_bits(),
+            up_offset_bits: 0f32.to_bits(),
+        }
+    }
+
+    /// The parameters of [`MlpKind::ClampedSwiGlu`]; `None` for the other kinds.
+    pub fn clamp_params(self) -> Option<ClampParams> {
         match self {
             MlpKind::ClampedSwiGlu {
                 alpha_bits,
                 limit_bits,
-            } => Some((f32::from_bits(alpha_bits), f32::from_bits(limit_bits))),
+                up_offset_bits,
+            } => Some(ClampParams {
+                alpha: f32::from_bits(alpha_bits),
+                limit: f32::from_bits(limit_bits),
+                up_offset: f32::from_bits(up_offset_bits),
+            }),
             _ => None,
         }
     }
@@ -123,6 +157,9 @@ impl MlpKind {
             MlpKind::GeGlu => "geglu",
             MlpKind::Gelu => "gelu",
             MlpKind::Relu => "relu",
+            MlpKind::ClampedSwiGlu {
+                up_offset_bits: 0, ..
+            } => "clamped-silu-glu",
             MlpKind::ClampedSwiGlu { .. } => "clamped-swiglu",
         }
     }
@@ -332,12 +369,17 @@ impl MoeConfig {
         }
         check_dim("hidden", self.hidden)?;
         check_dim("intermediate", self.intermediate)?;
-        if let Some((alpha, limit)) = self.mlp.clamp_params() {
-            if !(alpha.is_finite() && limit.is_finite() && limit > 0.0) {
+        if let Some(ClampParams {
+            alpha,
+            limit,
+            up_offset,
+        }) = self.mlp.clamp_params()
+        {
+            if !(alpha.is_finite() && limit.is_finite() && limit > 0.0 && up_offset.is_finite()) {
                 return Err(Error::config(
                     "mlp",
-                    format!("clamped-swiglu alpha {alpha} limit {limit}"),
-                    "a finite alpha and a finite positive limit",
+                    format!("clamped-swiglu alpha {alpha} limit {limit} up offset {up_offset}"),
+                    "a finite alpha, a finite positive limit and a finite up offset",
                 ));
             }
         }

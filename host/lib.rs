@@ -21,7 +21,8 @@ pub mod weights;
 pub mod world;
 
 pub use config::{
-    Capacity, Dtype, GivenRouting, GroupLimit, MlpKind, MoeConfig, Placement, Router, SharedExperts,
+    Capacity, ClampParams, Dtype, GivenRouting, GroupLimit, MlpKind, MoeConfig, Placement, Router,
+    SharedExperts,
 };
 pub use cpu::CpuExecutor;
 pub use error::{Error, Result};

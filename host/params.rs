@@ -187,9 +187,12 @@ pub struct LayerParams {
     pub router_f32: u32,
     /// The sparsemixer's epsilon (PhiMoE's `router_jitter_noise`), 0 for other routers.
     pub router_eps: f32,
-    /// The clamped SwiGLU's alpha and limit (gpt-oss), 0 for other MLPs.
+    /// The clamped SwiGLU's alpha, limit and up offset (gpt-oss 1.702 / limit / 1,
+    /// DeepSeek-V4 1 / limit / 0), 0 for other MLPs.
     pub mlp_alpha: f32,
     pub mlp_limit: f32,
+    pub mlp_up_offset: f32,
+    pub pad3: u32,
 }
 
 /// `FmRankParams`: the pointers of one rank.
@@ -335,8 +338,10 @@ impl LayerParams {
             topk_group: cfg.group_limit.map_or(0, |g| g.keep as u32),
             router_f32: u32::from(cfg.router_f32),
             router_eps: cfg.router.jitter(),
-            mlp_alpha: cfg.mlp.clamp_params().map_or(0.0, |p| p.0),
-            mlp_limit: cfg.mlp.clamp_params().map_or(0.0, |p| p.1),
+            mlp_alpha: cfg.mlp.clamp_params().map_or(0.0, |p| p.alpha),
+            mlp_limit: cfg.mlp.clamp_params().map_or(0.0, |p| p.limit),
+            mlp_up_offset: cfg.mlp.clamp_params().map_or(0.0, |p| p.up_offset),
+            pad3: 0,
         }
     }
 }

@@ -42,6 +42,8 @@ from transformers import (
     DeepseekV2ForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    DeepseekV4Config,
+    DeepseekV4ForCausalLM,
     GptOssConfig,
     GptOssForCausalLM,
     Glm4MoeConfig,
@@ -194,6 +196,21 @@ def fixtures():
         ("gpt_oss", GptOssForCausalLM,
          GptOssConfig(**COMMON, head_dim=32, num_hidden_layers=1, num_local_experts=4,
                       num_experts_per_tok=2, swiglu_limit=1.5),
+         None, True),
+        # DeepSeek-V4: sqrt(softplus) scores + `gate.bias` for the choice, renormalised,
+        # times routed_scaling_factor; experts and shared expert with the clamped SiLU GLU
+        # (a low swiglu_limit so that the clamps bite). Regular `moe` layers only: hash
+        # layers route by token id, which the runtime does not carry. The chain below is
+        # `x + mlp(post_attention_layernorm(x))` as for every family, not V4's
+        # hyper-connection residual.
+        ("deepseek_v4", DeepseekV4ForCausalLM,
+         DeepseekV4Config(**COMMON, head_dim=32, num_hidden_layers=2, n_routed_experts=8,
+                          num_experts_per_tok=2, moe_intermediate_size=I, n_shared_experts=1,
+                          routed_scaling_factor=1.5, swiglu_limit=1.5,
+                          mlp_layer_types=["moe", "moe"],
+                          layer_types=["sliding_attention"] * 2, sliding_window=8,
+                          q_lora_rank=32, o_groups=1, o_lora_rank=32, index_n_heads=2,
+                          index_head_dim=32, index_topk=4, hc_mult=2),
          None, True),
     ]
 

@@ -27,15 +27,22 @@ const ROUTERS: [Router; 9] = [
     },
     Router::Given,
 ];
-const MLPS: [MlpKind; 5] = [
+const MLPS: [MlpKind; 6] = [
     MlpKind::SwiGlu,
     MlpKind::GeGlu,
     MlpKind::Gelu,
     MlpKind::Relu,
     // gpt-oss (random weights then carry expert biases); limit 1.5 so the clamps bite.
     MlpKind::ClampedSwiGlu {
-        alpha_bits: 0x3fd9_db23, // 1.702
-        limit_bits: 0x3fc0_0000, // 1.5
+        alpha_bits: 0x3fd9_db23,     // 1.702
+        limit_bits: 0x3fc0_0000,     // 1.5
+        up_offset_bits: 0x3f80_0000, // 1.0 (gpt-oss)
+    },
+    // DeepSeek-V4: silu(min(g, 1.5)) * clamp(u, ±1.5).
+    MlpKind::ClampedSwiGlu {
+        alpha_bits: 0x3f80_0000,
+        limit_bits: 0x3fc0_0000,
+        up_offset_bits: 0,
     },
 ];
 

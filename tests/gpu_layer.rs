@@ -26,14 +26,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const DTYPES: [Dtype; 3] = [Dtype::Bf16, Dtype::F16, Dtype::F32];
-const MLPS: [MlpKind; 5] = [
+const MLPS: [MlpKind; 6] = [
     MlpKind::SwiGlu,
     MlpKind::GeGlu,
     MlpKind::Gelu,
     MlpKind::Relu,
     MlpKind::ClampedSwiGlu {
-        alpha_bits: 0x3fd9_db23, // 1.702
-        limit_bits: 0x3fc0_0000, // 1.5: the clamps bite on random data
+        alpha_bits: 0x3fd9_db23,     // 1.702
+        limit_bits: 0x3fc0_0000,     // 1.5: the clamps bite on random data
+        up_offset_bits: 0x3f80_0000, // 1.0 (gpt-oss)
+    },
+    // DeepSeek-V4: silu(min(g, 1.5)) * clamp(u, ±1.5).
+    MlpKind::ClampedSwiGlu {
+        alpha_bits: 0x3f80_0000,
+        limit_bits: 0x3fc0_0000,
+        up_offset_bits: 0,
     },
 ];
 const ROUTERS: [Router; 7] = [

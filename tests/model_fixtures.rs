@@ -28,7 +28,7 @@ fn fixtures_dir() -> PathBuf {
 }
 
 /// The fixtures, by directory name.
-const FIXTURES: [&str; 31] = [
+const FIXTURES: [&str; 33] = [
     "mixtral-f32",
     "mixtral-bf16",
     "qwen2_moe-f32",
@@ -60,6 +60,8 @@ const FIXTURES: [&str; 31] = [
     "llama4-bf16",
     "gpt_oss-f32",
     "gpt_oss-bf16",
+    "deepseek_v4-f32",
+    "deepseek_v4-bf16",
 ];
 
 /// Most tokens a comparison may exclude as near-ties (of 48 per fixture).
@@ -104,6 +106,8 @@ const F32_SLACK: f64 = 5e-5;
 ///
 /// gpt-oss ranks by the biased logit `l + b`, computed in bf16 (`F.linear` with the bias):
 /// off by `|l + b| * 2^-8`.
+///
+/// DeepSeek-V4 ranks by `sqrt(softplus(l)) + b` with `l` and the square root in bf16.
 fn ranking(layer: &ModelLayer, xt: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let cfg = &layer.config;
     let bf16_logits = cfg.dtype != Dtype::F32 && !cfg.router_f32 && cfg.group_limit.is_none();
@@ -137,6 +141,25 @@ fn ranking(layer: &ModelLayer, xt: &[f32]) -> (Vec<f64>, Vec<f64>) {
         Router::SigmoidBias { .. } if bf16_logits => {
             let scores = reference::selection_scores(cfg, &layer.weights, xt, None);
             let slack = logits.iter().map(|l| 0.25 * l.abs() * BF16_U).collect();
+            (scores, slack)
+        }
+        Router::SqrtSoftplusBias { .. } if bf16_logits => {
+            // s = sqrt(softplus(l)), computed in bf16: the logit's rounding moves s by the
+            // slope sigmoid(l) / (2 s) times |l| 2^-8, and s is rounded once more.
+            let scores = reference::selection_scores(cfg, &layer.weights, xt, None);
+            let slack = logits
+                .iter()
+                .map(|&l| {
+                    let sp = if l > 30.0 { l } else { l.exp().ln_1p() };
+                    let s = sp.sqrt();
+                    let slope = if s > 0.0 {
+                        1.0 / (1.0 + (-l).exp()) / (2.0 * s)
+                    } else {
+                        0.0
+                    };
+                    (slope * l.abs() + s) * BF16_U
+                })
+                .collect();
             (scores, slack)
         }
         _ => {
@@ -597,4 +620,45 @@ fn qwen3_5_multimodal_layout_loads_like_the_text_model() {
         assert_eq!(x.weights, y.weights);
         assert_eq!(x.norm, y.norm);
     }
+}
+
+/// DeepSeek-V4's own release keeps its layers under a bare `layers.` (no `model.`); its
+/// hash-routed layers (`mlp_layer_types` `hash_moe`) are skipped when loading everything
+/// and refused, naming the key and the layer, when asked for.
+#[test]
+fn deepseek_v4_bare_layers_load_and_hash_layers_are_refused() {
+    let src = fixtures_dir().join("deepseek_v4-f32");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["mlp_layer_types"] = serde_json::json!(["hash_moe", "moe"]);
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name.replacen("model.layers.", "layers.", 1), view))
+        .collect();
+    assert!(renamed.iter().any(|(n, _)| n == "layers.1.ffn.gate.weight"));
+    safetensors::serialize_to_file(renamed, None, &tmp.path().join("model.safetensors")).unwrap();
+
+    let a = load(&src, 8);
+    let b = load(tmp.path(), 8);
+    assert_eq!(b.family.layer_prefix, "layers");
+    assert_eq!(b.family.hash_layers, vec![0]);
+    assert_eq!(b.layers.len(), 1);
+    assert_eq!(b.layers[0].index, 1);
+    assert_eq!(a.layers[1].weights, b.layers[0].weights);
+    assert_eq!(a.layers[1].norm, b.layers[0].norm);
+
+    let mut opts = LoadOptions::new(8);
+    opts.dtype = Some(Dtype::F32);
+    opts.layers = Some(vec![0]);
+    let e = model::load(tmp.path(), &opts).err().unwrap().to_string();
+    assert!(e.contains("hash_moe") && e.contains("layer 0"), "{e}");
+    assert!(
+        e.contains("mlp_layer_types") && e.contains("tid2eid"),
+        "{e}"
+    );
 }

@@ -59,15 +59,17 @@ pub fn act(kind: MlpKind, z: f32) -> f32 {
         MlpKind::GeGlu | MlpKind::Gelu => gelu(z),
         MlpKind::Relu => z.max(0.0),
         MlpKind::ClampedSwiGlu { .. } => {
-            let (alpha, limit) = kind.clamp_params().unwrap_or((1.0, f32::INFINITY));
+            let (alpha, limit) = kind
+                .clamp_params()
+                .map_or((1.0, f32::INFINITY), |c| (c.alpha, c.limit));
             let g = z.min(limit);
             times_sigmoid(g, alpha * g)
         }
     }
 }
 
-/// `out[c] = act(z[c]) * u[c]` for gated kinds (`clamp(u[c], -limit, limit) + 1` in place
-/// of `u[c]` for the clamped SwiGLU), `act(z[c])` otherwise (`u` unused).
+/// `out[c] = act(z[c]) * u[c]` for gated kinds (`clamp(u[c], -limit, limit) + up_offset` in
+/// place of `u[c]` for the clamped SwiGLU), `act(z[c])` otherwise (`u` unused).
 /// Compiled for AVX-512 too, chosen at run time: the same IEEE operations in the same
 /// order (Rust neither contracts nor reorders them), so the same bits either way.
 pub fn act_row(kind: MlpKind, z: &[f32], u: &[f32], out: &mut [f32]) {
@@ -104,10 +106,15 @@ fn act_row_any(kind: MlpKind, z: &[f32], u: &[f32], out: &mut [f32]) {
         MlpKind::Gelu => out.iter_mut().zip(z).for_each(|(o, &z)| *o = gelu(z)),
         MlpKind::Relu => out.iter_mut().zip(z).for_each(|(o, &z)| *o = z.max(0.0)),
         MlpKind::ClampedSwiGlu { .. } => {
-            let (alpha, limit) = kind.clamp_params().unwrap_or((1.0, f32::INFINITY));
+            let c = kind.clamp_params().unwrap_or(crate::config::ClampParams {
+                alpha: 1.0,
+                limit: f32::INFINITY,
+                up_offset: 0.0,
+            });
+            let (alpha, limit, offset) = (c.alpha, c.limit, c.up_offset);
             for ((o, &z), &u) in out.iter_mut().zip(z).zip(&u[..n]) {
                 let g = z.min(limit);
-                *o = times_sigmoid(g, alpha * g) * (u.max(-limit).min(limit) + 1.0);
+                *o = times_sigmoid(g, alpha * g) * (u.max(-limit).min(limit) + offset);
             }
         }
     }
@@ -151,6 +158,33 @@ mod tests {
                 times_sigmoid(g, 1.702 * g).to_bits()
             });
         }
+    }
+
+    #[test]
+    fn clamped_silu_glu_is_silu_of_the_clamped_gate_times_the_clamped_up() {
+        let kind = MlpKind::clamped_silu_glu(10.0);
+        let z: Vec<f32> = (0..67).map(|i| (i as f32 - 33.0) * 0.61).collect();
+        let u: Vec<f32> = z.iter().rev().map(|&v| v * 0.9).collect();
+        let mut out = vec![0f32; 67];
+        act_row(kind, &z, &u, &mut out);
+        for c in 0..67 {
+            let g = f64::from(z[c]).min(10.0);
+            let want = g / (1.0 + (-g).exp()) * f64::from(u[c]).clamp(-10.0, 10.0);
+            let from_ref = crate::reference::activation(kind, f64::from(z[c]))
+                * f64::from(u[c]).clamp(-10.0, 10.0);
+            assert!((from_ref - want).abs() <= 1e-12 * (1.0 + want.abs()), "{c}");
+            assert!(
+                (f64::from(out[c]) - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{c}"
+            );
+            // `+ 0` leaves the bits of SwiGLU's product: the same as `silu(g) * u`.
+            let gz = z[c].min(10.0);
+            assert_eq!(
+                out[c].to_bits(),
+                (silu(gz) * u[c].clamp(-10.0, 10.0)).to_bits()
+            );
+        }
+        assert_eq!(kind.name(), "clamped-silu-glu");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! | Llama-4 (`llama4_text`) | top-k logits, `sigmoid(logit)` scales the expert's input | no | 1 | one, ungated |
 //! | MiniMax-M2 | sigmoid + the block's `e_score_correction_bias` for selection | always | 1 | none |
 //! | gpt-oss | top-k of the biased logits, softmax over the k | (softmax over the k) | 1 | none |
+//! | DeepSeek-V4 | `sqrt(softplus)` + `gate.bias` for selection | always | `routed_scaling_factor` (1.5) | one, ungated, clamped like the experts |
 //!
 //! Decisions where the runtime does less than the model:
 //! - **Dense layers are skipped.** DeepSeek's first `first_k_dense_replace` layers and
@@ -47,6 +48,17 @@
 //!   `swiglu_alpha`, `swiglu_limit`) with a bias on both products; `gate_up_proj` is
 //!   stored `[E, H, 2I]` with gate and up columns interleaved (even gate, odd up) and is
 //!   de-interleaved on load. Its MXFP4 release (`*_blocks`, `*_scales`) is refused.
+//! - **DeepSeek-V4** experts and its shared expert run the clamped SwiGLU
+//!   `silu(min(gate, limit)) * clamp(up, -limit, limit)` ([`MlpKind::clamped_silu_glu`],
+//!   `swiglu_limit`). Its checkpoints keep DeepSeek's names (`layers.{i}.ffn.gate.weight`,
+//!   `ffn.gate.bias`, `ffn.experts.{j}.w1/w3/w2`, `ffn.shared_experts.w1/w3/w2`,
+//!   `ffn_norm.weight`), under `model.layers` (transformers' `save_pretrained`) or `layers`
+//!   (the release). Its **hash-routed layers** (`mlp_layer_types` `hash_moe`, by default the
+//!   first three: experts chosen by token id through `ffn.gate.tid2eid`) are not loaded:
+//!   the runtime's API carries no token ids; they are listed in
+//!   [`FamilyConfig::hash_layers`] and asking for one explicitly is an error. Its residual
+//!   stream is mixed by hyper-connections, which the model driver does not run: only single
+//!   blocks match transformers. A `quantization_config` (the FP8 / FP4 release) is refused.
 //! - `hidden_act` must be `silu` (SwiGLU) or a tanh GELU (`gelu_pytorch_tanh`,
 //!   `gelu_new`: GeGLU); the exact erf GELU is refused.
 
@@ -93,10 +105,15 @@ pub enum Family {
     /// ([`Router::TopkSoftmax`]), biased experts with the clamped SwiGLU
     /// ([`MlpKind::ClampedSwiGlu`]), fused `[E, in, out]` with interleaved gate/up columns.
     GptOss,
+    /// `deepseek_v4`: `sqrt(softplus)` scores with a selection bias
+    /// ([`Router::SqrtSoftplusBias`]), the clamped SwiGLU ([`MlpKind::clamped_silu_glu`]) in
+    /// the experts and the shared expert, DeepSeek's own tensor names; hash-routed layers
+    /// are not loaded.
+    DeepseekV4,
 }
 
 /// Every family, in documentation order.
-pub const FAMILIES: [Family; 12] = [
+pub const FAMILIES: [Family; 13] = [
     Family::Mixtral,
     Family::Qwen2Moe,
     Family::Qwen3Moe,
@@ -109,6 +126,7 @@ pub const FAMILIES: [Family; 12] = [
     Family::Llama4,
     Family::PhiMoe,
     Family::GptOss,
+    Family::DeepseekV4,
 ];
 
 impl Family {
@@ -138,6 +156,7 @@ impl Family {
             Family::Llama4 => "llama4_text",
             Family::PhiMoe => "phimoe",
             Family::GptOss => "gpt_oss",
+            Family::DeepseekV4 => "deepseek_v4",
         }
     }
 
@@ -150,8 +169,10 @@ impl Family {
             fused_in_out: false,
             gpt_oss_experts: false,
             shared_module: None,
+            shared_proj: ["gate_proj", "up_proj", "down_proj"],
             shared_gate: false,
             router_bias: None,
+            norm_module: "post_attention_layernorm",
         };
         match self {
             // transformers 5 renames `.block_sparse_moe.` to `.mlp.` when it fuses.
@@ -196,6 +217,16 @@ impl Family {
                 router_bias: Some("gate.e_score_correction_bias"),
                 ..qwen_like
             },
+            // DeepSeek's own names, which transformers' `save_pretrained` writes back.
+            Family::DeepseekV4 => Naming {
+                moe_prefixes: &["ffn"],
+                proj: ["w1", "w3", "w2"],
+                shared_module: Some("shared_experts"),
+                shared_proj: ["w1", "w3", "w2"],
+                router_bias: Some("gate.bias"),
+                norm_module: "ffn_norm",
+                ..qwen_like
+            },
         }
     }
 }
@@ -224,11 +255,16 @@ pub struct Naming {
     pub proj: [&'static str; 3],
     /// Module name of the shared expert(s) under the MoE prefix, if the family has them.
     pub shared_module: Option<&'static str>,
+    /// Names of the gate, up and down projections of the shared expert.
+    pub shared_proj: [&'static str; 3],
     /// Whether the shared output is gated (`shared_expert_gate.weight` [1, H]).
     pub shared_gate: bool,
     /// The router's selection bias `[E]` (`e_score_correction_bias`), relative to the MoE
     /// block, if the family has one: on the gate (DeepSeek-V3) or on the block (MiniMax-M2).
     pub router_bias: Option<&'static str>,
+    /// Module name of the norm before the MoE block (`post_attention_layernorm`,
+    /// DeepSeek-V4's `ffn_norm`).
+    pub norm_module: &'static str,
 }
 
 impl Naming {
@@ -236,6 +272,12 @@ impl Naming {
     /// [`FamilyConfig::layer_prefix`], `model.layers` for most).
     pub fn norm(layers: &str, layer: usize) -> String {
         format!("{layers}.{layer}.post_attention_layernorm.weight")
+    }
+
+    /// `{layers}.{layer}.{norm_module}.weight`: the weight of this family's norm before
+    /// the MoE block.
+    pub fn norm_weight(&self, layers: &str, layer: usize) -> String {
+        format!("{layers}.{layer}.{}.weight", self.norm_module)
     }
 
     /// `{layers}.{layer}.{prefix}`.
@@ -246,6 +288,8 @@ impl Naming {
 
 /// Where the decoder layers of most checkpoints live.
 pub const LAYERS: &str = "model.layers";
+/// Where DeepSeek-V4's own release keeps its decoder layers (no `model.` prefix).
+pub const BARE_LAYERS: &str = "layers";
 /// Where Qwen3.5-MoE's multimodal checkpoints keep the text decoder's layers.
 pub const LANGUAGE_MODEL_LAYERS: &str = "model.language_model.layers";
 
@@ -287,8 +331,12 @@ pub struct FamilyConfig {
     /// The post-attention norm is a LayerNorm with a bias (PhiMoE), not an RMSNorm.
     pub layer_norm: bool,
     /// Tensor name prefix of the decoder layers ([`LAYERS`], or
-    /// [`LANGUAGE_MODEL_LAYERS`] for a multimodal Qwen3.5-MoE checkpoint).
+    /// [`LANGUAGE_MODEL_LAYERS`] for a multimodal Qwen3.5-MoE checkpoint, or
+    /// [`BARE_LAYERS`] for DeepSeek-V4's release, chosen when the checkpoint is opened).
     pub layer_prefix: &'static str,
+    /// MoE layers routed by token id (DeepSeek-V4's `hash_moe` layers, `tid2eid`): not
+    /// loadable, since the runtime's API carries no token ids.
+    pub hash_layers: Vec<usize>,
 }
 
 impl FamilyConfig {
@@ -338,6 +386,18 @@ impl FamilyConfig {
                 }
                 MlpKind::clamped_swiglu(alpha, limit)
             }
+            // DeepSeek-V4 clamps the gate above and the up projection both ways.
+            "silu" | "swish" if family == Family::DeepseekV4 => {
+                let limit = keys.opt_f64("swiglu_limit")?.unwrap_or(10.0) as f32;
+                if !(limit.is_finite() && limit > 0.0) {
+                    return Err(keys.unsupported(
+                        "swiglu_limit",
+                        limit,
+                        "a finite positive swiglu_limit",
+                    ));
+                }
+                MlpKind::clamped_silu_glu(limit)
+            }
             "silu" | "swish" => MlpKind::SwiGlu,
             "gelu_pytorch_tanh" | "gelu_new" => MlpKind::GeGlu,
             other => {
@@ -365,6 +425,7 @@ impl FamilyConfig {
         let mut dense_layers = Vec::new();
         let mut group_limit = None;
         let mut router_f32 = false;
+        let mut hash_layers = Vec::new();
         let (experts, intermediate, router) = match family {
             Family::Mixtral => (
                 keys.usize("num_local_experts")?,
@@ -506,6 +567,79 @@ impl FamilyConfig {
                     Router::TopkSoftmax,
                 )
             }
+            Family::DeepseekV4 => {
+                if let Some(q) = json.get("quantization_config") {
+                    if !q.is_null() {
+                        return Err(keys.unsupported(
+                            "quantization_config",
+                            q,
+                            "none: the FP8 / FP4 release is not read; dequantise to bf16 first",
+                        ));
+                    }
+                }
+                if let Some(s) = keys.opt_string("scoring_func")? {
+                    if s != "sqrtsoftplus" {
+                        return Err(keys.unsupported(
+                            "scoring_func",
+                            &s,
+                            "sqrtsoftplus (the DeepSeek-V4 router the runtime implements)",
+                        ));
+                    }
+                }
+                let intermediate = keys.usize("moe_intermediate_size")?;
+                routed_scale = keys.opt_f64("routed_scaling_factor")?.unwrap_or(1.5) as f32;
+                // transformers builds exactly one shared MLP of `moe_intermediate_size`
+                // whatever `n_shared_experts` says: any other count would be ambiguous.
+                let n_shared = keys.opt_usize("n_shared_experts")?.unwrap_or(1);
+                if n_shared != 1 {
+                    return Err(keys.unsupported(
+                        "n_shared_experts",
+                        n_shared,
+                        "1 (DeepSeek-V4 has one shared expert of moe_intermediate_size)",
+                    ));
+                }
+                shared = Some(SharedExperts {
+                    count: 1,
+                    intermediate,
+                    gated: false,
+                });
+                hash_layers = match keys.opt_string_list_present("mlp_layer_types")? {
+                    Some(types) => {
+                        if types.len() < layers {
+                            return Err(keys.unsupported(
+                                "mlp_layer_types",
+                                types.len(),
+                                format!("one entry per decoder layer ({layers})"),
+                            ));
+                        }
+                        let mut hash = Vec::new();
+                        for (l, t) in types.iter().take(layers).enumerate() {
+                            match t.as_str() {
+                                "hash_moe" => hash.push(l),
+                                "moe" => {}
+                                other => {
+                                    return Err(keys.unsupported(
+                                        "mlp_layer_types",
+                                        other,
+                                        "hash_moe or moe",
+                                    ))
+                                }
+                            }
+                        }
+                        hash
+                    }
+                    None => {
+                        let n = keys.opt_usize("num_hash_layers")?.unwrap_or(3);
+                        (0..layers.min(n)).collect()
+                    }
+                };
+                (
+                    keys.usize("n_routed_experts")?,
+                    intermediate,
+                    // transformers always renormalises here (`norm_topk_prob` is unused).
+                    Router::SqrtSoftplusBias { renormalize: true },
+                )
+            }
             Family::PhiMoe => {
                 let eps = keys.opt_f64("router_jitter_noise")?.unwrap_or(0.01) as f32;
                 if top_k != 2 {
@@ -541,15 +675,19 @@ impl FamilyConfig {
             norm_unit_offset: matches!(family, Family::Qwen3Next | Family::Qwen35Moe),
             layer_prefix,
             layer_norm: family == Family::PhiMoe,
+            hash_layers,
         })
     }
 
-    /// Whether decoder layer `layer` holds an MoE block.
+    /// Whether decoder layer `layer` holds an MoE block the runtime loads (not dense, not
+    /// hash-routed).
     pub fn is_moe(&self, layer: usize) -> bool {
-        layer < self.layers && !self.dense_layers.contains(&layer)
+        layer < self.layers
+            && !self.dense_layers.contains(&layer)
+            && !self.hash_layers.contains(&layer)
     }
 
-    /// The MoE decoder layers, in order.
+    /// The MoE decoder layers the runtime loads, in order.
     pub fn moe_layers(&self) -> Vec<usize> {
         (0..self.layers).filter(|&l| self.is_moe(l)).collect()
     }

@@ -12,7 +12,7 @@
 //! [`families`](super::families)).
 
 use super::checkpoint::Checkpoint;
-use super::families::{FamilyConfig, Naming};
+use super::families::{Family, FamilyConfig, Naming, BARE_LAYERS};
 use super::norm::RmsNorm;
 use super::ModelLayer;
 use crate::config::{Capacity, Dtype, Placement};
@@ -82,10 +82,22 @@ pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<LoadedModel>
     load_from(&ckpt, options)
 }
 
-/// The family config of an opened checkpoint (its `config.json`).
+/// The family config of an opened checkpoint (its `config.json`). DeepSeek-V4's layer
+/// prefix is read off the checkpoint: `model.layers` (transformers' `save_pretrained`)
+/// unless only the release's bare `layers` holds the first loadable layer's norm.
 pub fn family(ckpt: &Checkpoint) -> Result<FamilyConfig> {
     let config_path = ckpt.dir().join(super::checkpoint::CONFIG_FILE);
-    FamilyConfig::parse(&config_path, ckpt.config())
+    let mut family = FamilyConfig::parse(&config_path, ckpt.config())?;
+    if family.family == Family::DeepseekV4 {
+        let naming = family.family.naming();
+        let layer = family.moe_layers().first().copied().unwrap_or(0);
+        if !ckpt.contains(&naming.norm_weight(family.layer_prefix, layer))
+            && ckpt.contains(&naming.norm_weight(BARE_LAYERS, layer))
+        {
+            family.layer_prefix = BARE_LAYERS;
+        }
+    }
+    Ok(family)
 }
 
 /// The MoE layers among decoder layers `range` (dense layers in it are skipped), for
@@ -134,6 +146,20 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
                         "layers",
                         l,
                         format!("num_hidden_layers = {}", family.layers),
+                    ));
+                }
+                if family.hash_layers.contains(&l) {
+                    return Err(Error::config(
+                        "layers",
+                        l,
+                        format!(
+                            "layer {l} of this {} checkpoint is hash-routed \
+                             (`mlp_layer_types[{l}] = \"hash_moe\"`: experts chosen by token id \
+                             through `ffn.gate.tid2eid`), which the runtime cannot run: its API \
+                             carries no token ids; loadable MoE layers: {:?}",
+                            family.family,
+                            family.moe_layers()
+                        ),
                     ));
                 }
                 if !family.is_moe(l) {
@@ -196,8 +222,9 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
             bar: &bar,
         };
         let weights = reader.weights()?;
+        let naming = family.family.naming();
         let mut weight = reader.read(
-            &Naming::norm(family.layer_prefix, l),
+            &naming.norm_weight(family.layer_prefix, l),
             &[family.hidden],
             Some(dtype),
         )?;
@@ -208,7 +235,9 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
             weight.iter_mut().for_each(|w| *w = dtype.round(1.0 + *w));
         }
         let bias = if family.layer_norm {
-            let name = Naming::norm(family.layer_prefix, l).replace(".weight", ".bias");
+            let name = naming
+                .norm_weight(family.layer_prefix, l)
+                .replace(".weight", ".bias");
             Some(reader.read(&name, &[family.hidden], Some(dtype))?)
         } else {
             None
@@ -352,7 +381,7 @@ impl LayerReader<'_> {
         let shared = match (f.shared, naming.shared_module) {
             (Some(s), Some(module)) => Some(self.mlp(
                 &format!("{block}.{module}"),
-                ["gate_proj", "up_proj", "down_proj"],
+                naming.shared_proj,
                 s.count * s.intermediate,
             )?),
             _ => None,

@@ -10,7 +10,9 @@ pub fn activation(kind: MlpKind, z: f64) -> f64 {
     match kind {
         MlpKind::SwiGlu => z / (1.0 + (-z).exp()),
         MlpKind::ClampedSwiGlu { .. } => {
-            let (alpha, limit) = kind.clamp_params().unwrap_or((1.0, f32::INFINITY));
+            let (alpha, limit) = kind
+                .clamp_params()
+                .map_or((1.0, f32::INFINITY), |c| (c.alpha, c.limit));
             let g = z.min(f64::from(limit));
             g / (1.0 + (-f64::from(alpha) * g).exp())
         }
@@ -28,7 +30,7 @@ pub fn activation(kind: MlpKind, z: f64) -> f64 {
 /// Gated: `a = act(x Wg^T) * (x Wu^T)` where `w0` holds the `width` gate rows then the
 /// `width` up rows; plain: `a = act(x W0^T)`; then `y = a W1^T`. The biases `b0` and
 /// `b1`, when present, are added to the products before the activation and to `y`; the
-/// clamped SwiGLU multiplies by `clamp(up, -limit, limit) + 1` instead of `up`. Sums are in f64; `a` is
+/// clamped SwiGLU multiplies by `clamp(up, -limit, limit) + up_offset` instead of `up`. Sums are in f64; `a` is
 /// stored as f32 between the two products (the reference's storage type).
 ///
 /// Never panics: weights are not checked here (see [`crate::LayerWeights::validate`]), a
@@ -61,9 +63,9 @@ pub fn expert_activation(cfg: &MoeConfig, w: &ExpertWeights, width: usize, xr: &
             if cfg.mlp.is_gated() {
                 let up = super::dot64(xr, row(&w.w0, width + n, h)) + bias(&w.b0, width + n);
                 let up = match cfg.mlp.clamp_params() {
-                    Some((_, limit)) => {
-                        let l = f64::from(limit);
-                        up.max(-l).min(l) + 1.0
+                    Some(c) => {
+                        let l = f64::from(c.limit);
+                        up.max(-l).min(l) + f64::from(c.up_offset)
                     }
                     None => up,
                 };

@@ -118,6 +118,23 @@ impl Keys<'_> {
         }
     }
 
+    /// A list of strings, or `None` when the key is absent or null.
+    pub(super) fn opt_string_list_present(&self, key: &str) -> Result<Option<Vec<String>>> {
+        match self.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| self.bad(key, "a list of strings"))
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(_) => Err(self.bad(key, "a list of strings")),
+        }
+    }
+
     /// `torch_dtype` (transformers 4) or `dtype` (transformers 5).
     pub(super) fn dtype(&self) -> Result<Option<Dtype>> {
         for key in ["torch_dtype", "dtype"] {

@@ -432,3 +432,52 @@ fn gpt_oss_reads_the_clamped_swiglu_and_its_mxfp4_config() {
     let e = parse(v).unwrap_err().to_string();
     assert!(e.contains("quantization_config"), "{e}");
 }
+
+#[test]
+fn deepseek_v4_reads_the_clamp_the_router_and_the_hash_layers() {
+    let mut v = json!({"model_type": "deepseek_v4", "hidden_size": 4096,
+        "moe_intermediate_size": 2048, "num_hidden_layers": 43, "n_routed_experts": 256,
+        "num_experts_per_tok": 6, "n_shared_experts": 1, "scoring_func": "sqrtsoftplus",
+        "routed_scaling_factor": 1.5, "swiglu_limit": 10.0, "hidden_act": "silu",
+        "rms_norm_eps": 1e-6, "dtype": "bfloat16"});
+    let f = parse(v.clone()).unwrap();
+    assert_eq!(f.family, Family::DeepseekV4);
+    assert_eq!(f.router, Router::SqrtSoftplusBias { renormalize: true });
+    assert_eq!(f.mlp, MlpKind::clamped_silu_glu(10.0));
+    assert_eq!(f.routed_scale, 1.5);
+    assert_eq!(
+        f.shared,
+        Some(SharedExperts {
+            count: 1,
+            intermediate: 2048,
+            gated: false
+        })
+    );
+    // transformers' default: the first three layers are hash-routed.
+    assert_eq!(f.hash_layers, vec![0, 1, 2]);
+    assert!(!f.is_moe(2) && f.is_moe(3));
+    assert_eq!(f.moe_layers().len(), 40);
+    let naming = f.family.naming();
+    assert_eq!(
+        naming.norm_weight(LAYERS, 3),
+        "model.layers.3.ffn_norm.weight"
+    );
+    assert_eq!(naming.router_bias, Some("gate.bias"));
+
+    v["num_hidden_layers"] = json!(4);
+    v["mlp_layer_types"] = json!(["moe", "hash_moe", "moe", "moe"]);
+    assert_eq!(parse(v.clone()).unwrap().hash_layers, vec![1]);
+    v["mlp_layer_types"] = json!(["moe", "dense", "moe", "moe"]);
+    let e = parse(v.clone()).unwrap_err().to_string();
+    assert!(e.contains("mlp_layer_types"), "{e}");
+    v["mlp_layer_types"] = Value::Null;
+    v["num_hash_layers"] = json!(0);
+    assert!(parse(v.clone()).unwrap().hash_layers.is_empty());
+    v["n_shared_experts"] = json!(2);
+    let e = parse(v.clone()).unwrap_err().to_string();
+    assert!(e.contains("n_shared_experts"), "{e}");
+    v["n_shared_experts"] = json!(1);
+    v["quantization_config"] = json!({"quant_method": "fp8"});
+    let e = parse(v).unwrap_err().to_string();
+    assert!(e.contains("quantization_config"), "{e}");
+}

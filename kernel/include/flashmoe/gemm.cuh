@@ -57,13 +57,18 @@ __device__ __forceinline__ float activation(uint32_t mlp, float z) {
     }
 }
 
-// The gated activation act(g) * u; gpt-oss's clamped SwiGLU clamps both and adds 1 to u.
-__device__ __forceinline__ float gated_activation(uint32_t mlp, float g, float u, float alpha,
-                                                  float limit) {
+// Parameters of the clamped SwiGLU (FM_MLP_CLAMPED_SWIGLU; unused by the other MLPs).
+struct Clamp {
+    float alpha, limit, up_offset;
+};
+
+// The gated activation act(g) * u; the clamped SwiGLU clamps both, offsets u (gpt-oss: +1)
+// and weighs g by sigmoid(alpha g).
+__device__ __forceinline__ float gated_activation(uint32_t mlp, float g, float u, const Clamp& k) {
     if (mlp == FM_MLP_CLAMPED_SWIGLU) {
-        g = fminf(g, limit);
-        u = fminf(fmaxf(u, -limit), limit);
-        return (u + 1.f) * g / (1.f + expf(-alpha * g));
+        g = fminf(g, k.limit);
+        u = fminf(fmaxf(u, -k.limit), k.limit);
+        return (u + k.up_offset) * g / (1.f + expf(-k.alpha * g));
     }
     return activation(mlp, g) * u;
 }
@@ -280,8 +285,7 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
 // ---- the tile ----------------------------------------------------------------------------------
 // Computes one output tile into t.out. Block-wide; starts and ends with the arena free.
 template <class D, int kEpi>
-__device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, float alpha,
-                                  float limit) {
+__device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, const Clamp& k) {
     constexpr bool kGated = kEpi == kEpiActGated;
     float acc[2][4][4];
 #pragma unroll
@@ -307,7 +311,7 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
             if (t.bias0) v += t.bias0[col];
             if constexpr (kEpi == kEpiActGated) {
                 const float u = acc[1][g][q] + (t.bias1 ? t.bias1[col] : 0.f);
-                v = gated_activation(mlp, v, u, alpha, limit);
+                v = gated_activation(mlp, v, u, k);
             }
             if constexpr (kEpi == kEpiActPlain) v = activation(mlp, v);
             C[row * kCStride + col] = v;

@@ -54,7 +54,9 @@
 #define FM_MLP_GEGLU 1u
 #define FM_MLP_GELU 2u
 #define FM_MLP_RELU 3u
-// gpt-oss: g = min(gate, limit), u = clamp(up, -limit, limit), act = (u + 1) * g * sigmoid(alpha g)
+// Clamped SwiGLU: g = min(gate, limit), u = clamp(up, -limit, limit),
+// act = (u + up_offset) * g * sigmoid(alpha g): gpt-oss (alpha 1.702, offset 1) and
+// DeepSeek-V4 (alpha 1, offset 0: silu(g) * u).
 #define FM_MLP_CLAMPED_SWIGLU 4u
 // router codes
 #define FM_ROUTER_SOFTMAX 0u
@@ -184,6 +186,8 @@ typedef struct FmLayerParams {
     float router_eps;            // FM_ROUTER_SPARSEMIXER's epsilon, 0 otherwise
     float mlp_alpha;             // FM_MLP_CLAMPED_SWIGLU's alpha (0 otherwise)
     float mlp_limit;             // FM_MLP_CLAMPED_SWIGLU's limit (0 otherwise)
+    float mlp_up_offset;         // FM_MLP_CLAMPED_SWIGLU's offset on up: 1 gpt-oss, 0 DeepSeek-V4
+    uint32_t pad3;
 } FmLayerParams;
 
 // Pointers of one rank (one block group of the launch).

@@ -147,6 +147,7 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
     const uint32_t g0 = I / kTileN, g1 = H / kTileN, rbs = c.row_blocks();
     const bool gated = c.gated();
     bool ok = true;
+    const Clamp clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset};
     TileArgs t;
     t.bias0 = nullptr;  // expert biases (gpt-oss) are set below where the rank has them
     t.bias1 = nullptr;
@@ -177,9 +178,9 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
                 t.bias1 = gated ? b0 + I + nt * kTileN : nullptr;
             }
             if (gated) {
-                run_tile<D, kEpiActGated>(t, c.smem, L.mlp, L.mlp_alpha, L.mlp_limit);
+                run_tile<D, kEpiActGated>(t, c.smem, L.mlp, clamp);
             } else {
-                run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, L.mlp_alpha, L.mlp_limit);
+                run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, clamp);
             }
             if (threadIdx.x == 0) {
                 __threadfence();
@@ -202,7 +203,7 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
             t.out_stride = L.heap_stride_row;
             t.out_rows = valid;
             if (R.b1 != 0) t.bias0 = reinterpret_cast<const float*>(R.b1) + uint64_t(l) * H + nt * kTileN;
-            run_tile<D, kEpiStore>(t, c.smem, L.mlp, L.mlp_alpha, L.mlp_limit);
+            run_tile<D, kEpiStore>(t, c.smem, L.mlp, clamp);
             if (threadIdx.x == 0) {
                 __threadfence_system();  // the tile's remote stores, before the count
                 uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm1_done) +
@@ -232,9 +233,9 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
             t.out_stride = L.ws_shared_act_stride_row;
             t.out_rows = valid;
             if (gated) {
-                run_tile<D, kEpiActGated>(t, c.smem, L.mlp, L.mlp_alpha, L.mlp_limit);
+                run_tile<D, kEpiActGated>(t, c.smem, L.mlp, clamp);
             } else {
-                run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, L.mlp_alpha, L.mlp_limit);
+                run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, clamp);
             }
             if (threadIdx.x == 0) {
                 __threadfence();
@@ -253,7 +254,7 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
                     uint64_t(nt) * kTileN * 4;
             t.out_stride = L.ws_shared_out_stride_row;
             t.out_rows = valid;
-            run_tile<D, kEpiStoreF32>(t, c.smem, L.mlp, L.mlp_alpha, L.mlp_limit);
+            run_tile<D, kEpiStoreF32>(t, c.smem, L.mlp, clamp);
             if (threadIdx.x == 0) {
                 __threadfence();
                 atom_add_acq_rel(c.sync() + 3, 1);
