@@ -478,7 +478,7 @@ impl MoeConfig {
         let Some(g) = self.group_limit else {
             return Ok(());
         };
-        if g.groups == 0 || g.groups > MAX_GROUPS || self.experts % g.groups != 0 {
+        if g.groups == 0 || g.groups > MAX_GROUPS || !self.experts.is_multiple_of(g.groups) {
             return Err(Error::config(
                 "group_limit.groups",
                 g.groups,
@@ -546,7 +546,7 @@ impl MoeConfig {
 }
 
 fn check_dim(field: &'static str, v: usize) -> Result<()> {
-    if v == 0 || v > MAX_DIM || v % DIM_MULTIPLE != 0 {
+    if v == 0 || v > MAX_DIM || !v.is_multiple_of(DIM_MULTIPLE) {
         return Err(Error::config(
             field,
             v,

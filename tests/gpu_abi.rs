@@ -166,7 +166,7 @@ fn kernel_params_arrive_intact_on_the_device() {
             names[i].to_string()
         } else if i < HEADER {
             let r = (i - names.len()) / 2;
-            let field = if (i - names.len()) % 2 == 0 {
+            let field = if (i - names.len()).is_multiple_of(2) {
                 "rank"
             } else {
                 "given_weights"

@@ -134,7 +134,7 @@ fn case_from_point(p: &Point, i: usize) -> Case {
     let mut cfg = MoeConfig::new(
         TOKENS[p[5]],
         128,
-        if i % 3 == 0 { 192 } else { 128 },
+        if i.is_multiple_of(3) { 192 } else { 128 },
         experts,
         TOP_K[p[4]],
     );

@@ -111,7 +111,7 @@ impl SymHeap {
         let too_large = || Error::PlanTooLarge {
             what: format!("CPU heap of rank {rank}: {bytes} bytes do not fit in memory"),
         };
-        if bytes % 8 != 0 {
+        if !bytes.is_multiple_of(8) {
             return Err(Error::PlanTooLarge {
                 what: format!("CPU heap of rank {rank}: {bytes} bytes is not a multiple of 8"),
             });
@@ -154,7 +154,7 @@ impl SymHeap {
             expected: self.bytes(),
             observed: offset.saturating_add(len),
         };
-        if offset % 8 != 0 || len % 8 != 0 {
+        if !offset.is_multiple_of(8) || !len.is_multiple_of(8) {
             return Err(bad("not whole 8-byte words"));
         }
         let (a, b) = (
@@ -221,7 +221,7 @@ impl SymHeap {
             expected: self.bytes(),
             observed: offset,
         };
-        if offset % 8 != 0 {
+        if !offset.is_multiple_of(8) {
             return Err(bad());
         }
         self.words.get((offset / 8) as usize).ok_or_else(bad)

@@ -478,7 +478,7 @@ impl LayerReader<'_> {
             return self.read(name, &[e, rows, cols], Some(self.dtype));
         }
         let groups = rows.div_ceil(32);
-        if rows % 32 != 0 {
+        if !rows.is_multiple_of(32) {
             return Err(Error::input(
                 "mxfp4",
                 format!("`{name}`: {rows} inputs are not whole groups of 32"),

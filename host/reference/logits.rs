@@ -22,7 +22,6 @@ pub(crate) fn logits64(x: &[f32], tokens: usize, router: &[f32], h: usize) -> Ve
 }
 
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::incompatible_msrv)] // AVX-512 intrinsics: stable since Rust 1.89
 mod avx512 {
     use std::arch::x86_64::*;
 

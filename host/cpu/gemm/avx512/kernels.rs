@@ -5,10 +5,8 @@
 //! Every function checks its slices' lengths up front (a slice index, which panics on a
 //! caller's bug), then reads them through raw pointers in the inner loop, where a bounds
 //! check per row and depth would cost as much as the arithmetic.
-
-//! The AVX-512 intrinsics are stable since Rust 1.89, above the crate's declared MSRV
-//! (1.85): building this needs 1.89 (`clippy::incompatible_msrv` is allowed for that).
-#![allow(clippy::incompatible_msrv)]
+//!
+//! The AVX-512 intrinsics are stable since Rust 1.89, the crate's MSRV.
 
 use super::super::NR;
 use std::arch::x86_64::*;
