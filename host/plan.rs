@@ -448,6 +448,12 @@ impl LayerPlan {
         self.config.world
     }
 
+    /// Bytes of the workspace's activation region (`workspace.act` onwards): one
+    /// `act_stride_source` block per source rank.
+    pub fn act_region_bytes(&self) -> u64 {
+        self.workspace.act_stride_source * self.world() as u64
+    }
+
     /// Bytes rank `rank` allocates, shown to the user before anything is allocated.
     pub fn memory(&self, rank: usize) -> MemoryFigure {
         let cfg = &self.config;

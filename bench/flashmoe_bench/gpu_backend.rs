@@ -23,12 +23,14 @@ struct Gpu {
     name: String,
 }
 
-/// Builds the GPU runner on device 0.
-pub fn runner(
+/// A [`MoeLayer`] on device 0 (single GPU, or `world` emulated ranks in one launch) with
+/// `opts`, and a description of the device and grid for reports.
+pub fn layer_on_gpu0(
     plan: &LayerPlan,
     weights: &LayerWeights,
     world: WorldArg,
-) -> Result<Box<dyn Runner>> {
+    opts: GpuOptions,
+) -> Result<(MoeLayer, String)> {
     let gpu_world = match world.ranks() {
         1 => GpuWorld::Single,
         ranks => GpuWorld::Emulated { ranks },
@@ -36,16 +38,26 @@ pub fn runner(
     let ctx = CudaContext::new(0).map_err(|e| Error::Cuda(e.to_string()))?;
     let name = ctx.name().map_err(|e| Error::Cuda(e.to_string()))?;
     let stream = ctx.new_stream().map_err(|e| Error::Cuda(e.to_string()))?;
-    let opts = GpuOptions {
-        print_memory: true,
-        ..GpuOptions::default()
-    };
     let layer = MoeLayer::new(stream, plan.clone(), weights, gpu_world, opts)?;
     let g = layer.grid();
     let name = format!(
         "gpu {name} ({:?}, {} x {} blocks of {} threads)",
         gpu_world, g.ranks, g.blocks_per_rank, g.threads
     );
+    Ok((layer, name))
+}
+
+/// Builds the GPU runner on device 0.
+pub fn runner(
+    plan: &LayerPlan,
+    weights: &LayerWeights,
+    world: WorldArg,
+) -> Result<Box<dyn Runner>> {
+    let opts = GpuOptions {
+        print_memory: true,
+        ..GpuOptions::default()
+    };
+    let (layer, name) = layer_on_gpu0(plan, weights, world, opts)?;
     Ok(Box::new(Gpu { layer, name }))
 }
 

@@ -44,25 +44,11 @@ fn gpu_runner(
     world: WorldArg,
     timeout: Duration,
 ) -> Result<(Box<dyn StageRunner>, String)> {
-    use cudarc::driver::CudaContext;
-    use flashmoe::gpu::layer::{GpuOptions, GpuWorld, MoeLayer};
-    let gpu_world = match world.ranks() {
-        1 => GpuWorld::Single,
-        ranks => GpuWorld::Emulated { ranks },
-    };
-    let ctx = CudaContext::new(0).map_err(|e| Error::Cuda(e.to_string()))?;
-    let name = ctx.name().map_err(|e| Error::Cuda(e.to_string()))?;
-    let stream = ctx.new_stream().map_err(|e| Error::Cuda(e.to_string()))?;
-    let opts = GpuOptions {
+    let opts = flashmoe::gpu::layer::GpuOptions {
         timeout,
-        ..GpuOptions::default()
+        ..Default::default()
     };
-    let layer = MoeLayer::new(stream, plan.clone(), w, gpu_world, opts)?;
-    let g = layer.grid();
-    let what = format!(
-        "gpu {name} ({gpu_world:?}, {} x {} blocks)",
-        g.ranks, g.blocks_per_rank
-    );
+    let (layer, what) = crate::gpu_backend::layer_on_gpu0(plan, w, world, opts)?;
     Ok((Box::new(layer), what))
 }
 
@@ -92,15 +78,7 @@ pub fn run(a: &StagesArgs) -> Result<bool> {
         .enumerate()
         .map(|(r, &t)| random_tokens(&cfg, t, shape.seed + 1 + r as u64))
         .collect();
-    let inputs: Vec<RankInput> = xs
-        .iter()
-        .zip(&tokens)
-        .map(|(x, &tokens)| RankInput {
-            x,
-            tokens,
-            routing: None,
-        })
-        .collect();
+    let inputs: Vec<RankInput> = RankInput::per_rank(&xs, &tokens);
     let ov = RouteOverrides::default();
     let case = Case {
         plan: &plan,

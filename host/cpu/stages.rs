@@ -14,8 +14,7 @@ impl CpuExecutor {
         if !self.act.is_empty() {
             return Ok(());
         }
-        let ws = &self.plan.workspace;
-        let bytes = (ws.act_stride_source * self.plan.world() as u64).next_multiple_of(8);
+        let bytes = self.plan.act_region_bytes().next_multiple_of(8);
         self.act = (0..self.plan.world())
             .map(|r| SymHeap::new(r, bytes, self.plan.config.dtype))
             .collect::<Result<Vec<_>>>()?;

@@ -410,9 +410,8 @@ impl LayerReader<'_> {
         h: usize,
         i: usize,
     ) -> Result<Vec<ExpertWeights>> {
-        let d = Some(self.dtype);
-        let gate_up = self.read(&format!("{block}.experts.gate_up_proj"), &[e, h, 2 * i], d)?;
-        let down = self.read(&format!("{block}.experts.down_proj"), &[e, i, h], d)?;
+        let gate_up = self.in_out(&format!("{block}.experts.gate_up_proj"), e, h, 2 * i)?;
+        let down = self.in_out(&format!("{block}.experts.down_proj"), e, i, h)?;
         self.bar.inc((e * 3).saturating_sub(2) as u64);
         Ok(gate_up
             .chunks_exact(h * 2 * i)
@@ -477,13 +476,13 @@ impl LayerReader<'_> {
         if !self.ckpt.contains(&blocks) {
             return self.read(name, &[e, rows, cols], Some(self.dtype));
         }
-        let groups = rows.div_ceil(32);
         if !rows.is_multiple_of(32) {
             return Err(Error::input(
                 "mxfp4",
                 format!("`{name}`: {rows} inputs are not whole groups of 32"),
             ));
         }
+        let groups = rows / 32;
         let b = self.ckpt.read_u8(&blocks, &[e, cols, groups, 16])?;
         let s = self
             .ckpt

@@ -325,15 +325,7 @@ impl MoeModel {
             let layer = &slot.layer;
             let dtype = layer.config.dtype;
             let normed: Vec<Vec<f32>> = state.iter().map(|r| layer.norm.apply(r, dtype)).collect();
-            let inputs: Vec<RankInput> = normed
-                .iter()
-                .zip(&tokens)
-                .map(|(x, &tokens)| RankInput {
-                    x,
-                    tokens,
-                    routing: None,
-                })
-                .collect();
+            let inputs: Vec<RankInput> = RankInput::per_rank(&normed, &tokens);
             let ov = RouteOverrides {
                 top_k: self.top_k,
                 logit_bias: layer.logit_bias.clone(),

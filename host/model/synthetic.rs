@@ -91,28 +91,10 @@ impl SyntheticSpec {
 
     /// Host bytes of all layers' weights as f32 (the form the host keeps them in).
     pub fn host_bytes(&self) -> u64 {
-        let c = &self.config;
-        let h = c.hidden as u64;
-        let width = c.intermediate as u64;
-        let rows0 = if c.mlp.is_gated() { 2 * width } else { width };
-        let expert = (rows0 + width).saturating_mul(h);
-        let shared = c.shared.map_or(0, |s| {
-            let w = (s.count as u64).saturating_mul(s.intermediate as u64);
-            let rows = if c.mlp.is_gated() {
-                w.saturating_mul(2)
-            } else {
-                w
-            };
-            rows.saturating_add(w)
-                .saturating_mul(h)
-                .saturating_add(if s.gated { h } else { 0 })
-        });
-        let per_layer = (c.experts as u64)
-            .saturating_mul(expert.saturating_add(h + 1))
-            .saturating_add(shared)
-            .saturating_add(h);
-        per_layer
-            .saturating_mul(4)
+        // Each layer: its weights, plus the norm weight.
+        let norm = 4 * self.config.hidden as u64;
+        crate::weights::LayerWeights::host_bytes(&self.config)
+            .saturating_add(norm)
             .saturating_mul(self.layers as u64)
     }
 

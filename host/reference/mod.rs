@@ -102,6 +102,21 @@ pub struct RankInput<'a> {
     pub routing: Option<&'a GivenRouting>,
 }
 
+impl<'a> RankInput<'a> {
+    /// One input per rank, without caller routing: rank r brings `tokens[r]` tokens of
+    /// `xs[r]`.
+    pub fn per_rank(xs: &'a [Vec<f32>], tokens: &[usize]) -> Vec<RankInput<'a>> {
+        xs.iter()
+            .zip(tokens)
+            .map(|(x, &tokens)| RankInput {
+                x,
+                tokens,
+                routing: None,
+            })
+            .collect()
+    }
+}
+
 /// The result of one layer forward over all ranks.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LayerOutput {

@@ -2,6 +2,7 @@
 //! the per-source list of kept (token, choice) pairs that says where every row must be.
 
 use crate::config::Dtype;
+use crate::gpu::layer::from_dtype_bytes;
 use crate::reference::GateOutput;
 
 /// Near-tie margin of the gate check, in score units (softmax probabilities, or
@@ -19,19 +20,9 @@ pub const WEIGHT_TOLERANCE: f64 = 1e-4;
 /// `n` values of `dtype` at byte `offset` of `bytes`, widened to f32; `None` when they are
 /// not all inside.
 pub fn values(dtype: Dtype, bytes: &[u8], offset: u64, n: usize) -> Option<Vec<f32>> {
-    let es = dtype.size();
     let start = usize::try_from(offset).ok()?;
-    let end = start.checked_add(n.checked_mul(es)?)?;
-    let raw = bytes.get(start..end)?;
-    Some(
-        raw.chunks_exact(es)
-            .map(|b| match dtype {
-                Dtype::Bf16 => half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
-                Dtype::F16 => half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
-                Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            })
-            .collect(),
-    )
+    let end = start.checked_add(n.checked_mul(dtype.size())?)?;
+    Some(from_dtype_bytes(dtype, bytes.get(start..end)?))
 }
 
 /// The u64 word at byte `offset` of `bytes`, if inside.

@@ -6,6 +6,7 @@ use super::expect::{kept_pairs, values};
 use super::{Capture, Stage, StageRunner};
 use crate::config::Dtype;
 use crate::error::{Error, Result};
+use crate::gpu::layer::to_dtype_bytes;
 use crate::plan::{LayerPlan, CELL_RECV, STAGE_COMBINE, STAGE_DISPATCH};
 use crate::reference::{RankInput, RouteOverrides};
 
@@ -58,12 +59,7 @@ fn bump(dtype: Dtype, bytes: &mut [u8], offset: u64) -> bool {
     let Some(v) = values(dtype, bytes, offset, 1).and_then(|v| v.first().copied()) else {
         return false;
     };
-    let new = (v.abs() + 1.0) * 2.0;
-    let enc: Vec<u8> = match dtype {
-        Dtype::Bf16 => half::bf16::from_f32(new).to_bits().to_le_bytes().to_vec(),
-        Dtype::F16 => half::f16::from_f32(new).to_bits().to_le_bytes().to_vec(),
-        Dtype::F32 => new.to_le_bytes().to_vec(),
-    };
+    let enc = to_dtype_bytes(dtype, &[(v.abs() + 1.0) * 2.0]);
     let Ok(start) = usize::try_from(offset) else {
         return false;
     };

@@ -21,6 +21,7 @@ struct Setup {
     w: LayerWeights,
     xs: Vec<Vec<f32>>,
     tokens: Vec<usize>,
+    ov: RouteOverrides,
 }
 
 impl Setup {
@@ -40,19 +41,22 @@ impl Setup {
             w,
             xs,
             tokens,
+            ov: RouteOverrides::default(),
         }
     }
 
     fn inputs(&self) -> Vec<RankInput<'_>> {
-        self.xs
-            .iter()
-            .zip(&self.tokens)
-            .map(|(x, &tokens)| RankInput {
-                x,
-                tokens,
-                routing: None,
-            })
-            .collect()
+        RankInput::per_rank(&self.xs, &self.tokens)
+    }
+
+    /// The checks' view of this layer over `inputs` (no overrides).
+    fn case<'a>(&'a self, inputs: &'a [RankInput<'a>]) -> Case<'a> {
+        Case {
+            plan: &self.plan,
+            weights: &self.w,
+            inputs,
+            ov: &self.ov,
+        }
     }
 
     fn executor(&self) -> CpuExecutor {
@@ -62,13 +66,7 @@ impl Setup {
 
 fn run_cpu(setup: &Setup) -> Vec<StageReport> {
     let inputs = setup.inputs();
-    let ov = RouteOverrides::default();
-    let case = Case {
-        plan: &setup.plan,
-        weights: &setup.w,
-        inputs: &inputs,
-        ov: &ov,
-    };
+    let case = setup.case(&inputs);
     let mut cpu = setup.executor();
     let (reports, err) = run(&mut cpu, &case);
     assert!(err.is_none(), "{err:?}");
@@ -140,13 +138,7 @@ fn every_stage_passes_with_drops_shared_experts_sigmoid_and_other_dtypes() {
 fn a_planted_wrong_value_is_found_and_named_at_its_stage() {
     let s = Setup::new(config(2, Dtype::Bf16), 5);
     let inputs = s.inputs();
-    let ov = RouteOverrides::default();
-    let case = Case {
-        plan: &s.plan,
-        weights: &s.w,
-        inputs: &inputs,
-        ov: &ov,
-    };
+    let case = s.case(&inputs);
     for stage in Stage::ALL {
         let mut cpu = s.executor();
         let mut planting = PlantingRunner {
@@ -188,15 +180,9 @@ fn a_near_tie_is_counted_not_failed_and_a_real_flip_fails() {
     let row0 = s.w.router[..h].to_vec();
     s.w.router[h..2 * h].copy_from_slice(&row0);
     let inputs = s.inputs();
-    let ov = RouteOverrides::default();
-    let case = Case {
-        plan: &s.plan,
-        weights: &s.w,
-        inputs: &inputs,
-        ov: &ov,
-    };
+    let case = s.case(&inputs);
     let mut cpu = s.executor();
-    let cap = cpu.run_stage(Stage::Gate, &inputs, &ov).unwrap();
+    let cap = cpu.run_stage(Stage::Gate, &inputs, &s.ov).unwrap();
     let k = s.plan.config.top_k;
     let ids = &cap.ranks[0].gate.ids;
     let i = ids
@@ -265,13 +251,7 @@ fn stage_names_and_codes_round_trip() {
 fn a_capture_of_the_wrong_world_is_a_typed_error() {
     let s = Setup::new(config(2, Dtype::Bf16), 1);
     let inputs = s.inputs();
-    let ov = RouteOverrides::default();
-    let case = Case {
-        plan: &s.plan,
-        weights: &s.w,
-        inputs: &inputs,
-        ov: &ov,
-    };
+    let case = s.case(&inputs);
     let cap = Capture {
         stage: Stage::Gate,
         epoch: 1,

@@ -25,7 +25,7 @@ impl MoeLayer {
         let cfg = &self.plan.config;
         let es = cfg.dtype.size();
         let ws = &self.plan.workspace;
-        let act_bytes = ws.act_stride_source as usize * self.plan.world();
+        let act_bytes = self.plan.act_region_bytes() as usize;
         for rb in &self.ranks {
             // SAFETY: both ranges lie inside this rank's heap and workspace allocations,
             // sized by the plan; no launch is in flight (waited for by `stage`).
@@ -56,7 +56,7 @@ impl MoeLayer {
         // Waits for the launch and turns a device error into a typed one.
         let gates = self.last_gates(&tokens, k)?;
         let ws = &self.plan.workspace;
-        let act_bytes = ws.act_stride_source as usize * self.plan.world();
+        let act_bytes = self.plan.act_region_bytes() as usize;
         let mut ranks = Vec::with_capacity(gates.len());
         for (g, gate) in gates.into_iter().enumerate() {
             let rb = &self.ranks[g];

@@ -46,6 +46,19 @@ __device__ __forceinline__ void load_router_vec(const char* row, uint32_t v, flo
     }
 }
 
+// Warp-wide maximum of (key, id) pairs under `better`: every lane ends with the winner.
+__device__ __forceinline__ void warp_best(float& best, uint32_t& bi) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+        const uint32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (better(ob, oi, best, bi)) {
+            best = ob;
+            bi = oi;
+        }
+    }
+}
+
 // Logits of `nb` (<= 8) consecutive tokens starting at t0 against every expert, written to
 // lg[i * E + e] (+ logit_bias). One pass over the router weights serves all nb tokens. The
 // router rows are stored as W (see load_router_vec).
@@ -120,15 +133,7 @@ __device__ __forceinline__ uint32_t kept_groups(const Ctx& c, const float* s, bo
     for (uint32_t j = 0; j < L.topk_group; ++j) {
         float best = (uint32_t(lane) < G && !((kept >> lane) & 1u)) ? score : -INFINITY;
         uint32_t bi = (uint32_t(lane) < G && !((kept >> lane) & 1u)) ? uint32_t(lane) : 32u;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const uint32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (better(ob, oi, best, bi)) {
-                best = ob;
-                bi = oi;
-            }
-        }
+        warp_best(best, bi);
         if (bi < 32) kept |= 1u << bi;
     }
     return kept;
@@ -158,15 +163,7 @@ __device__ __forceinline__ void sparse_mixer(const Ctx& c, const float* s, int32
                 bi = e;
             }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const uint32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (better(ob, oi, best, bi)) {
-                best = ob;
-                bi = oi;
-            }
-        }
+        warp_best(best, bi);
         float z = 0.f;
         for (uint32_t e = lane; e < E; e += 32) {
             if (e == first) continue;
@@ -233,15 +230,7 @@ __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_
                 bi = e;
             }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const uint32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (better(ob, oi, best, bi)) {
-                best = ob;
-                bi = oi;
-            }
-        }
+        warp_best(best, bi);
         // bi < E always: k <= E, and unchosen experts with key -inf still win ties over E.
         if (uint32_t(lane) == bi % 32) chosen |= 1u << (bi / 32);
         if (uint32_t(lane) == j) {
