@@ -87,11 +87,6 @@ impl Stage {
     pub fn from_name(name: &str) -> Option<Stage> {
         Stage::ALL.into_iter().find(|s| s.name() == name)
     }
-
-    /// True when a launch stopped after `self` has run `stage`.
-    pub fn includes(self, stage: Stage) -> bool {
-        stage <= self
-    }
 }
 
 impl std::fmt::Display for Stage {
