@@ -90,7 +90,14 @@ fn tag_scan_finds_a_running_child() {
         .env("FLASHMOE_TEST_TAG", &tag)
         .spawn()
         .expect("spawn sleep");
-    let found = processes_tagged(&tag);
+    // Between fork and exec /proc/<pid>/environ still shows the parent's environment:
+    // wait (bounded) until the child has exec'd with the tag.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut found = processes_tagged(&tag);
+    while found.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        found = processes_tagged(&tag);
+    }
     child.kill().ok();
     child.wait().ok();
     assert_eq!(found, vec![child.id()]);
