@@ -331,7 +331,7 @@ pub struct MoeConfig {
 
 impl MoeConfig {
     /// A small single-rank config with sensible defaults (softmax top-k, SwiGLU, bf16,
-    /// capacity factor 1.25).
+    /// dropless: every token reaches every one of its top-k experts).
     pub fn new(
         tokens: usize,
         hidden: usize,
@@ -345,7 +345,7 @@ impl MoeConfig {
             intermediate,
             experts,
             top_k,
-            capacity: Capacity::Factor(1.25),
+            capacity: Capacity::Dropless,
             dtype: Dtype::Bf16,
             mlp: MlpKind::SwiGlu,
             router: Router::Softmax { renormalize: true },
@@ -431,6 +431,15 @@ impl MoeConfig {
             check_dim("shared.intermediate", s.intermediate)?;
         }
         self.check_group_limit()?;
+        if self.router.scales_input() && self.top_k != 1 {
+            // One row per (token, rank) carries the token once, so it cannot carry a
+            // different input scale per expert; Llama-4 routes top-1.
+            return Err(Error::config(
+                "top_k",
+                self.top_k,
+                "1 with the sigmoid-input router (Llama-4)",
+            ));
+        }
         if let Router::SparseMixer { .. } = self.router {
             let eps = self.router.jitter();
             if !eps.is_finite() || !(0.0..1.0).contains(&eps) {

@@ -7,7 +7,7 @@ use crate::config::{Dtype, MlpKind, MoeConfig, Router};
 use crate::plan::{LayerPlan, TILE_K, TILE_M, TILE_N};
 
 /// `FM_PARAMS_VERSION`.
-pub const PARAMS_VERSION: u32 = 1;
+pub const PARAMS_VERSION: u32 = 2;
 /// `FM_MAX_LAUNCH_RANKS`: ranks one launch can emulate.
 pub const MAX_LAUNCH_RANKS: usize = 8;
 
@@ -138,13 +138,23 @@ pub struct LayerParams {
     pub tile_k: u32,
     pub routed_scale: f32,
     pub fault_silent_rank: u32,
+    pub pair_capacity: u32,
+    pub route_slots: u32,
+    pub row_blocks: u32,
+    pub pair_blocks: u32,
     pub timeout_ns: u64,
     pub heap_stride_row: u64,
-    pub heap_stride_expert: u64,
-    pub heap_stride_cell: u64,
-    pub heap_stride_stage: u64,
     pub heap_stride_peer: u64,
+    pub heap_stride_cell: u64,
     pub heap_cells: u64,
+    pub heap_dispatch_rows: u64,
+    pub heap_combine_rows: u64,
+    pub heap_meta: u64,
+    pub heap_meta_stride_peer: u64,
+    pub heap_meta_stride_cell: u64,
+    pub heap_meta_counts: u64,
+    pub heap_meta_pairs: u64,
+    pub heap_meta_rows: u64,
     pub heap_dispatch_signals: u64,
     pub heap_combine_signals: u64,
     pub heap_bytes: u64,
@@ -155,17 +165,24 @@ pub struct LayerParams {
     pub ws_route_ids: u64,
     pub ws_route_weights: u64,
     pub ws_route_slots: u64,
+    pub ws_route_rank_slots: u64,
+    pub ws_rank_counts: u64,
+    pub ws_gate_hist: u64,
+    pub ws_rank_hist: u64,
+    pub ws_pair_base: u64,
     pub ws_act: u64,
     pub ws_act_stride_row: u64,
-    pub ws_act_stride_expert: u64,
     pub ws_act_stride_source: u64,
+    pub ws_y: u64,
+    pub ws_y_stride_row: u64,
+    pub ws_y_stride_source: u64,
     pub ws_gemm0_done: u64,
     pub ws_gemm1_done: u64,
+    pub ws_reduce_done: u64,
     pub ws_queue_ctl: u64,
     pub ws_queue: u64,
     pub ws_queue_capacity: u64,
     pub ws_sync: u64,
-    pub ws_gate_hist: u64,
     pub ws_shared_act: u64,
     pub ws_shared_act_stride_row: u64,
     pub ws_shared_out: u64,
@@ -294,13 +311,23 @@ impl LayerParams {
             tile_k: TILE_K as u32,
             routed_scale: cfg.routed_scale,
             fault_silent_rank: NO_FAULT,
+            pair_capacity: plan.pair_capacity as u32,
+            route_slots: plan.route_slots as u32,
+            row_blocks: plan.tiles.row_blocks as u32,
+            pair_blocks: plan.tiles.pair_blocks as u32,
             timeout_ns,
             heap_stride_row: h.stride_row,
-            heap_stride_expert: h.stride_expert,
-            heap_stride_cell: h.stride_cell,
-            heap_stride_stage: h.stride_stage,
             heap_stride_peer: h.stride_peer,
+            heap_stride_cell: h.stride_cell,
             heap_cells: h.cells,
+            heap_dispatch_rows: h.dispatch_rows,
+            heap_combine_rows: h.combine_rows,
+            heap_meta: h.meta,
+            heap_meta_stride_peer: h.meta_stride_peer,
+            heap_meta_stride_cell: h.meta_stride_cell,
+            heap_meta_counts: h.meta_counts,
+            heap_meta_pairs: h.meta_pairs,
+            heap_meta_rows: h.meta_rows,
             heap_dispatch_signals: h.dispatch_signals,
             heap_combine_signals: h.combine_signals,
             heap_bytes: h.bytes,
@@ -311,17 +338,24 @@ impl LayerParams {
             ws_route_ids: w.route_ids,
             ws_route_weights: w.route_weights,
             ws_route_slots: w.route_slots,
+            ws_route_rank_slots: w.route_rank_slots,
+            ws_rank_counts: w.rank_counts,
+            ws_gate_hist: w.gate_hist,
+            ws_rank_hist: w.rank_hist,
+            ws_pair_base: w.pair_base,
             ws_act: w.act,
             ws_act_stride_row: w.act_stride_row,
-            ws_act_stride_expert: w.act_stride_expert,
             ws_act_stride_source: w.act_stride_source,
+            ws_y: w.y,
+            ws_y_stride_row: w.y_stride_row,
+            ws_y_stride_source: w.y_stride_source,
             ws_gemm0_done: w.gemm0_done,
             ws_gemm1_done: w.gemm1_done,
+            ws_reduce_done: w.reduce_done,
             ws_queue_ctl: w.queue_ctl,
             ws_queue: w.queue,
             ws_queue_capacity: w.queue_capacity,
             ws_sync: w.sync,
-            ws_gate_hist: w.gate_hist,
             ws_shared_act: w.shared_act,
             ws_shared_act_stride_row: w.shared_act_stride_row,
             ws_shared_out: w.shared_out,
@@ -362,12 +396,6 @@ mod tests {
     #[test]
     fn gate_chunk_matches_plan() {
         assert_eq!(GATE_CHUNK as usize, PLAN_GATE_CHUNK);
-    }
-
-    #[test]
-    fn signal_pair_limit_is_the_schedulers_mask() {
-        // kMaxSignalPairs in kernel/include/flashmoe/common.cuh: 64 bits per thread.
-        assert_eq!(crate::plan::MAX_SIGNAL_PAIRS, 64 * BLOCK_THREADS as usize);
     }
 
     #[test]

@@ -49,13 +49,13 @@ pub struct LoadOptions {
 pub const DEFAULT_MAX_HOST_BYTES: u64 = 32 << 30;
 
 impl LoadOptions {
-    /// Defaults: one rank, capacity factor 1.25, blocked placement, the checkpoint's dtype,
+    /// Defaults: one rank, dropless, blocked placement, the checkpoint's dtype,
     /// every MoE layer, progress bar on, at most [`DEFAULT_MAX_HOST_BYTES`].
     pub fn new(tokens: usize) -> Self {
         LoadOptions {
             tokens,
             world: 1,
-            capacity: Capacity::Factor(1.25),
+            capacity: Capacity::Dropless,
             placement: Placement::Blocked,
             dtype: None,
             layers: None,

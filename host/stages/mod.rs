@@ -10,9 +10,9 @@
 //! | stage | read back | expected from |
 //! |---|---|---|
 //! | gate | ids, weights, expert counts | the f64 reference router (near-ties counted, not failed) |
-//! | dispatch | slots, drops, receive rows, dispatch signals | slots by running count over the backend's own ids; each kept token row, bit-exact, where the plan puts it |
-//! | gemm0 | activations of every received row | the reference expert activation (f64) of that row |
-//! | gemm1 | expert outputs in the sources' combine cells, combine signals | the reference expert MLP (f64) of that token |
+//! | dispatch | slots, rank slots, drops, token rows, metadata, dispatch signals | slots by running count over the backend's own ids; each token row, bit-exact, once per destination rank; every pair and metadata entry where the plan puts it |
+//! | gemm0 | activations of every received pair | the reference expert activation (f64) of that pair's row |
+//! | gemm1 | expert outputs of every pair | the reference expert MLP (f64) of that pair's row |
 //! | combine | the output rows | the reference combine of the backend's routing |
 //!
 //! Later stages use the backend's own routing (checked at the gate stage) so that a near-tie
@@ -45,7 +45,7 @@ pub enum Stage {
     Dispatch,
     /// The expert GEMM0 and its activation, for every received row.
     Gemm0,
-    /// The expert GEMM1: outputs in the sources' combine cells, combine signals.
+    /// The expert GEMM1: every pair's expert output in the owner's workspace.
     Gemm1,
     /// The weighted sum into the output rows (the whole layer).
     Combine,
@@ -104,9 +104,13 @@ pub struct RankCapture {
     /// The rank's whole symmetric heap, laid out as `plan.heap` says.
     pub heap: Vec<u8>,
     /// The GEMM0 activations, laid out as the workspace's activation region
-    /// (`[source][local expert][slot][intermediate]` in the dtype, strides from
+    /// (`[source][pair][intermediate]` in the dtype, strides from
     /// `plan.workspace.act_stride_*`), from the region's first byte; empty before GEMM0.
     pub act: Vec<u8>,
+    /// The GEMM1 expert outputs, laid out as the workspace's output region
+    /// (`[source][pair][hidden]` in the dtype, strides from `plan.workspace.y_stride_*`),
+    /// from the region's first byte; empty before GEMM1.
+    pub y: Vec<u8>,
     /// The output rows, `tokens * hidden` (empty before combine).
     pub out: Vec<f32>,
 }

@@ -12,7 +12,7 @@
 
 #include <stdint.h>
 
-#define FM_PARAMS_VERSION 1u
+#define FM_PARAMS_VERSION 2u
 // Ranks one launch can emulate (block groups acting as ranks on one GPU).
 #define FM_MAX_LAUNCH_RANKS 8
 // fault_silent_rank value meaning no fault is injected.
@@ -92,9 +92,9 @@
 // named stage, so the host can read back what that stage wrote (stage checks).
 #define FM_STOP_NONE 0u      // run the whole layer
 #define FM_STOP_GATE 1u      // ids, weights, expert counts written
-#define FM_STOP_DISPATCH 2u  // + slots, dropped count, receive rows and dispatch signals
-#define FM_STOP_GEMM0 3u     // + GEMM0 activations of every received row (no GEMM1 task)
-#define FM_STOP_GEMM1 4u     // + expert outputs in the sources' combine cells and signals
+#define FM_STOP_DISPATCH 2u  // + slots, rank slots, dropped count, rows, metadata, dispatch signals
+#define FM_STOP_GEMM0 3u     // + GEMM0 activations of every received pair (no GEMM1 task)
+#define FM_STOP_GEMM1 4u     // + expert outputs of every pair in ws_y (no reduce task, no combine signal)
 #define FM_STOP_COMBINE 5u   // the whole layer (same as FM_STOP_NONE)
 
 // Deadline of a wait that can only be a consequence of another wait (queue tickets, rank
@@ -112,8 +112,8 @@ typedef struct FmLayerParams {
     uint32_t intermediate;
     uint32_t experts;
     uint32_t top_k;              // the config's top-k (row stride of given_ids / given_weights)
-    uint32_t max_local;          // experts dimension of the heap (max experts per rank)
-    uint32_t capacity;           // rows per (source, expert); multiple of tile_m
+    uint32_t max_local;          // experts dimension of the metadata (max experts per rank)
+    uint32_t capacity;           // pairs one source may send one expert (tokens_max when dropless)
     uint32_t dtype;              // FM_DTYPE_*
     uint32_t mlp;                // FM_MLP_*
     uint32_t router;             // FM_ROUTER_*
@@ -125,15 +125,31 @@ typedef struct FmLayerParams {
     uint32_t tile_k;
     float routed_scale;
     uint32_t fault_silent_rank;  // test hook: this rank sends no signals (0xFFFFFFFF: none)
+    uint32_t pair_capacity;      // pairs one source may send one rank (rows of ws_act / ws_y per source)
+    uint32_t route_slots;        // entries per token row in the heap's row_meta: min(top_k, max_local)
+    uint32_t row_blocks;         // most row blocks of one (source, local expert) pair list: ceil(capacity / tile_m)
+    uint32_t pair_blocks;        // most row blocks of one source's pairs, all local experts together
     uint64_t timeout_ns;         // deadline of every device wait, in %globaltimer nanoseconds
 
-    // Symmetric heap layout, bytes (see host/plan.rs).
-    uint64_t heap_stride_row;
-    uint64_t heap_stride_expert;
-    uint64_t heap_stride_cell;
-    uint64_t heap_stride_stage;
-    uint64_t heap_stride_peer;
+    // Symmetric heap layout, bytes (see host/plan/heap.rs). Rank-level dispatch: a token
+    // row goes once to each rank that owns one of its experts.
+    //   rows dispatch [cell][source][slot < tokens_max][hidden], combine [cell][owner][slot][hidden]
+    //   meta [cell][source] { counts u32[max_local], pairs u32[pair_capacity],
+    //                         row_meta u64[tokens_max][route_slots] = (f32 weight bits << 32) | pair }
+    //   signals dispatch u64[source] (on the owner), combine u64[owner] (on the source)
+    // Cell 1 exists only when heap_cells == 2 (RDMA staging, indexed by destination).
+    uint64_t heap_stride_row;        // bytes of one token row
+    uint64_t heap_stride_peer;       // tokens_max rows
+    uint64_t heap_stride_cell;       // world peers of rows
     uint64_t heap_cells;
+    uint64_t heap_dispatch_rows;
+    uint64_t heap_combine_rows;
+    uint64_t heap_meta;
+    uint64_t heap_meta_stride_peer;  // one source's metadata block
+    uint64_t heap_meta_stride_cell;
+    uint64_t heap_meta_counts;       // offsets inside a metadata block
+    uint64_t heap_meta_pairs;
+    uint64_t heap_meta_rows;
     uint64_t heap_dispatch_signals;
     uint64_t heap_combine_signals;
     uint64_t heap_bytes;
@@ -145,18 +161,25 @@ typedef struct FmLayerParams {
     uint64_t ws_expert_counts;
     uint64_t ws_route_ids;
     uint64_t ws_route_weights;
-    uint64_t ws_route_slots;
-    uint64_t ws_act;
+    uint64_t ws_route_slots;     // i32 [tokens][top_k]: position among the expert's pairs, -1 dropped
+    uint64_t ws_route_rank_slots; // i32 [tokens][top_k]: the token's row slot on the choice's owner rank
+    uint64_t ws_rank_counts;     // u32 [world]: token rows sent to each rank
+    uint64_t ws_gate_hist;       // u32 [token chunks][experts]
+    uint64_t ws_rank_hist;       // u32 [token chunks][world]: tokens with a choice on each rank
+    uint64_t ws_pair_base;       // u32 [source][max_local]: first pair of each local expert
+    uint64_t ws_act;             // dtype [source][pair][intermediate]
     uint64_t ws_act_stride_row;
-    uint64_t ws_act_stride_expert;
     uint64_t ws_act_stride_source;
-    uint64_t ws_gemm0_done;
-    uint64_t ws_gemm1_done;
+    uint64_t ws_y;               // dtype [source][pair][hidden]: expert outputs before the weights
+    uint64_t ws_y_stride_row;
+    uint64_t ws_y_stride_source;
+    uint64_t ws_gemm0_done;      // u32 [source][local expert][row block]
+    uint64_t ws_gemm1_done;      // u32 [source]: GEMM1 tiles done
+    uint64_t ws_reduce_done;     // u32 [source]: reduce tiles done
     uint64_t ws_queue_ctl;
     uint64_t ws_queue;
     uint64_t ws_queue_capacity;
     uint64_t ws_sync;            // u32[4]: barrier count, barrier generation, exit count, shared GEMM1 done
-    uint64_t ws_gate_hist;       // u32 [token chunks][experts]
     uint64_t ws_shared_act;      // dtype [token row][shared_width]
     uint64_t ws_shared_act_stride_row;
     uint64_t ws_shared_out;      // f32 [token row][hidden]
