@@ -1,5 +1,6 @@
 //! [`MoeLayer`] as a [`StageRunner`]: a launch with `stop_after` set in its parameters,
-//! then every rank's routing, symmetric heap, GEMM0 activations and output read back in
+//! then every rank's routing, symmetric heap, GEMM0 activations, GEMM1 expert outputs and
+//! output read back in
 //! the plan's layout (see [`crate::stages`]).
 
 use super::device_buffers::poison;
@@ -18,7 +19,7 @@ impl MoeLayer {
         self.params.layer.stop_after = stage.map_or(STOP_NONE, Stage::code);
     }
 
-    /// Poisons every rank's heap and activation region with NaN, so that a value a stage
+    /// Poisons every rank's heap, activation and expert-output regions with NaN, so that a value a stage
     /// should have written and did not shows up as a mismatch. Signal words then carry an
     /// epoch tag no launch uses.
     fn poison_stage_memory(&self) -> Result<()> {
@@ -26,6 +27,7 @@ impl MoeLayer {
         let es = cfg.dtype.size();
         let ws = &self.plan.workspace;
         let act_bytes = self.plan.act_region_bytes() as usize;
+        let y_bytes = self.plan.y_region_bytes() as usize;
         for rb in &self.ranks {
             // SAFETY: both ranges lie inside this rank's heap and workspace allocations,
             // sized by the plan; no launch is in flight (waited for by `stage`).
@@ -44,6 +46,13 @@ impl MoeLayer {
                     nan_pattern(cfg.dtype),
                     "poison activations",
                 )?;
+                poison(
+                    &self.stream,
+                    rb.workspace.ptr() + ws.y,
+                    y_bytes / es,
+                    nan_pattern(cfg.dtype),
+                    "poison expert outputs",
+                )?;
             }
         }
         Ok(())
@@ -57,6 +66,7 @@ impl MoeLayer {
         let gates = self.last_gates(&tokens, k)?;
         let ws = &self.plan.workspace;
         let act_bytes = self.plan.act_region_bytes() as usize;
+        let y_bytes = self.plan.y_region_bytes() as usize;
         let mut ranks = Vec::with_capacity(gates.len());
         for (g, gate) in gates.into_iter().enumerate() {
             let rb = &self.ranks[g];
@@ -64,6 +74,9 @@ impl MoeLayer {
             let mut act = vec![0u8; act_bytes];
             rb.workspace
                 .download(&self.stream, ws.act as usize, &mut act, "activations")?;
+            let mut y = vec![0u8; if stage >= Stage::Gemm1 { y_bytes } else { 0 }];
+            rb.workspace
+                .download(&self.stream, ws.y as usize, &mut y, "expert outputs")?;
             let out = if stage == Stage::Combine {
                 let mut raw = vec![0u8; tokens[g] * cfg.hidden * cfg.dtype.size()];
                 rb.out.download(&self.stream, 0, &mut raw, "out")?;
@@ -75,6 +88,7 @@ impl MoeLayer {
                 gate,
                 heap,
                 act,
+                y,
                 out,
             });
         }
