@@ -830,7 +830,7 @@ fn check_provenance(
             }
         }
     }
-    for r in 0..c.world {
+    for (r, &rows) in rows_to.iter().enumerate() {
         let dsig = ex
             .heap(r)
             .expect("heap")
@@ -838,7 +838,7 @@ fn check_provenance(
             .expect("signal");
         assert_eq!(
             dsig,
-            signal_word(epoch, rows_to[r]),
+            signal_word(epoch, rows),
             "dispatch signal {s} -> rank {r}"
         );
         let csig = ex
@@ -848,13 +848,13 @@ fn check_provenance(
             .expect("signal");
         assert_eq!(
             csig,
-            signal_word(epoch, rows_to[r]),
+            signal_word(epoch, rows),
             "combine signal rank {r} -> {s}"
         );
     }
-    for e in 0..c.experts {
+    for (e, &kept) in kept.iter().enumerate() {
         assert_eq!(
-            kept[e],
+            kept,
             g.expert_counts[e].min(plan.capacity as u32),
             "kept pairs of expert {e} from rank {s}"
         );

@@ -139,7 +139,7 @@ fn dispatch(sh: &Shared, me: usize, x: &[f32], g: &GateOutput, route: &RankRoute
     let plan = sh.plan;
     let cfg = &plan.config;
     let (h, k, hl) = (cfg.hidden, sh.k, &plan.heap);
-    let tokens = if k == 0 { 0 } else { g.ids.len() / k };
+    let tokens = g.ids.len().checked_div(k).unwrap_or(0);
     let mut pair_lists: Vec<Vec<u32>> = route
         .counts
         .iter()

@@ -117,7 +117,7 @@ fn capacity_drops_are_reported_per_layer() {
     .unwrap();
     assert_eq!(out.layers[0].dropped, r.dropped);
     assert_eq!(out.layers[0].expert_counts, r.expert_counts);
-    let kept: u64 = r.expert_counts.iter().map(|&c| u64::from(c.min(16))).sum();
+    let kept: u64 = r.expert_counts.iter().map(|&c| c.min(16)).sum();
     assert_eq!(kept + r.dropped, 512);
 }
 

@@ -45,7 +45,7 @@ impl LayerPlan {
     /// `tokens * k` choices, as [`crate::reference::GateOutput`] holds them.
     pub fn route(&self, ids: &[u32], slots: &[i32], k: usize) -> RankRoute {
         let world = self.world();
-        let tokens = if k == 0 { 0 } else { ids.len() / k };
+        let tokens = ids.len().checked_div(k).unwrap_or(0);
         let mut rank_counts = vec![0u32; world];
         let mut rank_slots = vec![0u32; ids.len()];
         for t in 0..tokens {

@@ -397,7 +397,8 @@ fn a_capacity_factor_bounds_the_pairs() {
     c.capacity = Capacity::Factor(1.0);
     let p = LayerPlan::new(&c).expect("plan");
     assert_eq!(p.capacity, 64);
-    assert_eq!(p.pair_capacity, (256 * 4).min(8 * 64));
+    // min(256 tokens x 4 route slots, 8 local experts x 64) = 512.
+    assert_eq!(p.pair_capacity, 512);
     assert_eq!(p.tiles.row_blocks, 1);
 }
 
