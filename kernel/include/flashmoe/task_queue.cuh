@@ -60,7 +60,7 @@ __device__ __forceinline__ uint32_t blocks_of(uint32_t rows) { return (rows + kT
 // Every GEMM1 tile of source s is done (or it has no pair): push its reduce tiles, or answer
 // at once with a 0-row combine signal when it sent no row. Nothing after GEMM1 in a launch
 // stopped at GEMM0/GEMM1. Single thread.
-__device__ bool source_gemm1_done(const Ctx& c, uint32_t s) {
+__device__ __forceinline__ bool source_gemm1_done(const Ctx& c, uint32_t s) {
     if (c.no_reduce()) return true;
     const uint32_t rows = dispatch_rows(c, s);
     const uint32_t n = blocks_of(rows) * (c.L->hidden / kTileN);
@@ -73,7 +73,7 @@ __device__ bool source_gemm1_done(const Ctx& c, uint32_t s) {
 
 // Validates source s's signal and metadata (rows <= tokens_max, counts <= capacity, their
 // sum <= pair_capacity). Single thread; false after reporting FM_STATUS_BAD_SIGNAL.
-__device__ bool check_source(const Ctx& c, uint32_t s, uint32_t rows) {
+__device__ __forceinline__ bool check_source(const Ctx& c, uint32_t s, uint32_t rows) {
     const FmLayerParams& L = *c.L;
     if (rows > L.tokens_max) {
         fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_EXPERT, (uint64_t(s) << 16) | 0xFFFFu, L.tokens_max, rows, 0);
@@ -98,7 +98,7 @@ __device__ bool check_source(const Ctx& c, uint32_t s, uint32_t rows) {
 // GEMM1 and reduce counters (each counts up from 0 - expected to 0, so the tile that brings
 // it to 0 is the last: no expected count is recomputed per tile), push its GEMM0 tiles.
 // Returns the tasks s brings in all; sets `failed` on error. Single thread.
-__device__ uint64_t on_dispatch(const Ctx& c, uint32_t s, uint32_t rows, bool& failed) {
+__device__ __forceinline__ uint64_t on_dispatch(const Ctx& c, uint32_t s, uint32_t rows, bool& failed) {
     const FmLayerParams& L = *c.L;
     if (!check_source(c, s, rows)) {
         failed = true;
