@@ -32,9 +32,9 @@ __device__ FM_PHASE bool combine_wait(const Ctx& c) {
                     got = seen;
                     return signal_is(seen, c.n);
                 },
-                FM_STAGE_COMBINE, r, c.n << 32, kWaitCause);
+                FM_STAGE_COMBINE, uint64_t(r) << 16, c.n << 32, kWaitCause);
             if (ok && uint32_t(got) != expected) {
-                fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_COMBINE, r, expected, uint32_t(got), 0);
+                fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_COMBINE, uint64_t(r) << 16, expected, uint32_t(got), 0);
                 ok = false;
             }
         }

@@ -167,7 +167,8 @@ __device__ FM_PHASE bool schedule(const Ctx& c) {
             // A wait on peers' signals: a possible cause, so 1 x timeout_ns (watchdog.cuh).
             const uint64_t waited = now_ns() - start;
             if (waited > L.timeout_ns) {
-                fail(c, FM_STATUS_TIMEOUT, FM_STAGE_DISPATCH, last_source, c.n << 32, last_word, waited);
+                fail(c, FM_STATUS_TIMEOUT, FM_STAGE_DISPATCH, uint64_t(last_source) << 16, c.n << 32,
+                     last_word, waited);
                 failed = true;
             }
         }
