@@ -41,8 +41,10 @@ use crate::config::{Capacity, MoeConfig};
 use crate::error::{Error, Result};
 
 mod heap;
+mod route;
 mod workspace;
 pub use heap::{meta_entry, meta_parts, HeapLayout, NO_PAIR};
+pub use route::RankRoute;
 pub use workspace::WorkspaceLayout;
 
 /// Rows per tile. Also the M of the kernel's GEMM tiles.
@@ -272,8 +274,7 @@ fn tile_counts(cfg: &MoeConfig, d: &Dims, capacity: usize) -> Result<TileCounts>
     let gemm1_per_block = cfg.hidden / TILE_N;
     let token_blocks = cfg.tokens.div_ceil(TILE_M).max(1);
     let shared_width = cfg.shared.map_or(0, |s| s.count * s.intermediate);
-    let (shared_row_blocks, shared_gemm0_per_block, shared_gemm1_per_block) = if shared_width > 0
-    {
+    let (shared_row_blocks, shared_gemm0_per_block, shared_gemm1_per_block) = if shared_width > 0 {
         (token_blocks, shared_width / TILE_N, gemm1_per_block)
     } else {
         (0, 0, 0)
@@ -343,7 +344,10 @@ fn workspace_layout(cfg: &MoeConfig, d: &Dims, tiles: &TileCounts) -> Result<Wor
     let act = take("act", Sizer::mul("act", w, act_stride_source)?)?;
     let y_stride_row = d.hidden * d.es;
     let y_stride_source = Sizer::mul("expert outputs", d.pair_capacity, y_stride_row)?;
-    let y = take("expert outputs", Sizer::mul("expert outputs", w, y_stride_source)?)?;
+    let y = take(
+        "expert outputs",
+        Sizer::mul("expert outputs", w, y_stride_source)?,
+    )?;
     let blocks = w * d.max_local * tiles.row_blocks as u64;
     let gemm0_done = take("gemm0 counters", 4 * blocks)?;
     let gemm1_done = take("gemm1 counters", 4 * w)?;

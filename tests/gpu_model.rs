@@ -615,6 +615,7 @@ fn cpu_trace(
             backend_latency: Duration::from_millis(1),
             expert_counts: out.expert_counts.clone(),
             dropped: out.dropped,
+            wire: None,
         });
         trace.states.push(state.clone());
         trace.normed.push(normed);

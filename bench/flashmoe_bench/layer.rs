@@ -234,6 +234,22 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
         checked_tokens: shape.check_tokens.min(cfg.tokens),
         dropped: first.dropped,
         pairs: total_tokens * cfg.top_k as u64,
+        wire: Some(wire(&plan, &first, &ov)?),
+    })
+}
+
+/// The dispatch bytes of the launch that produced `out`, from every rank's routing.
+fn wire(plan: &LayerPlan, out: &LayerOutput, ov: &RouteOverrides) -> Result<crate::report::Wire> {
+    let k = ov.effective_top_k(&plan.config)?;
+    let (mut dispatch_bytes, mut per_expert_bytes) = (0.0, 0.0);
+    for (r, g) in out.gates.iter().enumerate() {
+        let t = plan.traffic_of(r, &g.ids, &g.slots, k);
+        dispatch_bytes += t.dispatch_sent;
+        per_expert_bytes += t.per_expert_dispatch_sent;
+    }
+    Ok(crate::report::Wire {
+        dispatch_bytes,
+        per_expert_bytes,
     })
 }
 
@@ -250,8 +266,13 @@ pub fn describe(cfg: &MoeConfig, plan: &LayerPlan) -> String {
         Router::Given => "given",
     };
     let cap = match cfg.capacity {
-        flashmoe::Capacity::Factor(f) => format!("capacity {f} ({} rows)", plan.capacity),
-        flashmoe::Capacity::Dropless => format!("dropless ({} rows)", plan.capacity),
+        flashmoe::Capacity::Factor(f) => {
+            format!(
+                "capacity {f} ({} pairs per source and expert)",
+                plan.capacity
+            )
+        }
+        flashmoe::Capacity::Dropless => "dropless".to_string(),
     };
     let shared = cfg.shared.map_or(String::new(), |s| {
         format!(" shared {}x{}", s.count, s.intermediate)

@@ -125,6 +125,12 @@ fn reference_bytes(cfg: &MoeConfig, ranks: usize, rows: usize) -> u64 {
     scores.saturating_add(mul(&[ranks as u64, rows as u64, per_row]))
 }
 
+/// What the CPU executor allocates per rank: the symmetric heap and the expert outputs of
+/// every pair the rank may serve.
+fn executor_bytes(plan: &LayerPlan) -> u64 {
+    plan.heap.bytes.saturating_add(plan.y_region_bytes())
+}
+
 /// The `layer` command in one process: every rank's weights (f32, every expert), tokens,
 /// the CPU executor's heaps (one per rank) or the device packing, and the reference.
 pub fn layer(plan: &LayerPlan, check_tokens: usize, gpu: bool, launch_ranks: usize) -> Estimate {
@@ -136,7 +142,7 @@ pub fn layer(plan: &LayerPlan, check_tokens: usize, gpu: bool, launch_ranks: usi
         let packed = weights / 4 * cfg.dtype.size() as u64;
         host.push(("weights packed for the device", packed));
     } else {
-        host.push(("executor heaps", mul(&[ranks as u64, plan.heap.bytes])));
+        host.push(("executor heaps", mul(&[ranks as u64, executor_bytes(plan)])));
     }
     host.push(("tokens and outputs", tokens_bytes(cfg, ranks)));
     let rows = check_tokens.min(cfg.tokens);
@@ -190,7 +196,10 @@ pub fn model(
             weights_bytes / 4 * cfg.dtype.size() as u64,
         ));
     } else {
-        host.push(("executor heaps", mul(&[l, ranks as u64, plan.heap.bytes])));
+        host.push((
+            "executor heaps",
+            mul(&[l, ranks as u64, executor_bytes(plan)]),
+        ));
     }
     let state = mul(&[ranks as u64, cfg.tokens as u64, cfg.hidden as u64, 4]);
     host.push((
@@ -246,7 +255,7 @@ mod tests {
 
     #[test]
     fn executor_heaps_grow_with_the_world_squared() {
-        // Past one expert per rank, every rank's heap holds a block per peer.
+        // Every rank's heap holds a row region per peer.
         let cfg = presets::preset("tiny").unwrap().config;
         let heaps = |world: usize| {
             let mut c = cfg.clone();

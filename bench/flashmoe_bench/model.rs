@@ -284,6 +284,8 @@ pub fn run(args: &ModelArgs) -> Result<()> {
                 "idle_experts": st.idle_experts(),
                 "dropped": st.dropped,
                 "histogram": st.load_histogram(8),
+                "dispatch_bytes": st.wire.map(|w| w.dispatch),
+                "per_expert_dispatch_bytes": st.wire.map(|w| w.per_expert),
             })
         })
         .collect();
@@ -305,12 +307,12 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         m.world()
     );
     println!(
-        "  {:>5} {:>10} {:>8} {:>9} {:>8} {:>6} {:>8}  load histogram (8 bins up to max)",
-        "layer", "median ms", "min", "mean", "max", "idle", "dropped"
+        "  {:>5} {:>10} {:>8} {:>9} {:>8} {:>6} {:>8} {:>22}  load histogram (8 bins up to max)",
+        "layer", "median ms", "min", "mean", "max", "idle", "dropped", "wire MB (per-expert)"
     );
     for (st, samples) in first.layers.iter().zip(&per_layer) {
         println!(
-            "  {:>5} {:>10.4} {:>8} {:>9.1} {:>8} {:>6} {:>8}  {:?}",
+            "  {:>5} {:>10.4} {:>8} {:>9.1} {:>8} {:>6} {:>8} {:>22}  {:?}",
             st.layer,
             summarize(samples).map_or(f64::NAN, |s| s.median),
             st.min_load(),
@@ -318,6 +320,11 @@ pub fn run(args: &ModelArgs) -> Result<()> {
             st.max_load(),
             st.idle_experts(),
             st.dropped,
+            st.wire.map_or("-".to_string(), |w| format!(
+                "{:.3} ({:.3})",
+                w.dispatch / 1e6,
+                w.per_expert / 1e6
+            )),
             st.load_histogram(8)
         );
     }

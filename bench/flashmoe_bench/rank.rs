@@ -207,6 +207,7 @@ fn rank_report(
         checked_tokens: check_tokens.min(cfg.tokens),
         dropped: run.dropped,
         pairs: total_tokens * cfg.top_k as u64,
+        wire: None,
     })
 }
 

@@ -13,6 +13,16 @@ pub struct Peaks {
     pub bytes_per_s: f64,
 }
 
+/// Bytes the dispatch of one launch put on the wire (all ranks, own rows excluded),
+/// measured from the routing of that launch.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Wire {
+    /// Token rows with their metadata, one per (token, remote rank), plus pair lists.
+    pub dispatch_bytes: f64,
+    /// What one row per (token, remote expert) would have sent.
+    pub per_expert_bytes: f64,
+}
+
 /// Everything a layer benchmark reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -51,6 +61,8 @@ pub struct Report {
     pub dropped: u64,
     /// (token, expert) pairs routed in one launch.
     pub pairs: u64,
+    /// Dispatch bytes on the wire, when measured (single-process runs).
+    pub wire: Option<Wire>,
 }
 
 fn si(x: f64) -> String {
@@ -93,6 +105,17 @@ impl Report {
             "  {:<10} {} of {} pairs",
             "dropped", self.dropped, self.pairs
         );
+        match self.wire {
+            Some(w) if w.per_expert_bytes > 0.0 => println!(
+                "  {:<10} dispatch {}B per launch, one row per (token, rank); one row per (token, expert) would be {}B ({:.2}x)",
+                "wire",
+                si(w.dispatch_bytes),
+                si(w.per_expert_bytes),
+                w.per_expert_bytes / w.dispatch_bytes.max(1.0)
+            ),
+            Some(_) => println!("  {:<10} nothing leaves a rank (one rank)", "wire"),
+            None => println!("  {:<10} not measured (multi-process run)", "wire"),
+        }
         println!(
             "  {:<10} median {:.4} ms   p10 {:.4}   p90 {:.4}   ({} timed runs)",
             "latency", l.median, l.p10, l.p90, l.n

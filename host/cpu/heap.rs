@@ -213,6 +213,68 @@ impl SymHeap {
         Ok(())
     }
 
+    /// The words `[offset, offset + 8 n)`, `offset` 8-aligned.
+    fn words_at(&self, offset: u64, n: usize) -> Result<&[AtomicU64]> {
+        let bad = || Error::Device {
+            rank: self.rank,
+            stage: "heap",
+            what: format!("{n} words at offset {offset}: outside the heap or misaligned"),
+            expected: self.bytes(),
+            observed: offset.saturating_add(8 * n as u64),
+        };
+        if !offset.is_multiple_of(8) {
+            return Err(bad());
+        }
+        let a = (offset / 8) as usize;
+        self.words.get(a..a.saturating_add(n)).ok_or_else(bad)
+    }
+
+    /// Stores raw 64-bit words at byte `offset` (data ordering): metadata.
+    pub fn write_words(&self, offset: u64, words: &[u64]) -> Result<()> {
+        for (w, &v) in self.words_at(offset, words.len())?.iter().zip(words) {
+            w.store(v, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Loads raw 64-bit words from byte `offset` (data ordering).
+    pub fn read_words(&self, offset: u64, out: &mut [u64]) -> Result<()> {
+        let span = self.words_at(offset, out.len())?;
+        for (o, w) in out.iter_mut().zip(span) {
+            *o = w.load(Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Stores `values` as little-endian u32s at byte `offset` (8-aligned); an odd count
+    /// also zeroes the u32 after the last (the rest of its word).
+    pub fn write_u32s(&self, offset: u64, values: &[u32]) -> Result<()> {
+        let words: Vec<u64> = values
+            .chunks(2)
+            .map(|c| u64::from(c[0]) | (u64::from(c.get(1).copied().unwrap_or(0)) << 32))
+            .collect();
+        self.write_words(offset, &words)
+    }
+
+    /// Loads `out.len()` little-endian u32s from byte `offset` (8-aligned).
+    pub fn read_u32s(&self, offset: u64, out: &mut [u32]) -> Result<()> {
+        let mut words = vec![0u64; out.len().div_ceil(2)];
+        self.read_words(offset, &mut words)?;
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = (words[i / 2] >> (32 * (i % 2))) as u32;
+        }
+        Ok(())
+    }
+
+    /// Copies `n` raw words from byte `from` of `src` to byte `to` of this heap (the put of
+    /// staged metadata).
+    pub fn copy_words_from(&self, to: u64, src: &SymHeap, from: u64, n: usize) -> Result<()> {
+        for (d, w) in self.words_at(to, n)?.iter().zip(src.words_at(from, n)?) {
+            d.store(w.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn word(&self, offset: u64) -> Result<&AtomicU64> {
         let bad = || Error::Device {
             rank: self.rank,
@@ -294,6 +356,22 @@ mod tests {
             SymHeap::new(0, 12, Dtype::F32),
             Err(Error::PlanTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn metadata_words_round_trip_and_stay_in_bounds() {
+        let a = SymHeap::new(0, 64, Dtype::Bf16).expect("heap");
+        a.write_u32s(8, &[1, 2, 3]).expect("write");
+        let mut back = [0u32; 4];
+        a.read_u32s(8, &mut back).expect("read");
+        assert_eq!(back, [1, 2, 3, 0]);
+        let b = SymHeap::new(1, 64, Dtype::Bf16).expect("heap");
+        b.copy_words_from(32, &a, 8, 2).expect("copy");
+        let mut w = [0u64; 2];
+        b.read_words(32, &mut w).expect("read");
+        assert_eq!(w, [1 | (2 << 32), 3]);
+        assert!(a.write_words(60, &[0]).is_err());
+        assert!(a.write_u32s(56, &[1, 2, 3]).is_err());
     }
 
     #[test]

@@ -5,15 +5,16 @@
 //! kernel, with threads as ranks and atomics as the interconnect:
 //!
 //! 1. gate (the reference router, on the tokens rounded to the dtype), slots by prefix sums;
-//! 2. dispatch: each kept row into its owner's heap at
-//!    `row(source, DISPATCH, RECV, local, slot)` (through the source's send cell when the
-//!    plan stages), then a signal `(epoch << 32) | rows` for every (source, local expert)
-//!    pair, 0 rows included;
-//! 3. experts: as dispatch signals arrive, the owner runs the expert MLP block by block
-//!    (`TILE_M` rows, `TILE_N` column tiles) and writes the results into the source's heap
-//!    at `row(owner, COMBINE, RECV, local, slot)`, then signals combine;
-//! 4. combine: the source waits for every expert's combine signal and sums in choice
-//!    order, plus the shared experts computed on its own rows.
+//! 2. dispatch: each token row once to each rank its choices go to, with its metadata
+//!    (pair indices and weights), the pair lists and counts (through the source's send cell
+//!    when the plan stages), then one signal `(epoch << 32) | rows` per rank, 0 rows
+//!    included (the protocol of [`crate::plan`]);
+//! 3. experts: as dispatch signals arrive, the owner runs each local expert over its pairs
+//!    block by block (`TILE_M` rows, `TILE_N` column tiles) into its output buffer; once a
+//!    source's pairs are all done it reduces each row over its experts (weights applied),
+//!    writes the partial into the source's heap and signals combine;
+//! 4. combine: the source waits for every rank's combine signal and sums the partials in
+//!    rank order, plus the shared experts computed on its own rows.
 //!
 //! Threads: one rank thread per rank runs the protocol (gate, dispatch, every wait);
 //! the compute of steps 3 and 4 (expert row blocks, the shared experts and the combine
@@ -79,6 +80,8 @@ pub struct CpuExecutor {
     /// Stage checks: per rank, the GEMM0 activations in the workspace layout (empty unless
     /// a stage check asked for them).
     act: Vec<SymHeap>,
+    /// Per rank, the expert output of every pair it serves, in the workspace layout.
+    y: Vec<SymHeap>,
 }
 
 /// The machine's available parallelism (1 when unknown).
@@ -152,6 +155,10 @@ impl CpuExecutor {
         let heaps = (0..plan.world())
             .map(|r| SymHeap::new(r, plan.heap.bytes, plan.config.dtype))
             .collect::<Result<Vec<_>>>()?;
+        let y_bytes = plan.y_region_bytes().next_multiple_of(8);
+        let y = (0..plan.world())
+            .map(|r| SymHeap::new(r, y_bytes, plan.config.dtype))
+            .collect::<Result<Vec<_>>>()?;
         Ok(CpuExecutor {
             plan,
             weights,
@@ -163,6 +170,7 @@ impl CpuExecutor {
             threads: default_threads(),
             stop: None,
             act: Vec::new(),
+            y,
         })
     }
 
@@ -275,6 +283,7 @@ impl CpuExecutor {
             abort: &abort,
             stop: self.stop,
             act: if self.stop.is_some() { &self.act } else { &[] },
+            y: &self.y,
         };
         let (threads, world) = (self.threads, cfg.world);
         let results: Vec<_> = std::thread::scope(|scope| {

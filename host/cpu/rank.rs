@@ -9,7 +9,7 @@ use super::signal::{word, Awaited, SignalSet, Stop};
 use super::units::{Ctx, Unit};
 use super::work::Work;
 use crate::error::Error;
-use crate::plan::{LayerPlan, CELL_RECV, CELL_SEND, STAGE_DISPATCH};
+use crate::plan::{meta_entry, LayerPlan, RankRoute, CELL_RECV, CELL_SEND, NO_PAIR};
 use crate::reference::{gate_checked, GateOutput, RankInput};
 use crate::stages::Stage;
 use crate::weights::LayerWeights;
@@ -43,6 +43,8 @@ pub struct Shared<'a> {
     /// Stage checks: per rank, where the GEMM0 activations are kept (the workspace's
     /// activation region of the plan), or empty.
     pub act: &'a [SymHeap],
+    /// Per rank, the expert outputs of every pair (the workspace's `y` region).
+    pub y: &'a [SymHeap],
 }
 
 /// A rank's result: a value, or why it stopped.
@@ -82,25 +84,17 @@ impl Shared<'_> {
         Ok(())
     }
 
-    /// Writes `values` as row `slot` of (`peer`, `stage`, local expert `local`) in the
-    /// receive cell of rank `dest`'s heap; through this rank's send cell when the plan
-    /// stages (the RDMA path: write locally, then put).
-    #[allow(clippy::too_many_arguments)]
+    /// Writes `values` (in the dtype) at `recv` of rank `dest`'s heap; through `send` of
+    /// this rank's heap first when the plan stages and `dest` is a peer (the RDMA path:
+    /// write locally, then put).
     pub(super) fn put_row(
         &self,
         me: usize,
         dest: usize,
-        peer: usize,
-        stage: usize,
-        local: usize,
-        slot: usize,
+        (recv, send): (u64, u64),
         values: &[f32],
     ) -> Res<()> {
-        let hl = &self.plan.heap;
-        let recv = hl.row(peer, stage, CELL_RECV, local, slot);
         if self.plan.staging && dest != me {
-            // The staging copy lives in my heap, indexed by the destination rank.
-            let send = hl.row(dest, stage, CELL_SEND, local, slot);
             let mine = self.heap(me)?;
             mine.write(send, values)?;
             self.heap(dest)?.copy_from(recv, mine, send, values.len())?;
@@ -109,6 +103,104 @@ impl Shared<'_> {
         }
         Ok(())
     }
+
+    /// As [`Shared::put_row`] for raw metadata words.
+    pub(super) fn put_words(
+        &self,
+        me: usize,
+        dest: usize,
+        (recv, send): (u64, u64),
+        words: &[u64],
+    ) -> Res<()> {
+        if self.plan.staging && dest != me {
+            let mine = self.heap(me)?;
+            mine.write_words(send, words)?;
+            self.heap(dest)?
+                .copy_words_from(recv, mine, send, words.len())?;
+        } else {
+            self.heap(dest)?.write_words(recv, words)?;
+        }
+        Ok(())
+    }
+}
+
+/// `values` as little-endian u32 pairs in words (an odd count padded with 0).
+fn u32_words(values: &[u32]) -> Vec<u64> {
+    values
+        .chunks(2)
+        .map(|c| u64::from(c[0]) | (u64::from(c.get(1).copied().unwrap_or(0)) << 32))
+        .collect()
+}
+
+/// Dispatch (steps 3 of the protocol in [`crate::plan`]): every token row once to each
+/// rank its choices go to, with its metadata, the pair lists and counts, then one signal
+/// per rank, 0 rows included.
+fn dispatch(sh: &Shared, me: usize, x: &[f32], g: &GateOutput, route: &RankRoute) -> Res<()> {
+    let plan = sh.plan;
+    let cfg = &plan.config;
+    let (h, k, hl) = (cfg.hidden, sh.k, &plan.heap);
+    let tokens = g.ids.len().checked_div(k).unwrap_or(0);
+    let mut pair_lists: Vec<Vec<u32>> = route
+        .counts
+        .iter()
+        .map(|c| vec![0u32; c.iter().sum::<u32>() as usize])
+        .collect();
+    let mut meta = vec![0u64; plan.route_slots];
+    for t in 0..tokens {
+        for (r, q) in route.destinations(plan, &g.ids, k, t) {
+            let mut n = 0;
+            meta.fill(meta_entry(NO_PAIR, 0.0));
+            for j in 0..k {
+                let i = t * k + j;
+                let p = route.pairs[i];
+                if plan.owner_rank(g.ids[i]) != r || p == NO_PAIR {
+                    continue;
+                }
+                if let (Some(m), Some(slot)) = (meta.get_mut(n), pair_lists[r].get_mut(p as usize))
+                {
+                    *m = meta_entry(p, g.weights[i]);
+                    *slot = q;
+                }
+                n += 1;
+            }
+            let q = q as usize;
+            // Llama-4 scales the expert's input by the routing weight (top-1 only).
+            let (row, _) =
+                crate::reference::expert_input(cfg, &x[t * h..(t + 1) * h], g.weights[t * k]);
+            sh.put_row(
+                me,
+                r,
+                (
+                    hl.dispatch_row(CELL_RECV, me, q),
+                    hl.dispatch_row(CELL_SEND, r, q),
+                ),
+                &row,
+            )?;
+            let at = |j| {
+                (
+                    hl.row_meta(CELL_RECV, me, q, j),
+                    hl.row_meta(CELL_SEND, r, q, j),
+                )
+            };
+            sh.put_words(me, r, at(0), &meta)?;
+        }
+    }
+    for (r, (counts, pairs)) in route.counts.iter().zip(&pair_lists).enumerate() {
+        let at = |f: fn(&crate::plan::HeapLayout, usize, usize, usize) -> u64| {
+            (f(hl, CELL_RECV, me, 0), f(hl, CELL_SEND, r, 0))
+        };
+        sh.put_words(
+            me,
+            r,
+            at(crate::plan::HeapLayout::count),
+            &u32_words(counts),
+        )?;
+        sh.put_words(me, r, at(crate::plan::HeapLayout::pair), &u32_words(pairs))?;
+    }
+    for (r, &rows) in route.rank_counts.iter().enumerate() {
+        sh.send_signal(me, sh.heap(r)?, hl.dispatch_signal(me), rows as usize)?;
+    }
+    Ok(())
 }
 
 /// Rank `me`'s whole forward, with `helpers` helper threads for its compute. Returns its
@@ -132,35 +224,8 @@ pub fn run(
         return Ok((Vec::new(), g));
     }
 
-    // Dispatch: every kept row into its owner's receive cell, then one signal per
-    // (me, owner's local expert), 0 rows included.
-    let mut kept = vec![0usize; cfg.experts];
-    for (i, (&e, &slot)) in g.ids.iter().zip(&g.slots).enumerate() {
-        if slot < 0 {
-            continue;
-        }
-        let t = i / k;
-        let owner = plan.owners[e as usize];
-        // Llama-4 scales the expert's input by the routing weight (stored in the dtype).
-        let (row, _) = crate::reference::expert_input(cfg, &x[t * h..(t + 1) * h], g.weights[i]);
-        sh.put_row(
-            me,
-            owner.rank as usize,
-            me,
-            STAGE_DISPATCH,
-            owner.local as usize,
-            slot as usize,
-            &row,
-        )?;
-        kept[e as usize] += 1;
-    }
-    for (e, owner) in plan.owners.iter().enumerate() {
-        let o = owner.rank as usize;
-        let off = plan
-            .heap
-            .dispatch_signal(me, owner.local as usize, plan.max_local);
-        sh.send_signal(me, sh.heap(o)?, off, kept[e])?;
-    }
+    let route = plan.route(&g.ids, &g.slots, k);
+    dispatch(sh, me, &x, &g, &route)?;
     if sh.stops_after(Stage::Dispatch) {
         return Ok((Vec::new(), g));
     }
@@ -170,12 +235,12 @@ pub fn run(
     let mut shared_y = vec![0f32; if has_shared { tokens * h } else { 0 }];
     let work = Work::<Unit>::default();
     let res = {
-        let ctx = Ctx::new(sh, me, &x, &g, &mut shared_y, &mut out);
+        let ctx = Ctx::new(sh, me, &x, &g, &route, &mut shared_y, &mut out);
         std::thread::scope(|scope| {
             for _ in 0..helpers {
                 scope.spawn(|| helper(&ctx, &work));
             }
-            let res = lead(&ctx, &work, me, &kept);
+            let res = lead(&ctx, &work, me);
             work.close();
             res
         })
@@ -230,9 +295,10 @@ fn drain(ctx: &Ctx, work: &Work<Unit>, sc: &mut super::units::Scratch) -> Res<()
 }
 
 /// The rank thread's part: shared experts queued at once (they need no signal), then
-/// expert units queued as dispatch signals arrive (and run between polls), then the
-/// combine once every expert's combine signal is in.
-fn lead(ctx: &Ctx, work: &Work<Unit>, me: usize, kept: &[usize]) -> Res<()> {
+/// expert units queued as dispatch signals arrive (and run between polls; the last unit of
+/// a source reduces its rows and signals it), then the combine once every rank's combine
+/// signal is in.
+fn lead(ctx: &Ctx, work: &Work<Unit>, me: usize) -> Res<()> {
     let sh = ctx.shared();
     let plan = sh.plan;
     let world = plan.config.world;
@@ -240,37 +306,18 @@ fn lead(ctx: &Ctx, work: &Work<Unit>, me: usize, kept: &[usize]) -> Res<()> {
     let mut sc = ctx.scratch();
     work.push(ctx.shared_units());
 
-    let awaited = ctx
-        .locals()
-        .iter()
-        .enumerate()
-        .flat_map(|(l, &e)| {
-            (0..world).map(move |s| Awaited {
-                offset: plan.heap.dispatch_signal(s, l, plan.max_local),
-                what: format!("dispatch signal of rank {s} for expert {e} (local {l})"),
-            })
+    let awaited = (0..world)
+        .map(|s| Awaited {
+            offset: plan.heap.dispatch_signal(s),
+            what: format!("dispatch signal of rank {s}"),
         })
         .collect();
     let mut set = SignalSet::new(
         heap, me, "dispatch", sh.epoch, sh.timeout, sh.abort, awaited,
     );
     loop {
-        if let Some((index, rows)) = set.poll()? {
-            let s = index % world;
-            let e = ctx.locals().get(index / world).copied().unwrap_or(u32::MAX);
-            let rows = rows as usize;
-            if rows > plan.capacity {
-                return Err(Stop::Failed(Error::Device {
-                    rank: me,
-                    stage: "dispatch",
-                    what: format!(
-                        "dispatch signal of rank {s} for expert {e} exceeds the capacity"
-                    ),
-                    expected: plan.capacity as u64,
-                    observed: rows as u64,
-                }));
-            }
-            work.push(ctx.arm(index, rows)?);
+        if let Some((s, rows)) = set.poll()? {
+            work.push(ctx.arm(s, rows as usize)?);
             continue;
         }
         if set.is_done() {
@@ -289,29 +336,22 @@ fn lead(ctx: &Ctx, work: &Work<Unit>, me: usize, kept: &[usize]) -> Res<()> {
         return Ok(());
     }
 
-    // Combine: wait for every expert's results, then sum in choice order.
-    let awaited = plan
-        .owners
-        .iter()
-        .enumerate()
-        .map(|(e, o)| Awaited {
-            offset: plan
-                .heap
-                .combine_signal(o.rank as usize, o.local as usize, plan.max_local),
-            what: format!("combine signal of rank {} for expert {e}", o.rank),
+    // Combine: wait for every rank's partials, then sum them in rank order.
+    let awaited = (0..world)
+        .map(|r| Awaited {
+            offset: plan.heap.combine_signal(r),
+            what: format!("combine signal of rank {r}"),
         })
         .collect();
     let mut set = SignalSet::new(heap, me, "combine", sh.epoch, sh.timeout, sh.abort, awaited);
-    while let Some((e, rows)) = set.next()? {
-        if rows as usize != kept[e] {
+    while let Some((r, rows)) = set.next()? {
+        let want = ctx.route().rank_counts.get(r).copied().unwrap_or(0);
+        if rows != want {
             return Err(Stop::Failed(Error::Device {
                 rank: me,
                 stage: "combine",
-                what: format!(
-                    "combine signal of rank {} for expert {e} carries a wrong row count",
-                    plan.owners[e].rank
-                ),
-                expected: kept[e] as u64,
+                what: format!("combine signal of rank {r} carries a wrong row count"),
+                expected: u64::from(want),
                 observed: u64::from(rows),
             }));
         }

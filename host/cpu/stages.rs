@@ -42,6 +42,11 @@ impl StageRunner for CpuExecutor {
                 gate,
                 heap: self.heaps.get(r).map(SymHeap::to_bytes).unwrap_or_default(),
                 act: self.act.get(r).map(SymHeap::to_bytes).unwrap_or_default(),
+                y: if stage >= Stage::Gemm1 {
+                    self.y.get(r).map(SymHeap::to_bytes).unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
                 out,
             })
             .collect();

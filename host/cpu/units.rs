@@ -5,20 +5,19 @@
 //! that does not depend on the unit's neighbours (each product of the GEMM is one chain
 //! of operations over its row and column alone; combine sums a token's choices in choice
 //! order), so results do not depend on how many threads run the units, nor on which
-//! thread runs which.
+//! thread runs which. The reduce of a source's rows runs in the unit that finishes that
+//! source's last expert block (or at once when it sent no pairs).
 
-use super::heap::SymHeap;
 use super::rank::{Res, Shared};
 use super::tile::{dot, round_all, TiledMlp};
 use crate::error::Error;
-use crate::plan::{CELL_RECV, STAGE_COMBINE, STAGE_DISPATCH, TILE_M, TILE_N};
+use crate::plan::{meta_parts, RankRoute, CELL_RECV, CELL_SEND, NO_PAIR, TILE_M, TILE_N};
 use crate::reference::GateOutput;
 use crate::stages::Stage;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-/// Rows of one expert unit (a half `TILE_M` block: enough units to share a rank's
-/// experts among several threads, rows enough to reuse each weight tile).
+/// Pairs of one expert unit: one `TILE_M` block of a local expert's pair list.
 pub const EXPERT_UNIT_ROWS: usize = TILE_M;
 
 /// Tokens of one shared-expert or combine unit.
@@ -27,13 +26,15 @@ pub const TOKEN_CHUNK: usize = 32;
 /// One unit of work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unit {
-    /// Rows `r0 .. r0 + n` that source `item % world` sent to local expert `item / world`.
+    /// Pairs `p0 .. p0 + n` that `source` sent, all of local expert `local`.
     Expert {
-        /// Index of the (local expert, source) pair: `local * world + source`.
-        item: usize,
-        /// First row.
-        r0: usize,
-        /// Rows.
+        /// The source rank.
+        source: usize,
+        /// The local expert.
+        local: usize,
+        /// First pair.
+        p0: usize,
+        /// Pairs.
         n: usize,
     },
     /// The shared experts on token chunk `c` (tokens `c * TOKEN_CHUNK ..`).
@@ -42,9 +43,9 @@ pub enum Unit {
     Combine(usize),
 }
 
-/// The rows one source sent to one local expert, and how many of its units are left.
+/// The rows one source sent, and how many of its expert units are left.
 #[derive(Debug, Default)]
-pub struct Item {
+pub struct Source {
     rows: AtomicUsize,
     remaining: AtomicUsize,
 }
@@ -64,8 +65,10 @@ pub struct Ctx<'a> {
     /// This rank's tokens, rounded to the dtype.
     x: &'a [f32],
     g: &'a GateOutput,
+    /// This rank's routing on the wire (as a source).
+    route: &'a RankRoute,
     locals: &'a [u32],
-    items: Vec<Item>,
+    sources: Vec<Source>,
     /// Shared-expert output `S(x)` per token chunk (empty without shared experts).
     shared_y: Vec<Mutex<&'a mut [f32]>>,
     /// The rank's output per token chunk.
@@ -77,29 +80,30 @@ fn chunks(v: &mut [f32], len: usize) -> Vec<Mutex<&mut [f32]>> {
 }
 
 impl<'a> Ctx<'a> {
-    /// The units of rank `me` on tokens `x` with gate decisions `g`, writing `out` (and
-    /// `shared_y`, `tokens * hidden` values when the layer has shared experts).
+    /// The units of rank `me` on tokens `x` with gate decisions `g` laid out as `route`,
+    /// writing `out` (and `shared_y`, `tokens * hidden` values when the layer has shared
+    /// experts).
     pub fn new(
         sh: &'a Shared<'a>,
         me: usize,
         x: &'a [f32],
         g: &'a GateOutput,
+        route: &'a RankRoute,
         shared_y: &'a mut [f32],
         out: &'a mut [f32],
     ) -> Self {
         let plan = sh.plan;
         let h = plan.config.hidden;
         let locals = plan.local_experts.get(me).map_or(&[][..], Vec::as_slice);
-        let items = (0..locals.len() * plan.config.world)
-            .map(|_| Item::default())
-            .collect();
+        let sources = (0..plan.config.world).map(|_| Source::default()).collect();
         Ctx {
             sh,
             me,
             x,
             g,
+            route,
             locals,
-            items,
+            sources,
             shared_y: chunks(shared_y, TOKEN_CHUNK * h),
             out: chunks(out, TOKEN_CHUNK * h),
         }
@@ -123,14 +127,14 @@ impl<'a> Ctx<'a> {
         self.sh
     }
 
+    /// This rank's routing on the wire.
+    pub fn route(&self) -> &'a RankRoute {
+        self.route
+    }
+
     /// The forward's abort flag.
     pub fn abort(&self) -> &'a std::sync::atomic::AtomicBool {
         self.sh.abort
-    }
-
-    /// The local experts this rank serves (global ids).
-    pub fn locals(&self) -> &[u32] {
-        self.locals
     }
 
     /// The shared-expert units (none without shared experts).
@@ -143,69 +147,116 @@ impl<'a> Ctx<'a> {
         (0..self.out.len()).map(Unit::Combine)
     }
 
-    /// Records that `rows` rows arrived for `item` and returns its units. An item of no
-    /// rows has none: its combine signal goes out at once.
-    pub fn arm(&self, item: usize, rows: usize) -> Res<Vec<Unit>> {
-        let units: Vec<Unit> = (0..rows)
-            .step_by(EXPERT_UNIT_ROWS)
-            .map(|r0| Unit::Expert {
-                item,
-                r0,
-                n: (rows - r0).min(EXPERT_UNIT_ROWS),
-            })
-            .collect();
-        let it = self.item(item)?;
-        it.rows.store(rows, Ordering::Relaxed);
-        it.remaining.store(units.len(), Ordering::Relaxed);
-        if units.is_empty() {
-            self.signal_combine(item, 0)?;
+    fn bad(
+        &self,
+        stage: &'static str,
+        what: String,
+        expected: u64,
+        observed: u64,
+    ) -> super::signal::Stop {
+        Error::Device {
+            rank: self.me,
+            stage,
+            what,
+            expected,
+            observed,
+        }
+        .into()
+    }
+
+    /// Records that `source` sent `rows` token rows and returns the expert units of its
+    /// pairs (read from its counts). A source with no pairs is reduced at once.
+    pub fn arm(&self, source: usize, rows: usize) -> Res<Vec<Unit>> {
+        let plan = self.sh.plan;
+        if rows > plan.config.tokens {
+            let what = format!("dispatch signal of rank {source} exceeds the token rows");
+            return Err(self.bad("dispatch", what, plan.config.tokens as u64, rows as u64));
+        }
+        let heap = self.sh.heap(self.me)?;
+        let mut counts = vec![0u32; self.locals.len()];
+        heap.read_u32s(plan.heap.count(CELL_RECV, source, 0), &mut counts)?;
+        let mut units = Vec::new();
+        let mut base = 0usize;
+        for (l, &c) in counts.iter().enumerate() {
+            let c = c as usize;
+            if c > plan.capacity {
+                let what =
+                    format!("rank {source} sends local expert {l} more pairs than the capacity");
+                return Err(self.bad("dispatch", what, plan.capacity as u64, c as u64));
+            }
+            units.extend((0..c).step_by(EXPERT_UNIT_ROWS).map(|r0| Unit::Expert {
+                source,
+                local: l,
+                p0: base + r0,
+                n: (c - r0).min(EXPERT_UNIT_ROWS),
+            }));
+            base += c;
+        }
+        if base > plan.pair_capacity {
+            let what = format!("rank {source} sends more pairs than the pair capacity");
+            return Err(self.bad("dispatch", what, plan.pair_capacity as u64, base as u64));
+        }
+        let src = self.source(source)?;
+        src.rows.store(rows, Ordering::Relaxed);
+        src.remaining.store(units.len(), Ordering::Relaxed);
+        if units.is_empty() && !self.sh.stops_after(Stage::Gemm1) {
+            self.reduce(source, &mut self.scratch())?;
         }
         Ok(units)
     }
 
-    fn item(&self, item: usize) -> Res<&Item> {
-        self.items.get(item).ok_or_else(|| {
-            Error::Device {
-                rank: self.me,
-                stage: "dispatch",
-                what: "dispatch signal index past this rank's (expert, source) pairs".into(),
-                expected: self.items.len() as u64,
-                observed: item as u64,
-            }
-            .into()
+    fn source(&self, s: usize) -> Res<&Source> {
+        self.sources.get(s).ok_or_else(|| {
+            let what = "dispatch signal of a rank past the world".to_string();
+            self.bad("dispatch", what, self.sources.len() as u64, s as u64)
         })
-    }
-
-    /// The combine signal of `item` (`rows` rows) into its source's heap.
-    fn signal_combine(&self, item: usize, rows: usize) -> Res<()> {
-        let plan = self.sh.plan;
-        let (l, s) = (item / plan.config.world, item % plan.config.world);
-        let off = plan.heap.combine_signal(self.me, l, plan.max_local);
-        self.sh.send_signal(self.me, self.sh.heap(s)?, off, rows)
     }
 
     /// Runs `unit` with `sc` as scratch.
     pub fn run(&self, unit: Unit, sc: &mut Scratch) -> Res<()> {
         match unit {
-            Unit::Expert { item, r0, n } => self.expert(item, r0, n, sc),
+            Unit::Expert {
+                source,
+                local,
+                p0,
+                n,
+            } => self.expert(source, local, p0, n, sc),
             Unit::Shared(c) => self.shared_experts(c, sc),
             Unit::Combine(c) => self.combine(c, sc),
         }
     }
 
-    fn expert(&self, item: usize, r0: usize, n: usize, sc: &mut Scratch) -> Res<()> {
+    /// The rank slots of pairs `p0 .. p0 + n` of `source`, each checked against its rows.
+    fn pair_slots(&self, source: usize, p0: usize, n: usize) -> Res<Vec<u32>> {
+        let plan = self.sh.plan;
+        // The pair list is read in whole words: from the even pair at or before p0.
+        let start = p0 & !1;
+        let mut v = vec![0u32; n + (p0 - start)];
+        self.sh
+            .heap(self.me)?
+            .read_u32s(plan.heap.pair(CELL_RECV, source, start), &mut v)?;
+        let rows = self.source(source)?.rows.load(Ordering::Relaxed);
+        let slots = v.split_off(p0 - start);
+        if let Some(&q) = slots.iter().find(|&&q| q as usize >= rows) {
+            let what = format!("a pair of rank {source} names a row it did not send");
+            return Err(self.bad("expert", what, rows as u64, u64::from(q)));
+        }
+        Ok(slots)
+    }
+
+    fn expert(&self, s: usize, l: usize, p0: usize, n: usize, sc: &mut Scratch) -> Res<()> {
         let plan = self.sh.plan;
         let cfg = &plan.config;
         let h = cfg.hidden;
-        let (l, s) = (item / cfg.world, item % cfg.world);
-        let it = self.item(item)?;
         let e = self.locals.get(l).map_or(usize::MAX, |&e| e as usize);
-        let w = self.sh.packed.experts.get(e).ok_or_else(|| Error::Device {
-            rank: self.me,
-            stage: "expert",
-            what: format!("local expert {l} has no weights"),
-            expected: self.sh.packed.experts.len() as u64,
-            observed: e as u64,
+        let w = self.sh.packed.experts.get(e).ok_or_else(|| {
+            let what = format!("local expert {l} has no weights");
+            self.bad(
+                "expert",
+                what,
+                self.sh.packed.experts.len() as u64,
+                e as u64,
+            )
         })?;
         let mlp = TiledMlp {
             kind: cfg.mlp,
@@ -217,41 +268,88 @@ impl<'a> Ctx<'a> {
             w,
         };
         let heap = self.sh.heap(self.me)?;
-        for r in 0..n {
-            let off = plan.heap.row(s, STAGE_DISPATCH, CELL_RECV, l, r0 + r);
+        for (r, &q) in self.pair_slots(s, p0, n)?.iter().enumerate() {
+            let off = plan.heap.dispatch_row(CELL_RECV, s, q as usize);
             heap.read(off, &mut sc.xb[r * h..(r + 1) * h])?;
         }
         mlp.run_block(&sc.xb, n, &mut sc.a, &mut sc.yb);
-        self.capture_act(s, l, r0, n, &sc.a)?;
+        self.capture_act(s, p0, n, &sc.a)?;
         if self.sh.stops_after(Stage::Gemm0) {
             return Ok(());
         }
-        for r in 0..n {
-            let row = &sc.yb[r * h..(r + 1) * h];
-            self.sh
-                .put_row(self.me, s, self.me, STAGE_COMBINE, l, r0 + r, row)?;
+        let ws = &plan.workspace;
+        let y = self.y_heap()?;
+        for (r, row) in sc.yb.chunks_exact(h).take(n).enumerate() {
+            y.write(
+                s as u64 * ws.y_stride_source + (p0 + r) as u64 * ws.y_stride_row,
+                row,
+            )?;
         }
-        // The last unit of the item signals: every unit's rows were written before its
-        // decrement (release), and the last decrement sees them all (acquire) before the
-        // signal's own release store.
-        if it.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.signal_combine(item, it.rows.load(Ordering::Relaxed))?;
+        // The last unit of the source reduces: every unit's rows were written before its
+        // decrement (release), and the last decrement sees them all (acquire).
+        let src = self.source(s)?;
+        if src.remaining.fetch_sub(1, Ordering::AcqRel) == 1 && !self.sh.stops_after(Stage::Gemm1) {
+            self.reduce(s, sc)?;
         }
         Ok(())
     }
 
-    /// Stage checks: keeps the activations of rows `r0 .. r0 + n` of (source `s`, local
-    /// expert `l`) where the kernel's workspace holds them.
-    fn capture_act(&self, s: usize, l: usize, r0: usize, n: usize, a: &[f32]) -> Res<()> {
+    fn y_heap(&self) -> Res<&super::heap::SymHeap> {
+        self.sh.y.get(self.me).ok_or_else(|| {
+            let what = "no expert-output buffer for this rank".to_string();
+            self.bad("expert", what, self.sh.y.len() as u64, self.me as u64)
+        })
+    }
+
+    /// Reduce (step 5 of the protocol): each row `source` sent, its pairs' outputs summed
+    /// in its metadata's order with their weights, into `source`'s combine cell; then the
+    /// combine signal.
+    fn reduce(&self, source: usize, sc: &mut Scratch) -> Res<()> {
+        let plan = self.sh.plan;
+        let (hl, ws) = (&plan.heap, &plan.workspace);
+        let rows = self.source(source)?.rows.load(Ordering::Relaxed);
+        let (heap, y) = (self.sh.heap(self.me)?, self.y_heap()?);
+        let unit_weight = plan.config.router.scales_input();
+        let mut meta = vec![0u64; plan.route_slots];
+        let mut acc = vec![0f32; plan.config.hidden];
+        for q in 0..rows {
+            heap.read_words(hl.row_meta(CELL_RECV, source, q, 0), &mut meta)?;
+            acc.fill(0.0);
+            for &m in &meta {
+                let (p, wt) = meta_parts(m);
+                if p == NO_PAIR {
+                    break;
+                }
+                if p as usize >= plan.pair_capacity {
+                    let what = format!("row {q} of rank {source} names a pair past the capacity");
+                    return Err(self.bad("reduce", what, plan.pair_capacity as u64, u64::from(p)));
+                }
+                let off = source as u64 * ws.y_stride_source + u64::from(p) * ws.y_stride_row;
+                y.read(off, &mut sc.y)?;
+                let wt = if unit_weight { 1.0 } else { wt };
+                acc.iter_mut().zip(&sc.y).for_each(|(a, v)| *a += wt * v);
+            }
+            let at = (
+                hl.combine_row(CELL_RECV, self.me, q),
+                hl.combine_row(CELL_SEND, source, q),
+            );
+            self.sh.put_row(self.me, source, at, &acc)?;
+        }
+        let off = hl.combine_signal(self.me);
+        self.sh
+            .send_signal(self.me, self.sh.heap(source)?, off, rows)
+    }
+
+    /// Stage checks: keeps the activations of pairs `p0 .. p0 + n` of source `s` where the
+    /// kernel's workspace holds them.
+    fn capture_act(&self, s: usize, p0: usize, n: usize, a: &[f32]) -> Res<()> {
         let Some(act) = self.sh.act.get(self.me) else {
             return Ok(());
         };
         let plan = self.sh.plan;
         let (ws, wd) = (&plan.workspace, plan.config.intermediate);
         for (r, row) in a.chunks_exact(wd).take(n).enumerate() {
-            let off = s as u64 * ws.act_stride_source
-                + l as u64 * ws.act_stride_expert
-                + (r0 + r) as u64 * ws.act_stride_row;
+            let off = s as u64 * ws.act_stride_source + (p0 + r) as u64 * ws.act_stride_row;
             act.write(off, row)?;
         }
         Ok(())
@@ -287,9 +385,7 @@ impl<'a> Ctx<'a> {
         let plan = self.sh.plan;
         let cfg = &plan.config;
         let h = cfg.hidden;
-        let g = self.g;
-        let k = self.sh.k;
-        let heap: &SymHeap = self.sh.heap(self.me)?;
+        let heap = self.sh.heap(self.me)?;
         let Some(cell) = self.out.get(c) else {
             return Ok(());
         };
@@ -301,29 +397,10 @@ impl<'a> Ctx<'a> {
         let t0 = c * TOKEN_CHUNK;
         for (dt, row) in out.chunks_exact_mut(h).enumerate() {
             let t = t0 + dt;
-            for j in 0..k {
-                let i = t * k + j;
-                if g.slots[i] < 0 {
-                    continue;
-                }
-                let o = plan.owners[g.ids[i] as usize];
-                let off = plan.heap.row(
-                    o.rank as usize,
-                    STAGE_COMBINE,
-                    CELL_RECV,
-                    o.local as usize,
-                    g.slots[i] as usize,
-                );
-                heap.read(off, &mut sc.y)?;
-                // An input-scaled router (Llama-4) sums the outputs with weight 1.
-                let wt = if cfg.router.scales_input() {
-                    1.0
-                } else {
-                    g.weights[i]
-                };
-                row.iter_mut()
-                    .zip(&sc.y)
-                    .for_each(|(acc, v)| *acc += wt * v);
+            // The owners' partials in rank order (each already weighted and reduced).
+            for (r, q) in self.route.destinations(plan, &self.g.ids, self.sh.k, t) {
+                heap.read(plan.heap.combine_row(CELL_RECV, r, q as usize), &mut sc.y)?;
+                row.iter_mut().zip(&sc.y).for_each(|(acc, v)| *acc += v);
             }
             if let (Some(s), Some(sy)) = (cfg.shared, &shared) {
                 let xt = &self.x[t * h..(t + 1) * h];

@@ -542,6 +542,7 @@ impl GpuModel {
                 backend_latency: ms(&ev.moe_start, &ev.moe_end)?,
                 expert_counts: s.total_expert_counts(),
                 dropped: s.total_dropped(),
+                wire: None,
             });
         }
         Ok(stats)

@@ -35,7 +35,7 @@ pub use checkpoint::Checkpoint;
 pub use families::{Family, FamilyConfig};
 pub use load::{load, LoadOptions, LoadedModel};
 pub use norm::RmsNorm;
-pub use stats::LayerStats;
+pub use stats::{LayerStats, WireBytes};
 
 use crate::config::{MoeConfig, Router};
 use crate::error::{Error, Result};
@@ -369,6 +369,7 @@ impl MoeModel {
                 layer: layer.index,
                 latency: t0.elapsed(),
                 backend_latency,
+                wire: wire_of(&layer.config, &out, ov.effective_top_k(&layer.config)?),
                 expert_counts: out.expert_counts,
                 dropped: out.dropped,
             });
@@ -379,6 +380,13 @@ impl MoeModel {
             latency: start.elapsed(),
         })
     }
+}
+
+/// The dispatch bytes of a layer's launch, from its routing (when the backend returned
+/// one per rank).
+fn wire_of(cfg: &MoeConfig, out: &crate::reference::LayerOutput, k: usize) -> Option<WireBytes> {
+    let plan = crate::plan::LayerPlan::new(cfg).ok()?;
+    (out.gates.len() == cfg.world).then(|| WireBytes::of(&plan, &out.gates, k))
 }
 
 #[cfg(test)]

@@ -15,6 +15,39 @@ pub struct LayerStats {
     pub expert_counts: Vec<u64>,
     /// Pairs dropped for capacity, summed over ranks.
     pub dropped: u64,
+    /// Dispatch bytes on the wire, when the backend returns its routing (CPU and
+    /// reference backends).
+    pub wire: Option<WireBytes>,
+}
+
+/// Bytes the dispatch of one layer sent between ranks (own rows excluded), all ranks
+/// together.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WireBytes {
+    /// Sent under the rank-level protocol: one row (and metadata) per (token, remote rank).
+    pub dispatch: f64,
+    /// What one row per (token, remote expert) would have sent.
+    pub per_expert: f64,
+}
+
+impl WireBytes {
+    /// The dispatch bytes of a launch with `gates` (every rank's routing, top-k `k`).
+    pub fn of(
+        plan: &crate::plan::LayerPlan,
+        gates: &[crate::reference::GateOutput],
+        k: usize,
+    ) -> Self {
+        let mut w = WireBytes {
+            dispatch: 0.0,
+            per_expert: 0.0,
+        };
+        for (r, g) in gates.iter().enumerate() {
+            let t = plan.traffic_of(r, &g.ids, &g.slots, k);
+            w.dispatch += t.dispatch_sent;
+            w.per_expert += t.per_expert_dispatch_sent;
+        }
+        w
+    }
 }
 
 impl LayerStats {
@@ -98,6 +131,7 @@ mod tests {
             layer: 0,
             latency: Duration::from_millis(2),
             backend_latency: Duration::from_millis(1),
+            wire: None,
             expert_counts: counts.to_vec(),
             dropped: 0,
         }

@@ -87,8 +87,8 @@ fn top_k_override_reaches_every_layer() {
 #[test]
 fn capacity_drops_are_reported_per_layer() {
     let mut s = spec(2, 1);
-    // 256 tokens x top-2 on 8 experts, capacity one 64-row tile, strong popularity skew:
-    // the most popular expert receives far more than 64 pairs.
+    // 256 tokens x top-2 on 8 experts, capacity 0.25 x 256 x 2 / 8 = 16 pairs, strong
+    // popularity skew: the most popular expert receives far more than 16 pairs.
     s.config.tokens = 256;
     s.config.capacity = Capacity::Factor(0.25);
     s.zipf = 3.0;
@@ -99,7 +99,7 @@ fn capacity_drops_are_reported_per_layer() {
     assert_eq!(out.hidden, by_hand(&layers, &x, None));
     assert!(out.layers[0].dropped > 0, "{}", out.layers[0].summary());
     let plan = LayerPlan::new(&layers[0].config).unwrap();
-    assert_eq!(plan.capacity, 64);
+    assert_eq!(plan.capacity, 16);
     let normed = layers[0].norm.apply(&x[0], Dtype::F32);
     let r: LayerOutput = reference::forward(
         &plan,
@@ -117,7 +117,7 @@ fn capacity_drops_are_reported_per_layer() {
     .unwrap();
     assert_eq!(out.layers[0].dropped, r.dropped);
     assert_eq!(out.layers[0].expert_counts, r.expert_counts);
-    let kept: u64 = r.expert_counts.iter().map(|&c| c.min(64)).sum();
+    let kept: u64 = r.expert_counts.iter().map(|&c| c.min(16)).sum();
     assert_eq!(kept + r.dropped, 512);
 }
 

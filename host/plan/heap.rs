@@ -71,7 +71,9 @@ impl HeapLayout {
     }
 
     fn row_in(&self, cell: usize, peer: usize, slot: usize) -> u64 {
-        cell as u64 * self.stride_cell + peer as u64 * self.stride_peer + slot as u64 * self.stride_row
+        cell as u64 * self.stride_cell
+            + peer as u64 * self.stride_peer
+            + slot as u64 * self.stride_row
     }
 
     /// Offset of `peer`'s metadata block in `cell`.

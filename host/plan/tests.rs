@@ -39,23 +39,44 @@ fn assert_disjoint(mut regions: Vec<Region>, total: u64) -> std::result::Result<
 fn heap_regions(p: &LayerPlan) -> Vec<Region> {
     let h = &p.heap;
     let mut v = Vec::new();
-    for peer in 0..p.world() {
-        for stage in [STAGE_DISPATCH, STAGE_COMBINE] {
-            for cell in 0..h.cells as usize {
-                for local in 0..p.max_local {
-                    for slot in 0..p.capacity {
-                        let at = h.row(peer, stage, cell, local, slot);
-                        v.push((
-                            at,
-                            at + h.stride_row,
-                            format!("row({peer},{stage},{cell},{local},{slot})"),
-                        ));
-                    }
-                }
+    for cell in 0..h.cells as usize {
+        for peer in 0..p.world() {
+            for slot in 0..p.config.tokens {
+                let d = h.dispatch_row(cell, peer, slot);
+                v.push((
+                    d,
+                    d + h.stride_row,
+                    format!("dispatch row({cell},{peer},{slot})"),
+                ));
+                let c = h.combine_row(cell, peer, slot);
+                v.push((
+                    c,
+                    c + h.stride_row,
+                    format!("combine row({cell},{peer},{slot})"),
+                ));
+            }
+            let counts = h.count(cell, peer, 0);
+            v.push((
+                counts,
+                counts + 4 * p.max_local as u64,
+                format!("counts({cell},{peer})"),
+            ));
+            let pairs = h.pair(cell, peer, 0);
+            if p.pair_capacity > 0 {
+                v.push((
+                    pairs,
+                    pairs + 4 * p.pair_capacity as u64,
+                    format!("pairs({cell},{peer})"),
+                ));
+            }
+            let rows = h.row_meta(cell, peer, 0, 0);
+            let bytes = 8 * (p.config.tokens * p.route_slots) as u64;
+            if bytes > 0 {
+                v.push((rows, rows + bytes, format!("row meta({cell},{peer})")));
             }
         }
     }
-    let words = 8 * (p.world() * p.max_local) as u64;
+    let words = 8 * p.world() as u64;
     v.push((
         h.dispatch_signals,
         h.dispatch_signals + words,
@@ -74,7 +95,30 @@ fn workspace_regions(p: &LayerPlan) -> Vec<Region> {
     let c = &p.config;
     let tk = (c.tokens * c.top_k) as u64;
     let blocks = (p.world() * p.max_local * p.tiles.row_blocks) as u64;
+    let chunks = c.tokens.div_ceil(GATE_CHUNK).max(1) as u64;
+    let world = p.world() as u64;
     let mut v: Vec<Region> = vec![
+        (
+            w.rank_counts,
+            w.rank_counts + 4 * world,
+            "rank counts".into(),
+        ),
+        (
+            w.rank_hist,
+            w.rank_hist + 4 * chunks * world,
+            "rank hist".into(),
+        ),
+        (
+            w.pair_base,
+            w.pair_base + 4 * world * p.max_local as u64,
+            "pair base".into(),
+        ),
+        (w.gemm1_done, w.gemm1_done + 4 * world, "gemm1 done".into()),
+        (
+            w.reduce_done,
+            w.reduce_done + 4 * world,
+            "reduce done".into(),
+        ),
         (w.epoch, w.epoch + 8, "epoch".into()),
         (w.status, w.status + 64, "status".into()),
         (w.dropped, w.dropped + 8, "dropped".into()),
@@ -83,17 +127,7 @@ fn workspace_regions(p: &LayerPlan) -> Vec<Region> {
             w.expert_counts + 4 * c.experts as u64,
             "expert counts".into(),
         ),
-        (
-            w.act,
-            w.act + p.world() as u64 * w.act_stride_source,
-            "act".into(),
-        ),
         (w.gemm0_done, w.gemm0_done + 4 * blocks, "gemm0 done".into()),
-        (
-            w.gemm1_done,
-            w.gemm1_done + 4 * (p.world() * p.max_local) as u64,
-            "gemm1 done".into(),
-        ),
         (w.queue_ctl, w.queue_ctl + 16, "queue ctl".into()),
         (w.queue, w.queue + 8 * w.queue_capacity, "queue".into()),
         (w.sync, w.sync + 16, "sync".into()),
@@ -122,8 +156,17 @@ fn workspace_regions(p: &LayerPlan) -> Vec<Region> {
             "shared done".into(),
         ));
     }
-    // Route arrays are empty when the config has no tokens.
+    // Per-pair regions and route arrays are empty when the config has no tokens.
+    if p.pair_capacity > 0 {
+        v.push((w.act, w.act + world * w.act_stride_source, "act".into()));
+        v.push((w.y, w.y + world * w.y_stride_source, "y".into()));
+    }
     if tk > 0 {
+        v.push((
+            w.route_rank_slots,
+            w.route_rank_slots + 4 * tk,
+            "route rank slots".into(),
+        ));
         v.push((w.route_ids, w.route_ids + 4 * tk, "route ids".into()));
         v.push((
             w.route_weights,
@@ -184,28 +227,32 @@ proptest! {
         let p = LayerPlan::with_staging(&c, staging).expect("valid config plans");
         let h = &p.heap;
 
-        // Capacity: a whole number of tiles, at least the raw capacity, no more than a
-        // tile above it.
-        let raw = raw_capacity(&c);
-        prop_assert_eq!(p.capacity % TILE_M, 0);
-        prop_assert!(p.capacity >= raw && p.capacity >= TILE_M);
-        prop_assert!(p.capacity < raw.max(1) + TILE_M);
+        // Capacity: the raw capacity (the token count when dropless); pairs per source
+        // bounded by both the tokens' choices and the experts' capacities.
+        prop_assert_eq!(p.capacity, raw_capacity(&c));
         if c.capacity == Capacity::Dropless {
-            prop_assert!(p.capacity >= c.tokens);
+            prop_assert_eq!(p.capacity, c.tokens);
         }
+        prop_assert_eq!(p.route_slots, c.top_k.min(p.max_local));
+        prop_assert_eq!(p.pair_capacity, (c.tokens * p.route_slots).min(p.max_local * p.capacity));
 
-        // Heap: rows, blocks and signals disjoint, in range, aligned.
+        // Heap: rows, metadata and signals disjoint, in range, aligned; O(world x tokens).
         prop_assert_eq!(h.cells, if staging { 2 } else { 1 });
         prop_assert_eq!(h.stride_row, (c.hidden * c.dtype.size()) as u64);
         assert_disjoint(heap_regions(&p), h.bytes)?;
-        prop_assert_eq!(h.dispatch_signal(p.world() - 1, p.max_local - 1, p.max_local) + 8,
-            h.dispatch_signals + 8 * (p.world() * p.max_local) as u64);
+        prop_assert_eq!(h.dispatch_signal(p.world() - 1) + 8, h.dispatch_signals + 8 * p.world() as u64);
+        let rows = 2 * h.cells * (p.world() * c.tokens) as u64 * h.stride_row;
+        let meta = h.cells * p.world() as u64
+            * (4 * (p.max_local + p.pair_capacity) + 8 * c.tokens * p.route_slots + 3 * 256) as u64;
+        prop_assert!(h.bytes <= rows + meta + 4 * 256 + 16 * p.world() as u64,
+            "heap {} > rows {} + meta {}", h.bytes, rows, meta);
 
-        // Workspace: disjoint, in range, aligned; the activation blocks fit their strides.
+        // Workspace: disjoint, in range, aligned; per-pair rows fit their strides.
         let w = &p.workspace;
         prop_assert_eq!(w.act_stride_row, (c.intermediate * c.dtype.size()) as u64);
-        prop_assert!(w.act_stride_expert >= p.capacity as u64 * w.act_stride_row);
-        prop_assert!(w.act_stride_source >= p.max_local as u64 * w.act_stride_expert);
+        prop_assert_eq!(w.act_stride_source, p.pair_capacity as u64 * w.act_stride_row);
+        prop_assert_eq!(w.y_stride_row, (c.hidden * c.dtype.size()) as u64);
+        prop_assert_eq!(w.y_stride_source, p.pair_capacity as u64 * w.y_stride_row);
         assert_disjoint(workspace_regions(&p), w.bytes)?;
 
         // Placement: owners and local lists agree with the config's owner map.
@@ -225,7 +272,12 @@ proptest! {
 
         // Tiles.
         let t = &p.tiles;
-        prop_assert_eq!(t.row_blocks * TILE_M, p.capacity);
+        prop_assert_eq!(t.row_blocks, p.capacity.div_ceil(TILE_M).max(1));
+        // Every possible split of a source's pairs over its experts fits pair_blocks.
+        prop_assert!(t.pair_blocks >= (p.pair_capacity.div_ceil(TILE_M)).max(1));
+        prop_assert!(t.pair_blocks <= p.max_local * t.row_blocks);
+        prop_assert_eq!(t.reduce_row_blocks, c.tokens.div_ceil(TILE_M).max(1));
+        prop_assert_eq!(t.reduce_per_block * TILE_N, c.hidden);
         prop_assert_eq!(t.gemm0_per_block * TILE_N, c.intermediate);
         prop_assert_eq!(t.gemm1_per_block * TILE_N, c.hidden);
         let shared_width = c.shared.map_or(0, |s| s.count * s.intermediate);
@@ -243,7 +295,8 @@ proptest! {
         }
         prop_assert_eq!(
             t.max_tasks_per_rank,
-            c.world * p.max_local * t.row_blocks * (t.gemm0_per_block + t.gemm1_per_block)
+            c.world * (t.pair_blocks * (t.gemm0_per_block + t.gemm1_per_block)
+                + t.reduce_row_blocks * t.reduce_per_block)
                 + t.shared_row_blocks * (t.shared_gemm0_per_block + t.shared_gemm1_per_block)
         );
         prop_assert!(t.max_tasks_per_rank < MAX_TASKS, "tasks fit the 30-bit task index");
@@ -293,14 +346,14 @@ fn memory_figure_of_a_small_layer() {
     let mut c = MoeConfig::new(128, 64, 128, 4, 2);
     c.world = 2;
     let p = LayerPlan::new(&c).expect("plan");
-    // Capacity: ceil(1.25 * 128 * 2 / 4) = 80 rows -> 2 tiles = 128 rows.
-    assert_eq!(p.capacity, 128);
-    // Heap: row 64 * 2 = 128 B; expert block 128 rows = 16 KiB; 2 local experts, 1 cell,
-    // 2 stages, 2 peers = 128 KiB; then two signal arrays of 2 * 2 words = 32 B, each
-    // padded to 256 B.
-    assert_eq!(p.heap.bytes, 131_072 + 512);
+    // Dropless: capacity = tokens; 2 local experts, route slots min(2, 2) = 2.
+    assert_eq!((p.capacity, p.route_slots, p.pair_capacity), (128, 2, 256));
+    // Heap: rows 64 * 2 = 128 B; 2 peers x 128 rows = 32 KiB per row region, 2 regions;
+    // metadata per peer: counts 8 B -> 256, pairs 1 KiB, row meta 128 x 2 x 8 = 2 KiB
+    // = 3328 B, x 2 peers; two signal arrays of 2 words, each padded to 256 B.
+    assert_eq!(p.heap.bytes, 65_536 + 2 * 3_328 + 512);
     let m = p.memory(0);
-    assert_eq!(m.heap, 131_584);
+    assert_eq!(m.heap, p.heap.bytes);
     // Weights of rank 0: 2 experts * (w0 256 x 64 + w1 64 x 128) * 2 B = 98 304, plus the
     // router 4 x 64 * 2 B = 512 and its f32 bias 16 B.
     assert_eq!(m.weights, 98_304 + 512 + 16);
@@ -324,6 +377,32 @@ fn memory_figure_of_a_small_layer() {
 }
 
 #[test]
+fn dropless_deepseek_v3_heap_fits_in_1_5_gb_per_rank() {
+    // DeepSeek-V3: hidden 7168, expert intermediate 2048, 256 experts, top-8, 8 ranks,
+    // 4096 tokens per rank, bf16, dropless.
+    let mut c = MoeConfig::new(4096, 7168, 2048, 256, 8);
+    c.world = 8;
+    let p = LayerPlan::new(&c).expect("plan");
+    assert_eq!(p.capacity, 4096);
+    // 2 regions x 8 peers x 4096 rows x 14 336 B = 939.5 MB, plus about 3 MB of metadata.
+    assert!(p.heap.bytes <= 1_500_000_000, "{}", p.heap.bytes);
+    assert!(p.heap.bytes >= 2 * 8 * 4096 * 14_336);
+}
+
+#[test]
+fn a_capacity_factor_bounds_the_pairs() {
+    // 256 tokens, 16 experts on 2 ranks, top-4: factor 1.0 -> 64 pairs per expert.
+    let mut c = MoeConfig::new(256, 64, 64, 16, 4);
+    c.world = 2;
+    c.capacity = Capacity::Factor(1.0);
+    let p = LayerPlan::new(&c).expect("plan");
+    assert_eq!(p.capacity, 64);
+    // min(256 tokens x 4 route slots, 8 local experts x 64) = 512.
+    assert_eq!(p.pair_capacity, 512);
+    assert_eq!(p.tiles.row_blocks, 1);
+}
+
+#[test]
 fn plans_that_overflow_are_typed_errors() {
     let mut c = MoeConfig::new(crate::config::MAX_TOKENS, 65_536, 65_536, 1024, 16);
     c.world = 1024;
@@ -335,17 +414,13 @@ fn plans_that_overflow_are_typed_errors() {
 }
 
 #[test]
-fn too_many_dispatch_signals_per_rank_is_a_typed_error() {
-    // 32 ranks, every one of 1024 experts on rank 0: 32 x 1024 signals for rank 0.
+fn one_signal_per_rank_whatever_the_placement() {
+    // 32 ranks, every one of 1024 experts on rank 0: still 32 dispatch signals per rank.
     let mut c = MoeConfig::new(64, 64, 64, 1024, 2);
     c.world = 32;
     c.placement = Placement::Map(vec![0; 1024]);
-    assert!(c.world * 1024 > MAX_SIGNAL_PAIRS);
-    assert!(matches!(
-        LayerPlan::new(&c),
-        Err(Error::PlanTooLarge { .. })
-    ));
-    // Blocked over the same world: 32 x 32 signals, well within the limit.
-    c.placement = Placement::Blocked;
-    assert!(LayerPlan::new(&c).is_ok());
+    let p = LayerPlan::new(&c).expect("plan");
+    assert_eq!(p.heap.combine_signals - p.heap.dispatch_signals, 256);
+    assert_eq!(p.max_local, 1024);
+    assert_eq!(p.route_slots, 2);
 }

@@ -383,11 +383,12 @@ fn invalid_inputs_are_typed_errors() {
 
 #[test]
 fn slots_are_running_counts_and_overflow_is_dropped() {
-    // 70 tokens, top-2, every token on experts 0 and (t % 2) + 1; capacity one tile (64).
+    // 70 tokens, top-2, every token on experts 0 and (t % 2) + 1; capacity
+    // ceil(1.37 x 70 x 2 / 3) = 64.
     let tokens = 70;
     let mut c = cfg(3, 2, Router::Given);
     c.tokens = tokens;
-    c.capacity = Capacity::Factor(0.5);
+    c.capacity = Capacity::Factor(1.37);
     let p = plan(&c);
     assert_eq!(p.capacity, 64);
     let ids: Vec<u32> = (0..tokens).flat_map(|t| [0, 1 + (t % 2) as u32]).collect();
@@ -540,7 +541,8 @@ fn dropped_choices_contribute_nothing_and_fully_dropped_rows_are_zero() {
     let tokens = 66;
     let mut c = cfg(2, 1, Router::Given);
     c.tokens = tokens;
-    c.capacity = Capacity::Factor(0.1);
+    // ceil(1.939 x 66 / 2) = 64.
+    c.capacity = Capacity::Factor(1.939);
     c.dtype = crate::Dtype::Bf16;
     let p = plan(&c);
     assert_eq!(p.capacity, 64);

@@ -1,12 +1,10 @@
 //! The comparison of a capture with what the CPU side says each stage must have written.
 
-use super::expect::{
-    kept_pairs, rows_per_expert, signal, values, word, Pair, TIE_MARGIN, WEIGHT_TOLERANCE,
-};
+use super::expect::{kept_pairs, signal, u32_at, values, word, Pair, TIE_MARGIN, WEIGHT_TOLERANCE};
 use super::report::{Mismatch, StageReport};
 use super::{Capture, Case, RankCapture, Stage};
 use crate::error::{Error, Result};
-use crate::plan::{CELL_RECV, STAGE_COMBINE, STAGE_DISPATCH};
+use crate::plan::{meta_entry, RankRoute, CELL_RECV, NO_PAIR};
 use crate::reference::{self, GateOutput};
 
 /// Checks what the launch of `cap` wrote at its stage (the stages before it are checked
@@ -64,9 +62,17 @@ impl Cx<'_> {
         reference::expert_input(&self.case.plan.config, self.token(s, p.token), p.weight).0
     }
 
-    /// Kept pairs of source `s` under its own (captured) routing.
-    fn pairs(&self, s: usize) -> Vec<Pair> {
-        kept_pairs(&self.rank(s).gate, self.k, self.case.plan.config.experts)
+    /// Kept pairs of source `s` under its own (captured) routing, with its wire layout.
+    fn pairs(&self, s: usize) -> (Vec<Pair>, RankRoute) {
+        let g = &self.rank(s).gate;
+        let route = self.case.plan.route(&g.ids, &g.slots, self.k);
+        (kept_pairs(g, self.k, self.case.plan.config.experts), route)
+    }
+
+    /// Byte offset of `[source][pair]` in a per-pair workspace region of `stride_row`
+    /// bytes per row and `stride_source` per source.
+    fn pair_offset(s: usize, pair: u32, stride_source: u64, stride_row: u64) -> u64 {
+        s as u64 * stride_source + u64::from(pair) * stride_row
     }
 
     fn gate(&self) -> StageReport {
@@ -192,79 +198,145 @@ impl Cx<'_> {
                 expected: dropped as f64,
                 got: got.dropped as f64,
             });
-            let with_slots = GateOutput {
-                slots,
-                ..got.clone()
-            };
-            let pairs = kept_pairs(&with_slots, self.k, cfg.experts);
-            self.receive_rows(&mut rep, s, &pairs);
-            self.signals(&mut rep, s, &pairs, STAGE_DISPATCH);
+            if ids.iter().any(|&e| e as usize >= cfg.experts) {
+                continue; // reported by the gate stage; nothing below is well defined
+            }
+            let route = plan.route(ids, &slots, self.k);
+            self.token_rows(&mut rep, s, ids, &route);
+            self.pair_lists(&mut rep, s, ids, &slots, &route);
+            for (r, &rows) in route.rank_counts.iter().enumerate() {
+                let off = plan.heap.dispatch_signal(s);
+                self.signal(
+                    &mut rep,
+                    r,
+                    off,
+                    rows,
+                    format!("dispatch signal of rank {s}"),
+                );
+            }
         }
         rep
     }
 
-    /// Every kept row of source `s`, bit for bit, in its owner's receive cell.
-    fn receive_rows(&self, rep: &mut StageReport, s: usize, pairs: &[Pair]) {
+    /// Every token row of source `s`, bit for bit, once on each rank its choices go to,
+    /// with its metadata entries (pair index and weight of its kept choices there).
+    fn token_rows(&self, rep: &mut StageReport, s: usize, ids: &[u32], route: &RankRoute) {
         let plan = self.case.plan;
-        let h = plan.config.hidden;
-        for p in pairs {
-            let o = plan.owners[p.expert];
-            let q = o.rank as usize;
-            let off = plan
-                .heap
-                .row(s, STAGE_DISPATCH, CELL_RECV, o.local as usize, p.slot);
-            let got = values(plan.config.dtype, &self.rank(q).heap, off, h);
-            let want = self.expert_row(s, p);
-            for (c, &w) in want.iter().enumerate() {
-                let g = got.as_ref().map_or(f32::NAN, |v| v[c]);
-                rep.exact(g.to_bits() == w.to_bits(), || Mismatch {
-                    rank: q,
-                    expert: Some(p.expert),
-                    row: p.slot,
-                    column: c,
-                    what: format!("receive row of source rank {s}, token {}", p.token),
-                    expected: f64::from(w),
-                    got: f64::from(g),
-                });
+        let (h, hl, k) = (plan.config.hidden, &plan.heap, self.k);
+        let weights = &self.rank(s).gate.weights;
+        for t in 0..ids.len() / k.max(1) {
+            for (r, q) in route.destinations(plan, ids, k, t) {
+                let q = q as usize;
+                let heap = &self.rank(r).heap;
+                let got = values(plan.config.dtype, heap, hl.dispatch_row(CELL_RECV, s, q), h);
+                let weight = weights.get(t * k).copied().unwrap_or(f32::NAN);
+                let want = reference::expert_input(&plan.config, self.token(s, t), weight).0;
+                for (c, &w) in want.iter().enumerate() {
+                    let g = got.as_ref().map_or(f32::NAN, |v| v[c]);
+                    rep.exact(g.to_bits() == w.to_bits(), || Mismatch {
+                        rank: r,
+                        expert: None,
+                        row: q,
+                        column: c,
+                        what: format!("token row of source rank {s}, token {t}"),
+                        expected: f64::from(w),
+                        got: f64::from(g),
+                    });
+                }
+                let mut entries = (0..k)
+                    .map(|j| t * k + j)
+                    .filter(|&i| plan.owner_rank(ids[i]) == r && route.pairs[i] != NO_PAIR)
+                    .map(|i| {
+                        meta_entry(route.pairs[i], weights.get(i).copied().unwrap_or(f32::NAN))
+                    })
+                    .collect::<Vec<_>>();
+                entries.resize(plan.route_slots, meta_entry(NO_PAIR, 0.0));
+                for (j, &want) in entries.iter().enumerate() {
+                    let g = word(heap, hl.row_meta(CELL_RECV, s, q, j));
+                    rep.exact(g == Some(want), || Mismatch {
+                        rank: r,
+                        expert: None,
+                        row: q,
+                        column: j,
+                        what: format!(
+                            "metadata entry of source rank {s}, token {t} ({want:#x} expected, {})",
+                            g.map_or("none".into(), |g| format!("{g:#x}"))
+                        ),
+                        expected: f64::from(want as u32),
+                        got: g.map_or(f64::NAN, |g| f64::from(g as u32)),
+                    });
+                }
             }
         }
     }
 
-    /// The signal word of every (source `s`, expert) pair of `stage`: a dispatch signal on
-    /// the owner's heap, or a combine signal on the source's heap, with the kept rows.
-    fn signals(&self, rep: &mut StageReport, s: usize, pairs: &[Pair], stage: usize) {
+    /// The pair counts of source `s` per local expert of every rank, and the row slot of
+    /// every kept pair in its pair list.
+    fn pair_lists(
+        &self,
+        rep: &mut StageReport,
+        s: usize,
+        ids: &[u32],
+        slots: &[i32],
+        route: &RankRoute,
+    ) {
         let plan = self.case.plan;
-        let rows = rows_per_expert(pairs, plan.config.experts);
-        for (e, o) in plan.owners.iter().enumerate() {
-            let (q, l) = (o.rank as usize, o.local as usize);
-            let (holder, off, what) = if stage == STAGE_DISPATCH {
-                (
-                    q,
-                    plan.heap.dispatch_signal(s, l, plan.max_local),
-                    "dispatch signal",
-                )
-            } else {
-                (
-                    s,
-                    plan.heap.combine_signal(q, l, plan.max_local),
-                    "combine signal",
-                )
-            };
-            let want = signal(self.cap.epoch, rows[e]);
-            let got = word(&self.rank(holder).heap, off);
-            rep.exact(got == Some(want), || Mismatch {
-                rank: holder,
-                expert: Some(e),
-                row: 0,
+        let hl = &plan.heap;
+        for (r, counts) in route.counts.iter().enumerate() {
+            for (l, &want) in counts.iter().enumerate() {
+                let g = u32_at(&self.rank(r).heap, hl.count(CELL_RECV, s, l));
+                rep.exact(g == Some(want), || Mismatch {
+                    rank: r,
+                    expert: plan.local_experts[r].get(l).map(|&e| e as usize),
+                    row: l,
+                    column: 0,
+                    what: format!("pair count of source rank {s}"),
+                    expected: f64::from(want),
+                    got: g.map_or(f64::NAN, f64::from),
+                });
+            }
+        }
+        for (i, (&e, &slot)) in ids.iter().zip(slots).enumerate() {
+            if slot < 0 {
+                continue;
+            }
+            let r = plan.owner_rank(e);
+            let want = route.rank_slots[i];
+            let g = u32_at(
+                &self.rank(r).heap,
+                hl.pair(CELL_RECV, s, route.pairs[i] as usize),
+            );
+            rep.exact(g == Some(want), || Mismatch {
+                rank: r,
+                expert: Some(e as usize),
+                row: route.pairs[i] as usize,
                 column: 0,
                 what: format!(
-                    "{what} of source rank {s} (word {want:#x} expected, {} found)",
-                    got.map_or("none".into(), |g| format!("{g:#x}"))
+                    "pair list of source rank {s} (row slot of token {})",
+                    i / self.k
                 ),
-                expected: rows[e] as f64,
-                got: got.map_or(f64::NAN, |g| f64::from(g as u32)),
+                expected: f64::from(want),
+                got: g.map_or(f64::NAN, f64::from),
             });
         }
+    }
+
+    /// The signal word at `off` of rank `holder`'s heap: this launch's epoch and `rows`.
+    fn signal(&self, rep: &mut StageReport, holder: usize, off: u64, rows: u32, what: String) {
+        let want = signal(self.cap.epoch, rows as usize);
+        let got = word(&self.rank(holder).heap, off);
+        rep.exact(got == Some(want), || Mismatch {
+            rank: holder,
+            expert: None,
+            row: 0,
+            column: 0,
+            what: format!(
+                "{what} (word {want:#x} expected, {} found)",
+                got.map_or("none".into(), |g| format!("{g:#x}"))
+            ),
+            expected: f64::from(rows),
+            got: got.map_or(f64::NAN, |g| f64::from(g as u32)),
+        });
     }
 
     fn gemm0(&self) -> StageReport {
@@ -273,23 +345,22 @@ impl Cx<'_> {
         let ws = &plan.workspace;
         let mut rep = StageReport::new(Stage::Gemm0, reference::tolerance(cfg.dtype));
         for s in 0..cfg.world {
-            for p in self.pairs(s) {
-                let o = plan.owners[p.expert];
-                let q = o.rank as usize;
+            let (pairs, route) = self.pairs(s);
+            for p in pairs {
+                let q = plan.owner_rank(p.expert as u32);
                 let Some(w) = self.case.weights.experts.get(p.expert) else {
                     continue;
                 };
                 let want =
                     reference::expert_activation(cfg, w, cfg.intermediate, &self.expert_row(s, &p));
-                let off = s as u64 * ws.act_stride_source
-                    + u64::from(o.local) * ws.act_stride_expert
-                    + p.slot as u64 * ws.act_stride_row;
+                let pair = route.pairs[p.token * self.k + p.choice];
+                let off = Self::pair_offset(s, pair, ws.act_stride_source, ws.act_stride_row);
                 let got =
                     values(cfg.dtype, &self.rank(q).act, off, cfg.intermediate).unwrap_or_default();
                 rep.row(&got, &want, |c, w, g| Mismatch {
                     rank: q,
                     expert: Some(p.expert),
-                    row: p.slot,
+                    row: pair as usize,
                     column: c,
                     what: format!("GEMM0 activation of source rank {s}, token {}", p.token),
                     expected: w,
@@ -303,46 +374,82 @@ impl Cx<'_> {
     fn gemm1(&self) -> StageReport {
         let plan = self.case.plan;
         let cfg = &plan.config;
+        let ws = &plan.workspace;
         let mut rep = StageReport::new(Stage::Gemm1, reference::tolerance(cfg.dtype));
         for s in 0..cfg.world {
-            let pairs = self.pairs(s);
+            let (pairs, route) = self.pairs(s);
             for p in &pairs {
-                let o = plan.owners[p.expert];
+                let q = plan.owner_rank(p.expert as u32);
                 let Some(w) = self.case.weights.experts.get(p.expert) else {
                     continue;
                 };
                 let want = reference::expert_mlp(cfg, w, cfg.intermediate, &self.expert_row(s, p));
-                let off = plan.heap.row(
-                    o.rank as usize,
-                    STAGE_COMBINE,
-                    CELL_RECV,
-                    o.local as usize,
-                    p.slot,
-                );
-                let got =
-                    values(cfg.dtype, &self.rank(s).heap, off, cfg.hidden).unwrap_or_default();
+                let pair = route.pairs[p.token * self.k + p.choice];
+                let off = Self::pair_offset(s, pair, ws.y_stride_source, ws.y_stride_row);
+                let got = values(cfg.dtype, &self.rank(q).y, off, cfg.hidden).unwrap_or_default();
                 rep.row(&got, &want, |c, w, g| Mismatch {
-                    rank: s,
+                    rank: q,
                     expert: Some(p.expert),
-                    row: p.slot,
+                    row: pair as usize,
                     column: c,
-                    what: format!(
-                        "expert output (combine cell from rank {}) of token {}",
-                        o.rank, p.token
-                    ),
+                    what: format!("expert output of source rank {s}, token {}", p.token),
                     expected: w,
                     got: g,
                 });
             }
-            self.signals(&mut rep, s, &pairs, STAGE_COMBINE);
         }
         rep
+    }
+
+    /// Every (token, owner rank) partial in the source's combine cell against the
+    /// reference sum of exactly that token's kept choices on that rank, and the combine
+    /// signals with the row counts.
+    fn partials(&self, rep: &mut StageReport) {
+        let plan = self.case.plan;
+        let cfg = &plan.config;
+        for s in 0..cfg.world {
+            let (pairs, route) = self.pairs(s);
+            let ids = &self.rank(s).gate.ids;
+            for t in 0..self.case.inputs[s].tokens {
+                for (r, q) in route.destinations(plan, ids, self.k, t) {
+                    let mut want = vec![0f64; cfg.hidden];
+                    for p in pairs
+                        .iter()
+                        .filter(|p| p.token == t && plan.owner_rank(p.expert as u32) == r)
+                    {
+                        let Some(w) = self.case.weights.experts.get(p.expert) else {
+                            continue;
+                        };
+                        let (xin, wt) = reference::expert_input(cfg, self.token(s, t), p.weight);
+                        let y = reference::expert_mlp(cfg, w, cfg.intermediate, &xin);
+                        want.iter_mut().zip(&y).for_each(|(a, v)| *a += wt * v);
+                    }
+                    let off = plan.heap.combine_row(CELL_RECV, r, q as usize);
+                    let got =
+                        values(cfg.dtype, &self.rank(s).heap, off, cfg.hidden).unwrap_or_default();
+                    rep.row(&got, &want, |c, w, g| Mismatch {
+                        rank: s,
+                        expert: None,
+                        row: t,
+                        column: c,
+                        what: format!("partial of rank {r} (row slot {q}) for token {t}"),
+                        expected: w,
+                        got: g,
+                    });
+                }
+            }
+            for (r, &rows) in route.rank_counts.iter().enumerate() {
+                let off = plan.heap.combine_signal(r);
+                self.signal(rep, s, off, rows, format!("combine signal of rank {r}"));
+            }
+        }
     }
 
     fn combine(&self) -> StageReport {
         let cfg = &self.case.plan.config;
         let h = cfg.hidden;
         let mut rep = StageReport::new(Stage::Combine, reference::tolerance(cfg.dtype));
+        self.partials(&mut rep);
         for (r, input) in self.case.inputs.iter().enumerate() {
             let g = &self.rank(r).gate;
             let out = &self.rank(r).out;

@@ -34,6 +34,12 @@ pub fn word(bytes: &[u8], offset: u64) -> Option<u64> {
     Some(u64::from_le_bytes(w))
 }
 
+/// The little-endian u32 at byte `offset` (4-aligned) of `bytes`, if inside.
+pub fn u32_at(bytes: &[u8], offset: u64) -> Option<u32> {
+    let w = word(bytes, offset & !7)?;
+    Some((w >> (8 * (offset & 4))) as u32)
+}
+
 /// The signal word a stage must leave: `(epoch << 32) | rows` (low 32 bits of the epoch).
 pub fn signal(epoch: u64, rows: usize) -> u64 {
     ((epoch & 0xFFFF_FFFF) << 32) | rows as u64
@@ -48,7 +54,7 @@ pub struct Pair {
     pub choice: usize,
     /// Global expert.
     pub expert: usize,
-    /// Slot in the expert's cells.
+    /// Position among the expert's pairs from this source.
     pub slot: usize,
     /// Routing weight of the choice.
     pub weight: f32,
@@ -74,15 +80,6 @@ pub fn kept_pairs(g: &GateOutput, k: usize, experts: usize) -> Vec<Pair> {
         .collect()
 }
 
-/// Rows kept per expert by one source: `min(count, capacity)` of its routing.
-pub fn rows_per_expert(pairs: &[Pair], experts: usize) -> Vec<usize> {
-    let mut rows = vec![0usize; experts];
-    for p in pairs {
-        rows[p.expert] += 1;
-    }
-    rows
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +102,8 @@ mod tests {
             Some(u64::from_le_bytes(b[..8].try_into().unwrap()))
         );
         assert_eq!(word(&b, 1), None);
+        assert_eq!(u32_at(&b, 4), Some((-2.0f32).to_bits()));
+        assert_eq!(u32_at(&b, 8), None);
         assert_eq!(signal(0x1_0000_0003, 5), (3 << 32) | 5);
     }
 
@@ -120,6 +119,5 @@ mod tests {
         let p = kept_pairs(&g, 2, 3);
         assert_eq!(p.len(), 3);
         assert_eq!((p[2].token, p[2].choice, p[2].expert), (1, 1, 2));
-        assert_eq!(rows_per_expert(&p, 3), vec![1, 1, 1]);
     }
 }

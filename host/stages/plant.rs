@@ -7,7 +7,7 @@ use super::{Capture, Stage, StageRunner};
 use crate::config::Dtype;
 use crate::error::{Error, Result};
 use crate::gpu::layer::to_dtype_bytes;
-use crate::plan::{LayerPlan, CELL_RECV, STAGE_COMBINE, STAGE_DISPATCH};
+use crate::plan::{LayerPlan, CELL_RECV};
 use crate::reference::{RankInput, RouteOverrides};
 
 /// Where a planted error was put: the fields a [`super::Mismatch`] must name.
@@ -73,8 +73,8 @@ fn bump(dtype: Dtype, bytes: &mut [u8], offset: u64) -> bool {
 }
 
 /// Corrupts one value of `cap` (routing with effective top-k `k`): an expert id (gate),
-/// an element of a receive row (dispatch), of an activation row (GEMM0), of a combine cell
-/// (GEMM1) or of an output row (combine), of the last rank's first kept pair.
+/// an element of a token row on its owner (dispatch), of an activation row (GEMM0), of an
+/// expert output (GEMM1) or of an output row (combine), of the last rank's first kept pair.
 pub fn plant(plan: &LayerPlan, k: usize, cap: &mut Capture) -> Result<Planted> {
     let cfg = &plan.config;
     let s = cfg.world - 1;
@@ -83,8 +83,11 @@ pub fn plant(plan: &LayerPlan, k: usize, cap: &mut Capture) -> Result<Planted> {
     let p = *kept_pairs(&src.gate, k, cfg.experts)
         .first()
         .ok_or_else(none)?;
-    let o = plan.owners[p.expert];
-    let (q, l) = (o.rank as usize, o.local as usize);
+    let route = plan.route(&src.gate.ids, &src.gate.slots, k);
+    let i = p.token * k + p.choice;
+    let (pair, slot) = (route.pairs[i], route.rank_slots[i] as usize);
+    let q = plan.owner_rank(p.expert as u32);
+    let ws = &plan.workspace;
     let col = 3;
     let es = cfg.dtype.size() as u64;
     let (rank, expert, row, done) = match cap.stage {
@@ -119,35 +122,19 @@ pub fn plant(plan: &LayerPlan, k: usize, cap: &mut Capture) -> Result<Planted> {
             };
         }
         Stage::Dispatch => {
-            let off = plan.heap.row(s, STAGE_DISPATCH, CELL_RECV, l, p.slot) + col * es;
-            (
-                q,
-                Some(p.expert),
-                p.slot,
-                bump(cfg.dtype, &mut cap.ranks[q].heap, off),
-            )
+            let off = plan.heap.dispatch_row(CELL_RECV, s, slot) + col * es;
+            (q, None, slot, bump(cfg.dtype, &mut cap.ranks[q].heap, off))
         }
         Stage::Gemm0 => {
-            let ws = &plan.workspace;
-            let off = s as u64 * ws.act_stride_source
-                + l as u64 * ws.act_stride_expert
-                + p.slot as u64 * ws.act_stride_row
-                + col * es;
-            (
-                q,
-                Some(p.expert),
-                p.slot,
-                bump(cfg.dtype, &mut cap.ranks[q].act, off),
-            )
+            let off =
+                s as u64 * ws.act_stride_source + u64::from(pair) * ws.act_stride_row + col * es;
+            let hit = bump(cfg.dtype, &mut cap.ranks[q].act, off);
+            (q, Some(p.expert), pair as usize, hit)
         }
         Stage::Gemm1 => {
-            let off = plan.heap.row(q, STAGE_COMBINE, CELL_RECV, l, p.slot) + col * es;
-            (
-                s,
-                Some(p.expert),
-                p.slot,
-                bump(cfg.dtype, &mut cap.ranks[s].heap, off),
-            )
+            let off = s as u64 * ws.y_stride_source + u64::from(pair) * ws.y_stride_row + col * es;
+            let hit = bump(cfg.dtype, &mut cap.ranks[q].y, off);
+            (q, Some(p.expert), pair as usize, hit)
         }
         Stage::Combine => {
             let i = p.token * cfg.hidden + col as usize;

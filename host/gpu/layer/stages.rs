@@ -67,7 +67,8 @@ impl MoeLayer {
         for (g, gate) in gates.into_iter().enumerate() {
             let rb = &self.ranks[g];
             let heap = self.download_heap(self.rank_of(g))?;
-            let act = self.download_region(g, stage >= Stage::Gemm0, Region::Act)?;
+            // As the CPU executor's capture: activations at every stage, outputs from GEMM1.
+            let act = self.download_region(g, true, Region::Act)?;
             let y = self.download_region(g, stage >= Stage::Gemm1, Region::Y)?;
             let out = if stage == Stage::Combine {
                 let mut raw = vec![0u8; tokens[g] * cfg.hidden * cfg.dtype.size()];
