@@ -13,7 +13,7 @@ use flashmoe::config::{
 use flashmoe::gpu::layer::{
     from_dtype_bytes, to_dtype_bytes, GpuOptions, GpuWorld, MoeLayer, RankIo,
 };
-use flashmoe::plan::{CELL_RECV, STAGE_COMBINE, STAGE_DISPATCH};
+use flashmoe::plan::CELL_RECV;
 use flashmoe::reference::{self, RankInput, RouteOverrides};
 use flashmoe::weights::random_tokens;
 use flashmoe::{Error, ExpertWeights, LayerPlan, LayerWeights};
@@ -293,8 +293,8 @@ fn matches_reference_across_sampled_configs() {
 
 /// Identity experts (ReLU, W0 = W1 = I) on positive rows that encode (rank, token) in
 /// exactly representable values, with power-of-two routing weights: every operation is
-/// exact in every dtype, so the output is checked bit for bit, and every kept row is
-/// found in the dispatch cell and the combine cell the plan names.
+/// exact in every dtype, so the output is checked bit for bit, and every token row is
+/// found in the dispatch row and its owner's partial in the combine row the plan names.
 #[test]
 fn provenance_rows_land_where_the_plan_says() {
     let Some((_gpu, stream)) = gpu_stream("provenance_rows_land_where_the_plan_says") else {
@@ -393,7 +393,10 @@ fn provenance_rows_land_where_the_plan_says() {
                         }
                     }
                 }
-                // Every kept row in its dispatch cell (owner's heap) and combine cell (source's heap).
+                // Every token's row in its dispatch row on each owner rank of its choices
+                // (owner's heap), and that owner's partial (the weighted sum of the token's
+                // kept choices there) in its combine row (source's heap), both at the
+                // token's rank slot: the number of earlier tokens that went to that owner.
                 let heaps: Vec<Vec<u8>> = (0..ranks)
                     .map(|r| layer.download_heap(r).unwrap())
                     .collect();
@@ -404,28 +407,33 @@ fn provenance_rows_land_where_the_plan_says() {
                 };
                 for src in 0..ranks {
                     let g = &got.gates[src];
+                    let mut next_slot = vec![0usize; ranks];
                     for t in 0..tokens {
-                        for j in 0..k {
-                            let slot = g.slots[t * k + j];
-                            if slot < 0 {
-                                continue;
-                            }
-                            let e = g.ids[t * k + j] as usize;
-                            let owner = plan.owners[e];
-                            let (o, l) = (owner.rank as usize, owner.local as usize);
-                            let d = plan
-                                .heap
-                                .row(src, STAGE_DISPATCH, CELL_RECV, l, slot as usize);
+                        let choices = t * k..(t + 1) * k;
+                        let owner = |i: usize| plan.owners[g.ids[i] as usize].rank as usize;
+                        let mut owners: Vec<usize> = choices.clone().map(owner).collect();
+                        owners.sort_unstable();
+                        owners.dedup();
+                        for o in owners {
+                            let rs = next_slot[o];
+                            next_slot[o] += 1;
+                            let d = plan.heap.dispatch_row(CELL_RECV, src, rs);
                             assert_eq!(
                                 read_row(&heaps[o], d),
                                 encode(src, t),
-                                "{label}: dispatch cell of rank {src} token {t} choice {j}"
+                                "{label}: dispatch row of rank {src} token {t} on rank {o}"
                             );
-                            let c = plan.heap.row(o, STAGE_COMBINE, CELL_RECV, l, slot as usize);
+                            let w: f32 = choices
+                                .clone()
+                                .filter(|&i| owner(i) == o && g.slots[i] >= 0)
+                                .map(|i| 0.5f32.powi(1 + (i % k) as i32))
+                                .sum();
+                            let want: Vec<f32> = encode(src, t).iter().map(|v| w * v).collect();
+                            let c = plan.heap.combine_row(CELL_RECV, o, rs);
                             assert_eq!(
                                 read_row(&heaps[src], c),
-                                encode(src, t),
-                                "{label}: combine cell of rank {src} token {t} choice {j}"
+                                want,
+                                "{label}: combine row of rank {src} token {t} from rank {o}"
                             );
                         }
                     }

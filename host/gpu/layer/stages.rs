@@ -1,7 +1,6 @@
 //! [`MoeLayer`] as a [`StageRunner`]: a launch with `stop_after` set in its parameters,
 //! then every rank's routing, symmetric heap, GEMM0 activations, GEMM1 expert outputs and
-//! output read back in
-//! the plan's layout (see [`crate::stages`]).
+//! output read back in the plan's layout (see [`crate::stages`]).
 
 use super::device_buffers::poison;
 use super::pack::{from_dtype_bytes, nan_pattern};
@@ -19,9 +18,9 @@ impl MoeLayer {
         self.params.layer.stop_after = stage.map_or(STOP_NONE, Stage::code);
     }
 
-    /// Poisons every rank's heap, activation and expert-output regions with NaN, so that a value a stage
-    /// should have written and did not shows up as a mismatch. Signal words then carry an
-    /// epoch tag no launch uses.
+    /// Poisons every rank's heap, activation and expert-output regions with NaN, so that a
+    /// value a stage should have written and did not shows up as a mismatch. Signal words
+    /// then carry an epoch tag no launch uses.
     fn poison_stage_memory(&self) -> Result<()> {
         let cfg = &self.plan.config;
         let es = cfg.dtype.size();
@@ -29,7 +28,7 @@ impl MoeLayer {
         let act_bytes = self.plan.act_region_bytes() as usize;
         let y_bytes = self.plan.y_region_bytes() as usize;
         for rb in &self.ranks {
-            // SAFETY: both ranges lie inside this rank's heap and workspace allocations,
+            // SAFETY: every range lies inside this rank's heap and workspace allocations,
             // sized by the plan; no launch is in flight (waited for by `stage`).
             unsafe {
                 poison(
@@ -64,19 +63,13 @@ impl MoeLayer {
         let tokens: Vec<usize> = inputs.iter().map(|i| i.tokens).collect();
         // Waits for the launch and turns a device error into a typed one.
         let gates = self.last_gates(&tokens, k)?;
-        let ws = &self.plan.workspace;
-        let act_bytes = self.plan.act_region_bytes() as usize;
-        let y_bytes = self.plan.y_region_bytes() as usize;
         let mut ranks = Vec::with_capacity(gates.len());
         for (g, gate) in gates.into_iter().enumerate() {
             let rb = &self.ranks[g];
             let heap = self.download_heap(self.rank_of(g))?;
-            let mut act = vec![0u8; act_bytes];
-            rb.workspace
-                .download(&self.stream, ws.act as usize, &mut act, "activations")?;
-            let mut y = vec![0u8; if stage >= Stage::Gemm1 { y_bytes } else { 0 }];
-            rb.workspace
-                .download(&self.stream, ws.y as usize, &mut y, "expert outputs")?;
+            // As the CPU executor's capture: activations at every stage, outputs from GEMM1.
+            let act = self.download_region(g, true, Region::Act)?;
+            let y = self.download_region(g, stage >= Stage::Gemm1, Region::Y)?;
             let out = if stage == Stage::Combine {
                 let mut raw = vec![0u8; tokens[g] * cfg.hidden * cfg.dtype.size()];
                 rb.out.download(&self.stream, 0, &mut raw, "out")?;
@@ -98,6 +91,33 @@ impl MoeLayer {
             ranks,
         })
     }
+
+    /// Rank group `g`'s activation or expert-output region (the whole region, from its
+    /// first byte), or nothing when the stage has not written it (`wanted` false).
+    fn download_region(&self, g: usize, wanted: bool, region: Region) -> Result<Vec<u8>> {
+        if !wanted {
+            return Ok(Vec::new());
+        }
+        let ws = &self.plan.workspace;
+        let (at, bytes, what) = match region {
+            Region::Act => (ws.act, self.plan.act_region_bytes(), "activations"),
+            Region::Y => (ws.y, self.plan.y_region_bytes(), "expert outputs"),
+        };
+        let mut raw = vec![0u8; bytes as usize];
+        self.ranks[g]
+            .workspace
+            .download(&self.stream, at as usize, &mut raw, what)?;
+        Ok(raw)
+    }
+}
+
+/// A per-pair workspace region a stage capture reads back.
+#[derive(Debug, Clone, Copy)]
+enum Region {
+    /// GEMM0 activations (`plan.workspace.act`).
+    Act,
+    /// GEMM1 expert outputs (`plan.workspace.y`).
+    Y,
 }
 
 impl StageRunner for MoeLayer {

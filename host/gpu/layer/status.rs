@@ -74,11 +74,10 @@ pub fn wait_budget(
 }
 
 /// Describes what a wait at `where_` in `stage_code` was waiting for (kernel/README.md,
-/// "Status"). Signal waits encode `(peer << 16) | local expert`; `world` tells a barrier
-/// flag apart from a large peer id.
+/// "Status"). Signal waits encode `peer << 16` (one signal per rank pair); `world` tells a
+/// barrier flag apart from a large peer id.
 pub fn describe_wait(stage_code: u64, where_: u64, world: usize) -> String {
     let peer = where_ >> 16;
-    let local = where_ & 0xFFFF;
     if where_ != WHERE_SHARED && where_ & WHERE_BARRIER != 0 && peer >= world as u64 {
         return format!(
             "the rank-group barrier #{} of stage {}",
@@ -87,13 +86,9 @@ pub fn describe_wait(stage_code: u64, where_: u64, world: usize) -> String {
         );
     }
     match stage_code {
-        stage::DISPATCH => {
-            format!("the dispatch signal from rank {peer} for local expert {local}")
-        }
+        stage::DISPATCH => format!("the dispatch signal from rank {peer}"),
         stage::COMBINE if where_ == WHERE_SHARED => "the local shared-expert tiles".into(),
-        stage::COMBINE => {
-            format!("the combine signal from rank {peer} for its local expert {local}")
-        }
+        stage::COMBINE => format!("the combine signal from rank {peer}"),
         stage::EXPERT if where_ & WHERE_TICKET != 0 => {
             format!("a task for queue ticket {}", where_ & (WHERE_TICKET - 1))
         }
@@ -101,7 +96,33 @@ pub fn describe_wait(stage_code: u64, where_: u64, world: usize) -> String {
     }
 }
 
-/// Names the parameter a `FM_STATUS_BAD_PARAMS` refers to (`where` 1..=14).
+/// `where` low bits of a `BAD_SIGNAL` on a source's row count (expected = tokens_max).
+const WHERE_ROWS: u64 = 0xFFFF;
+/// `where` low bits of a `BAD_SIGNAL` on a `row_meta` pair index (expected = pairs sent).
+const WHERE_ROW_META: u64 = 0xFFFE;
+
+/// Describes an impossible signal or metadata value (`FM_STATUS_BAD_SIGNAL`, kernel/README.md
+/// "Status"): `(source or owner << 16) | detail`.
+pub fn describe_bad_signal(stage_code: u64, where_: u64) -> String {
+    let peer = where_ >> 16;
+    match (stage_code, where_ & 0xFFFF) {
+        (stage::COMBINE, _) => format!(
+            "the combine signal from rank {peer} (expected = rows sent, observed = rows)"
+        ),
+        (_, WHERE_ROWS) => format!(
+            "the dispatch signal from rank {peer} (expected = tokens_max, observed = rows)"
+        ),
+        (_, WHERE_ROW_META) => format!(
+            "a row_meta entry from rank {peer} (expected = pairs sent, observed = pair index)"
+        ),
+        (_, local) => format!(
+            "the pair metadata from rank {peer} for local expert {local} (a count above \
+             capacity, a pair sum above pair_capacity, or a pair-list row past the rows sent)"
+        ),
+    }
+}
+
+/// Names the parameter a `FM_STATUS_BAD_PARAMS` refers to (`where` 1..=18).
 pub fn bad_param_name(where_: u64) -> &'static str {
     match where_ {
         1 => "params version",
@@ -115,11 +136,13 @@ pub fn bad_param_name(where_: u64) -> &'static str {
         9 => "a peers table entry is 0",
         10 => "dynamic shared memory too small",
         11 => "world / rank / local_experts / tokens",
-        12 => "world * local_experts above the scheduler's 16384-signal mask",
+        12 => "world above 1024 (the scheduler's signal mask)",
         13 => "unknown router or MLP code",
         14 => "a pointer the config needs is 0",
         15 => "unknown stop_after stage",
         16 => "group-limited selection: n_group / topk_group out of range",
+        17 => "route_slots out of 1..=min(top_k, max_local)",
+        18 => "a tile task index does not fit 30 bits",
         _ => "unknown parameter",
     }
 }
@@ -197,8 +220,8 @@ pub fn decode(rank: usize, words: &[u64; STATUS_WORDS], cx: StatusContext) -> Re
             where_ % k
         ))),
         status::BAD_SIGNAL => Err(device(format!(
-            "a signal carried an impossible row count: {}",
-            describe_wait(st, where_, cx.world)
+            "impossible value in {}",
+            describe_bad_signal(st, where_)
         ))),
         status::QUEUE_OVERFLOW => Err(device(
             "task queue overflow (expected = capacity, observed = entries needed)".into(),
@@ -249,13 +272,8 @@ mod tests {
 
     #[test]
     fn timeout_names_rank_stage_and_awaited_peer() {
-        // rank 2 waited for the dispatch signal of source rank 1, local expert 3.
-        let e = decode(
-            2,
-            &words(status::TIMEOUT, stage::DISPATCH, (1 << 16) | 3),
-            CX,
-        )
-        .unwrap_err();
+        // rank 2 waited for the dispatch signal of source rank 1.
+        let e = decode(2, &words(status::TIMEOUT, stage::DISPATCH, 1 << 16), CX).unwrap_err();
         match e {
             Error::Timeout {
                 rank,
@@ -267,8 +285,7 @@ mod tests {
             } => {
                 assert_eq!(rank, 2);
                 assert_eq!(stage, "dispatch");
-                assert!(awaited.contains("from rank 1 "), "{awaited}");
-                assert!(awaited.contains("local expert 3"), "{awaited}");
+                assert!(awaited.ends_with("from rank 1"), "{awaited}");
                 assert_eq!((expected, observed, waited_ms), (11, 7, 2500));
             }
             other => panic!("unexpected {other:?}"),
@@ -347,7 +364,7 @@ mod tests {
         match first_error(&mixed, CX) {
             Err(Error::Timeout { rank, awaited, .. }) => {
                 assert_eq!(rank, 2);
-                assert!(awaited.contains("from rank 3 "), "{awaited}");
+                assert!(awaited.ends_with("from rank 3"), "{awaited}");
             }
             other => panic!("{other:?}"),
         }
@@ -380,12 +397,12 @@ mod tests {
         // scheduler (silent towards itself too) names itself. The cause is chosen.
         let silent = [
             words(status::TIMEOUT, stage::DISPATCH, 1 << 16),
-            words(status::TIMEOUT, stage::DISPATCH, (1 << 16) | 1),
+            words(status::TIMEOUT, stage::DISPATCH, 1 << 16),
         ];
         match first_error(&silent, CX) {
             Err(Error::Timeout { rank, awaited, .. }) => {
                 assert_eq!(rank, 0);
-                assert!(awaited.contains("from rank 1 "), "{awaited}");
+                assert!(awaited.contains("from rank 1"), "{awaited}");
                 assert!(!awaited.contains("consequence"), "{awaited}");
             }
             other => panic!("{other:?}"),

@@ -1,5 +1,7 @@
-// Combine: wait for the expert outputs of this rank's tokens, then
-// out[t] = sum_j w_j * y_j (choice order) + g * S(x_t), stored in the dtype.
+// Combine (host/plan.rs, protocol step 6): wait for every owner's reduced rows of this
+// rank's tokens, then out[t] = sum over the distinct owner ranks of t's choices, in
+// ascending rank order, of the partial at combine_row(rank, rank slot), f32 from 0, then
+// + g * S(x_t) (fmaf), rounded to the dtype.
 #ifndef FLASHMOE_COMBINE_CUH
 #define FLASHMOE_COMBINE_CUH
 
@@ -10,9 +12,9 @@
 
 namespace fm {
 
-// Every block waits for every expert's combine signal (owners answer every (source, expert)
-// pair, also with 0 rows) and for this rank's shared-expert tiles. The waits depend only on
-// other ranks' expert tasks and this rank's own tasks, which never wait on combine.
+// Every block waits for every owner's combine signal (owners answer every source, also
+// with 0 rows) and for this rank's shared-expert tiles. The waits depend only on other
+// ranks' tasks and this rank's own tasks, which never wait on combine.
 // One thread per block polls, one signal after the other: all of them must arrive anyway, so
 // this costs no latency, and blocks that finished their tasks early do not flood the L2 with
 // polls while the others still compute. Returns false on error (block-uniform).
@@ -20,13 +22,9 @@ __device__ FM_PHASE bool combine_wait(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     bool ok = true;
     if (threadIdx.x == 0) {
-        const uint32_t* owners = c.owners();
-        const uint32_t* counts = c.expert_counts();
-        for (uint32_t e = 0; e < L.experts && ok; ++e) {
-            const uint32_t o = __ldg(owners + e);
-            const uint32_t q = o >> 16, l = o & 0xFFFFu;
-            const uint32_t expected = min_u32(counts[e], L.capacity);
-            const uint64_t* word = combine_signal(L, c.heap, q, l);
+        for (uint32_t r = 0; r < L.world && ok; ++r) {
+            const uint32_t expected = c.rank_counts()[r];
+            const uint64_t* word = reinterpret_cast<const uint64_t*>(c.heap + combine_signal_off(L, r));
             uint64_t got = 0;
             ok = wait_until(
                 c, [&](uint64_t& seen) {
@@ -34,10 +32,9 @@ __device__ FM_PHASE bool combine_wait(const Ctx& c) {
                     got = seen;
                     return signal_is(seen, c.n);
                 },
-                FM_STAGE_COMBINE, (uint64_t(q) << 16) | l, c.n << 32, kWaitCause);
+                FM_STAGE_COMBINE, uint64_t(r) << 16, c.n << 32, kWaitCause);
             if (ok && uint32_t(got) != expected) {
-                fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_COMBINE, (uint64_t(q) << 16) | l, expected,
-                     uint32_t(got), 0);
+                fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_COMBINE, uint64_t(r) << 16, expected, uint32_t(got), 0);
                 ok = false;
             }
         }
@@ -57,6 +54,56 @@ __device__ FM_PHASE bool combine_wait(const Ctx& c) {
     return !__syncthreads_or(!ok);
 }
 
+// Offsets of token t's partials in ascending owner-rank order, ~0 past the last: lane j < k
+// holds choice j; the first lane of each rank group is that rank's one partial, its place
+// in the order is the number of other leading lanes with a lower rank. Warp-wide.
+__device__ __forceinline__ void partials(const Ctx& c, uint32_t t, uint64_t (&offs)[kMaxTopK]) {
+    const FmLayerParams& L = *c.L;
+    const int lane = threadIdx.x % 32;
+    const uint32_t k = c.k;
+    uint32_t r = 0xFFFFFFFFu;
+    uint64_t off = ~0ull;
+    if (uint32_t(lane) < k) {
+        const uint64_t p = uint64_t(t) * k + lane;
+        r = __ldg(c.owners() + c.route_ids()[p]) >> 16;
+        off = heap_row(L, L.heap_combine_rows, kCellRecv, r, uint32_t(c.route_rank_slots()[p]));
+    }
+    const uint32_t same = __match_any_sync(0xffffffffu, r);
+    const bool lead = uint32_t(lane) < k && __ffs(same) - 1 == lane;
+    const uint32_t leads = __ballot_sync(0xffffffffu, lead);
+    uint32_t order = 0;
+    for (uint32_t j = 0; j < k; ++j) {
+        const uint32_t rj = __shfl_sync(0xffffffffu, r, j);
+        order += ((leads >> j) & 1u) && rj < r;
+    }
+#pragma unroll
+    for (uint32_t m = 0; m < kMaxTopK; ++m) {
+        const uint32_t from = __ballot_sync(0xffffffffu, lead && order == m);
+        const uint64_t o = __shfl_sync(0xffffffffu, off, from ? __ffs(from) - 1 : 0);
+        offs[m] = from ? o : ~0ull;
+    }
+}
+
+// sigmoid(x_t . shared_gate), or 1 without a gated shared expert. Warp-wide.
+template <class D>
+__device__ __forceinline__ float shared_gate(const Ctx& c, const char* xt) {
+    const FmLayerParams& L = *c.L;
+    constexpr int V = kVec<D>;
+    if (L.shared_width == 0 || !L.shared_gated) return 1.f;
+    const int lane = threadIdx.x % 32;
+    const char* sg = reinterpret_cast<const char*>(c.R->shared_gate);
+    float d = 0.f;
+    for (uint32_t v = lane; v < L.hidden / V; v += 32) {
+        float a[V], b[V];
+        load_vec<D>(xt + uint64_t(v) * 16, a);
+        load_vec<D>(sg + uint64_t(v) * 16, b);
+#pragma unroll
+        for (int i = 0; i < V; ++i) d = fmaf(a[i], b[i], d);
+    }
+    d = warp_sum(d);
+    return 1.f / (1.f + expf(-d));
+}
+
 // One warp per token over the group's blocks.
 template <class D>
 __device__ FM_PHASE void combine_tokens(const Ctx& c) {
@@ -65,47 +112,14 @@ __device__ FM_PHASE void combine_tokens(const Ctx& c) {
     constexpr int V = kVec<D>;
     static_assert(V % 4 == 0, "the shared-expert term is read as float4");
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const uint32_t k = c.k;
     const uint64_t row_bytes = uint64_t(L.hidden) * sizeof(typename D::T);
     const uint32_t nvec = L.hidden / V;
     const bool shared = L.shared_width != 0;
-    const uint32_t* owners = c.owners();
     const char* so_base = c.ws + L.ws_shared_out;
     for (uint32_t t = c.blk * kWarps + warp; t < R.tokens; t += c.nblk * kWarps) {
-        uint64_t off = ~0ull;
-        float w = 0.f;
-        if (uint32_t(lane) < k) {
-            const uint64_t p = uint64_t(t) * k + lane;
-            const int32_t slot = c.route_slots()[p];
-            // An input-scaled router (Llama-4) sums the outputs with weight 1.
-            w = L.router == FM_ROUTER_SIGMOID_INPUT ? 1.f : c.route_weights()[p];
-            if (slot >= 0) {
-                const uint32_t o = __ldg(owners + c.route_ids()[p]);
-                off = heap_row(L, o >> 16, kStageCombine, kCellRecv, o & 0xFFFFu, uint32_t(slot));
-            }
-        }
         uint64_t offs[kMaxTopK];
-        float ws[kMaxTopK];
-#pragma unroll
-        for (uint32_t j = 0; j < kMaxTopK; ++j) {
-            offs[j] = __shfl_sync(0xffffffffu, off, j);
-            ws[j] = __shfl_sync(0xffffffffu, w, j);
-        }
-        float g = 1.f;
-        const char* xt = reinterpret_cast<const char*>(R.x) + t * row_bytes;
-        if (shared && L.shared_gated) {
-            const char* sg = reinterpret_cast<const char*>(R.shared_gate);
-            float d = 0.f;
-            for (uint32_t v = lane; v < nvec; v += 32) {
-                float a[V], b[V];
-                load_vec<D>(xt + uint64_t(v) * 16, a);
-                load_vec<D>(sg + uint64_t(v) * 16, b);
-#pragma unroll
-                for (int i = 0; i < V; ++i) d = fmaf(a[i], b[i], d);
-            }
-            d = warp_sum(d);
-            g = 1.f / (1.f + expf(-d));
-        }
+        partials(c, t, offs);
+        const float g = shared_gate<D>(c, reinterpret_cast<const char*>(R.x) + t * row_bytes);
         const float* so = reinterpret_cast<const float*>(so_base + t * L.ws_shared_out_stride_row);
         char* out = reinterpret_cast<char*>(R.out) + t * row_bytes;
         for (uint32_t v = lane; v < nvec; v += 32) {
@@ -113,12 +127,12 @@ __device__ FM_PHASE void combine_tokens(const Ctx& c) {
 #pragma unroll
             for (int i = 0; i < V; ++i) acc[i] = 0.f;
 #pragma unroll
-            for (uint32_t j = 0; j < kMaxTopK; ++j) {
-                if (j < k && offs[j] != ~0ull) {
+            for (uint32_t m = 0; m < kMaxTopK; ++m) {
+                if (offs[m] != ~0ull) {
                     float y[V];
-                    load_vec<D>(c.heap + offs[j] + uint64_t(v) * 16, y);
+                    load_vec<D>(c.heap + offs[m] + uint64_t(v) * 16, y);
 #pragma unroll
-                    for (int i = 0; i < V; ++i) acc[i] = fmaf(ws[j], y[i], acc[i]);
+                    for (int i = 0; i < V; ++i) acc[i] += y[i];
                 }
             }
             if (shared) {

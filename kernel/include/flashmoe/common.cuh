@@ -53,8 +53,13 @@ constexpr uint32_t kMaxTopK = 16;       // == MAX_TOP_K in host/config.rs (choic
 constexpr uint32_t kMaxExperts = 1024;  // == MAX_EXPERTS (top-k keeps a 32-bit mask per lane)
 constexpr int kMiscBytes = 256;         // block-private scalars at the start of dynamic smem
 constexpr int kGateChunk = FM_GATE_CHUNK;
-// The scheduler tracks the dispatch signals it has seen in one 64-bit mask per thread.
-constexpr uint32_t kMaxSignalPairs = 64u * kThreads;
+constexpr uint32_t kMaxWorld = 1024;    // == MAX_WORLD in host/config.rs
+// The scheduler polls one dispatch signal per source and keeps the ones it has seen in one
+// 64-bit mask per thread: source s is bit s / kThreads of thread s % kThreads.
+static_assert(kMaxWorld <= 64u * kThreads, "the scheduler's seen-mask must cover every source");
+// Rank-level pair metadata (host/plan/heap.rs): a row_meta entry is
+// (f32 weight bits << 32) | pair index, NO_PAIR ends a row's entries.
+constexpr uint32_t kNoPair = 0xFFFFFFFFu;
 
 static_assert(kGateChunk == kWarps * 8, "the gate gives each warp 8 tokens of a chunk");
 static_assert(kMaxTopK <= 32, "a token's choices live one per lane");
@@ -163,7 +168,15 @@ struct Ctx {
     __device__ int32_t* route_slots() const {
         return reinterpret_cast<int32_t*>(ws + L->ws_route_slots);
     }
+    __device__ int32_t* route_rank_slots() const {
+        return reinterpret_cast<int32_t*>(ws + L->ws_route_rank_slots);
+    }
+    __device__ uint32_t* rank_counts() const {
+        return reinterpret_cast<uint32_t*>(ws + L->ws_rank_counts);
+    }
     __device__ uint32_t* gate_hist() const { return reinterpret_cast<uint32_t*>(ws + L->ws_gate_hist); }
+    __device__ uint32_t* rank_hist() const { return reinterpret_cast<uint32_t*>(ws + L->ws_rank_hist); }
+    __device__ uint32_t* pair_base() const { return reinterpret_cast<uint32_t*>(ws + L->ws_pair_base); }
     __device__ uint32_t* expert_counts() const {
         return reinterpret_cast<uint32_t*>(ws + L->ws_expert_counts);
     }
@@ -171,8 +184,11 @@ struct Ctx {
         return reinterpret_cast<const uint32_t*>(L->expert_owner);
     }
     __device__ uint32_t gate_chunks() const { return (R->tokens + kGateChunk - 1) / kGateChunk; }
-    __device__ uint32_t row_blocks() const { return L->capacity / kTileM; }
+    // Row blocks of one (source, local expert) pair list at most (the stride of gemm0_done).
+    __device__ uint32_t row_blocks() const { return L->row_blocks; }
     __device__ uint32_t token_row_blocks() const { return (R->tokens + kTileM - 1) / kTileM; }
+    // Token row blocks of one source's dispatch rows at most (the stride of reduce tasks).
+    __device__ uint32_t max_token_row_blocks() const { return (L->tokens_max + kTileM - 1) / kTileM; }
     __device__ uint32_t gemm0_width() const {
         return gated() ? 2 * L->intermediate : L->intermediate;
     }
@@ -182,6 +198,10 @@ struct Ctx {
     __device__ bool silent() const { return L->fault_silent_rank == me; }
     // Debug stop after GEMM0 (stage checks): no GEMM1 task is created.
     __device__ bool stop_after_gemm0() const { return L->stop_after == FM_STOP_GEMM0; }
+    // Debug stop after GEMM0 or GEMM1: no reduce task, no combine signal.
+    __device__ bool no_reduce() const {
+        return L->stop_after == FM_STOP_GEMM0 || L->stop_after == FM_STOP_GEMM1;
+    }
 };
 
 __device__ __forceinline__ uint32_t min_u32(uint32_t a, uint32_t b) { return a < b ? a : b; }

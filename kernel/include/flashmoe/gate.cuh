@@ -1,10 +1,10 @@
-// Gate: router logits, scores, top-k, weights, and the per-chunk expert histogram.
+// Gate: router logits, scores, top-k, weights, and the per-chunk expert and rank histograms.
 //
 // Tokens are split in chunks of FM_GATE_CHUNK (64); a block routes one chunk at a time, each
 // warp 8 of its tokens. Slots are NOT taken here: gate_scan() turns the chunk histograms
-// into exclusive prefix sums in chunk order, and dispatch_chunk() assigns slots in token
-// order from them. Counting is order-independent, so slots are deterministic (no atomics
-// decide an order).
+// into exclusive prefix sums in chunk order, and dispatch_chunk() assigns expert slots and
+// rank slots in token order from them. Counting is order-independent, so slots are
+// deterministic (no atomics decide an order).
 #ifndef FLASHMOE_GATE_CUH
 #define FLASHMOE_GATE_CUH
 
@@ -252,20 +252,34 @@ __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_
     my_w = (renorm ? my_v / (sig ? tot + 1e-20f : tot) : my_v) * L.routed_scale;
 }
 
-// Routes the tokens of one chunk: route_ids / route_weights and the chunk's row of
-// gate_hist. Returns false if the caller's routing is invalid (status already written).
+// Counts one token in the rank histogram `rhist` (shared memory): once per distinct owner
+// rank of its choices (lanes < k hold the ids, -1 elsewhere or when invalid). Warp-wide.
+__device__ __forceinline__ void count_token_ranks(const Ctx& c, int32_t id, uint32_t* rhist) {
+    const int lane = threadIdx.x % 32;
+    const bool valid = uint32_t(id) < c.L->experts;
+    const uint32_t r = valid ? (__ldg(c.owners() + id) >> 16) : 0xFFFFFFFFu;
+    // The first lane of each group of equal ranks counts the token for that rank.
+    const uint32_t same = __match_any_sync(0xffffffffu, r);
+    if (valid && r < c.L->world && __ffs(same) - 1 == lane) atomicAdd(&rhist[r], 1u);
+}
+
+// Routes the tokens of one chunk: route_ids / route_weights and the chunk's rows of
+// gate_hist and rank_hist. Returns false if the caller's routing is invalid (status already written).
 template <class D>
 __device__ FM_PHASE bool gate_chunk(const Ctx& c, uint32_t chunk) {
     const FmLayerParams& L = *c.L;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t E = L.experts, k = c.k;
     uint32_t* hist = reinterpret_cast<uint32_t*>(c.smem);
-    constexpr int kWarpFloats = (kArenaBytes<D> - 4 * int(kMaxExperts)) / 4 / kWarps;
+    uint32_t* rhist = hist + kMaxExperts;
+    constexpr int kHistBytes = 4 * int(kMaxExperts + kMaxWorld);
+    constexpr int kWarpFloats = (kArenaBytes<D> - kHistBytes) / 4 / kWarps;
     static_assert(kWarpFloats >= int(kMaxExperts), "a warp must hold one token's logits");
-    float* lg = reinterpret_cast<float*>(c.smem + 4 * kMaxExperts) + warp * kWarpFloats;
+    float* lg = reinterpret_cast<float*>(c.smem + kHistBytes) + warp * kWarpFloats;
     const uint32_t tb = min_u32(8u, uint32_t(kWarpFloats) / E);
 
     for (uint32_t e = threadIdx.x; e < E; e += kThreads) hist[e] = 0;
+    for (uint32_t r = threadIdx.x; r < L.world; r += kThreads) rhist[r] = 0;
     __syncthreads();
     const uint32_t tokens = c.R->tokens;
     const uint32_t t_begin = chunk * kGateChunk + warp * 8;
@@ -302,6 +316,8 @@ __device__ FM_PHASE bool gate_chunk(const Ctx& c, uint32_t chunk) {
                     atomicAdd(&hist[id], 1u);
                 }
             }
+            const bool good = uint32_t(lane) < k && uint32_t(id) < E && !dup && isfinite(w);
+            count_token_ranks(c, good ? id : -1, rhist);
         }
     } else {
         for (uint32_t t0 = t_begin; t0 < t_end; t0 += tb) {
@@ -324,6 +340,7 @@ __device__ FM_PHASE bool gate_chunk(const Ctx& c, uint32_t chunk) {
                     wts[uint64_t(t0 + i) * k + lane] = w;
                     atomicAdd(&hist[id], 1u);
                 }
+                count_token_ranks(c, uint32_t(lane) < k ? id : -1, rhist);
                 __syncwarp();
             }
         }
@@ -331,31 +348,47 @@ __device__ FM_PHASE bool gate_chunk(const Ctx& c, uint32_t chunk) {
     __syncthreads();
     uint32_t* row = c.gate_hist() + uint64_t(chunk) * E;
     for (uint32_t e = threadIdx.x; e < E; e += kThreads) row[e] = hist[e];
+    uint32_t* rrow = c.rank_hist() + uint64_t(chunk) * L.world;
+    for (uint32_t r = threadIdx.x; r < L.world; r += kThreads) rrow[r] = rhist[r];
     __syncthreads();
     return ok;
 }
 
-// Exclusive prefix over chunks of every expert's histogram (in place), and the per-expert
-// totals into expert_counts. One warp per expert across the rank's blocks.
-__device__ FM_PHASE void gate_scan(const Ctx& c) {
-    const uint32_t E = c.L->experts, chunks = c.gate_chunks();
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    uint32_t* hist = c.gate_hist();
-    for (uint32_t e = c.blk * kWarps + warp; e < E; e += c.nblk * kWarps) {
-        uint32_t run = 0;
-        for (uint32_t base = 0; base < chunks; base += 32) {
-            const uint32_t ci = base + lane;
-            const uint32_t v = ci < chunks ? hist[uint64_t(ci) * E + e] : 0u;
-            uint32_t incl = v;
+// Exclusive prefix over chunks of column `col` of a [chunks][cols] histogram (in place);
+// returns the column's total. Warp-wide.
+__device__ __forceinline__ uint32_t scan_column(uint32_t* hist, uint32_t cols, uint32_t col,
+                                                uint32_t chunks) {
+    const int lane = threadIdx.x % 32;
+    uint32_t run = 0;
+    for (uint32_t base = 0; base < chunks; base += 32) {
+        const uint32_t ci = base + lane;
+        const uint32_t v = ci < chunks ? hist[uint64_t(ci) * cols + col] : 0u;
+        uint32_t incl = v;
 #pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const uint32_t y = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o) incl += y;
-            }
-            if (ci < chunks) hist[uint64_t(ci) * E + e] = run + incl - v;
-            run += __shfl_sync(0xffffffffu, incl, 31);
+        for (int o = 1; o < 32; o <<= 1) {
+            const uint32_t y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += y;
         }
-        if (lane == 0) c.expert_counts()[e] = run;
+        if (ci < chunks) hist[uint64_t(ci) * cols + col] = run + incl - v;
+        run += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    return run;
+}
+
+// Exclusive prefix over chunks of every expert's and every rank's histogram (in place), the
+// totals into expert_counts and rank_counts. One warp per column across the rank's blocks:
+// columns 0 .. experts-1 are experts, then the world ranks.
+__device__ FM_PHASE void gate_scan(const Ctx& c) {
+    const uint32_t E = c.L->experts, W = c.L->world, chunks = c.gate_chunks();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (uint32_t col = c.blk * kWarps + warp; col < E + W; col += c.nblk * kWarps) {
+        if (col < E) {
+            const uint32_t n = scan_column(c.gate_hist(), E, col, chunks);
+            if (lane == 0) c.expert_counts()[col] = n;
+        } else {
+            const uint32_t n = scan_column(c.rank_hist(), W, col - E, chunks);
+            if (lane == 0) c.rank_counts()[col - E] = n;
+        }
     }
 }
 

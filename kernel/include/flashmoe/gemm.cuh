@@ -1,6 +1,7 @@
 // One 64x64 output tile of an expert GEMM, with fp32 accumulation and a fused epilogue.
 //
-// A: [64 rows][K] (rows >= a_rows read as zero), B: [64 output columns][K] (the weights'
+// A: [64 rows][K] (rows >= a_rows read as zero; with a gather list, row r is A row
+// gather[r]), B: [64 output columns][K] (the weights'
 // [out, in] layout, i.e. the "col" operand of mma), K a multiple of 64. Gated tiles multiply
 // A by two B matrices (gate and up rows of the same 64 columns) and apply act(g) * u.
 //
@@ -27,6 +28,7 @@ struct TileArgs {
     const char* a;       // first row of A
     uint64_t a_stride;   // bytes between A rows
     uint32_t a_rows;     // valid rows of A (<= 64)
+    const uint32_t* gather;  // nullptr: rows are consecutive; else row r is a + gather[r] * a_stride
     const char* b0;      // first row of B (gate rows when gated)
     const char* b1;      // first up row when gated, else unused
     uint64_t b_stride;   // bytes between B rows
@@ -113,19 +115,33 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
     }
 }
 
+// Address of A row r (nullptr when r >= a_rows): resolved once per tile, before the K loop,
+// so a gathered tile reads its row list once.
+__device__ __forceinline__ const char* a_row(const TileArgs& t, uint32_t r) {
+    if (r >= t.a_rows) return nullptr;
+    return t.a + uint64_t(t.gather ? __ldg(t.gather + r) : r) * t.a_stride;
+}
+
+// The bf16/f16 loader moves 64 rows x 8 chunks of 16 bytes per matrix: thread i handles the
+// chunk i % 8 of rows i / 8 and i / 8 + 32.
+constexpr int kMmaRowsPerThread = kTileM * 8 / kThreads;
+static_assert(kMmaRowsPerThread == 2 && kThreads % 8 == 0,
+              "each thread loads chunk tid % 8 of rows tid / 8 + 32 j, j < 2");
+
 template <class D, bool kGated>
-__device__ __forceinline__ void mma_load_stage(const TileArgs& t, char* arena, int buf, uint32_t kc) {
+__device__ __forceinline__ void mma_load_stage(const TileArgs& t, const char* const (&arow)[2],
+                                               char* arena, int buf, uint32_t kc) {
     using T = typename D::T;
     T* As = reinterpret_cast<T*>(arena) + buf * 3 * kTileM * kLd;
     T* Bg = As + kTileM * kLd;
     T* Bu = Bg + kTileN * kLd;
     const uint64_t koff = uint64_t(kc) * kTileK * sizeof(T);
-    // 64 rows x 8 chunks of 16 bytes per matrix; 2 chunks per thread.
 #pragma unroll
-    for (int i = threadIdx.x; i < kTileM * 8; i += kThreads) {
+    for (int j = 0; j < kMmaRowsPerThread; ++j) {
+        const int i = threadIdx.x + j * kThreads;
         const int r = i / 8, ch = i % 8;
-        const bool valid = uint32_t(r) < t.a_rows;
-        const char* src = valid ? t.a + r * t.a_stride + koff + ch * 16 : t.a;
+        const bool valid = arow[j] != nullptr;
+        const char* src = valid ? arow[j] + koff + ch * 16 : t.b0;
         cp_async16(As + r * kLd + ch * 8, src, valid);
         cp_async16(Bg + r * kLd + ch * 8, t.b0 + r * t.b_stride + koff + ch * 16, true);
         if constexpr (kGated) {
@@ -140,10 +156,13 @@ __device__ __forceinline__ void mma_mainloop(const TileArgs& t, char* arena, flo
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = warp % 4, wn = warp / 4;
     const uint32_t nk = t.k / kTileK;
+    const char* arow[2];
+#pragma unroll
+    for (int j = 0; j < kMmaRowsPerThread; ++j) arow[j] = a_row(t, (threadIdx.x + j * kThreads) / 8);
     // Prologue: steps 0 .. kStages-2 in flight (one commit group each, possibly empty).
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (uint32_t(s) < nk) mma_load_stage<D, kGated>(t, arena, s, s);
+        if (uint32_t(s) < nk) mma_load_stage<D, kGated>(t, arow, arena, s, s);
         cp_async_commit();
     }
     for (uint32_t kc = 0; kc < nk; ++kc) {
@@ -153,7 +172,7 @@ __device__ __forceinline__ void mma_mainloop(const TileArgs& t, char* arena, flo
         // whose buffer ((kc-1) % kStages) the load below overwrites.
         __syncthreads();
         const uint32_t next = kc + kStages - 1;
-        if (next < nk) mma_load_stage<D, kGated>(t, arena, int(next % kStages), next);
+        if (next < nk) mma_load_stage<D, kGated>(t, arow, arena, int(next % kStages), next);
         cp_async_commit();
         const T* As = reinterpret_cast<const T*>(arena) + (kc % kStages) * 3 * kTileM * kLd;
         const T* Bg = As + kTileM * kLd;
@@ -206,23 +225,27 @@ struct F32Prefetch {
 };
 
 // Element (r, k4..k4+3) of a 64 x 64 f32 tile for this thread's i-th float4 (r fastest so
-// that the transposing shared stores of a warp hit consecutive banks).
+// that the transposing shared stores of a warp hit consecutive banks). The row is the same
+// for every i (tid % 64): one A row pointer per thread.
+static_assert(kThreads % kTileM == 0, "an f32 loader thread keeps one A row for all its float4s");
 __device__ __forceinline__ void f32_slot(int i, int& r, int& k4) {
     const int idx = threadIdx.x + i * kThreads;
     r = idx % 64;
     k4 = (idx / 64) * 4;
 }
 
+// `arow` is this thread's A row index (resolved through the gather list once per tile), or
+// ~0 past a_rows: one 32-bit register, as the gated f32 tile sits at the 128-register budget.
 template <bool kGated>
-__device__ __forceinline__ void f32_fetch(const TileArgs& t, uint32_t kc, F32Prefetch<kGated>& p) {
+__device__ __forceinline__ void f32_fetch(const TileArgs& t, uint32_t arow, uint32_t kc,
+                                          F32Prefetch<kGated>& p) {
     const uint64_t koff = uint64_t(kc) * kTileK * 4;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         int r, k4;
         f32_slot(i, r, k4);
-        p.a[i] = uint32_t(r) < t.a_rows
-                     ? *reinterpret_cast<const float4*>(t.a + r * t.a_stride + koff + k4 * 4)
-                     : make_float4(0.f, 0.f, 0.f, 0.f);
+        p.a[i] = arow != ~0u ? *reinterpret_cast<const float4*>(t.a + arow * t.a_stride + koff + k4 * 4)
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
         p.bg[i] = __ldg(reinterpret_cast<const float4*>(t.b0 + r * t.b_stride + koff + k4 * 4));
         if constexpr (kGated) {
             p.bu[i] = __ldg(reinterpret_cast<const float4*>(t.b1 + r * t.b_stride + koff + k4 * 4));
@@ -244,12 +267,14 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
     float* Bu = Bg + kTileK * kLdF;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const uint32_t nk = t.k / kTileK;
+    const uint32_t r = threadIdx.x % kTileM;
+    const uint32_t arow = r < t.a_rows ? (t.gather ? __ldg(t.gather + r) : r) : ~0u;
     for (uint32_t kc = 0; kc < nk; ++kc) {
         // All loads of the step are issued before the first shared store (12 x 16 bytes in
         // flight per thread). No prefetch across the FMAs: it would push the gated tile
         // past the 128-register budget of 2 blocks per SM and spill.
         F32Prefetch<kGated> p;
-        f32_fetch<kGated>(t, kc, p);
+        f32_fetch<kGated>(t, arow, kc, p);
         __syncthreads();  // the previous step's reads are done
 #pragma unroll
         for (int i = 0; i < 4; ++i) {

@@ -13,6 +13,7 @@
 #include "flashmoe/gate.cuh"
 #include "flashmoe/gemm.cuh"
 #include "flashmoe/params.h"
+#include "flashmoe/reduce.cuh"
 #include "flashmoe/sync.cuh"
 #include "flashmoe/task_queue.cuh"
 #include "flashmoe/transport.cuh"
@@ -33,6 +34,19 @@ __device__ __forceinline__ uint32_t dynamic_smem_bytes() {
     return v;
 }
 
+// The largest task index of any kind (tasks keep 30 bits of index, task_queue.cuh).
+__device__ __forceinline__ uint64_t largest_task_index(const Ctx& c) {
+    const FmLayerParams& L = *c.L;
+    const uint64_t g0 = L.intermediate / kTileN, g1 = L.hidden / kTileN;
+    const uint64_t units = uint64_t(L.world) * L.max_local * L.row_blocks;
+    const uint64_t routed = units * (g0 > g1 ? g0 : g1);
+    const uint64_t reduce = uint64_t(L.world) * c.max_token_row_blocks() * g1;
+    const uint64_t shared = uint64_t(c.max_token_row_blocks()) * (L.shared_width / kTileN + g1);
+    const uint64_t most = routed > reduce ? routed : reduce;
+    const uint64_t all = most > shared ? most : shared;
+    return all == 0 ? 0 : all - 1;
+}
+
 // Parameter checks every block makes identically (so all take the same path). Returns 0 or
 // the FM_STATUS_WHERE code of the first violation, with expected/observed.
 template <class D>
@@ -50,7 +64,9 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
     if (L.hidden == 0 || L.hidden % kTileN || L.intermediate == 0 || L.intermediate % kTileN ||
         L.shared_width % kTileN)
         return bad(2, kTileN, L.hidden % kTileN ? L.hidden : L.intermediate);
-    if (L.capacity == 0 || L.capacity % kTileM) return bad(2, kTileM, L.capacity);
+    // gemm0_done has row_blocks counters per (source, local expert): they must cover capacity.
+    if (L.capacity == 0 || uint64_t(L.row_blocks) * kTileM < L.capacity)
+        return bad(2, kTileM, (uint64_t(L.row_blocks) << 32) | L.capacity);
     if (L.dtype != D::kCode) return bad(3, D::kCode, L.dtype);
     if (c.nblk < FM_MIN_BLOCKS_PER_RANK) return bad(4, FM_MIN_BLOCKS_PER_RANK, c.nblk);
     if (L.top_k == 0 || L.top_k > kMaxTopK || c.k == 0 || c.k > L.top_k)
@@ -62,8 +78,11 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
     if (L.world == 0 || c.me >= L.world) return bad(11, L.world, c.me);
     if (R.local_experts > L.max_local) return bad(11, L.max_local, R.local_experts);
     if (R.tokens > L.tokens_max) return bad(11, L.tokens_max, R.tokens);
-    if (uint64_t(L.world) * R.local_experts > kMaxSignalPairs)
-        return bad(12, kMaxSignalPairs, uint64_t(L.world) * R.local_experts);
+    if (L.world > kMaxWorld) return bad(12, kMaxWorld, L.world);
+    if (L.route_slots == 0 || L.route_slots > L.top_k || L.route_slots > L.max_local)
+        return bad(17, L.top_k, L.route_slots);
+    if (const uint64_t most = largest_task_index(c); most > kTaskIndexMask)
+        return bad(18, kTaskIndexMask, most);
     if (L.router > FM_ROUTER_SQRTSOFTPLUS_BIAS || L.mlp > FM_MLP_CLAMPED_SWIGLU)
         return bad(13, FM_ROUTER_SQRTSOFTPLUS_BIAS, L.router);
     if (L.router == FM_ROUTER_SPARSEMIXER && c.k > 2) return bad(5, 2, c.k);
@@ -90,17 +109,15 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
 }
 
 // Zeroes this launch's counters before the first barrier (nobody reads them before it).
+// gemm1_done and reduce_done are armed per source by the scheduler (on_dispatch).
 __device__ void zero_counters(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     const uint32_t units = L.world * L.max_local * c.row_blocks();
-    const uint32_t pairs = L.world * L.max_local;
     const uint32_t srb = L.shared_width ? (L.tokens_max + kTileM - 1) / kTileM : 0;
     uint32_t* g0 = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm0_done);
-    uint32_t* g1 = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm1_done);
     uint32_t* sd = reinterpret_cast<uint32_t*>(c.ws + L.ws_shared_done);
     const uint32_t stride = c.nblk * kThreads;
     for (uint32_t i = c.blk * kThreads + threadIdx.x; i < units; i += stride) g0[i] = 0;
-    for (uint32_t i = c.blk * kThreads + threadIdx.x; i < pairs; i += stride) g1[i] = 0;
     for (uint32_t i = c.blk * kThreads + threadIdx.x; i < srb; i += stride) sd[i] = 0;
     if (c.blk == 0 && threadIdx.x == 0) {
         c.queue_ctl()[0] = 0;  // tail
@@ -131,7 +148,8 @@ __device__ FM_PHASE void rank_exit(const Ctx& c) {
 // launch parameter, so every block of every group takes the same branches; the caller
 // still runs rank_exit(), so the launch ends with status OK and the epoch advanced.
 // FM_STOP_GEMM0 ends inside the expert stage: no GEMM1 task is created (push_tasks), then
-// the launch also leaves at the GEMM1 stop.
+// the launch also leaves at the GEMM1 stop. FM_STOP_GEMM1 creates no reduce task and sends
+// no combine signal (source_gemm1_done).
 __device__ __forceinline__ bool stops_after(const Ctx& c, uint32_t stage) {
     const uint32_t stop = c.L->stop_after;
     return stop != FM_STOP_NONE && stop <= stage;
@@ -222,11 +240,9 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
     if (stops_after(c, FM_STOP_GATE)) return rank_exit(c);
 
     // ---- dispatch ----
-    if (ok) {
-        for (uint32_t ch = c.blk; ch < chunks; ch += c.nblk) dispatch_chunk<D>(c, ch);
-    }
-    // The barrier's system-scope fence orders every block's row copies before block 0's
-    // signals below.
+    if (ok) dispatch_rank<D>(c);
+    // The barrier's system-scope fence orders every block's rows and metadata before block
+    // 0's signals below.
     ok = ok && rank_barrier(c, 3, FM_STAGE_DISPATCH);
     if (ok && c.blk == 0) {
         send_dispatch_signals(c);

@@ -1,10 +1,12 @@
-// The per-rank task queue: the scheduler, the producers of GEMM1 tasks, and the processors.
+// The per-rank task queue: the scheduler, the producers of GEMM1 and reduce tasks, and the
+// processors.
 //
 // Queue entries are u64 `(epoch << 32) | task`; task = kind << 30 | index. Producers reserve
 // entries with an atomic on the tail and publish them with fence + store; processors take
 // tickets in order from the head and wait for their entry, or for the published total
 // (`(epoch << 32) | tasks`, known once every dispatch signal has arrived) to show that their
-// ticket is past the end.
+// ticket is past the end. The total counts the tasks created later (GEMM1 tiles, reduce
+// tiles, shared GEMM1 tiles): their numbers follow from the counts and rows of the signals.
 //
 // Why no wait can deadlock: every block is resident (cooperative launch). Tickets are taken
 // in entry order, and a processor only waits while holding no task, so when every processor
@@ -17,27 +19,29 @@
 
 #include "flashmoe/common.cuh"
 #include "flashmoe/gemm.cuh"
+#include "flashmoe/reduce.cuh"
 #include "flashmoe/sync.cuh"
 #include "flashmoe/transport.cuh"
 
 namespace fm {
 
 enum TaskKind : uint32_t {
-    kTaskG0 = 0,   // routed GEMM0 tile: unit (source, local, row block) x gemm0 column tile
-    kTaskG1 = 1,   // routed GEMM1 tile: unit x hidden column tile
-    kTaskSG0 = 2,  // shared-expert GEMM0 tile: token row block x shared column tile
-    kTaskSG1 = 3,  // shared-expert GEMM1 tile: token row block x hidden column tile
+    kTaskG0 = 0,      // routed GEMM0 tile: unit (source, local, row block) x gemm0 column tile
+    kTaskG1 = 1,      // routed GEMM1 tile: unit x hidden column tile
+    kTaskShared = 2,  // shared expert: GEMM0 tiles (token row block x shared column tile),
+                      // then from index token_row_blocks * shared_width / 64 on, GEMM1 tiles
+                      // (token row block x hidden column tile)
+    kTaskReduce = 3,  // reduce tile: (source, token row block) x hidden column tile
 };
 constexpr uint32_t kTaskIndexMask = (1u << 30) - 1;
 
 // Appends tasks kind:first .. kind:first+count-1 (single thread). The caller's fence-worthy
-// writes (activations) and acquisitions (signals) happen before, so the fence here makes
-// the entries release them.
-// A launch stopped after GEMM0 (stage checks) creates no GEMM1 task: the scheduler does not
-// count them either.
+// writes (activations, counters) and acquisitions (signals) happen before, so the fence
+// here makes the entries release them. A launch stopped after GEMM0 (stage checks) creates
+// no routed GEMM1 task: the scheduler does not count them either.
 __device__ __forceinline__ bool push_tasks(const Ctx& c, uint32_t kind, uint32_t first,
                                            uint32_t count) {
-    if (count == 0 || ((kind == kTaskG1 || kind == kTaskSG1) && c.stop_after_gemm0())) return true;
+    if (count == 0 || (kind == kTaskG1 && c.stop_after_gemm0())) return true;
     const uint64_t base = atomicAdd(c.queue_ctl(), count);
     if (base + count > c.L->ws_queue_capacity) {
         fail(c, FM_STATUS_QUEUE_OVERFLOW, FM_STAGE_EXPERT, 0, c.L->ws_queue_capacity, base + count, 0);
@@ -51,31 +55,90 @@ __device__ __forceinline__ bool push_tasks(const Ctx& c, uint32_t kind, uint32_t
     return true;
 }
 
-__device__ __forceinline__ uint32_t dispatch_rows(const Ctx& c, uint32_t s, uint32_t l) {
-    // Already acquired by the scheduler before it pushed the task that brought us here.
-    return uint32_t(*reinterpret_cast<volatile uint64_t*>(dispatch_signal(*c.L, c.heap, s, l)));
+__device__ __forceinline__ uint32_t blocks_of(uint32_t rows) { return (rows + kTileM - 1) / kTileM; }
+
+// Every GEMM1 tile of source s is done (or it has no pair): push its reduce tiles, or answer
+// at once with a 0-row combine signal when it sent no row. Nothing after GEMM1 in a launch
+// stopped at GEMM0/GEMM1. Single thread.
+__device__ __forceinline__ bool source_gemm1_done(const Ctx& c, uint32_t s) {
+    if (c.no_reduce()) return true;
+    const uint32_t rows = dispatch_rows(c, s);
+    const uint32_t n = blocks_of(rows) * (c.L->hidden / kTileN);
+    if (n == 0) {
+        if (!c.silent()) deliver_combine(c, s, 0);
+        return true;
+    }
+    return push_tasks(c, kTaskReduce, s * c.max_token_row_blocks() * (c.L->hidden / kTileN), n);
+}
+
+// Validates source s's signal and metadata (rows <= tokens_max, counts <= capacity, their
+// sum <= pair_capacity). Single thread; false after reporting FM_STATUS_BAD_SIGNAL.
+__device__ __forceinline__ bool check_source(const Ctx& c, uint32_t s, uint32_t rows) {
+    const FmLayerParams& L = *c.L;
+    if (rows > L.tokens_max) {
+        fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_EXPERT, (uint64_t(s) << 16) | 0xFFFFu, L.tokens_max, rows, 0);
+        return false;
+    }
+    const uint32_t* counts = recv_meta(c, s).counts;
+    uint64_t sum = 0;
+    for (uint32_t l = 0; l < c.R->local_experts; ++l) {
+        const uint32_t n = counts[l];
+        sum += n;
+        if (n > L.capacity || sum > L.pair_capacity) {
+            const bool cap = n > L.capacity;
+            fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_EXPERT, (uint64_t(s) << 16) | l,
+                 cap ? L.capacity : L.pair_capacity, cap ? n : sum, 0);
+            return false;
+        }
+    }
+    return true;
+}
+
+// Source s's dispatch signal (rows) has arrived: validate, write its pair bases, arm its
+// GEMM1 and reduce counters (each counts up from 0 - expected to 0, so the tile that brings
+// it to 0 is the last: no expected count is recomputed per tile), push its GEMM0 tiles.
+// Returns the tasks s brings in all; sets `failed` on error. Single thread.
+__device__ __forceinline__ uint64_t on_dispatch(const Ctx& c, uint32_t s, uint32_t rows, bool& failed) {
+    const FmLayerParams& L = *c.L;
+    if (!check_source(c, s, rows)) {
+        failed = true;
+        return 0;
+    }
+    const uint32_t g0 = L.intermediate / kTileN, g1 = L.hidden / kTileN;
+    const uint32_t* counts = recv_meta(c, s).counts;
+    uint32_t blocks = 0, base = 0;
+    for (uint32_t l = 0; l < c.R->local_experts; ++l) {
+        c.pair_base()[s * L.max_local + l] = base;
+        base += counts[l];
+        blocks += blocks_of(counts[l]);
+    }
+    const uint32_t g1_tasks = c.stop_after_gemm0() ? 0 : g1;
+    const uint32_t reduce = c.no_reduce() ? 0 : blocks_of(rows) * g1;
+    reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm1_done)[s] = 0u - blocks * g1;
+    reinterpret_cast<uint32_t*>(c.ws + L.ws_reduce_done)[s] = 0u - reduce;
+    for (uint32_t l = 0; l < c.R->local_experts && !failed; ++l) {
+        const uint32_t unit0 = (s * L.max_local + l) * c.row_blocks();
+        failed = !push_tasks(c, kTaskG0, unit0 * g0, blocks_of(counts[l]) * g0);
+    }
+    if (!failed && blocks == 0 && !c.stop_after_gemm0()) failed = !source_gemm1_done(c, s);
+    return uint64_t(blocks) * (g0 + g1_tasks) + reduce;
 }
 
 // Block 0 of the group, after its dispatch signals: pushes the shared-expert GEMM0 tasks,
-// then polls this rank's (source, local expert) dispatch signals and pushes each arrived
-// pair's GEMM0 tasks (0 rows: the combine signal is answered at once), then publishes the
-// total. Returns false on error (block-uniform).
+// then polls this rank's dispatch signals, one per source, and hands each arrived one to
+// on_dispatch(), then publishes the total. Returns false on error (block-uniform).
 __device__ FM_PHASE bool schedule(const Ctx& c) {
     const FmLayerParams& L = *c.L;
-    const uint32_t local = c.R->local_experts;
-    const uint32_t pairs = L.world * local;
-    const uint32_t g0 = L.intermediate / kTileN, g1 = L.hidden / kTileN;
-    const uint32_t rbs = c.row_blocks();
-    // A launch stopped after GEMM0 creates no GEMM1 task (see run_task).
-    const uint32_t g1_tasks = c.stop_after_gemm0() ? 0 : g1;
+    const uint32_t g1 = L.hidden / kTileN;
     bool failed = false;
     unsigned long long total = 0;
     if (threadIdx.x == 0) {
         c.misc->sum = 0;
         if (L.shared_width != 0) {
+            // A launch stopped after GEMM0 creates no shared GEMM1 task either (run_shared).
             const uint32_t trb = c.token_row_blocks(), sg0 = L.shared_width / kTileN;
-            failed |= !push_tasks(c, kTaskSG0, 0, trb * sg0);
-            total += uint64_t(trb) * (sg0 + g1_tasks);
+            failed |= !push_tasks(c, kTaskShared, 0, trb * sg0);
+            total += uint64_t(trb) * (sg0 + (c.stop_after_gemm0() ? 0 : g1));
         }
     }
     uint64_t seen_mask = 0;
@@ -83,41 +146,29 @@ __device__ FM_PHASE bool schedule(const Ctx& c) {
     while (true) {
         uint32_t pending = 0;
         uint64_t last_word = 0;
-        uint32_t last_pair = 0;
+        uint32_t last_source = 0;
 #pragma unroll 1
         for (uint32_t i = 0; i < 64; ++i) {
-            const uint32_t j = threadIdx.x + i * kThreads;
-            if (j >= pairs) break;
+            const uint32_t s = threadIdx.x + i * kThreads;
+            if (s >= L.world) break;
             if ((seen_mask >> i) & 1ull) continue;
-            const uint32_t s = j / local, l = j % local;
-            const uint64_t w = ld_acquire_sys(dispatch_signal(L, c.heap, s, l));
+            const uint64_t w =
+                ld_acquire_sys(reinterpret_cast<const uint64_t*>(c.heap + dispatch_signal_off(L, s)));
             if (!signal_is(w, c.n)) {
                 ++pending;
                 last_word = w;
-                last_pair = (s << 16) | l;
+                last_source = s;
                 continue;
             }
             seen_mask |= 1ull << i;
-            const uint32_t rows = uint32_t(w);
-            if (rows > L.capacity) {
-                fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_EXPERT, (s << 16) | l, L.capacity, rows, 0);
-                failed = true;
-                continue;
-            }
-            const uint32_t nrb = (rows + kTileM - 1) / kTileM;
-            if (nrb == 0) {
-                if (!c.silent()) deliver(c, s, kStageCombine, l, 0, combine_signal_off(L, c.me, l));
-            } else {
-                const uint32_t unit0 = (s * L.max_local + l) * rbs;
-                failed |= !push_tasks(c, kTaskG0, unit0 * g0, nrb * g0);
-                total += uint64_t(nrb) * (g0 + g1_tasks);
-            }
+            total += on_dispatch(c, s, uint32_t(w), failed);
         }
         if (pending != 0 && !failed) {
             // A wait on peers' signals: a possible cause, so 1 x timeout_ns (watchdog.cuh).
             const uint64_t waited = now_ns() - start;
             if (waited > L.timeout_ns) {
-                fail(c, FM_STATUS_TIMEOUT, FM_STAGE_DISPATCH, last_pair, c.n << 32, last_word, waited);
+                fail(c, FM_STATUS_TIMEOUT, FM_STAGE_DISPATCH, uint64_t(last_source) << 16, c.n << 32,
+                     last_word, waited);
                 failed = true;
             }
         }
@@ -135,133 +186,217 @@ __device__ FM_PHASE bool schedule(const Ctx& c) {
     return true;
 }
 
-// Runs one task (block-wide) and its completion step. Returns false on error.
+// A routed tile's place: (source, local expert, row block) of `unit` and its pairs.
+struct Unit {
+    uint32_t s, l, p0, rows;  // source, local expert, first pair, valid rows (<= 64)
+};
+
+__device__ __forceinline__ Unit unit_of(const Ctx& c, uint32_t unit) {
+    const FmLayerParams& L = *c.L;
+    const uint32_t rb = unit % c.row_blocks(), sl = unit / c.row_blocks();
+    Unit u;
+    u.s = sl / L.max_local;
+    u.l = sl % L.max_local;
+    u.p0 = c.pair_base()[u.s * L.max_local + u.l] + rb * kTileM;
+    u.rows = min_u32(kTileM, recv_meta(c, u.s).counts[u.l] - rb * kTileM);
+    return u;
+}
+
+// Every pair-list entry of the block must name a row source s sent (else its A rows would
+// be read from outside them): FM_STATUS_BAD_SIGNAL. Block-uniform.
+__device__ __forceinline__ bool check_pairs(const Ctx& c, const Unit& u, const uint32_t* pairs) {
+    const uint32_t rows = dispatch_rows(c, u.s);
+    bool bad = false;
+    if (uint32_t(threadIdx.x) < u.rows) {
+        const uint32_t q = pairs[threadIdx.x];
+        if (q >= rows) {
+            fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_EXPERT, (uint64_t(u.s) << 16) | u.l, rows, q, 0);
+            bad = true;
+        }
+    }
+    return !__syncthreads_or(bad);
+}
+
+// GEMM0 tile: A rows gathered through s's pair list from its dispatch rows, written to
+// act[s][pair]. The row block's last tile publishes its GEMM1 tiles.
 template <class D>
-__device__ bool run_task(const Ctx& c, uint32_t task) {
-    using T = typename D::T;
+__device__ FM_PHASE bool run_gemm0(const Ctx& c, uint32_t idx) {
+    const FmLayerParams& L = *c.L;
+    constexpr uint64_t es = sizeof(typename D::T);
+    const uint32_t g0 = L.intermediate / kTileN, H = L.hidden, I = L.intermediate;
+    const uint32_t unit = idx / g0, nt = idx % g0;
+    const Unit u = unit_of(c, unit);
+    const uint32_t* pairs = recv_meta(c, u.s).pairs + u.p0;
+    if (!check_pairs(c, u, pairs)) return false;
+    TileArgs t;
+    t.a = c.heap + heap_row(L, L.heap_dispatch_rows, kCellRecv, u.s, 0);
+    t.a_stride = L.heap_stride_row;
+    t.a_rows = u.rows;
+    t.gather = pairs;
+    const char* w0 = reinterpret_cast<const char*>(c.R->w0) + u.l * (uint64_t(c.gemm0_width()) * H * es);
+    t.b0 = w0 + uint64_t(nt) * kTileN * H * es;
+    t.b1 = w0 + (uint64_t(I) + nt * kTileN) * H * es;
+    t.b_stride = H * es;
+    t.k = H;
+    t.out = c.ws + L.ws_act + u.s * L.ws_act_stride_source + uint64_t(u.p0) * L.ws_act_stride_row +
+            uint64_t(nt) * kTileN * es;
+    t.out_stride = L.ws_act_stride_row;
+    t.out_rows = u.rows;
+    t.bias0 = nullptr;
+    t.bias1 = nullptr;
+    if (c.R->b0 != 0) {
+        const float* b0 = reinterpret_cast<const float*>(c.R->b0) + uint64_t(u.l) * c.gemm0_width();
+        t.bias0 = b0 + nt * kTileN;
+        t.bias1 = c.gated() ? b0 + I + nt * kTileN : nullptr;
+    }
+    const Clamp clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset};
+    if (c.gated()) {
+        run_tile<D, kEpiActGated>(t, c.smem, L.mlp, clamp);
+    } else {
+        run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, clamp);
+    }
+    bool ok = true;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm0_done) + unit;
+        // acq_rel: the last finisher sees every other tile's activations before it
+        // publishes the row block's GEMM1 tasks.
+        const uint32_t g1 = H / kTileN;
+        if (atom_add_acq_rel(done, 1) + 1 == g0) ok = push_tasks(c, kTaskG1, unit * g1, g1);
+    }
+    return block_bcast(c, threadIdx.x == 0 ? ok : true);
+}
+
+// GEMM1 tile: act[s][pair] x w1 (+ b1) rounded into y[s][pair]. The last GEMM1 tile of the
+// source hands it to the reduce.
+template <class D>
+__device__ FM_PHASE bool run_gemm1(const Ctx& c, uint32_t idx) {
+    const FmLayerParams& L = *c.L;
+    constexpr uint64_t es = sizeof(typename D::T);
+    const uint32_t g1 = L.hidden / kTileN, H = L.hidden, I = L.intermediate;
+    const uint32_t unit = idx / g1, nt = idx % g1;
+    const Unit u = unit_of(c, unit);
+    TileArgs t;
+    t.a = c.ws + L.ws_act + u.s * L.ws_act_stride_source + uint64_t(u.p0) * L.ws_act_stride_row;
+    t.a_stride = L.ws_act_stride_row;
+    t.a_rows = u.rows;
+    t.gather = nullptr;
+    t.b0 = reinterpret_cast<const char*>(c.R->w1) + u.l * (uint64_t(H) * I * es) +
+           uint64_t(nt) * kTileN * I * es;
+    t.b1 = nullptr;
+    t.b_stride = I * es;
+    t.k = I;
+    t.out = c.ws + L.ws_y + u.s * L.ws_y_stride_source + uint64_t(u.p0) * L.ws_y_stride_row +
+            uint64_t(nt) * kTileN * es;
+    t.out_stride = L.ws_y_stride_row;
+    t.out_rows = u.rows;
+    t.bias0 = c.R->b1 != 0 ? reinterpret_cast<const float*>(c.R->b1) + uint64_t(u.l) * H + nt * kTileN
+                           : nullptr;
+    t.bias1 = nullptr;
+    run_tile<D, kEpiStore>(t, c.smem, L.mlp, Clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset});
+    bool ok = true;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm1_done) + u.s;
+        // acq_rel: the last finisher sees every y row of the source before its reduce tiles
+        // are published (the counter was armed at 0 - tiles by on_dispatch).
+        if (atom_add_acq_rel(done, 1) + 1 == 0) ok = source_gemm1_done(c, u.s);
+    }
+    return block_bcast(c, threadIdx.x == 0 ? ok : true);
+}
+
+// Reduce tile (reduce.cuh); the source's last one sends its combine signal.
+template <class D>
+__device__ FM_PHASE bool run_reduce(const Ctx& c, uint32_t idx) {
+    const FmLayerParams& L = *c.L;
+    const uint32_t g1 = L.hidden / kTileN, per_source = c.max_token_row_blocks() * g1;
+    const uint32_t s = idx / per_source, trb = (idx % per_source) / g1, nt = idx % g1;
+    const uint32_t rows = dispatch_rows(c, s);
+    if (!reduce_tile<D>(c, s, trb, nt, rows)) return false;
+    if (threadIdx.x == 0) {
+        __threadfence_system();  // the tile's (remote) stores, before the count
+        uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_reduce_done) + s;
+        if (atom_add_acq_rel(done, 1) + 1 == 0 && !c.silent()) deliver_combine(c, s, rows);
+    }
+    return true;
+}
+
+// Shared-expert tile: GEMM0 (x -> shared act) below index token_row_blocks * sg0, GEMM1
+// (shared act -> f32 shared out) from there.
+template <class D>
+__device__ FM_PHASE bool run_shared(const Ctx& c, uint32_t idx) {
     const FmLayerParams& L = *c.L;
     const FmRankParams& R = *c.R;
-    constexpr uint64_t es = sizeof(T);
-    const uint32_t kind = task >> 30, idx = task & kTaskIndexMask;
-    const uint32_t H = L.hidden, I = L.intermediate, SW = L.shared_width;
-    const uint32_t g0 = I / kTileN, g1 = H / kTileN, rbs = c.row_blocks();
-    const bool gated = c.gated();
-    bool ok = true;
+    constexpr uint64_t es = sizeof(typename D::T);
+    const uint32_t H = L.hidden, SW = L.shared_width, g1 = H / kTileN, sg0 = SW / kTileN;
+    const uint32_t first_g1 = c.token_row_blocks() * sg0;
+    const bool gemm0 = idx < first_g1;
+    const uint32_t j = gemm0 ? idx : idx - first_g1, per = gemm0 ? sg0 : g1;
+    const uint32_t rb = j / per, nt = j % per;
+    const uint32_t valid = min_u32(kTileM, R.tokens - rb * kTileM);
+    char* sact = c.ws + L.ws_shared_act + uint64_t(rb) * kTileM * L.ws_shared_act_stride_row;
     const Clamp clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset};
     TileArgs t;
-    t.bias0 = nullptr;  // expert biases (gpt-oss) are set below where the rank has them
+    t.a_rows = valid;
+    t.gather = nullptr;
+    t.out_rows = valid;
+    t.bias0 = nullptr;
     t.bias1 = nullptr;
-    if (kind == kTaskG0 || kind == kTaskG1) {
-        const uint32_t per = kind == kTaskG0 ? g0 : g1;
-        const uint32_t unit = idx / per, nt = idx % per;
-        const uint32_t rb = unit % rbs, sl = unit / rbs;
-        const uint32_t s = sl / L.max_local, l = sl % L.max_local;
-        const uint32_t rows = dispatch_rows(c, s, l);
-        const uint32_t valid = min_u32(kTileM, rows - rb * kTileM);
-        char* act = c.ws + L.ws_act + s * L.ws_act_stride_source + l * L.ws_act_stride_expert +
-                    uint64_t(rb) * kTileM * L.ws_act_stride_row;
-        if (kind == kTaskG0) {
-            t.a = c.heap + heap_row(L, s, kStageDispatch, kCellRecv, l, rb * kTileM);
-            t.a_stride = L.heap_stride_row;
-            t.a_rows = valid;
-            const char* w0 = reinterpret_cast<const char*>(R.w0) + l * (uint64_t(c.gemm0_width()) * H * es);
-            t.b0 = w0 + uint64_t(nt) * kTileN * H * es;
-            t.b1 = w0 + (uint64_t(I) + nt * kTileN) * H * es;
-            t.b_stride = H * es;
-            t.k = H;
-            t.out = act + uint64_t(nt) * kTileN * es;
-            t.out_stride = L.ws_act_stride_row;
-            t.out_rows = valid;
-            if (R.b0 != 0) {
-                const float* b0 = reinterpret_cast<const float*>(R.b0) + uint64_t(l) * c.gemm0_width();
-                t.bias0 = b0 + nt * kTileN;
-                t.bias1 = gated ? b0 + I + nt * kTileN : nullptr;
-            }
-            if (gated) {
-                run_tile<D, kEpiActGated>(t, c.smem, L.mlp, clamp);
-            } else {
-                run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, clamp);
-            }
-            if (threadIdx.x == 0) {
-                __threadfence();
-                uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm0_done) + unit;
-                // acq_rel: the last finisher sees every other tile's activations before it
-                // publishes the row block's GEMM1 tasks.
-                if (atom_add_acq_rel(done, 1) + 1 == g0) ok = push_tasks(c, kTaskG1, unit * g1, g1);
-            }
+    bool ok = true;
+    if (gemm0) {
+        t.a = reinterpret_cast<const char*>(R.x) + uint64_t(rb) * kTileM * H * es;
+        t.a_stride = H * es;
+        const char* w0 = reinterpret_cast<const char*>(R.shared_w0);
+        t.b0 = w0 + uint64_t(nt) * kTileN * H * es;
+        t.b1 = w0 + (uint64_t(SW) + nt * kTileN) * H * es;
+        t.b_stride = H * es;
+        t.k = H;
+        t.out = sact + uint64_t(nt) * kTileN * es;
+        t.out_stride = L.ws_shared_act_stride_row;
+        if (c.gated()) {
+            run_tile<D, kEpiActGated>(t, c.smem, L.mlp, clamp);
         } else {
-            t.a = act;
-            t.a_stride = L.ws_act_stride_row;
-            t.a_rows = valid;
-            t.b0 = reinterpret_cast<const char*>(R.w1) + l * (uint64_t(H) * I * es) +
-                   uint64_t(nt) * kTileN * I * es;
-            t.b1 = nullptr;
-            t.b_stride = I * es;
-            t.k = I;
-            // Straight into the source's combine receive cell, in the source's slot order.
-            t.out = row_target(c, s, kStageCombine, l, rb * kTileM) + uint64_t(nt) * kTileN * es;
-            t.out_stride = L.heap_stride_row;
-            t.out_rows = valid;
-            if (R.b1 != 0) t.bias0 = reinterpret_cast<const float*>(R.b1) + uint64_t(l) * H + nt * kTileN;
-            run_tile<D, kEpiStore>(t, c.smem, L.mlp, clamp);
-            if (threadIdx.x == 0) {
-                __threadfence_system();  // the tile's remote stores, before the count
-                uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm1_done) +
-                                 (s * L.max_local + l);
-                const uint32_t nrb = (rows + kTileM - 1) / kTileM;
-                if (atom_add_acq_rel(done, 1) + 1 == nrb * g1 && !c.silent()) {
-                    deliver(c, s, kStageCombine, l, rows, combine_signal_off(L, c.me, l));
-                }
-            }
+            run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, clamp);
+        }
+        if (threadIdx.x == 0) {
+            __threadfence();
+            uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_shared_done) + rb;
+            if (atom_add_acq_rel(done, 1) + 1 == sg0 && !c.stop_after_gemm0())
+                ok = push_tasks(c, kTaskShared, first_g1 + rb * g1, g1);
         }
     } else {
-        const uint32_t sg0 = SW / kTileN;
-        const uint32_t per = kind == kTaskSG0 ? sg0 : g1;
-        const uint32_t rb = idx / per, nt = idx % per;
-        const uint32_t valid = min_u32(kTileM, R.tokens - rb * kTileM);
-        char* sact = c.ws + L.ws_shared_act + uint64_t(rb) * kTileM * L.ws_shared_act_stride_row;
-        if (kind == kTaskSG0) {
-            t.a = reinterpret_cast<const char*>(R.x) + uint64_t(rb) * kTileM * H * es;
-            t.a_stride = H * es;
-            t.a_rows = valid;
-            const char* w0 = reinterpret_cast<const char*>(R.shared_w0);
-            t.b0 = w0 + uint64_t(nt) * kTileN * H * es;
-            t.b1 = w0 + (uint64_t(SW) + nt * kTileN) * H * es;
-            t.b_stride = H * es;
-            t.k = H;
-            t.out = sact + uint64_t(nt) * kTileN * es;
-            t.out_stride = L.ws_shared_act_stride_row;
-            t.out_rows = valid;
-            if (gated) {
-                run_tile<D, kEpiActGated>(t, c.smem, L.mlp, clamp);
-            } else {
-                run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, clamp);
-            }
-            if (threadIdx.x == 0) {
-                __threadfence();
-                uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_shared_done) + rb;
-                if (atom_add_acq_rel(done, 1) + 1 == sg0) ok = push_tasks(c, kTaskSG1, rb * g1, g1);
-            }
-        } else {
-            t.a = sact;
-            t.a_stride = L.ws_shared_act_stride_row;
-            t.a_rows = valid;
-            t.b0 = reinterpret_cast<const char*>(R.shared_w1) + uint64_t(nt) * kTileN * SW * es;
-            t.b1 = nullptr;
-            t.b_stride = SW * es;
-            t.k = SW;
-            t.out = c.ws + L.ws_shared_out + uint64_t(rb) * kTileM * L.ws_shared_out_stride_row +
-                    uint64_t(nt) * kTileN * 4;
-            t.out_stride = L.ws_shared_out_stride_row;
-            t.out_rows = valid;
-            run_tile<D, kEpiStoreF32>(t, c.smem, L.mlp, clamp);
-            if (threadIdx.x == 0) {
-                __threadfence();
-                atom_add_acq_rel(c.sync() + 3, 1);
-            }
+        t.a = sact;
+        t.a_stride = L.ws_shared_act_stride_row;
+        t.b0 = reinterpret_cast<const char*>(R.shared_w1) + uint64_t(nt) * kTileN * SW * es;
+        t.b1 = nullptr;
+        t.b_stride = SW * es;
+        t.k = SW;
+        t.out = c.ws + L.ws_shared_out + uint64_t(rb) * kTileM * L.ws_shared_out_stride_row +
+                uint64_t(nt) * kTileN * 4;
+        t.out_stride = L.ws_shared_out_stride_row;
+        run_tile<D, kEpiStoreF32>(t, c.smem, L.mlp, clamp);
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atom_add_acq_rel(c.sync() + 3, 1);
         }
     }
     return block_bcast(c, threadIdx.x == 0 ? ok : true);
+}
+
+// Runs one task (block-wide) and its completion step. Returns false on error (block-uniform).
+template <class D>
+__device__ bool run_task(const Ctx& c, uint32_t task) {
+    const uint32_t kind = task >> 30, idx = task & kTaskIndexMask;
+    switch (kind) {
+        case kTaskG0:
+            return run_gemm0<D>(c, idx);
+        case kTaskG1:
+            return run_gemm1<D>(c, idx);
+        case kTaskShared:
+            return run_shared<D>(c, idx);
+        default:
+            return run_reduce<D>(c, idx);
+    }
 }
 
 enum TakeState : uint32_t { kTakeTask = 1, kTakeDone = 2, kTakeStop = 3 };

@@ -4,11 +4,14 @@
 // Emulated worlds every entry is a heap on this GPU; with NVSHMEM P2P it is nvshmem_ptr().
 // The plain kernel (flashmoe.cu) requires every entry to be non-zero (checked at setup).
 //
-// The NVSHMEM build (flashmoe_nvshmem.cu defines FM_NVSHMEM) also accepts 0 entries (peers
-// only reachable by RDMA): rows for such a peer are written into this rank's SEND cell at the
-// same (peer, stage, local, slot) position, and deliver() ships the contiguous rows with one
-// nvshmem_putmem_signal_nbi whose signal is the same epoch-tagged word. All heap offsets are
-// identical on every rank (symmetric heap), so an offset names the same place everywhere.
+// Heap (host/plan/heap.rs): dispatch rows [cell][source][slot], combine rows
+// [cell][owner][slot], metadata [cell][source] {counts, pairs, row_meta}, one dispatch signal
+// per source and one combine signal per owner. Cell RECV is where peers write, indexed by
+// the writer. The NVSHMEM build (flashmoe_nvshmem.cu defines FM_NVSHMEM) also accepts 0
+// entries (peers only reachable by RDMA): what is bound for such a peer is written into
+// this rank's SEND cell, indexed by the DESTINATION, and deliver_*() ships it with puts
+// whose last one carries the epoch-tagged signal. All heap offsets are identical on every
+// rank (symmetric heap), so an offset names the same place everywhere.
 #ifndef FLASHMOE_TRANSPORT_CUH
 #define FLASHMOE_TRANSPORT_CUH
 
@@ -22,8 +25,6 @@
 
 namespace fm {
 
-constexpr uint32_t kStageDispatch = 0;
-constexpr uint32_t kStageCombine = 1;
 constexpr uint32_t kCellRecv = 0;
 constexpr uint32_t kCellSend = 1;
 
@@ -31,25 +32,40 @@ __device__ __forceinline__ char* peer_heap(const Ctx& c, uint32_t q) {
     return reinterpret_cast<char*>(__ldg(c.peers + q));
 }
 
-// Byte offset of row `slot` of (peer, stage, cell, local expert): HeapLayout::row.
-__device__ __forceinline__ uint64_t heap_row(const FmLayerParams& L, uint32_t peer, uint32_t stage,
-                                             uint32_t cell, uint32_t local, uint32_t slot) {
-    return peer * L.heap_stride_peer + stage * L.heap_stride_stage + cell * L.heap_stride_cell +
-           local * L.heap_stride_expert + uint64_t(slot) * L.heap_stride_row;
+// Offset of row `slot` of `peer` in `cell` of the row region at `region`
+// (HeapLayout::dispatch_row / combine_row).
+__device__ __forceinline__ uint64_t heap_row(const FmLayerParams& L, uint64_t region,
+                                             uint32_t cell, uint32_t peer, uint32_t slot) {
+    return region + cell * L.heap_stride_cell + peer * L.heap_stride_peer +
+           uint64_t(slot) * L.heap_stride_row;
 }
 
-// Dispatch signal from `source` for local expert `local`, on the owner's heap.
-__device__ __forceinline__ uint64_t* dispatch_signal(const FmLayerParams& L, char* owner_heap,
-                                                     uint32_t source, uint32_t local) {
-    return reinterpret_cast<uint64_t*>(owner_heap + L.heap_dispatch_signals +
-                                       8ull * (uint64_t(source) * L.max_local + local));
+// Offset of `peer`'s metadata block in `cell` (HeapLayout::meta_block).
+__device__ __forceinline__ uint64_t meta_block(const FmLayerParams& L, uint32_t cell, uint32_t peer) {
+    return L.heap_meta + cell * L.heap_meta_stride_cell + peer * L.heap_meta_stride_peer;
 }
 
-// Combine signal from `owner` for its local expert `local`, on the source's heap.
-__device__ __forceinline__ uint64_t* combine_signal(const FmLayerParams& L, char* source_heap,
-                                                    uint32_t owner, uint32_t local) {
-    return reinterpret_cast<uint64_t*>(source_heap + L.heap_combine_signals +
-                                       8ull * (uint64_t(owner) * L.max_local + local));
+// A received metadata block (cell RECV of this rank's heap, written by `source`).
+struct Meta {
+    const uint32_t* counts;   // [max_local]
+    const uint32_t* pairs;    // [pair_capacity]
+    const uint64_t* row_meta; // [tokens_max][route_slots]
+};
+
+__device__ __forceinline__ Meta recv_meta(const Ctx& c, uint32_t source) {
+    const FmLayerParams& L = *c.L;
+    const char* b = c.heap + meta_block(L, kCellRecv, source);
+    return Meta{reinterpret_cast<const uint32_t*>(b + L.heap_meta_counts),
+                reinterpret_cast<const uint32_t*>(b + L.heap_meta_pairs),
+                reinterpret_cast<const uint64_t*>(b + L.heap_meta_rows)};
+}
+
+__device__ __forceinline__ uint64_t dispatch_signal_off(const FmLayerParams& L, uint32_t source) {
+    return L.heap_dispatch_signals + 8ull * source;
+}
+
+__device__ __forceinline__ uint64_t combine_signal_off(const FmLayerParams& L, uint32_t owner) {
+    return L.heap_combine_signals + 8ull * owner;
 }
 
 __device__ __forceinline__ uint64_t signal_word(uint64_t epoch, uint32_t rows) {
@@ -68,56 +84,99 @@ __device__ __forceinline__ void send_signal(uint64_t* word, uint64_t epoch, uint
     st_release_sys(word, signal_word(epoch, rows));
 }
 
-// Offset of the dispatch signal from `source` for local expert `local` (on the owner's heap).
-__device__ __forceinline__ uint64_t dispatch_signal_off(const FmLayerParams& L, uint32_t source,
-                                                       uint32_t local) {
-    return L.heap_dispatch_signals + 8ull * (uint64_t(source) * L.max_local + local);
-}
-
-// Offset of the combine signal from `owner` for its local expert `local` (on the source's heap).
-__device__ __forceinline__ uint64_t combine_signal_off(const FmLayerParams& L, uint32_t owner,
-                                                      uint32_t local) {
-    return L.heap_combine_signals + 8ull * (uint64_t(owner) * L.max_local + local);
-}
-
-// Where rows bound for row(me, stage, RECV, local, slot) on peer q are written: straight into
-// q's heap, or (RDMA peer, NVSHMEM build only) into row(q, stage, SEND, local, slot) here.
-__device__ __forceinline__ char* row_target(const Ctx& c, uint32_t q, uint32_t stage,
-                                            uint32_t local, uint32_t slot) {
+// Where something bound for `region_recv` (an offset naming this rank's place in q's RECV
+// cell) is written: straight into q's heap, or (RDMA peer, NVSHMEM build only) at
+// `region_send` (q's place in this rank's SEND cell).
+__device__ __forceinline__ char* target(const Ctx& c, uint32_t q, uint64_t region_recv,
+                                        uint64_t region_send) {
     char* p = peer_heap(c, q);
 #ifdef FM_NVSHMEM
-    if (p == nullptr) return c.heap + heap_row(*c.L, q, stage, kCellSend, local, slot);
+    if (p == nullptr) return c.heap + region_send;
 #endif
-    return p + heap_row(*c.L, c.me, stage, kCellRecv, local, slot);
+    (void)region_send;
+    return p + region_recv;
 }
 
-// Publishes the `rows` first rows of (me -> q, stage, local) and the signal at `sig_off` on
-// q's heap: `(epoch << 32) | rows`. Direct peers already hold the rows (row_target): only
-// the release signal is stored. RDMA peers get one put-with-signal of the staged rows (or a
-// bare signal for 0 rows). The caller guarantees every row write happened before (block
-// barrier plus fences or an acquire chain).
-__device__ __forceinline__ void deliver(const Ctx& c, uint32_t q, uint32_t stage, uint32_t local,
-                                        uint32_t rows, uint64_t sig_off) {
-    char* p = peer_heap(c, q);
+// Dispatch row `slot` bound for owner rank r.
+__device__ __forceinline__ char* dispatch_target(const Ctx& c, uint32_t r, uint32_t slot) {
+    const FmLayerParams& L = *c.L;
+    return target(c, r, heap_row(L, L.heap_dispatch_rows, kCellRecv, c.me, slot),
+                  heap_row(L, L.heap_dispatch_rows, kCellSend, r, slot));
+}
+
+// The metadata block bound for owner rank r.
+__device__ __forceinline__ char* meta_target(const Ctx& c, uint32_t r) {
+    const FmLayerParams& L = *c.L;
+    return target(c, r, meta_block(L, kCellRecv, c.me), meta_block(L, kCellSend, r));
+}
+
+// Combine row `slot` bound for source rank s.
+__device__ __forceinline__ char* combine_target(const Ctx& c, uint32_t s, uint32_t slot) {
+    const FmLayerParams& L = *c.L;
+    return target(c, s, heap_row(L, L.heap_combine_rows, kCellRecv, c.me, slot),
+                  heap_row(L, L.heap_combine_rows, kCellSend, s, slot));
+}
+
+#ifdef FM_NVSHMEM
+// One put of `bytes` from this heap at `src` to q's heap at `dst`, non-blocking.
+__device__ __forceinline__ void put(const Ctx& c, uint32_t q, uint64_t dst, uint64_t src,
+                                    uint64_t bytes) {
+    if (bytes != 0) nvshmem_putmem_nbi(c.heap + dst, c.heap + src, bytes, int(q));
+}
+#endif
+
+// Publishes the dispatch to owner r: `rows` token rows, the metadata, and the signal
+// `(epoch << 32) | rows` at dispatch_signal(me) on r. Direct peers already hold rows and
+// metadata: only the release signal is stored. RDMA peers get the staged rows, then the
+// metadata block up to the last used row_meta entry (counts and the whole pair list
+// included) with the signal; nvshmem_fence orders the two puts to the same peer, so the
+// signal is seen after both. The caller guarantees every write happened before (rank
+// barrier: system-scope fence of every block).
+__device__ __forceinline__ void deliver_dispatch(const Ctx& c, uint32_t r, uint32_t rows) {
+    const FmLayerParams& L = *c.L;
+    char* p = peer_heap(c, r);
+    const uint64_t sig_off = dispatch_signal_off(L, c.me);
 #ifdef FM_NVSHMEM
     if (p == nullptr) {
-        const FmLayerParams& L = *c.L;
+        __threadfence_system();  // staged data visible to the copy engine / NIC
+        put(c, r, heap_row(L, L.heap_dispatch_rows, kCellRecv, c.me, 0),
+            heap_row(L, L.heap_dispatch_rows, kCellSend, r, 0), uint64_t(rows) * L.heap_stride_row);
+        nvshmem_fence();
+        const uint64_t meta_bytes = L.heap_meta_rows + uint64_t(rows) * L.route_slots * 8;
+        nvshmem_putmem_signal_nbi(c.heap + meta_block(L, kCellRecv, c.me),
+                                  c.heap + meta_block(L, kCellSend, r), meta_bytes,
+                                  reinterpret_cast<uint64_t*>(c.heap + sig_off),
+                                  signal_word(c.n, rows), NVSHMEM_SIGNAL_SET, int(r));
+        return;
+    }
+#endif
+    send_signal(reinterpret_cast<uint64_t*>(p + sig_off), c.n, rows);
+}
+
+// Publishes the reduced rows for source s: `rows` combine rows and the signal at
+// combine_signal(me) on s (one put-with-signal of the staged rows for an RDMA peer, a bare
+// signal for 0 rows). The caller orders every reduce tile's stores before (fences + the
+// acq_rel counter).
+__device__ __forceinline__ void deliver_combine(const Ctx& c, uint32_t s, uint32_t rows) {
+    const FmLayerParams& L = *c.L;
+    char* p = peer_heap(c, s);
+    const uint64_t sig_off = combine_signal_off(L, c.me);
+#ifdef FM_NVSHMEM
+    if (p == nullptr) {
         uint64_t* sig = reinterpret_cast<uint64_t*>(c.heap + sig_off);
         const uint64_t value = signal_word(c.n, rows);
-        __threadfence_system();  // staged rows visible to the copy engine / NIC
+        __threadfence_system();
         if (rows != 0) {
-            nvshmem_putmem_signal_nbi(c.heap + heap_row(L, c.me, stage, kCellRecv, local, 0),
-                                      c.heap + heap_row(L, q, stage, kCellSend, local, 0),
+            nvshmem_putmem_signal_nbi(c.heap + heap_row(L, L.heap_combine_rows, kCellRecv, c.me, 0),
+                                      c.heap + heap_row(L, L.heap_combine_rows, kCellSend, s, 0),
                                       uint64_t(rows) * L.heap_stride_row, sig, value,
-                                      NVSHMEM_SIGNAL_SET, int(q));
+                                      NVSHMEM_SIGNAL_SET, int(s));
         } else {
-            nvshmemx_signal_op(sig, value, NVSHMEM_SIGNAL_SET, int(q));
+            nvshmemx_signal_op(sig, value, NVSHMEM_SIGNAL_SET, int(s));
         }
         return;
     }
 #endif
-    (void)stage;
-    (void)local;
     send_signal(reinterpret_cast<uint64_t*>(p + sig_off), c.n, rows);
 }
 
