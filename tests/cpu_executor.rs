@@ -860,3 +860,37 @@ fn check_provenance(
         );
     }
 }
+
+#[test]
+fn experts_packed_one_at_a_time_give_the_same_output() {
+    let mut c = base(2, 6, 2);
+    c.shared = Some(SharedExperts {
+        count: 1,
+        intermediate: 64,
+        gated: false,
+    });
+    let plan = LayerPlan::new(&c).expect("plan");
+    let xs = [random_tokens(&c, 24, 1), random_tokens(&c, 17, 2)];
+    let inputs = RankInput::per_rank(&xs, &[24, 17]);
+    let ov = RouteOverrides::default();
+    let whole = Arc::new(LayerWeights::random(&c, 3));
+    let want = CpuExecutor::new(plan.clone(), whole)
+        .expect("executor")
+        .forward(&inputs, &ov)
+        .expect("forward");
+    let gate = LayerWeights::random_gate(&c, 3);
+    let expert = |e: usize| Ok(LayerWeights::random_expert(&c, 3, e));
+    let got = CpuExecutor::from_parts(plan.clone(), &gate, &expert)
+        .expect("executor")
+        .forward(&inputs, &ov)
+        .expect("forward");
+    assert_eq!(got.out, want.out);
+    // A wrong expert is refused, naming the tensor.
+    let bad = |e: usize| {
+        let mut w = LayerWeights::random_expert(&c, 3, e);
+        w.w1.pop();
+        Ok(w)
+    };
+    let err = CpuExecutor::from_parts(plan, &gate, &bad).expect_err("short w1");
+    assert!(err.to_string().contains("weights.experts[].w1"), "{err}");
+}

@@ -59,11 +59,15 @@ struct Cpu {
     ranks: usize,
 }
 
-/// The CPU executor (one thread per rank), taking the weights: each expert's f32 copy is
-/// freed once packed.
-pub fn cpu_runner_owned(plan: &LayerPlan, weights: LayerWeights) -> Result<Box<dyn Runner>> {
+/// The CPU executor (one thread per rank), its routed experts packed one at a time as
+/// `expert` produces them, the rest from `gate`.
+pub fn cpu_runner_parts(
+    plan: &LayerPlan,
+    gate: &LayerWeights,
+    expert: &flashmoe::reference::ExpertSource,
+) -> Result<Box<dyn Runner>> {
     Ok(Box::new(Cpu {
-        exec: CpuExecutor::from_owned(plan.clone(), weights)?,
+        exec: CpuExecutor::from_parts(plan.clone(), gate, expert)?,
         ranks: plan.world(),
     }))
 }

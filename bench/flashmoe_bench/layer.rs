@@ -172,22 +172,24 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
     }
     estimate.check("flashmoe-bench layer", shape.max_host_memory)?;
     crate::memory::check_device(&estimate, 0)?;
-    let weights = LayerWeights::random(&cfg, shape.seed);
     let data = RankData::generate(&cfg, shape.seed);
     let inputs = data.inputs(cfg.tokens);
     let ov = RouteOverrides::default();
-
-    // The reference comes first, so that the CPU executor can take the weights (and free
-    // each expert's f32 copy once packed) instead of both being held.
     let rows: Vec<Vec<usize>> = inputs
         .iter()
         .map(|i| sample_rows(i.tokens, shape.check_tokens))
         .collect();
-    let want = reference::forward_rows(&plan, &weights, &inputs, &ov, &rows)?;
-    let mut runner: Box<dyn Runner> = if gpu {
-        backend::gpu_runner(&plan, &weights, shape.world)?
+    let (want, mut runner): (_, Box<dyn Runner>) = if gpu {
+        let weights = LayerWeights::random(&cfg, shape.seed);
+        let want = reference::forward_rows(&plan, &weights, &inputs, &ov, &rows)?;
+        (want, backend::gpu_runner(&plan, &weights, shape.world)?)
     } else {
-        backend::cpu_runner_owned(&plan, weights)?
+        // The routed experts come one at a time, for the reference and then for packing:
+        // the layer is never held as f32 beside its packed copy.
+        let gate = LayerWeights::random_gate(&cfg, shape.seed);
+        let expert = |e: usize| Ok(LayerWeights::random_expert(&cfg, shape.seed, e));
+        let want = reference::forward_rows_streamed(&plan, &gate, &expert, &inputs, &ov, &rows)?;
+        (want, backend::cpu_runner_parts(&plan, &gate, &expert)?)
     };
     let first = runner.run(&inputs, &ov)?;
     let tol = reference::tolerance(cfg.dtype);

@@ -131,19 +131,29 @@ fn executor_bytes(plan: &LayerPlan) -> u64 {
     plan.heap.bytes.saturating_add(plan.y_region_bytes())
 }
 
-/// The `layer` command in one process: every rank's weights (f32, every expert), tokens,
-/// the CPU executor's heaps (one per rank) or the device packing, and the reference.
+/// The `layer` command in one process: on a GPU, every rank's weights (f32, every expert)
+/// and their device packing; on the CPU, the packed weights (one f32 expert per thread at a
+/// time) and the executor's heaps; tokens, and the reference.
 pub fn layer(plan: &LayerPlan, check_tokens: usize, gpu: bool, launch_ranks: usize) -> Estimate {
     let cfg = &plan.config;
     let ranks = cfg.world;
     let weights = LayerWeights::host_bytes(cfg);
-    let mut host = vec![("weights (f32, every expert)", weights)];
-    if gpu {
-        let packed = weights / 4 * cfg.dtype.size() as u64;
-        host.push(("weights packed for the device", packed));
+    let packed = weights / 4 * cfg.dtype.size() as u64;
+    let mut host = if gpu {
+        vec![
+            ("weights (f32, every expert)", weights),
+            ("weights packed for the device", packed),
+        ]
     } else {
-        host.push(("executor heaps", mul(&[ranks as u64, executor_bytes(plan)])));
-    }
+        // The CPU path generates, checks and packs one expert at a time per thread.
+        let threads = flashmoe::cpu::packing_threads(cfg) as u64;
+        let one_expert = weights / (cfg.experts as u64).max(1);
+        vec![
+            ("weights packed in the dtype", packed),
+            ("f32 experts being packed", mul(&[threads, one_expert])),
+            ("executor heaps", mul(&[ranks as u64, executor_bytes(plan)])),
+        ]
+    };
     host.push(("tokens and outputs", tokens_bytes(cfg, ranks)));
     let rows = check_tokens.min(cfg.tokens);
     host.push(("reference check", reference_bytes(cfg, ranks, rows)));

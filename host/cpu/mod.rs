@@ -47,6 +47,7 @@ mod work;
 
 pub use gemm::Kernel;
 pub use heap::SymHeap;
+pub use packed::packing_threads;
 pub use signal::word as signal_word;
 
 use crate::error::{Error, Result};
@@ -148,6 +149,20 @@ impl CpuExecutor {
         let packed = PackedLayer::take(&mut weights, &plan.config);
         let gate = gate_weights(&weights, plan.config.dtype, plan.config.router_f32);
         Self::with_packed(plan, gate, packed)
+    }
+
+    /// An executor whose routed experts come one at a time from `expert` (checked and
+    /// packed as they come, never all held as f32), with the router, bias and shared
+    /// experts of `gate` (its routed experts are not read).
+    pub fn from_parts(
+        plan: LayerPlan,
+        gate: &LayerWeights,
+        expert: &crate::reference::ExpertSource,
+    ) -> Result<Self> {
+        gate.validate_gate(&plan.config)?;
+        let packed = PackedLayer::generate(gate, expert, &plan.config)?;
+        let gw = gate_weights(gate, plan.config.dtype, plan.config.router_f32);
+        Self::with_packed(plan, gw, packed)
     }
 
     fn with_packed(plan: LayerPlan, gate: LayerWeights, packed: PackedLayer) -> Result<Self> {

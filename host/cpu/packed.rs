@@ -78,6 +78,30 @@ impl PackedLayer {
         PackedLayer { experts, shared }
     }
 
+    /// Packs the routed experts `expert(0) ..` produces (each checked against `cfg`, and
+    /// dropped once packed: at most one f32 expert per thread exists at a time) and the
+    /// shared experts of `gate`.
+    pub fn generate(
+        gate: &LayerWeights,
+        expert: &crate::reference::ExpertSource,
+        cfg: &MoeConfig,
+    ) -> crate::error::Result<Self> {
+        let ids: Vec<usize> = (0..cfg.experts).collect();
+        let experts = spread_over(&ids, packing_threads(cfg), |part| {
+            part.iter()
+                .map(|&e| {
+                    let w = expert(e)?;
+                    w.validate(cfg, e)?;
+                    Ok(one(&w, cfg))
+                })
+                .collect()
+        })
+        .into_iter()
+        .collect::<crate::error::Result<Vec<_>>>()?;
+        let shared = gate.shared.as_ref().and_then(|e| shared(e, cfg));
+        Ok(PackedLayer { experts, shared })
+    }
+
     /// Bytes it holds.
     pub fn bytes(&self) -> usize {
         self.experts
@@ -117,6 +141,16 @@ fn shared(e: &ExpertWeights, cfg: &MoeConfig) -> Option<PackedMlp> {
     ))
 }
 
+/// Threads [`PackedLayer::generate`] packs with. Each holds one f32 expert while it packs
+/// it: no more threads than keep those copies within a quarter of the packed layer (one,
+/// for a few huge experts), nor than the machine's.
+pub fn packing_threads(cfg: &MoeConfig) -> usize {
+    let f32_expert = 4 * (cfg.gemm0_width() + cfg.intermediate) * cfg.hidden;
+    let packed_layer = cfg.experts * f32_expert / 4 * cfg.dtype.size();
+    let fit = (packed_layer / 4).checked_div(f32_expert).unwrap_or(1);
+    threads().min(fit).max(1)
+}
+
 /// Threads to pack with: the machine's.
 fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -124,7 +158,16 @@ fn threads() -> usize {
 
 /// `f` over consecutive parts of `items`, one part per thread, results in order.
 fn spread<T: Sync, R: Send>(items: &[T], f: impl Fn(&[T]) -> Vec<R> + Sync) -> Vec<R> {
-    let per = items.len().div_ceil(threads()).max(1);
+    spread_over(items, threads(), f)
+}
+
+/// [`spread`] over at most `threads` threads.
+fn spread_over<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&[T]) -> Vec<R> + Sync,
+) -> Vec<R> {
+    let per = items.len().div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
         let parts: Vec<_> = items.chunks(per).map(|p| s.spawn(|| f(p))).collect();
         join_all(parts)

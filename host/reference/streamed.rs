@@ -49,7 +49,15 @@ pub fn forward_rows_streamed(
                 format!("rank {r} lists token {t} but has {} tokens", input.tokens),
             ));
         }
-        let g = gate_checked(plan, gate, input.x, input.tokens, input.routing, k, ov.logit_bias.as_deref());
+        let g = gate_checked(
+            plan,
+            gate,
+            input.x,
+            input.tokens,
+            input.routing,
+            k,
+            ov.logit_bias.as_deref(),
+        );
         for (n, &t) in list.iter().enumerate() {
             for j in (0..k).filter(|&j| g.slots[t * k + j] >= 0) {
                 users[g.ids[t * k + j] as usize].push((r, n, j));
@@ -110,7 +118,8 @@ mod tests {
             Ok(LayerWeights::random_expert(&cfg, 5, e))
         };
         let gate = LayerWeights::random_gate(&cfg, 5);
-        let got = forward_rows_streamed(&plan, &gate, &source, &inputs, &ov, &rows).expect("streamed");
+        let got =
+            forward_rows_streamed(&plan, &gate, &source, &inputs, &ov, &rows).expect("streamed");
         assert_eq!(got, want);
         assert!(asked.load(Ordering::Relaxed) <= cfg.experts);
         // A source that fails names its error.

@@ -88,7 +88,12 @@ impl LayerWeights {
     /// them is exercised.
     pub fn random_expert(cfg: &MoeConfig, seed: u64, e: usize) -> ExpertWeights {
         let mut rng = stream(seed, 1 + e as u64);
-        mlp(cfg, &mut rng, cfg.intermediate, cfg.mlp.clamp_params().is_some())
+        mlp(
+            cfg,
+            &mut rng,
+            cfg.intermediate,
+            cfg.mlp.clamp_params().is_some(),
+        )
     }
 }
 
