@@ -106,12 +106,12 @@ const WHERE_ROW_META: u64 = 0xFFFE;
 pub fn describe_bad_signal(stage_code: u64, where_: u64) -> String {
     let peer = where_ >> 16;
     match (stage_code, where_ & 0xFFFF) {
-        (stage::COMBINE, _) => format!(
-            "the combine signal from rank {peer} (expected = rows sent, observed = rows)"
-        ),
-        (_, WHERE_ROWS) => format!(
-            "the dispatch signal from rank {peer} (expected = tokens_max, observed = rows)"
-        ),
+        (stage::COMBINE, _) => {
+            format!("the combine signal from rank {peer} (expected = rows sent, observed = rows)")
+        }
+        (_, WHERE_ROWS) => {
+            format!("the dispatch signal from rank {peer} (expected = tokens_max, observed = rows)")
+        }
         (_, WHERE_ROW_META) => format!(
             "a row_meta entry from rank {peer} (expected = pairs sent, observed = pair index)"
         ),
