@@ -8,8 +8,6 @@
 
 use crate::config::MoeConfig;
 use crate::error::{Error, Result};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 /// One expert MLP (also used for the fused shared experts).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -41,62 +39,10 @@ pub struct LayerWeights {
     pub shared_gate: Option<Vec<f32>>,
 }
 
-fn fill(rng: &mut StdRng, n: usize, scale: f32, round: impl Fn(f32) -> f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| round(rng.random_range(-scale..scale)))
-        .collect()
-}
+mod random;
+pub use random::random_tokens;
 
 impl LayerWeights {
-    /// Random weights with fan-in scaling, deterministic in `seed`.
-    pub fn random(cfg: &MoeConfig, seed: u64) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let round = |x: f32| cfg.dtype.round(x);
-        let h = cfg.hidden;
-        let s_in = 1.0 / (h as f32).sqrt();
-        // gpt-oss's clamped SwiGLU comes with expert biases: the random routed experts get
-        // them too, so that every path that adds them is exercised.
-        let biased = cfg.mlp.clamp_params().is_some();
-        let mlp = |rng: &mut StdRng, width: usize, with_bias: bool| {
-            let w0_rows = if cfg.mlp.is_gated() { 2 * width } else { width };
-            let w0 = fill(rng, w0_rows * h, s_in, round);
-            let w1 = fill(rng, h * width, 1.0 / (width as f32).sqrt(), round);
-            let (b0, b1) = if with_bias {
-                (fill(rng, w0_rows, 0.2, round), fill(rng, h, 0.2, round))
-            } else {
-                (Vec::new(), Vec::new())
-            };
-            ExpertWeights { w0, w1, b0, b1 }
-        };
-        let router = if cfg.router_f32 {
-            fill(&mut rng, cfg.experts * h, s_in, |x| x)
-        } else {
-            fill(&mut rng, cfg.experts * h, s_in, round)
-        };
-        let router_bias = if cfg.router.has_bias() {
-            fill(&mut rng, cfg.experts, 0.5, |x| x)
-        } else {
-            Vec::new()
-        };
-        let experts = (0..cfg.experts)
-            .map(|_| mlp(&mut rng, cfg.intermediate, biased))
-            .collect();
-        let shared = cfg
-            .shared
-            .map(|s| mlp(&mut rng, s.count * s.intermediate, false));
-        let shared_gate = cfg
-            .shared
-            .filter(|s| s.gated)
-            .map(|_| fill(&mut rng, h, s_in, round));
-        LayerWeights {
-            router,
-            router_bias,
-            experts,
-            shared,
-            shared_gate,
-        }
-    }
-
     /// Bytes [`LayerWeights::random`] (or a checkpoint load) holds for `cfg` on the host:
     /// every tensor as f32, every expert. Saturates instead of overflowing.
     pub fn host_bytes(cfg: &MoeConfig) -> u64 {
@@ -123,33 +69,25 @@ impl LayerWeights {
             .saturating_mul(4)
     }
 
-    /// Checks every tensor's length against the config; the error names the tensor.
+    /// Checks every tensor's length against the config and that every value is finite;
+    /// the error names the tensor.
     pub fn validate(&self, cfg: &MoeConfig) -> Result<()> {
+        self.validate_gate(cfg)?;
+        check("weights.experts", self.experts.len(), cfg.experts)?;
+        for (j, e) in self.experts.iter().enumerate() {
+            e.validate(cfg, j)?;
+        }
+        Ok(())
+    }
+
+    /// [`LayerWeights::validate`] for everything but the routed experts (the router, its
+    /// bias, the shared experts and their gate): for weights whose experts come one at a
+    /// time.
+    pub fn validate_gate(&self, cfg: &MoeConfig) -> Result<()> {
         let h = cfg.hidden;
-        let check = |field: &'static str, got: usize, want: usize| {
-            if got == want {
-                Ok(())
-            } else {
-                Err(Error::input(
-                    field,
-                    format!("has {got} values, the config needs {want}"),
-                ))
-            }
-        };
         check("weights.router", self.router.len(), cfg.experts * h)?;
         if cfg.router.has_bias() {
             check("weights.router_bias", self.router_bias.len(), cfg.experts)?;
-        }
-        check("weights.experts", self.experts.len(), cfg.experts)?;
-        for e in &self.experts {
-            check("weights.experts[].w0", e.w0.len(), cfg.gemm0_width() * h)?;
-            check("weights.experts[].w1", e.w1.len(), h * cfg.intermediate)?;
-            if !e.b0.is_empty() {
-                check("weights.experts[].b0", e.b0.len(), cfg.gemm0_width())?;
-            }
-            if !e.b1.is_empty() {
-                check("weights.experts[].b1", e.b1.len(), h)?;
-            }
         }
         match (&cfg.shared, &self.shared) {
             (None, None) => {}
@@ -197,12 +135,6 @@ impl LayerWeights {
         }
         finite("weights.router", "", &self.router)?;
         finite("weights.router_bias", "", &self.router_bias)?;
-        for (j, e) in self.experts.iter().enumerate() {
-            finite("weights.experts[].w0", &format!("expert {j}: "), &e.w0)?;
-            finite("weights.experts[].w1", &format!("expert {j}: "), &e.w1)?;
-            finite("weights.experts[].b0", &format!("expert {j}: "), &e.b0)?;
-            finite("weights.experts[].b1", &format!("expert {j}: "), &e.b1)?;
-        }
         if let Some(w) = &self.shared {
             finite("weights.shared.w0", "", &w.w0)?;
             finite("weights.shared.w1", "", &w.w1)?;
@@ -216,6 +148,38 @@ impl LayerWeights {
     }
 }
 
+impl ExpertWeights {
+    /// Checks routed expert `j`'s tensors against the config: lengths, and finite values.
+    pub fn validate(&self, cfg: &MoeConfig, j: usize) -> Result<()> {
+        let h = cfg.hidden;
+        check("weights.experts[].w0", self.w0.len(), cfg.gemm0_width() * h)?;
+        check("weights.experts[].w1", self.w1.len(), h * cfg.intermediate)?;
+        if !self.b0.is_empty() {
+            check("weights.experts[].b0", self.b0.len(), cfg.gemm0_width())?;
+        }
+        if !self.b1.is_empty() {
+            check("weights.experts[].b1", self.b1.len(), h)?;
+        }
+        let what = format!("expert {j}: ");
+        finite("weights.experts[].w0", &what, &self.w0)?;
+        finite("weights.experts[].w1", &what, &self.w1)?;
+        finite("weights.experts[].b0", &what, &self.b0)?;
+        finite("weights.experts[].b1", &what, &self.b1)
+    }
+}
+
+/// An [`Error::InvalidInput`] naming `field` unless `got == want`.
+fn check(field: &'static str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::input(
+            field,
+            format!("has {got} values, the config needs {want}"),
+        ))
+    }
+}
+
 /// An [`Error::InvalidInput`] naming `field` (and `what`, e.g. the expert) at the first
 /// non-finite value of `values`.
 fn finite(field: &'static str, what: &str, values: &[f32]) -> Result<()> {
@@ -226,12 +190,6 @@ fn finite(field: &'static str, what: &str, values: &[f32]) -> Result<()> {
             format!("{what}value {i} is {} (weights must be finite)", values[i]),
         )),
     }
-}
-
-/// Random token rows in [-1, 1), rounded to the dtype; `tokens * hidden` values.
-pub fn random_tokens(cfg: &MoeConfig, tokens: usize, seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    fill(&mut rng, tokens * cfg.hidden, 1.0, |x| cfg.dtype.round(x))
 }
 
 #[cfg(test)]

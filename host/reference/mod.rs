@@ -268,15 +268,28 @@ pub(crate) fn token_row(
 ) -> Vec<f64> {
     let h = cfg.hidden;
     let xt = &x[t * h..(t + 1) * h];
-    let mut acc = vec![0f64; h];
-    for j in 0..k {
-        let i = t * k + j;
-        if g.slots[i] < 0 {
-            continue;
-        }
-        let (xin, wj) = expert_input(cfg, xt, g.weights[i]);
-        let y = expert_mlp(cfg, &w.experts[g.ids[i] as usize], cfg.intermediate, &xin);
-        for (a, yv) in acc.iter_mut().zip(&y) {
+    let ys: Vec<ChoiceOutput> = (0..k)
+        .map(|j| {
+            let i = t * k + j;
+            (g.slots[i] >= 0).then(|| {
+                let (xin, wj) = expert_input(cfg, xt, g.weights[i]);
+                let y = expert_mlp(cfg, &w.experts[g.ids[i] as usize], cfg.intermediate, &xin);
+                (wj, y)
+            })
+        })
+        .collect();
+    combine_token(cfg, w, xt, &ys)
+}
+
+/// A kept choice's weight and expert output (`None`: dropped).
+type ChoiceOutput = Option<(f64, Vec<f64>)>;
+
+/// A token's output row from its choices' outputs (in choice order) and the shared experts
+/// of `w` on its row `xt`.
+fn combine_token(cfg: &MoeConfig, w: &LayerWeights, xt: &[f32], ys: &[ChoiceOutput]) -> Vec<f64> {
+    let mut acc = vec![0f64; cfg.hidden];
+    for (wj, y) in ys.iter().flatten() {
+        for (a, yv) in acc.iter_mut().zip(y) {
             *a += wj * yv;
         }
     }
@@ -375,6 +388,9 @@ pub fn forward_rows(
     }
     Ok(result)
 }
+
+mod streamed;
+pub use streamed::{forward_rows_streamed, ExpertSource};
 
 #[cfg(test)]
 mod tests;
