@@ -210,6 +210,10 @@ pub struct LayerParams {
     pub mlp_limit: f32,
     pub mlp_up_offset: f32,
     pub pad3: u32,
+    /// Router logits: f32 `[tokens][ws_logits_stride_row / 4]` (columns padded to a
+    /// multiple of `tile_n`).
+    pub ws_logits: u64,
+    pub ws_logits_stride_row: u64,
 }
 
 /// `FmRankParams`: the pointers of one rank.
@@ -376,6 +380,8 @@ impl LayerParams {
             mlp_limit: cfg.mlp.clamp_params().map_or(0.0, |p| p.limit),
             mlp_up_offset: cfg.mlp.clamp_params().map_or(0.0, |p| p.up_offset),
             pad3: 0,
+            ws_logits: w.logits,
+            ws_logits_stride_row: w.logits_stride_row,
         }
     }
 }

@@ -37,7 +37,7 @@
 //! Memory is O(world x tokens x hidden): dropless needs no capacity. See [`HeapLayout`]
 //! for the heap and [`WorkspaceLayout`] for the private workspace.
 
-use crate::config::{Capacity, MoeConfig};
+use crate::config::{Capacity, MoeConfig, Router};
 use crate::error::{Error, Result};
 
 mod heap;
@@ -369,6 +369,12 @@ fn workspace_layout(cfg: &MoeConfig, d: &Dims, tiles: &TileCounts) -> Result<Wor
         Sizer::mul("shared out", shared_rows, shared_out_stride_row)?,
     )?;
     let shared_done = take("shared counters", 4 * tiles.shared_row_blocks as u64)?;
+    let logits_stride_row = 4 * e.div_ceil(TILE_N as u64) * TILE_N as u64;
+    let logit_rows = if cfg.router == Router::Given { 0 } else { t };
+    let logits = take(
+        "router logits",
+        Sizer::mul("router logits", logit_rows, logits_stride_row)?,
+    )?;
     Ok(WorkspaceLayout {
         epoch,
         status,
@@ -400,6 +406,8 @@ fn workspace_layout(cfg: &MoeConfig, d: &Dims, tiles: &TileCounts) -> Result<Wor
         shared_out,
         shared_out_stride_row,
         shared_done,
+        logits,
+        logits_stride_row,
         bytes: off,
     })
 }

@@ -66,6 +66,7 @@ fn rust_structs() -> BTreeMap<&'static str, (usize, Vec<Field>)> {
         ws_queue, ws_queue_capacity, ws_sync, ws_shared_act, ws_shared_act_stride_row, ws_shared_out,
         ws_shared_out_stride_row, ws_shared_done, ws_bytes,
         expert_owner, router_weight, router_bias, logit_bias, route_k, stop_after, n_group, topk_group, router_f32, router_eps, mlp_alpha, mlp_limit, mlp_up_offset, pad3,
+        ws_logits, ws_logits_stride_row,
     );
     let rank = rust_fields!(RankParams;
         rank, tokens, local_experts, pad0, heap, peers, workspace, x, out, w0, w1,

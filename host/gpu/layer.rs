@@ -65,14 +65,14 @@ pub use status::{
     describe_wait, is_consequence, wait_budget, LayerStats, StatusContext, STATUS_WORDS,
 };
 
-use crate::config::{Dtype, Router};
+use crate::config::{Dtype, MoeConfig, Router};
 use crate::error::{Error, Result};
 use crate::gpu::kernels;
 use crate::params::{
     entry_point, expert_owner_table, smem_bytes, KernelParams, LayerParams, RankParams,
     BLOCK_THREADS, MAX_LAUNCH_RANKS, MIN_BLOCKS_PER_RANK, NO_FAULT,
 };
-use crate::plan::{LayerPlan, MemoryFigure};
+use crate::plan::{LayerPlan, MemoryFigure, TILE_N};
 use crate::weights::LayerWeights;
 use cudarc::driver::{result, sys, CudaEvent, CudaFunction, CudaGraph, CudaStream};
 use cudarc::nvrtc::Ptx;
@@ -314,6 +314,15 @@ impl std::fmt::Debug for MoeLayer {
     }
 }
 
+/// The router weights `[experts][hidden]` followed by zero rows up to a multiple of
+/// `TILE_N` experts: the kernel's router tiles read whole 64-expert tiles (params.h).
+fn padded_router(cfg: &MoeConfig, router: &[f32]) -> Vec<f32> {
+    let rows = cfg.experts.div_ceil(TILE_N) * TILE_N;
+    let mut padded = router.to_vec();
+    padded.resize(rows * cfg.hidden, 0.0);
+    padded
+}
+
 /// The memory every rank of `world` allocates for `plan`, known before anything is
 /// allocated.
 pub fn memory_required(plan: &LayerPlan, world: GpuWorld) -> Vec<MemoryFigure> {
@@ -489,7 +498,7 @@ impl MoeLayer {
                 &stream,
                 &to_dtype_bytes(
                     if cfg.router_f32 { Dtype::F32 } else { dtype },
-                    &weights.router,
+                    &padded_router(&cfg, &weights.router),
                 ),
                 "router weights",
             )?,

@@ -69,6 +69,12 @@ pub struct WorkspaceLayout {
     pub shared_out_stride_row: u64,
     /// u32 [token row block]: shared GEMM0 tiles finished.
     pub shared_done: u64,
+    /// Router logits, f32 [tokens][logits_stride_row / 4] (expert columns padded to a
+    /// multiple of `TILE_N`; 0 bytes with the given router): the gate's tensor-core tiles
+    /// write them, its top-k reads them.
+    pub logits: u64,
+    /// Bytes of one row of router logits.
+    pub logits_stride_row: u64,
     /// Total bytes.
     pub bytes: u64,
 }

@@ -1,4 +1,5 @@
-// Gate: router logits, scores, top-k, weights, and the per-chunk expert and rank histograms.
+// Gate: router logits (GEMM tiles over all blocks), scores, top-k (one warp per token),
+// weights, and the per-chunk expert and rank histograms.
 //
 // Tokens are split in chunks of FM_GATE_CHUNK (64); a block routes one chunk at a time, each
 // warp 8 of its tokens. Slots are NOT taken here: gate_scan() turns the chunk histograms
@@ -11,6 +12,7 @@
 #include <math.h>
 
 #include "flashmoe/common.cuh"
+#include "flashmoe/gemm.cuh"
 #include "flashmoe/watchdog.cuh"
 
 namespace fm {
@@ -32,20 +34,6 @@ __device__ __forceinline__ bool better(float key, uint32_t id, float best, uint3
     return key > best || (key == best && id < best_id);
 }
 
-// Elements v * kVec<D> .. of a router row stored as W (the dtype, or f32 for families that
-// keep the router in f32), widened to f32: as many 16-byte loads as that takes.
-template <class D, class W>
-__device__ __forceinline__ void load_router_vec(const char* row, uint32_t v, float (&w)[kVec<D>]) {
-    static_assert(kVec<D> % kVec<W> == 0, "a token vector spans whole router vectors");
-#pragma unroll
-    for (int q = 0; q < kVec<D> / kVec<W>; ++q) {
-        float part[kVec<W>];
-        load_vec<W>(row + (uint64_t(v) * kVec<D> + q * kVec<W>) * sizeof(typename W::T), part);
-#pragma unroll
-        for (int i = 0; i < kVec<W>; ++i) w[q * kVec<W> + i] = part[i];
-    }
-}
-
 // Warp-wide maximum of (key, id) pairs under `better`: every lane ends with the winner.
 __device__ __forceinline__ void warp_best(float& best, uint32_t& bi) {
 #pragma unroll
@@ -59,47 +47,47 @@ __device__ __forceinline__ void warp_best(float& best, uint32_t& bi) {
     }
 }
 
-// Logits of `nb` (<= 8) consecutive tokens starting at t0 against every expert, written to
-// lg[i * E + e] (+ logit_bias). One pass over the router weights serves all nb tokens. The
-// router rows are stored as W (see load_router_vec).
-template <class D, class W>
-__device__ __forceinline__ void router_logits(const Ctx& c, uint32_t t0, uint32_t nb, float* lg) {
+// Router logits of the rank's tokens as GEMM tiles spread over every block of the group:
+// tile i (token row block i / E_tiles, expert column tile i % E_tiles) goes to block
+// i % nblk. logits[t][e] = x_t . router_e in f32 (tensor cores for a bf16/f16 router; FFMA
+// in k order 0 .. hidden-1 for an f32 router, the layer's dtype widened on load); the host
+// pads the router weights with zero rows to a multiple of 64 experts (params.h), so the
+// padded logit columns hold 0. logit_bias is added by
+// the top-k (gate_chunk). Block-wide.
+template <class D>
+__device__ FM_PHASE void router_tiles(const Ctx& c) {
     const FmLayerParams& L = *c.L;
-    const int lane = threadIdx.x % 32;
-    const uint32_t E = L.experts;
-    const uint64_t row_bytes = uint64_t(L.hidden) * sizeof(typename D::T);
-    const uint64_t w_row_bytes = uint64_t(L.hidden) * sizeof(typename W::T);
-    const uint32_t nvec = L.hidden / kVec<D>;
-    const char* x = reinterpret_cast<const char*>(c.R->x) + t0 * row_bytes;
-    const char* Wt = reinterpret_cast<const char*>(L.router_weight);
-    const float* lb = reinterpret_cast<const float*>(L.logit_bias);
-    for (uint32_t e = 0; e < E; ++e) {
-        float acc[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-        const char* we = Wt + e * w_row_bytes;
-        for (uint32_t v = lane; v < nvec; v += 32) {
-            float w[kVec<D>];
-            load_router_vec<D, W>(we, v, w);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                if (uint32_t(i) < nb) {
-                    float xv[kVec<D>];
-                    load_vec<D>(x + i * row_bytes + uint64_t(v) * 16, xv);
-#pragma unroll
-                    for (int j = 0; j < kVec<D>; ++j) acc[i] = fmaf(w[j], xv[j], acc[i]);
-                }
+    constexpr uint64_t es = sizeof(typename D::T);
+    const uint32_t E = L.experts, tokens = c.R->tokens;
+    const uint32_t etiles = (E + kTileN - 1) / kTileN, tiles = c.token_row_blocks() * etiles;
+    const bool w_f32 = L.router_f32 != 0;
+    const uint64_t row_bytes = uint64_t(L.hidden) * es;
+    const uint64_t w_row_bytes = uint64_t(L.hidden) * (w_f32 ? 4 : es);
+    for (uint32_t i = c.blk; i < tiles; i += c.nblk) {
+        const uint32_t rb = i / etiles, n = i % etiles;
+        TileArgs t;
+        t.a = reinterpret_cast<const char*>(c.R->x) + uint64_t(rb) * kTileM * row_bytes;
+        t.a_stride = row_bytes;
+        t.a_rows = min_u32(kTileM, tokens - rb * kTileM);
+        t.gather = nullptr;
+        t.b0 = reinterpret_cast<const char*>(L.router_weight) + uint64_t(n) * kTileN * w_row_bytes;
+        t.b1 = nullptr;
+        t.b_stride = w_row_bytes;
+        t.k = L.hidden;
+        t.out = c.ws + L.ws_logits + uint64_t(rb) * kTileM * L.ws_logits_stride_row +
+                uint64_t(n) * kTileN * 4;
+        t.out_stride = L.ws_logits_stride_row;
+        t.out_rows = t.a_rows;
+        t.bias0 = nullptr;
+        t.bias1 = nullptr;
+        if constexpr (D::kCode != FM_DTYPE_F32) {
+            if (w_f32) {
+                run_tile<Dt<FM_DTYPE_F32>, kEpiStoreF32, D>(t, c.smem, 0, Clamp{});
+                continue;
             }
         }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            if (uint32_t(i) < nb) {
-                const float s = warp_sum(acc[i]);
-                if (lane == 0) lg[i * E + e] = s + (lb ? lb[e] : 0.f);
-            }
-        }
+        run_tile<D, kEpiStoreF32>(t, c.smem, 0, Clamp{});
     }
-    __syncwarp();
 }
 
 // Group-limited selection (n_group > 1): a mask of the groups kept, bit g for group g.
@@ -276,7 +264,6 @@ __device__ FM_PHASE bool gate_chunk(const Ctx& c, uint32_t chunk) {
     constexpr int kWarpFloats = (kArenaBytes<D> - kHistBytes) / 4 / kWarps;
     static_assert(kWarpFloats >= int(kMaxExperts), "a warp must hold one token's logits");
     float* lg = reinterpret_cast<float*>(c.smem + kHistBytes) + warp * kWarpFloats;
-    const uint32_t tb = min_u32(8u, uint32_t(kWarpFloats) / E);
 
     for (uint32_t e = threadIdx.x; e < E; e += kThreads) hist[e] = 0;
     for (uint32_t r = threadIdx.x; r < L.world; r += kThreads) rhist[r] = 0;
@@ -320,29 +307,28 @@ __device__ FM_PHASE bool gate_chunk(const Ctx& c, uint32_t chunk) {
             count_token_ranks(c, good ? id : -1, rhist);
         }
     } else {
-        for (uint32_t t0 = t_begin; t0 < t_end; t0 += tb) {
-            const uint32_t nb = min_u32(tb, t_end - t0);
-            if (L.router_f32) {
-                router_logits<D, Dt<FM_DTYPE_F32>>(c, t0, nb, lg);
+        // One token at a time per warp: its logits row (router_tiles) + logit_bias into the
+        // warp's scratch, then the router's selection.
+        const float* logits = reinterpret_cast<const float*>(c.ws + L.ws_logits);
+        const uint64_t lstride = L.ws_logits_stride_row / 4;
+        const float* lb = reinterpret_cast<const float*>(L.logit_bias);
+        for (uint32_t t = t_begin; t < t_end; ++t) {
+            for (uint32_t e = lane; e < E; e += 32) lg[e] = logits[t * lstride + e] + (lb ? lb[e] : 0.f);
+            __syncwarp();
+            int32_t id;
+            float w;
+            if (L.router == FM_ROUTER_SPARSEMIXER) {
+                sparse_mixer(c, lg, id, w);
             } else {
-                router_logits<D, D>(c, t0, nb, lg);
+                select_topk(c, lg, id, w);
             }
-            for (uint32_t i = 0; i < nb; ++i) {
-                int32_t id;
-                float w;
-                if (L.router == FM_ROUTER_SPARSEMIXER) {
-                    sparse_mixer(c, lg + i * E, id, w);
-                } else {
-                    select_topk(c, lg + i * E, id, w);
-                }
-                if (uint32_t(lane) < k) {
-                    ids[uint64_t(t0 + i) * k + lane] = id;
-                    wts[uint64_t(t0 + i) * k + lane] = w;
-                    atomicAdd(&hist[id], 1u);
-                }
-                count_token_ranks(c, uint32_t(lane) < k ? id : -1, rhist);
-                __syncwarp();
+            if (uint32_t(lane) < k) {
+                ids[uint64_t(t) * k + lane] = id;
+                wts[uint64_t(t) * k + lane] = w;
+                atomicAdd(&hist[id], 1u);
             }
+            count_token_ranks(c, uint32_t(lane) < k ? id : -1, rhist);
+            __syncwarp();
         }
     }
     __syncthreads();

@@ -1,8 +1,8 @@
 // One 64x64 output tile of an expert GEMM, with fp32 accumulation and a fused epilogue.
 //
 // A: [64 rows][K] (rows >= a_rows read as zero; with a gather list, row r is A row
-// gather[r]), B: [64 output columns][K] (the weights'
-// [out, in] layout, i.e. the "col" operand of mma), K a multiple of 64. Gated tiles multiply
+// gather[r]), B: [64 output columns][K] (the weights' [out, in] layout, i.e. the "col"
+// operand of mma; all 64 rows exist), K a multiple of 64. Gated tiles multiply
 // A by two B matrices (gate and up rows of the same 64 columns) and apply act(g) * u.
 //
 // bf16/f16: mma.sync.m16n8k16 (f32 accumulate) from ldmatrix'ed shared memory, a kStages
@@ -217,6 +217,19 @@ __device__ __forceinline__ void acc_coord(int g, int q, int& row, int& col) {
 // ---- FFMA path (f32) -------------------------------------------------------------------------
 constexpr int kLdF = kTileM + 4;  // floats per k-major shared row
 
+// A rows of the FFMA path are f32, or (router tiles with f32 router weights) the layer
+// dtype widened on load: DA is the A element type.
+template <class DA>
+__device__ __forceinline__ float4 load_a4(const char* p) {
+    if constexpr (sizeof(typename DA::T) == 4) {
+        return *reinterpret_cast<const float4*>(p);
+    } else {
+        const uint2 raw = *reinterpret_cast<const uint2*>(p);
+        const typename DA::T* e = reinterpret_cast<const typename DA::T*>(&raw);
+        return make_float4(DA::to_f(e[0]), DA::to_f(e[1]), DA::to_f(e[2]), DA::to_f(e[3]));
+    }
+}
+
 template <bool kGated>
 struct F32Prefetch {
     float4 a[4];
@@ -236,16 +249,22 @@ __device__ __forceinline__ void f32_slot(int i, int& r, int& k4) {
 
 // `arow` is this thread's A row index (resolved through the gather list once per tile), or
 // ~0 past a_rows: one 32-bit register, as the gated f32 tile sits at the 128-register budget.
-template <bool kGated>
+template <bool kGated, class DA>
 __device__ __forceinline__ void f32_fetch(const TileArgs& t, uint32_t arow, uint32_t kc,
                                           F32Prefetch<kGated>& p) {
+    constexpr uint64_t kAes = sizeof(typename DA::T);
     const uint64_t koff = uint64_t(kc) * kTileK * 4;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         int r, k4;
         f32_slot(i, r, k4);
-        p.a[i] = arow != ~0u ? *reinterpret_cast<const float4*>(t.a + arow * t.a_stride + koff + k4 * 4)
-                             : make_float4(0.f, 0.f, 0.f, 0.f);
+        if constexpr (kAes == 4) {
+            p.a[i] = arow != ~0u ? *reinterpret_cast<const float4*>(t.a + arow * t.a_stride + koff + k4 * 4)
+                                 : make_float4(0.f, 0.f, 0.f, 0.f);
+        } else {
+            p.a[i] = arow != ~0u ? load_a4<DA>(t.a + arow * t.a_stride + (uint64_t(kc) * kTileK + k4) * kAes)
+                                 : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
         p.bg[i] = __ldg(reinterpret_cast<const float4*>(t.b0 + r * t.b_stride + koff + k4 * 4));
         if constexpr (kGated) {
             p.bu[i] = __ldg(reinterpret_cast<const float4*>(t.b1 + r * t.b_stride + koff + k4 * 4));
@@ -260,7 +279,7 @@ __device__ __forceinline__ void f32_put(float* s, int r, int k4, float4 v) {
     s[(k4 + 3) * kLdF + r] = v.w;
 }
 
-template <bool kGated>
+template <bool kGated, class DA>
 __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, float (&acc)[2][4][4]) {
     float* As = reinterpret_cast<float*>(arena);
     float* Bg = As + kTileK * kLdF;
@@ -274,7 +293,7 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
         // flight per thread). No prefetch across the FMAs: it would push the gated tile
         // past the 128-register budget of 2 blocks per SM and spill.
         F32Prefetch<kGated> p;
-        f32_fetch<kGated>(t, arow, kc, p);
+        f32_fetch<kGated, DA>(t, arow, kc, p);
         __syncthreads();  // the previous step's reads are done
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -309,8 +328,11 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
 
 // ---- the tile ----------------------------------------------------------------------------------
 // Computes one output tile into t.out. Block-wide; starts and ends with the arena free.
-template <class D, int kEpi>
+// DA: the A element type of the FFMA path (D's own unless a router tile widens the dtype).
+template <class D, int kEpi, class DA = D>
 __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, const Clamp& k) {
+    static_assert(!D::kTensorCore || sizeof(typename DA::T) == sizeof(typename D::T),
+                  "the tensor-core path reads A and B in the same dtype");
     constexpr bool kGated = kEpi == kEpiActGated;
     float acc[2][4][4];
 #pragma unroll
@@ -322,7 +344,7 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
     if constexpr (D::kTensorCore) {
         mma_mainloop<D, kGated>(t, arena, acc);
     } else {
-        ffma_mainloop<kGated>(t, arena, acc);
+        ffma_mainloop<kGated, DA>(t, arena, acc);
     }
     __syncthreads();  // every warp is done with the stages: reuse them for the f32 tile
     float* C = reinterpret_cast<float*>(arena);

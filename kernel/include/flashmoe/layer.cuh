@@ -230,6 +230,11 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
     ok = ok && rank_barrier(c, 0, FM_STAGE_SETUP);
 
     // ---- gate ----
+    if (c.L->router != FM_ROUTER_GIVEN) {
+        // Every block's logit tiles before any top-k reads them (the barrier's fences).
+        if (ok) router_tiles<D>(c);
+        ok = ok && rank_barrier(c, 5, FM_STAGE_GATE);
+    }
     const uint32_t chunks = c.gate_chunks();
     if (ok) {
         for (uint32_t ch = c.blk; ch < chunks; ch += c.nblk) gate_chunk<D>(c, ch);

@@ -189,7 +189,8 @@ typedef struct FmLayerParams {
 
     // Device tables shared by all ranks of the launch.
     uint64_t expert_owner;       // u32 [experts]: (rank << 16) | local index
-    uint64_t router_weight;      // dtype [experts][hidden]
+    uint64_t router_weight;      // dtype (f32 with router_f32) [experts rounded up to a multiple of
+                                 // tile_n][hidden], the rows past experts zero (read by whole tiles)
     uint64_t router_bias;        // f32 [experts] selection bias (SIGMOID_BIAS), or 0
     uint64_t logit_bias;         // f32 [experts] added to the router logits (research override), or 0
 
@@ -211,6 +212,9 @@ typedef struct FmLayerParams {
     float mlp_limit;             // FM_MLP_CLAMPED_SWIGLU's limit (0 otherwise)
     float mlp_up_offset;         // FM_MLP_CLAMPED_SWIGLU's offset on up: 1 gpt-oss, 0 DeepSeek-V4
     uint32_t pad3;
+    uint64_t ws_logits;          // f32 [tokens][ws_logits_stride_row / 4]: router logits (expert
+                                 // columns padded to a multiple of tile_n), unused by the given router
+    uint64_t ws_logits_stride_row;
 } FmLayerParams;
 
 // Pointers of one rank (one block group of the launch).

@@ -217,6 +217,22 @@ __device__ __forceinline__ bool check_pairs(const Ctx& c, const Unit& u, const u
     return !__syncthreads_or(bad);
 }
 
+// Completion of GEMM0 tile `idx` (recomputed from idx alone: nothing else of the tile stays
+// live across run_tile, the f32 gated tile is at the register budget).
+__device__ __forceinline__ bool gemm0_finished(const Ctx& c, uint32_t idx) {
+    const FmLayerParams& L = *c.L;
+    const uint32_t g0 = L.intermediate / kTileN, g1 = L.hidden / kTileN, unit = idx / g0;
+    bool ok = true;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm0_done) + unit;
+        // acq_rel: the last finisher sees every other tile's activations before it
+        // publishes the row block's GEMM1 tasks.
+        if (atom_add_acq_rel(done, 1) + 1 == g0) ok = push_tasks(c, kTaskG1, unit * g1, g1);
+    }
+    return block_bcast(c, threadIdx.x == 0 ? ok : true);
+}
+
 // GEMM0 tile: A rows gathered through s's pair list from its dispatch rows, written to
 // act[s][pair]. The row block's last tile publishes its GEMM1 tiles.
 template <class D>
@@ -255,16 +271,7 @@ __device__ FM_PHASE bool run_gemm0(const Ctx& c, uint32_t idx) {
     } else {
         run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, clamp);
     }
-    bool ok = true;
-    if (threadIdx.x == 0) {
-        __threadfence();
-        uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm0_done) + unit;
-        // acq_rel: the last finisher sees every other tile's activations before it
-        // publishes the row block's GEMM1 tasks.
-        const uint32_t g1 = H / kTileN;
-        if (atom_add_acq_rel(done, 1) + 1 == g0) ok = push_tasks(c, kTaskG1, unit * g1, g1);
-    }
-    return block_bcast(c, threadIdx.x == 0 ? ok : true);
+    return gemm0_finished(c, idx);
 }
 
 // GEMM1 tile: act[s][pair] x w1 (+ b1) rounded into y[s][pair]. The last GEMM1 tile of the
