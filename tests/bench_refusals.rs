@@ -61,7 +61,7 @@ fn layers_too_large_for_the_host_are_refused_before_allocating() {
             "--backend",
             "cpu",
             "--max-host-memory",
-            "4G",
+            "2G",
         ],
         &[
             "layer",

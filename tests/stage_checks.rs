@@ -37,14 +37,25 @@ fn a_planted_value_fails_its_stage_with_its_position_and_nothing_after() {
         .lines()
         .find(|l| l.starts_with("stage gemm1: FAIL 1 of"))
         .unwrap_or_else(|| panic!("no gemm1 failure line: {text}"));
-    // The harness names what was planted: the combine cell of rank 1's first kept pair.
+    // The harness names what was planted: the expert output of rank 1's first kept pair,
+    // in its owner's workspace at the pair's index.
     let planted = text
         .lines()
         .find(|l| l.starts_with("planted: "))
         .unwrap_or_else(|| panic!("{text}"));
-    assert!(planted.contains("rank: 1"), "{planted}");
-    assert!(line.contains("first: rank 1 expert "), "{line}");
-    assert!(line.contains("row 0 column 3"), "{line}");
+    let row = planted
+        .split("row: ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or_else(|| panic!("{planted}"));
+    assert!(
+        line.contains(&format!("row {row} column 3")),
+        "{line} / {planted}"
+    );
+    assert!(
+        line.contains("(expert output of source rank 1, token 0)"),
+        "{line}"
+    );
     assert!(
         !text.contains("stage combine"),
         "stages after the failure ran: {text}"
