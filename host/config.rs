@@ -205,6 +205,11 @@ pub enum Router {
     },
     /// The caller gives the expert ids and weights of every token.
     Given,
+    /// DeepSeek-V4's hash layers: the caller gives each token's expert ids
+    /// (`GivenRouting::ids`, looked up by token id in the layer's table: see
+    /// [`GivenRouting::from_table`]) and no weights; the weights are the chosen experts'
+    /// `sqrt(softplus(logit))` scores divided by their sum + 1e-20, times `routed_scale`.
+    HashSqrtSoftplus,
 }
 
 impl Router {
@@ -236,6 +241,12 @@ impl Router {
     /// ([`Router::SigmoidInput`]).
     pub fn scales_input(self) -> bool {
         matches!(self, Router::SigmoidInput)
+    }
+
+    /// True when the caller gives the expert ids ([`Router::Given`], and
+    /// [`Router::HashSqrtSoftplus`] from its token-id table).
+    pub fn takes_ids(self) -> bool {
+        matches!(self, Router::Given | Router::HashSqrtSoftplus)
     }
 }
 
@@ -576,6 +587,31 @@ pub struct GivenRouting {
 }
 
 impl GivenRouting {
+    /// The routing of a hash layer ([`Router::HashSqrtSoftplus`]): token t's `top_k`
+    /// expert ids are row `token_ids[t]` of `table` (`[vocab][top_k]`, DeepSeek-V4's
+    /// `tid2eid`). A token id past the table is an error naming the token.
+    pub fn from_table(table: &[u32], top_k: usize, token_ids: &[u32]) -> Result<Self> {
+        let vocab = table.len().checked_div(top_k).unwrap_or(0);
+        let mut ids = Vec::with_capacity(token_ids.len().saturating_mul(top_k));
+        for (t, &tok) in token_ids.iter().enumerate() {
+            let row = (tok as usize) * top_k;
+            let Some(experts) = table
+                .get(row..row + top_k)
+                .filter(|_| (tok as usize) < vocab)
+            else {
+                return Err(Error::input(
+                    "token_ids",
+                    format!("token {t}: id {tok} >= the hash table's vocabulary of {vocab}"),
+                ));
+            };
+            ids.extend_from_slice(experts);
+        }
+        Ok(GivenRouting {
+            ids,
+            weights: Vec::new(),
+        })
+    }
+
     /// Checks the token count (at most `cfg.tokens`), lengths, ids in range, no repeated
     /// expert within a token, finite weights.
     pub fn validate(&self, tokens: usize, cfg: &MoeConfig) -> Result<()> {
@@ -597,10 +633,24 @@ impl GivenRouting {
                 format!("length {} != tokens * top_k = {n}", self.ids.len()),
             ));
         }
-        if self.weights.len() != n {
+        // The hash router computes the weights itself: none may be given.
+        let weights = if cfg.router == Router::HashSqrtSoftplus {
+            0
+        } else {
+            n
+        };
+        if self.weights.len() != weights {
             return Err(Error::input(
                 "routing.weights",
-                format!("length {} != tokens * top_k = {n}", self.weights.len()),
+                format!(
+                    "length {} != {weights} ({} router)",
+                    self.weights.len(),
+                    if weights == 0 {
+                        "the hash"
+                    } else {
+                        "tokens * top_k for the given"
+                    }
+                ),
             ));
         }
         for (i, &id) in self.ids.iter().enumerate() {

@@ -284,6 +284,7 @@ pub fn router_code(r: Router) -> (u32, u32) {
         Router::SparseMixer { .. } => (4, 0),
         Router::TopkSoftmax => (5, 0),
         Router::SqrtSoftplusBias { renormalize } => (6, renormalize as u32),
+        Router::HashSqrtSoftplus => (7, 1),
     }
 }
 

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::Duration;
 
-const ROUTERS: [Router; 9] = [
+const ROUTERS: [Router; 10] = [
     Router::Softmax { renormalize: true },
     Router::Softmax { renormalize: false },
     Router::SigmoidBias { renormalize: true },
@@ -26,6 +26,7 @@ const ROUTERS: [Router; 9] = [
         jitter_bits: 0x3c23_d70a, // 0.01
     },
     Router::Given,
+    Router::HashSqrtSoftplus,
 ];
 const MLPS: [MlpKind; 6] = [
     MlpKind::SwiGlu,
@@ -106,8 +107,14 @@ impl Inputs {
             .tokens
             .iter()
             .map(|&t| {
-                (cfg.router == Router::Given)
-                    .then(|| random_routing(&mut rng, t, cfg.experts, cfg.top_k))
+                cfg.router.takes_ids().then(|| {
+                    let mut r = random_routing(&mut rng, t, cfg.experts, cfg.top_k);
+                    // The hash router takes ids only (from its token-id table).
+                    if cfg.router == Router::HashSqrtSoftplus {
+                        r.weights.clear();
+                    }
+                    r
+                })
             })
             .collect();
         Inputs {
@@ -893,4 +900,72 @@ fn experts_packed_one_at_a_time_give_the_same_output() {
     };
     let err = CpuExecutor::from_parts(plan, &gate, &bad).expect_err("short w1");
     assert!(err.to_string().contains("weights.experts[].w1"), "{err}");
+}
+
+#[test]
+fn hash_routing_weights_the_table_ids_by_their_scores() {
+    // A 5-token vocabulary, top-2 of 6 experts: token id v picks experts v and v + 1.
+    let mut c = base(2, 6, 2);
+    c.router = Router::HashSqrtSoftplus;
+    c.routed_scale = 1.5;
+    let table: Vec<u32> = (0..5u32).flat_map(|v| [v, v + 1]).collect();
+    let token_ids = [[4u32, 0, 2, 2], [1, 3, 0, 4]];
+    let routing: Vec<GivenRouting> = token_ids
+        .iter()
+        .map(|t| GivenRouting::from_table(&table, 2, t).expect("in the table"))
+        .collect();
+    let plan = LayerPlan::new(&c).expect("plan");
+    let w = Arc::new(LayerWeights::random(&c, 8));
+    let xs = [random_tokens(&c, 4, 1), random_tokens(&c, 4, 2)];
+    let ri: Vec<RankInput> = xs
+        .iter()
+        .zip(&routing)
+        .map(|(x, r)| RankInput {
+            x,
+            tokens: 4,
+            routing: Some(r),
+        })
+        .collect();
+    let ov = RouteOverrides::default();
+    let want = reference::forward(&plan, &w, &ri, &ov).expect("reference");
+    let got = CpuExecutor::new(plan, w.clone())
+        .expect("executor")
+        .forward(&ri, &ov)
+        .expect("forward");
+    assert_matches("hash", c.dtype, &got, &want);
+    // By hand: the ids of the table, weights sqrt(softplus(logit)) renormalised x 1.5.
+    let h = c.hidden;
+    for (r, g) in want.gates.iter().enumerate() {
+        for (t, &tok) in token_ids[r].iter().enumerate() {
+            assert_eq!(&g.ids[2 * t..2 * t + 2], &[tok, tok + 1]);
+            let x = &xs[r][t * h..(t + 1) * h];
+            let score = |e: u32| {
+                let l: f64 = x
+                    .iter()
+                    .zip(&w.router[e as usize * h..(e as usize + 1) * h])
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum();
+                (l.max(0.0) + (-l.abs()).exp().ln_1p()).sqrt()
+            };
+            let (a, b) = (score(tok), score(tok + 1));
+            let want_w = [1.5 * a / (a + b), 1.5 * b / (a + b)];
+            for (j, ww) in want_w.iter().enumerate() {
+                assert!((f64::from(g.weights[2 * t + j]) - ww).abs() < 1e-6);
+            }
+        }
+    }
+    // A token id past the table, given weights, or no routing at all are refused.
+    assert!(GivenRouting::from_table(&table, 2, &[5]).is_err());
+    let mut with_weights = routing[0].clone();
+    with_weights.weights = vec![0.5; 8];
+    let bad = [
+        RankInput {
+            x: &xs[0],
+            tokens: 4,
+            routing: Some(&with_weights),
+        },
+        ri[1],
+    ];
+    let err = reference::forward(&LayerPlan::new(&c).expect("plan"), &w, &bad, &ov);
+    assert!(matches!(err, Err(Error::InvalidInput { .. })), "{err:?}");
 }

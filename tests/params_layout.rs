@@ -161,6 +161,10 @@ fn rust_constants() -> BTreeMap<&'static str, u64> {
             "FM_ROUTER_SQRTSOFTPLUS_BIAS",
             params::router_code(Router::SqrtSoftplusBias { renormalize: true }).0 as u64,
         ),
+        (
+            "FM_ROUTER_HASH_SQRTSOFTPLUS",
+            params::router_code(Router::HashSqrtSoftplus).0 as u64,
+        ),
         ("FM_STATUS_OK", params::status::OK),
         ("FM_STATUS_TIMEOUT", params::status::TIMEOUT),
         ("FM_STATUS_BAD_PARAMS", params::status::BAD_PARAMS),

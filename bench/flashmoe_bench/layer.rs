@@ -266,6 +266,7 @@ pub fn describe(cfg: &MoeConfig, plan: &LayerPlan) -> String {
         Router::SqrtSoftplusBias { .. } => "sqrt-softplus-bias",
         Router::TopkSoftmax => "topk-softmax",
         Router::Given => "given",
+        Router::HashSqrtSoftplus => "hash-sqrt-softplus",
     };
     let cap = match cfg.capacity {
         flashmoe::Capacity::Factor(f) => {

@@ -65,7 +65,7 @@ pub use status::{
     describe_wait, is_consequence, wait_budget, LayerStats, StatusContext, STATUS_WORDS,
 };
 
-use crate::config::{Dtype, MoeConfig, Router};
+use crate::config::{Dtype, MoeConfig};
 use crate::error::{Error, Result};
 use crate::gpu::kernels;
 use crate::params::{
@@ -538,7 +538,7 @@ impl MoeLayer {
         // Per-rank memory.
         let token_bytes = cfg.tokens * cfg.hidden * dtype.size();
         let pairs = cfg.tokens * cfg.top_k;
-        let given = matches!(cfg.router, Router::Given);
+        let given = cfg.router.takes_ids();
         let mut ranks = Vec::with_capacity(world.ranks());
         for &r in &launch_ranks {
             let packed = pack_rank_experts(&plan, weights, r);
@@ -731,7 +731,7 @@ impl MoeLayer {
                 ),
             ));
         }
-        let given = matches!(cfg.router, Router::Given);
+        let given = cfg.router.takes_ids();
         for (r, rio) in io.iter().enumerate() {
             if rio.tokens > cfg.tokens {
                 return Err(Error::input(

@@ -56,6 +56,21 @@ pub(crate) fn route(
     // Every token's logits at once (bit-identical to `dot64` per expert).
     let experts = cfg.experts.max(1);
     let all = super::logits::logits64(x, tokens, &w.router, h);
+    if let (Router::HashSqrtSoftplus, Some(r)) = (cfg.router, routing) {
+        // DeepSeek-V4's hash layers: the given ids, weighted by their scores.
+        for (t, lg) in all.chunks(experts).take(tokens).enumerate() {
+            let (_, score) = scores_from_logits(cfg, w, lg, logit_bias);
+            let chosen = &r.ids[t * cfg.top_k..t * cfg.top_k + k];
+            let picked = chosen.iter().map(|&e| score[e as usize]).collect();
+            ids.extend_from_slice(chosen);
+            weights.extend(
+                renormalized(picked, true, 1e-20)
+                    .iter()
+                    .map(|&v| (v * scale) as f32),
+            );
+        }
+        return (ids, weights);
+    }
     if let Router::SparseMixer { .. } = cfg.router {
         for lg in all.chunks(experts).take(tokens) {
             let (sel, _) = scores_from_logits(cfg, w, lg, logit_bias);
@@ -92,7 +107,7 @@ pub(crate) fn route(
             // Routed above (`sparse_mixer`).
             Router::SparseMixer { .. } => Vec::new(),
             // Without routing the inputs were refused by `check_input`; route nothing.
-            Router::Given => Vec::new(),
+            Router::Given | Router::HashSqrtSoftplus => Vec::new(),
         };
         wts.iter_mut().for_each(|v| *v *= scale);
         ids.extend(chosen.iter().map(|&e| e as u32));
@@ -146,6 +161,13 @@ fn scores_from_logits(
                 .map(|(e, &s)| s + w.router_bias.get(e).map_or(0.0, |&b| f64::from(b)))
                 .collect();
             (sel, sig)
+        }
+        // DeepSeek-V4's hash layers: the same scores, no selection (the ids are given).
+        Router::HashSqrtSoftplus => {
+            let score: Vec<f64> = logits
+                .map(|l| (l.max(0.0) + (-l.abs()).exp().ln_1p()).sqrt())
+                .collect();
+            (score.clone(), score)
         }
         // DeepSeek-V4: sqrt(softplus(logit)), biased for the choice only.
         Router::SqrtSoftplusBias { .. } => {

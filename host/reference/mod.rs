@@ -181,17 +181,20 @@ pub fn check_input(
             ),
         ));
     }
-    match (cfg.router, routing) {
-        (Router::Given, Some(r)) => r.validate(tokens, cfg),
-        (Router::Given, None) => Err(Error::input(
+    match (cfg.router.takes_ids(), routing) {
+        (true, Some(r)) => r.validate(tokens, cfg),
+        (true, None) => Err(Error::input(
             "routing",
-            "missing: the router is Router::Given",
+            format!(
+                "missing: the router ({:?}) takes the caller's expert ids",
+                cfg.router
+            ),
         )),
-        (_, Some(_)) => Err(Error::input(
+        (false, Some(_)) => Err(Error::input(
             "routing",
-            "given, but the router is not Router::Given",
+            "given, but the router chooses the experts itself",
         )),
-        (_, None) => Ok(()),
+        (false, None) => Ok(()),
     }
 }
 

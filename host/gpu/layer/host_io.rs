@@ -149,7 +149,10 @@ impl MoeLayer {
                         .collect();
                     let w_bytes: Vec<u8> = g.weights.iter().flat_map(|w| w.to_le_bytes()).collect();
                     ids.upload(&stream, 0, &id_bytes, "routing.ids")?;
-                    weights.upload(&stream, 0, &w_bytes, "routing.weights")?;
+                    // The hash router gives ids only: its weights are computed on the device.
+                    if !w_bytes.is_empty() {
+                        weights.upload(&stream, 0, &w_bytes, "routing.weights")?;
+                    }
                     Some(DeviceRouting {
                         ids: ids.ptr(),
                         weights: weights.ptr(),

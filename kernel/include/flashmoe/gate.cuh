@@ -240,6 +240,34 @@ __device__ __forceinline__ void select_topk(const Ctx& c, float* s, int32_t& my_
     my_w = (renorm ? my_v / (sig ? tot + 1e-20f : tot) : my_v) * L.routed_scale;
 }
 
+// DeepSeek-V4's hash layers: this lane's given id of token `t` (lanes < k) weighted by its
+// sqrt(softplus) score over the k given (warp-wide). Returns false on an id out of range or
+// repeated within the token (status written).
+__device__ __forceinline__ bool hash_route(const Ctx& c, const float* lg, uint32_t t, int32_t& id,
+                                           float& w) {
+    const FmLayerParams& L = *c.L;
+    const int lane = threadIdx.x % 32;
+    const int32_t* gid = reinterpret_cast<const int32_t*>(c.R->given_ids);
+    const uint64_t at = uint64_t(t) * L.top_k + lane;
+    id = uint32_t(lane) < c.k ? gid[at] : -1;
+    bool dup = false;
+    for (uint32_t j = 0; j < c.k; ++j) {
+        const int32_t other = __shfl_sync(0xffffffffu, id, j);
+        dup |= j < uint32_t(lane) && other == id;
+    }
+    const bool bad = uint32_t(lane) < c.k && (uint32_t(id) >= L.experts || dup);
+    if (bad) fail(c, FM_STATUS_BAD_ROUTING, FM_STAGE_GATE, at, L.experts, uint32_t(id), 0);
+    float v = 0.f;
+    if (uint32_t(lane) < c.k && !bad) {
+        const float l = lg[id];
+        v = sqrtf(fmaxf(l, 0.f) + log1pf(expf(-fabsf(l))));
+    }
+    const float tot = warp_sum(v);
+    w = v / (tot + 1e-20f) * L.routed_scale;
+    if (bad) id = -1;
+    return !__any_sync(0xffffffffu, bad);
+}
+
 // Counts one token in the rank histogram `rhist` (shared memory): once per distinct owner
 // rank of its choices (lanes < k hold the ids, -1 elsewhere or when invalid). Warp-wide.
 __device__ __forceinline__ void count_token_ranks(const Ctx& c, int32_t id, uint32_t* rhist) {
@@ -317,7 +345,12 @@ __device__ FM_PHASE bool gate_chunk(const Ctx& c, uint32_t chunk) {
             __syncwarp();
             int32_t id;
             float w;
-            if (L.router == FM_ROUTER_SPARSEMIXER) {
+            if (L.router == FM_ROUTER_HASH_SQRTSOFTPLUS) {
+                if (!hash_route(c, lg, t, id, w)) {
+                    ok = false;
+                    continue;
+                }
+            } else if (L.router == FM_ROUTER_SPARSEMIXER) {
                 sparse_mixer(c, lg, id, w);
             } else {
                 select_topk(c, lg, id, w);

@@ -83,8 +83,8 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
         return bad(17, L.top_k, L.route_slots);
     if (const uint64_t most = largest_task_index(c); most > kTaskIndexMask)
         return bad(18, kTaskIndexMask, most);
-    if (L.router > FM_ROUTER_SQRTSOFTPLUS_BIAS || L.mlp > FM_MLP_CLAMPED_SWIGLU)
-        return bad(13, FM_ROUTER_SQRTSOFTPLUS_BIAS, L.router);
+    if (L.router > FM_ROUTER_HASH_SQRTSOFTPLUS || L.mlp > FM_MLP_CLAMPED_SWIGLU)
+        return bad(13, FM_ROUTER_HASH_SQRTSOFTPLUS, L.router);
     if (L.router == FM_ROUTER_SPARSEMIXER && c.k > 2) return bad(5, 2, c.k);
     if (L.stop_after > FM_STOP_COMBINE) return bad(15, FM_STOP_COMBINE, L.stop_after);
     if (L.n_group > 1 &&

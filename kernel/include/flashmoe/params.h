@@ -72,6 +72,9 @@
 #define FM_ROUTER_TOPK_SOFTMAX 5u
 // DeepSeek-V4: sqrt(softplus(logit)) scores, + router_bias for the choice only.
 #define FM_ROUTER_SQRTSOFTPLUS_BIAS 6u
+// DeepSeek-V4's hash layers: the ids come from given_ids (the host looked them up by token
+// id); the weights are their sqrt(softplus(logit)) scores / (sum + 1e-20) * routed_scale.
+#define FM_ROUTER_HASH_SQRTSOFTPLUS 7u
 
 // Status codes written by the kernel into the workspace status words.
 #define FM_STATUS_OK 0u
