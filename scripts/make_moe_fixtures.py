@@ -212,6 +212,18 @@ def fixtures():
                           q_lora_rank=32, o_groups=1, o_lora_rank=32, index_n_heads=2,
                           index_head_dim=32, index_topk=4, hc_mult=2),
          None, True),
+        # DeepSeek-V4 with its first layer hash-routed: experts by token id through
+        # `tid2eid` (randomised below), weighted by the chosen sqrt(softplus) scores. The
+        # rows come with token ids (`*.input_ids`), which hash blocks take.
+        ("deepseek_v4_hash", DeepseekV4ForCausalLM,
+         DeepseekV4Config(**COMMON, head_dim=32, num_hidden_layers=2, n_routed_experts=8,
+                          num_experts_per_tok=2, moe_intermediate_size=I, n_shared_experts=1,
+                          routed_scaling_factor=1.5, swiglu_limit=1.5,
+                          mlp_layer_types=["hash_moe", "moe"],
+                          layer_types=["sliding_attention"] * 2, sliding_window=8,
+                          q_lora_rank=32, o_groups=1, o_lora_rank=32, index_n_heads=2,
+                          index_head_dim=32, index_topk=4, hc_mult=2),
+         None, True),
     ]
 
 
@@ -242,6 +254,11 @@ def randomise(model, gen):
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             b.copy_(torch.empty_like(b).uniform_(-0.1, 0.1, generator=gen))
+        elif name.endswith("tid2eid"):
+            # k distinct experts per token id.
+            experts = model.config.num_local_experts
+            for v in range(b.shape[0]):
+                b[v] = torch.randperm(experts, generator=gen)[: b.shape[1]]
 
 
 def rows(gen, dtype, lo, hi):
@@ -251,15 +268,21 @@ def rows(gen, dtype, lo, hi):
     return (x * scale).to(dtype)
 
 
-def block_out(block, x):
-    y = block(x.unsqueeze(0))
+def is_hash(block):
+    return getattr(block, "is_hash", False)
+
+
+def block_out(block, x, ids):
+    y = block(x.unsqueeze(0), ids.unsqueeze(0)) if is_hash(block) else block(x.unsqueeze(0))
     if isinstance(y, tuple):
         y = y[0]
     return y.reshape(x.shape)
 
 
-def block_topk(block, x):
-    if hasattr(block, "router"):
+def block_topk(block, x, ids):
+    if is_hash(block):
+        ids = block.gate.tid2eid[ids.long()]
+    elif hasattr(block, "router"):
         out = block.router(x)
         if len(out) == 3:  # PhiMoE: (logits, weights, experts) from sparsemixer
             ids = out[-1]
@@ -277,19 +300,28 @@ def expected(model, dtype, gen):
     layers = model.model.layers
     moe = [i for i, layer in enumerate(layers) if moe_block(layer) is not None]
     out = {}
+    hashed = any(is_hash(moe_block(layers[i])) for i in moe)
+    vocab = model.config.vocab_size
     for i in moe:
         x = rows(gen, dtype, *BLOCK_SCALE)
+        # Token ids only for models with hash layers (the others' streams stay as they were).
+        ids = torch.randint(0, vocab, (TOKENS,), generator=gen, dtype=torch.int32) if hashed else None
         block = moe_block(layers[i])
         out[f"block.{i}.input"] = x
-        out[f"block.{i}.output"] = block_out(block, x)
-        out[f"block.{i}.topk"] = block_topk(block, x)
+        if hashed:
+            out[f"block.{i}.input_ids"] = ids
+        out[f"block.{i}.output"] = block_out(block, x, ids)
+        out[f"block.{i}.topk"] = block_topk(block, x, ids)
     x = rows(gen, dtype, *CHAIN_SCALE)
+    ids = torch.randint(0, vocab, (TOKENS,), generator=gen, dtype=torch.int32) if hashed else None
     out["chain.input"] = x.clone()
+    if hashed:
+        out["chain.input_ids"] = ids
     for i in moe:
         layer = layers[i]
         normed = layer.post_attention_layernorm(x)
-        out[f"chain.{i}.topk"] = block_topk(moe_block(layer), normed)
-        x = x + block_out(moe_block(layer), normed)
+        out[f"chain.{i}.topk"] = block_topk(moe_block(layer), normed, ids)
+        x = x + block_out(moe_block(layer), normed, ids)
     out["chain.output"] = x
     for k, v in out.items():
         assert torch.isfinite(v.float()).all(), k

@@ -100,6 +100,7 @@ fn model(specs: &[LayerSpec], world: usize, tokens: usize, seed: u64) -> Vec<Mod
                 weights: Arc::new(weights),
                 norm,
                 logit_bias,
+                hash_table: None,
             };
             layer.validate().unwrap();
             layer

@@ -17,7 +17,7 @@
 
 use flashmoe::model::{self, Backend, LoadOptions, LoadedModel, ModelLayer, MoeModel};
 use flashmoe::reference::{self, RankInput, RouteOverrides};
-use flashmoe::{Capacity, Dtype, LayerPlan, Router};
+use flashmoe::{Capacity, Dtype, GivenRouting, LayerPlan, Router};
 use safetensors::{Dtype as St, SafeTensors};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
@@ -28,7 +28,7 @@ fn fixtures_dir() -> PathBuf {
 }
 
 /// The fixtures, by directory name.
-const FIXTURES: [&str; 33] = [
+const FIXTURES: [&str; 35] = [
     "mixtral-f32",
     "mixtral-bf16",
     "qwen2_moe-f32",
@@ -62,6 +62,8 @@ const FIXTURES: [&str; 33] = [
     "gpt_oss-bf16",
     "deepseek_v4-f32",
     "deepseek_v4-bf16",
+    "deepseek_v4_hash-f32",
+    "deepseek_v4_hash-bf16",
 ];
 
 /// Most tokens a comparison may exclude as near-ties (of 48 per fixture).
@@ -238,14 +240,19 @@ fn selection(
 
 /// The tokens to exclude from one layer's comparison: `x` are the rows the layer's router
 /// saw (normed), `topk` transformers' ids. Errors on a flip that is not a near-tie.
-fn near_ties(layer: &ModelLayer, x: &[f32], topk: &Tensor) -> Result<Vec<bool>, String> {
+fn near_ties(
+    layer: &ModelLayer,
+    x: &[f32],
+    topk: &Tensor,
+    routing: Option<&GivenRouting>,
+) -> Result<Vec<bool>, String> {
     let cfg = &layer.config;
     let (h, k) = (cfg.hidden, cfg.top_k);
     let tokens = x.len() / h;
     let plan = LayerPlan::new(cfg).map_err(|e| e.to_string())?;
     let ov = RouteOverrides::default();
-    let g =
-        reference::gate(&plan, &layer.weights, x, tokens, None, &ov).map_err(|e| e.to_string())?;
+    let g = reference::gate(&plan, &layer.weights, x, tokens, routing, &ov)
+        .map_err(|e| e.to_string())?;
     let mut out = vec![false; tokens];
     for t in 0..tokens {
         let want: BTreeSet<usize> = topk.data[t * k..(t + 1) * k]
@@ -363,6 +370,28 @@ fn check(
     })
 }
 
+/// Token ids stored as a tensor (exact in f32).
+fn ids_of(t: &Tensor) -> Vec<u32> {
+    t.data.iter().map(|&v| v as u32).collect()
+}
+
+/// A hash layer's routing of the fixture's token ids (`None` for other layers); a hash
+/// layer without ids is an error.
+fn hash_routing(layer: &ModelLayer, ids: Option<&Tensor>) -> Result<Option<GivenRouting>, String> {
+    match (&layer.hash_table, ids) {
+        (None, _) => Ok(None),
+        (Some(table), Some(ids)) => {
+            GivenRouting::from_table(table, layer.config.top_k, &ids_of(ids))
+                .map(Some)
+                .map_err(|e| e.to_string())
+        }
+        (Some(_), None) => Err(format!(
+            "layer {} is hash-routed but has no ids",
+            layer.index
+        )),
+    }
+}
+
 fn load(dir: &Path, tokens: usize) -> LoadedModel {
     let mut opts = LoadOptions::new(tokens);
     opts.progress = false;
@@ -397,7 +426,13 @@ fn run_fixture(
     for layer in &loaded.layers {
         let l = layer.index;
         let x = &expected[&format!("block.{l}.input")].data;
-        let excluded = near_ties(layer, x, &expected[&format!("block.{l}.topk")])?;
+        let routing = hash_routing(layer, expected.get(&format!("block.{l}.input_ids")))?;
+        let excluded = near_ties(
+            layer,
+            x,
+            &expected[&format!("block.{l}.topk")],
+            routing.as_ref(),
+        )?;
         let plan = LayerPlan::new(&layer.config).map_err(|e| e.to_string())?;
         let mut b = backend
             .build(plan, layer.weights.clone())
@@ -405,7 +440,7 @@ fn run_fixture(
         let input = [RankInput {
             x,
             tokens,
-            routing: None,
+            routing: routing.as_ref(),
         }];
         let out = b
             .forward_host(&input, &RouteOverrides::default())
@@ -422,17 +457,23 @@ fn run_fixture(
         results.push((what, o));
     }
     let mut m = MoeModel::new(loaded.layers.clone(), backend).map_err(|e| e.to_string())?;
+    let chain_ids = expected.get("chain.input_ids").map(ids_of);
     let (out, trace) = m
-        .forward_traced(std::slice::from_ref(&chain_in.data))
+        .forward_traced_ids(
+            std::slice::from_ref(&chain_in.data),
+            chain_ids.as_ref().map(std::slice::from_ref),
+        )
         .map_err(|e| e.to_string())?;
     let mut excluded = vec![false; tokens];
     let mut state = chain_in.data.clone();
     for (layer, after) in loaded.layers.iter().zip(&trace) {
         let normed = layer.norm.apply(&state, layer.config.dtype);
+        let routing = hash_routing(layer, expected.get("chain.input_ids"))?;
         let ties = near_ties(
             layer,
             &normed,
             &expected[&format!("chain.{}.topk", layer.index)],
+            routing.as_ref(),
         )?;
         excluded.iter_mut().zip(ties).for_each(|(e, t)| *e |= t);
         state = after[0].clone();
@@ -623,16 +664,13 @@ fn qwen3_5_multimodal_layout_loads_like_the_text_model() {
 }
 
 /// DeepSeek-V4's own release keeps its layers under a bare `layers.` (no `model.`); its
-/// hash-routed layers (`mlp_layer_types` `hash_moe`) are skipped when loading everything
-/// and refused, naming the key and the layer, when asked for.
+/// hash-routed layers (`mlp_layer_types` `hash_moe`) load with their token-id table, and a
+/// hash layer without one is refused, naming the tensor.
 #[test]
-fn deepseek_v4_bare_layers_load_and_hash_layers_are_refused() {
-    let src = fixtures_dir().join("deepseek_v4-f32");
+fn deepseek_v4_bare_layers_and_hash_layers_load() {
+    let src = fixtures_dir().join("deepseek_v4_hash-f32");
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    cfg["mlp_layer_types"] = serde_json::json!(["hash_moe", "moe"]);
-    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let renamed: Vec<(String, safetensors::tensor::TensorView)> = st
@@ -640,25 +678,53 @@ fn deepseek_v4_bare_layers_load_and_hash_layers_are_refused() {
         .into_iter()
         .map(|(name, view)| (name.replacen("model.layers.", "layers.", 1), view))
         .collect();
-    assert!(renamed.iter().any(|(n, _)| n == "layers.1.ffn.gate.weight"));
+    assert!(renamed
+        .iter()
+        .any(|(n, _)| n == "layers.0.ffn.gate.tid2eid"));
     safetensors::serialize_to_file(renamed, None, &tmp.path().join("model.safetensors")).unwrap();
 
     let a = load(&src, 8);
     let b = load(tmp.path(), 8);
     assert_eq!(b.family.layer_prefix, "layers");
     assert_eq!(b.family.hash_layers, vec![0]);
-    assert_eq!(b.layers.len(), 1);
-    assert_eq!(b.layers[0].index, 1);
-    assert_eq!(a.layers[1].weights, b.layers[0].weights);
-    assert_eq!(a.layers[1].norm, b.layers[0].norm);
+    assert_eq!(b.layers.len(), 2);
+    assert_eq!(b.layers[0].config.router, Router::HashSqrtSoftplus);
+    assert_ne!(b.layers[1].config.router, Router::HashSqrtSoftplus);
+    assert!(b.layers[0].weights.router_bias.is_empty());
+    let table = b.layers[0].hash_table.as_ref().expect("hash table");
+    assert_eq!(table.len(), 16 * 2);
+    for (x, y) in a.layers.iter().zip(&b.layers) {
+        assert_eq!(x.weights, y.weights);
+        assert_eq!(x.norm, y.norm);
+        assert_eq!(x.hash_table, y.hash_table);
+    }
+    // Routing without token ids is refused, naming the call to make.
+    let mut m = MoeModel::new(b.layers.clone(), Backend::Reference).unwrap();
+    let e = m.forward(&[vec![0.5; 8 * 64]]).err().unwrap().to_string();
+    assert!(e.contains("forward_ids") && e.contains("layer 0"), "{e}");
+    let ok = m.forward_ids(&[vec![0.5; 8 * 64]], &[vec![3; 8]]).unwrap();
+    assert_eq!(ok.hidden[0].len(), 8 * 64);
+    let e = m
+        .forward_ids(&[vec![0.5; 8 * 64]], &[vec![16; 8]])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("token_ids") && e.contains("16"), "{e}");
 
+    // A `hash_moe` layer whose checkpoint has no table.
+    let plain = fixtures_dir().join("deepseek_v4-f32");
+    let tmp2 = tempfile::tempdir().unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(plain.join("config.json")).unwrap()).unwrap();
+    cfg["mlp_layer_types"] = serde_json::json!(["hash_moe", "moe"]);
+    std::fs::write(tmp2.path().join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        plain.join("model.safetensors"),
+        tmp2.path().join("model.safetensors"),
+    )
+    .unwrap();
     let mut opts = LoadOptions::new(8);
-    opts.dtype = Some(Dtype::F32);
-    opts.layers = Some(vec![0]);
-    let e = model::load(tmp.path(), &opts).err().unwrap().to_string();
-    assert!(e.contains("hash_moe") && e.contains("layer 0"), "{e}");
-    assert!(
-        e.contains("mlp_layer_types") && e.contains("tid2eid"),
-        "{e}"
-    );
+    opts.progress = false;
+    let e = model::load(tmp2.path(), &opts).err().unwrap().to_string();
+    assert!(e.contains("tid2eid") && e.contains("missing"), "{e}");
 }

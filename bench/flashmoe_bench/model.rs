@@ -9,7 +9,9 @@ use crate::stats::summarize;
 use flashmoe::model::synthetic::SyntheticSpec;
 use flashmoe::model::{self, LoadOptions, ModelLayer, MoeModel};
 use flashmoe::reference::{self, RankInput, RouteOverrides};
-use flashmoe::{Error, LayerPlan, Result};
+use flashmoe::{Error, GivenRouting, LayerPlan, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Parses `--layers`: a count `L` (synthetic) or a range `a..b` (checkpoint layers a to
 /// b-1), within [`model::MAX_LAYERS`].
@@ -155,6 +157,7 @@ fn check_layers(
     x: &[Vec<f32>],
     trace: &[Vec<Vec<f32>>],
     check_tokens: usize,
+    token_ids: Option<&[Vec<u32>]>,
 ) -> Result<f64> {
     let mut worst = 0f64;
     for (l, layer) in layers.iter().enumerate() {
@@ -171,12 +174,22 @@ fn check_layers(
             .iter()
             .map(|r| layer.norm.apply(r, cfg.dtype))
             .collect();
+        // A hash layer routes each token by its id, through its table.
+        let routing: Option<Vec<GivenRouting>> = match (&layer.hash_table, token_ids) {
+            (Some(table), Some(ids)) => Some(
+                ids.iter()
+                    .map(|r| GivenRouting::from_table(table, cfg.top_k, r))
+                    .collect::<Result<_>>()?,
+            ),
+            _ => None,
+        };
         let inputs: Vec<RankInput> = normed
             .iter()
-            .map(|r| RankInput {
-                x: r,
-                tokens: r.len() / h,
-                routing: None,
+            .enumerate()
+            .map(|(r, x)| RankInput {
+                x,
+                tokens: x.len() / h,
+                routing: routing.as_ref().and_then(|g| g.get(r)),
             })
             .collect();
         let rows: Vec<Vec<usize>> = inputs
@@ -218,6 +231,24 @@ fn check_layers(
     Ok(worst)
 }
 
+/// Token ids for a model with hash layers (DeepSeek-V4): uniform over the first hash
+/// table's vocabulary, deterministic in `seed`; `None` without hash layers.
+fn token_ids(layers: &[ModelLayer], x: &[Vec<f32>], seed: u64) -> Option<Vec<Vec<u32>>> {
+    let l = layers.iter().find(|l| l.hash_table.is_some())?;
+    let vocab = l.hash_table.as_ref()?.len() / l.config.top_k.max(1);
+    let h = l.config.hidden.max(1);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x1d5);
+    Some(
+        x.iter()
+            .map(|r| {
+                (0..r.len() / h)
+                    .map(|_| rng.random_range(0..vocab.max(1)) as u32)
+                    .collect()
+            })
+            .collect(),
+    )
+}
+
 /// Runs the `model` subcommand.
 pub fn run(args: &ModelArgs) -> Result<()> {
     refuse_launcher_env(|k| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned()))?;
@@ -228,17 +259,27 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         eprintln!("backend: gpu");
     }
     let (name, layers, x) = build_layers(args, gpu)?;
+    let ids = token_ids(&layers, &x, shape.seed);
     let mut m = if gpu {
         Driver::Gpu(crate::gpu_backend::model(layers.clone())?)
     } else {
-        Driver::Cpu(MoeModel::new(layers.clone(), model::Backend::Cpu)?)
+        Driver::Cpu(
+            MoeModel::new(layers.clone(), model::Backend::Cpu)?,
+            ids.clone(),
+        )
     };
     let (first, trace) = m.forward_traced(&x)?;
     let err = if shape.check_tokens == 0 {
         crate::layer::all_finite(&first.hidden)?;
         None
     } else {
-        Some(check_layers(&layers, &x, &trace, shape.check_tokens)?)
+        Some(check_layers(
+            &layers,
+            &x,
+            &trace,
+            shape.check_tokens,
+            ids.as_deref(),
+        )?)
     };
     let verdict = err.map_or(
         "not checked (--check-tokens 0); outputs are finite".to_string(),

@@ -7,8 +7,9 @@ use flashmoe::Result;
 
 /// Either driver, behind the few calls the bench makes.
 pub enum Driver {
-    /// `MoeModel` with a CPU executor per layer (a host round trip per layer).
-    Cpu(MoeModel),
+    /// `MoeModel` with a CPU executor per layer (a host round trip per layer), and the
+    /// token ids its hash layers route by (when it has some).
+    Cpu(MoeModel, Option<Vec<Vec<u32>>>),
     /// `GpuModel`: norm, layer and residual of every layer enqueued on one stream.
     Gpu(GpuModel),
 }
@@ -26,7 +27,7 @@ impl Driver {
     /// Backend name for the report.
     pub fn name(&self) -> &'static str {
         match self {
-            Driver::Cpu(m) => m.backend_names().first().copied().unwrap_or("?"),
+            Driver::Cpu(m, _) => m.backend_names().first().copied().unwrap_or("?"),
             Driver::Gpu(_) => "gpu (one stream, no host sync between layers)",
         }
     }
@@ -34,7 +35,7 @@ impl Driver {
     /// Hidden size.
     pub fn hidden(&self) -> usize {
         match self {
-            Driver::Cpu(m) => m.hidden(),
+            Driver::Cpu(m, _) => m.hidden(),
             Driver::Gpu(m) => m.hidden(),
         }
     }
@@ -42,7 +43,7 @@ impl Driver {
     /// Number of ranks.
     pub fn world(&self) -> usize {
         match self {
-            Driver::Cpu(m) => m.world(),
+            Driver::Cpu(m, _) => m.world(),
             Driver::Gpu(m) => m.world(),
         }
     }
@@ -50,7 +51,7 @@ impl Driver {
     /// A forward that also returns the state after every layer (`trace[l][rank]`).
     pub fn forward_traced(&mut self, x: &[Vec<f32>]) -> Result<(ModelOutput, Vec<Vec<Vec<f32>>>)> {
         match self {
-            Driver::Cpu(m) => m.forward_traced(x),
+            Driver::Cpu(m, ids) => m.forward_traced_ids(x, ids.as_deref()),
             Driver::Gpu(m) => m.forward_traced(x).map(|(out, t)| (out, t.states)),
         }
     }
@@ -72,8 +73,11 @@ impl Driver {
     /// A forward, with the device time of the stack where there is one.
     pub fn forward(&mut self, x: &[Vec<f32>]) -> Result<Timed> {
         match self {
-            Driver::Cpu(m) => Ok(Timed {
-                out: m.forward(x)?,
+            Driver::Cpu(m, ids) => Ok(Timed {
+                out: match ids {
+                    Some(ids) => m.forward_ids(x, ids)?,
+                    None => m.forward(x)?,
+                },
                 device_ms: None,
             }),
             Driver::Gpu(m) => {

@@ -171,6 +171,15 @@ impl GpuModel {
         let mut built = Vec::with_capacity(layers.len());
         for layer in layers {
             let index = layer.index;
+            if layer.hash_table.is_some() {
+                // The device stack has no per-layer token-id routing yet.
+                return Err(in_layer(index)(Error::config(
+                    "router",
+                    "HashSqrtSoftplus",
+                    "hash-routed layers run in the CPU and reference models \
+                     (MoeModel::forward_ids); the GPU model does not route by token id yet",
+                )));
+            }
             let plan = LayerPlan::new(&layer.config).map_err(in_layer(index))?;
             let mut moe = MoeLayer::new(
                 stream.clone(),

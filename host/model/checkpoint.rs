@@ -286,6 +286,55 @@ impl Checkpoint {
             .ok_or_else(|| ckpt_err(&shard.path, format!("tensor `{name}` lies past the end")))
     }
 
+    /// Integer tensor `name` (`I64` or `I32`) of exactly `shape` as u32 ids (DeepSeek-V4's
+    /// `tid2eid`); a negative or too large value is an error naming the tensor.
+    pub fn read_ids(&self, name: &str, shape: &[usize]) -> Result<Vec<u32>> {
+        let Some((shard, info)) = self.info(name) else {
+            return Err(ckpt_err(
+                &self.dir,
+                format!("tensor `{name}` is missing (expected I64 {shape:?})"),
+            ));
+        };
+        let width = match info.dtype {
+            StDtype::I64 => 8,
+            StDtype::I32 => 4,
+            _ => 0,
+        };
+        if info.shape != shape || width == 0 {
+            return Err(ckpt_err(
+                &shard.path,
+                format!(
+                    "tensor `{name}` is {:?} {:?}, expected I64 or I32 {shape:?}",
+                    info.dtype, info.shape
+                ),
+            ));
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = shard
+            .mmap
+            .get(shard.data_start + start..shard.data_start + end)
+            .ok_or_else(|| ckpt_err(&shard.path, format!("tensor `{name}` lies past the end")))?;
+        bytes
+            .chunks_exact(width)
+            .enumerate()
+            .map(|(i, c)| {
+                let mut b = [0u8; 8];
+                b[..width].copy_from_slice(c);
+                let v = if width == 8 {
+                    i64::from_le_bytes(b)
+                } else {
+                    i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                };
+                u32::try_from(v).map_err(|_| {
+                    ckpt_err(
+                        &shard.path,
+                        format!("tensor `{name}` value {i} is {v}, not an id"),
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// The stored shape of a tensor.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.info(name).map(|(_, i)| i.shape.as_slice())

@@ -54,9 +54,10 @@
 //!   `ffn.gate.bias`, `ffn.experts.{j}.w1/w3/w2`, `ffn.shared_experts.w1/w3/w2`,
 //!   `ffn_norm.weight`), under `model.layers` (transformers' `save_pretrained`) or `layers`
 //!   (the release). Its **hash-routed layers** (`mlp_layer_types` `hash_moe`, by default the
-//!   first three: experts chosen by token id through `ffn.gate.tid2eid`) are not loaded:
-//!   the runtime's API carries no token ids; they are listed in
-//!   [`FamilyConfig::hash_layers`] and asking for one explicitly is an error. Its residual
+//!   first three: experts chosen by token id through `ffn.gate.tid2eid`, weighted by the
+//!   chosen sqrt-softplus scores) load with [`crate::config::Router::HashSqrtSoftplus`] and
+//!   their table ([`crate::model::ModelLayer::hash_table`]); the model routes them from the
+//!   token ids given to [`crate::model::MoeModel::forward_ids`]. Its residual
 //!   stream is mixed by hyper-connections, which the model driver does not run: only single
 //!   blocks match transformers. A `quantization_config` (the FP8 / FP4 release) is refused.
 //! - `hidden_act` must be `silu` (SwiGLU) or a tanh GELU (`gelu_pytorch_tanh`,
@@ -334,8 +335,8 @@ pub struct FamilyConfig {
     /// [`LANGUAGE_MODEL_LAYERS`] for a multimodal Qwen3.5-MoE checkpoint, or
     /// [`BARE_LAYERS`] for DeepSeek-V4's release, chosen when the checkpoint is opened).
     pub layer_prefix: &'static str,
-    /// MoE layers routed by token id (DeepSeek-V4's `hash_moe` layers, `tid2eid`): not
-    /// loadable, since the runtime's API carries no token ids.
+    /// MoE layers routed by token id (DeepSeek-V4's `hash_moe` layers, `ffn.gate.tid2eid`):
+    /// loaded with [`crate::config::Router::HashSqrtSoftplus`] and their table.
     pub hash_layers: Vec<usize>,
 }
 
@@ -679,12 +680,10 @@ impl FamilyConfig {
         })
     }
 
-    /// Whether decoder layer `layer` holds an MoE block the runtime loads (not dense, not
-    /// hash-routed).
+    /// Whether decoder layer `layer` holds an MoE block the runtime loads (not dense;
+    /// hash-routed blocks are MoE blocks too).
     pub fn is_moe(&self, layer: usize) -> bool {
-        layer < self.layers
-            && !self.dense_layers.contains(&layer)
-            && !self.hash_layers.contains(&layer)
+        layer < self.layers && !self.dense_layers.contains(&layer)
     }
 
     /// The MoE decoder layers the runtime loads, in order.

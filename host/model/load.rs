@@ -15,7 +15,7 @@ use super::checkpoint::Checkpoint;
 use super::families::{Family, FamilyConfig, Naming, BARE_LAYERS};
 use super::norm::RmsNorm;
 use super::ModelLayer;
-use crate::config::{Capacity, Dtype, Placement};
+use crate::config::{Capacity, Dtype, Placement, Router};
 use crate::error::{Error, Result};
 use crate::weights::{ExpertWeights, LayerWeights};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -148,20 +148,6 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
                         format!("num_hidden_layers = {}", family.layers),
                     ));
                 }
-                if family.hash_layers.contains(&l) {
-                    return Err(Error::config(
-                        "layers",
-                        l,
-                        format!(
-                            "layer {l} of this {} checkpoint is hash-routed \
-                             (`mlp_layer_types[{l}] = \"hash_moe\"`: experts chosen by token id \
-                             through `ffn.gate.tid2eid`), which the runtime cannot run: its API \
-                             carries no token ids; loadable MoE layers: {:?}",
-                            family.family,
-                            family.moe_layers()
-                        ),
-                    ));
-                }
                 if !family.is_moe(l) {
                     return Err(Error::config(
                         "layers",
@@ -214,14 +200,23 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
     let mut layers = Vec::with_capacity(selected.len());
     for &l in &selected {
         bar.set_message(format!("loading layer {l}"));
+        let hash = family.hash_layers.contains(&l);
         let reader = LayerReader {
             ckpt,
             family: &family,
             layer: l,
             dtype,
             bar: &bar,
+            hash,
         };
         let weights = reader.weights()?;
+        let mut layer_config = config.clone();
+        let hash_table = if hash {
+            layer_config.router = Router::HashSqrtSoftplus;
+            Some(Arc::new(reader.hash_table()?))
+        } else {
+            None
+        };
         let naming = family.family.naming();
         let mut weight = reader.read(
             &naming.norm_weight(family.layer_prefix, l),
@@ -249,10 +244,11 @@ pub fn load_from(ckpt: &Checkpoint, options: &LoadOptions) -> Result<LoadedModel
         };
         let layer = ModelLayer {
             index: l,
-            config: config.clone(),
+            config: layer_config,
             weights: Arc::new(weights),
             norm,
             logit_bias: None,
+            hash_table,
         };
         layer.validate().map_err(|e| Error::ModelLayer {
             layer: l,
@@ -302,11 +298,30 @@ struct LayerReader<'a> {
     layer: usize,
     dtype: Dtype,
     bar: &'a ProgressBar,
+    /// A hash-routed layer: no router bias; a token-id table.
+    hash: bool,
 }
 
 impl LayerReader<'_> {
     fn read(&self, name: &str, shape: &[usize], round: Option<Dtype>) -> Result<Vec<f32>> {
         let v = self.ckpt.read(name, shape, round)?;
+        self.bar.inc(1);
+        Ok(v)
+    }
+
+    /// A hash layer's token-id table `{block}.gate.tid2eid`: `[vocab][top_k]` expert ids.
+    fn hash_table(&self) -> Result<Vec<u32>> {
+        let name = format!(
+            "{}.{}.tid2eid",
+            self.block()?,
+            self.family.family.naming().router
+        );
+        let vocab = self
+            .ckpt
+            .shape(&name)
+            .and_then(|s| s.first().copied())
+            .unwrap_or(0);
+        let v = self.ckpt.read_ids(&name, &[vocab, self.family.top_k])?;
         self.bar.inc(1);
         Ok(v)
     }
@@ -351,6 +366,8 @@ impl LayerReader<'_> {
             router_dtype,
         )?;
         let router_bias = match naming.router_bias {
+            // A hash layer's router has no selection bias.
+            Some(_) if self.hash => Vec::new(),
             // Kept in f32 as transformers does (`_keep_in_fp32_modules_strict`).
             Some(at) => self.read(&format!("{block}.{at}"), &[e], None)?,
             None => Vec::new(),

@@ -37,7 +37,7 @@ pub use load::{load, LoadOptions, LoadedModel};
 pub use norm::RmsNorm;
 pub use stats::{LayerStats, WireBytes};
 
-use crate::config::{MoeConfig, Router};
+use crate::config::{GivenRouting, MoeConfig, Router};
 use crate::error::{Error, Result};
 use crate::plan::LayerPlan;
 use crate::reference::{RankInput, RouteOverrides};
@@ -59,6 +59,10 @@ pub struct ModelLayer {
     /// Additive per-expert logit bias passed to the router on every forward (synthetic
     /// models use it to skew expert popularity; checkpoints leave it `None`).
     pub logit_bias: Option<Vec<f32>>,
+    /// A hash layer's token-id table (`[vocab][top_k]` expert ids, DeepSeek-V4's
+    /// `tid2eid`): present exactly when the router is [`Router::HashSqrtSoftplus`]; the
+    /// model then routes each token by its id ([`MoeModel::forward_ids`]).
+    pub hash_table: Option<Arc<Vec<u32>>>,
 }
 
 impl ModelLayer {
@@ -71,6 +75,40 @@ impl ModelLayer {
                 "Given",
                 "a model layer routes by itself: softmax or sigmoid-bias",
             ));
+        }
+        let hash = self.config.router == Router::HashSqrtSoftplus;
+        match &self.hash_table {
+            Some(t) if hash => {
+                let k = self.config.top_k;
+                if t.is_empty() || t.len() % k != 0 {
+                    return Err(Error::input(
+                        "hash_table",
+                        format!(
+                            "{} ids is not a whole number of rows of top_k = {k}",
+                            t.len()
+                        ),
+                    ));
+                }
+                for (v, row) in t.chunks(k).enumerate() {
+                    let dup = row.iter().enumerate().any(|(j, e)| row[..j].contains(e));
+                    if dup || row.iter().any(|&e| e as usize >= self.config.experts) {
+                        return Err(Error::input(
+                            "hash_table",
+                            format!(
+                                "token id {v}: experts {row:?} must be distinct and < {}",
+                                self.config.experts
+                            ),
+                        ));
+                    }
+                }
+            }
+            None if !hash => {}
+            _ => {
+                return Err(Error::input(
+                    "hash_table",
+                    "present exactly when the router is HashSqrtSoftplus",
+                ))
+            }
         }
         self.weights.validate(&self.config)?;
         self.norm.validate(self.config.hidden)?;
@@ -271,20 +309,68 @@ impl MoeModel {
     /// Runs every layer on `x` (one `[tokens_r * hidden]` block per rank; the rows are
     /// first rounded to layer 0's dtype).
     pub fn forward(&mut self, x: &[Vec<f32>]) -> Result<ModelOutput> {
-        self.run(x, None)
+        self.run(x, None, None)
+    }
+
+    /// Like [`forward`](Self::forward), with each token's id (`token_ids[rank][token]`),
+    /// which hash layers ([`Router::HashSqrtSoftplus`], DeepSeek-V4) route by.
+    pub fn forward_ids(&mut self, x: &[Vec<f32>], token_ids: &[Vec<u32>]) -> Result<ModelOutput> {
+        self.run(x, Some(token_ids), None)
     }
 
     /// Like [`forward`](Self::forward), and also returns the hidden states after each
     /// layer (`trace[l][rank]`), for layer-by-layer checks.
     pub fn forward_traced(&mut self, x: &[Vec<f32>]) -> Result<(ModelOutput, Vec<Vec<Vec<f32>>>)> {
+        self.forward_traced_ids(x, None)
+    }
+
+    /// [`forward_traced`](Self::forward_traced) with token ids (see
+    /// [`forward_ids`](Self::forward_ids)).
+    pub fn forward_traced_ids(
+        &mut self,
+        x: &[Vec<f32>],
+        token_ids: Option<&[Vec<u32>]>,
+    ) -> Result<(ModelOutput, Vec<Vec<Vec<f32>>>)> {
         let mut trace = Vec::with_capacity(self.slots.len());
-        let out = self.run(x, Some(&mut trace))?;
+        let out = self.run(x, token_ids, Some(&mut trace))?;
         Ok((out, trace))
+    }
+
+    /// The routing of a hash layer for every rank's tokens (`None` for other layers).
+    fn hash_routing(
+        layer: &ModelLayer,
+        token_ids: Option<&[Vec<u32>]>,
+        tokens: &[usize],
+    ) -> Result<Option<Vec<GivenRouting>>> {
+        let Some(table) = &layer.hash_table else {
+            return Ok(None);
+        };
+        let ids = token_ids.ok_or_else(|| {
+            Error::input(
+                "token_ids",
+                format!(
+                    "layer {} is hash-routed (experts by token id): call forward_ids",
+                    layer.index
+                ),
+            )
+        })?;
+        if ids.len() != tokens.len() || ids.iter().zip(tokens).any(|(i, &t)| i.len() != t) {
+            return Err(Error::input(
+                "token_ids",
+                format!("one id per token of every rank: {tokens:?} tokens"),
+            ));
+        }
+        let k = layer.config.top_k;
+        ids.iter()
+            .map(|r| GivenRouting::from_table(table, k, r))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     fn run(
         &mut self,
         x: &[Vec<f32>],
+        token_ids: Option<&[Vec<u32>]>,
         mut trace: Option<&mut Vec<Vec<Vec<f32>>>>,
     ) -> Result<ModelOutput> {
         let start = Instant::now();
@@ -325,7 +411,14 @@ impl MoeModel {
             let layer = &slot.layer;
             let dtype = layer.config.dtype;
             let normed: Vec<Vec<f32>> = state.iter().map(|r| layer.norm.apply(r, dtype)).collect();
-            let inputs: Vec<RankInput> = RankInput::per_rank(&normed, &tokens);
+            let routing = Self::hash_routing(layer, token_ids, &tokens)?;
+            let mut inputs: Vec<RankInput> = RankInput::per_rank(&normed, &tokens);
+            if let Some(r) = &routing {
+                inputs
+                    .iter_mut()
+                    .zip(r)
+                    .for_each(|(i, g)| i.routing = Some(g));
+            }
             let ov = RouteOverrides {
                 top_k: self.top_k,
                 logit_bias: layer.logit_bias.clone(),

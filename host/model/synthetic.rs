@@ -144,6 +144,7 @@ impl SyntheticSpec {
                 weights: Arc::new(weights),
                 norm,
                 logit_bias,
+                hash_table: None,
             };
             layer.validate()?;
             layers.push(layer);

@@ -83,6 +83,7 @@ mod tests {
             norm: RmsNorm::ones(cfg.hidden, 1e-6),
             config: cfg,
             logit_bias: None,
+            hash_table: None,
         }
     }
 

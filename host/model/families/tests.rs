@@ -453,10 +453,10 @@ fn deepseek_v4_reads_the_clamp_the_router_and_the_hash_layers() {
             gated: false
         })
     );
-    // transformers' default: the first three layers are hash-routed.
+    // transformers' default: the first three layers are hash-routed (MoE blocks too).
     assert_eq!(f.hash_layers, vec![0, 1, 2]);
-    assert!(!f.is_moe(2) && f.is_moe(3));
-    assert_eq!(f.moe_layers().len(), 40);
+    assert!(f.is_moe(2) && f.is_moe(3));
+    assert_eq!(f.moe_layers().len(), 43);
     let naming = f.family.naming();
     assert_eq!(
         naming.norm_weight(LAYERS, 3),
