@@ -43,7 +43,7 @@ const MLPS: [MlpKind; 6] = [
         up_offset_bits: 0,
     },
 ];
-const ROUTERS: [Router; 7] = [
+const ROUTERS: [Router; 8] = [
     Router::Softmax { renormalize: true },
     Router::Softmax { renormalize: false },
     Router::SigmoidBias { renormalize: true },
@@ -51,6 +51,7 @@ const ROUTERS: [Router; 7] = [
     Router::TopkSoftmax,
     Router::SqrtSoftplusBias { renormalize: true },
     Router::Given,
+    Router::HashSqrtSoftplus,
 ];
 const EXPERTS: [usize; 3] = [8, 64, 128];
 const TOP_K: [usize; 3] = [1, 2, 8];
@@ -219,8 +220,14 @@ impl Inputs {
             .collect();
         let routing = (0..cfg.world)
             .map(|r| {
-                (cfg.router == Router::Given)
-                    .then(|| given_routing(cfg, rank_tokens(cfg, r), &mut rng))
+                cfg.router.takes_ids().then(|| {
+                    let mut g = given_routing(cfg, rank_tokens(cfg, r), &mut rng);
+                    // The hash router takes ids only (its table's lookup).
+                    if cfg.router == Router::HashSqrtSoftplus {
+                        g.weights.clear();
+                    }
+                    g
+                })
             })
             .collect();
         Inputs { xs, routing }
