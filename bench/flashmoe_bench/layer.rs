@@ -163,7 +163,7 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
     let shape: &ShapeArgs = &args.shape;
     let gpu = backend::wants_gpu(shape.backend, shape.world)?;
     let (preset, cfg) = shape.config(gpu)?;
-    let plan = LayerPlan::new(&cfg)?;
+    let plan = shape.plan(&cfg)?;
     let memory = plan.memory(0).to_string();
     let estimate = crate::memory::layer(&plan, shape.check_tokens, gpu, shape.world.ranks());
     if !shape.json {

@@ -70,7 +70,7 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels;
 use crate::params::{
     entry_point, expert_owner_table, smem_bytes, KernelParams, LayerParams, RankParams,
-    BLOCK_THREADS, MAX_LAUNCH_RANKS, MIN_BLOCKS_PER_RANK, NO_FAULT,
+    BLOCK_THREADS, MAX_LAUNCH_RANKS, MIN_BLOCKS_PER_RANK, NO_FAULT, SCOPE_GPU, SCOPE_SYSTEM,
 };
 use crate::plan::{LayerPlan, MemoryFigure, TILE_N};
 use crate::weights::LayerWeights;
@@ -595,6 +595,13 @@ impl MoeLayer {
         layer_params.router_bias = tables.router_bias.as_ref().map_or(0, DeviceBuffer::ptr);
         layer_params.logit_bias = 0;
         layer_params.fault_silent_rank = opts.fault_silent_rank.map_or(NO_FAULT, |r| r as u32);
+        // Every heap of a single or emulated world is on this GPU: gpu-scope fences and
+        // acquires order everything; NVSHMEM peers may be other GPUs (system scope).
+        layer_params.peer_scope = if external.is_some() {
+            SCOPE_SYSTEM
+        } else {
+            SCOPE_GPU
+        };
         let mut params = KernelParams {
             layer: layer_params,
             launch_ranks: world.ranks() as u32,
