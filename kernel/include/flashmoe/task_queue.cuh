@@ -19,6 +19,7 @@
 
 #include "flashmoe/common.cuh"
 #include "flashmoe/gemm.cuh"
+#include "flashmoe/gemm_decode.cuh"
 #include "flashmoe/reduce.cuh"
 #include "flashmoe/sync.cuh"
 #include "flashmoe/transport.cuh"
@@ -233,6 +234,19 @@ __device__ __forceinline__ bool gemm0_finished(const Ctx& c, uint32_t idx) {
     return block_bcast(c, threadIdx.x == 0 ? ok : true);
 }
 
+// A routed GEMM tile with the shape the tile rule gives its block (params.h FM_TILES_AUTO):
+// the decode tile for a short bf16/f16 block, else the classic one.
+template <class D, int kEpi>
+__device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, const Clamp& clamp) {
+    if constexpr (D::kTensorCore) {
+        if (const uint32_t n = decode_tokens(*c.L, t.a_rows); n != 0) {
+            run_decode_tile<D, kEpi>(t, n, c.smem, c.L->mlp, clamp);
+            return;
+        }
+    }
+    run_tile<D, kEpi>(t, c.smem, c.L->mlp, clamp);
+}
+
 // GEMM0 tile: A rows gathered through s's pair list from its dispatch rows, written to
 // act[s][pair]. The row block's last tile publishes its GEMM1 tiles.
 template <class D>
@@ -267,9 +281,9 @@ __device__ FM_PHASE bool run_gemm0(const Ctx& c, uint32_t idx) {
     }
     const Clamp clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset};
     if (c.gated()) {
-        run_tile<D, kEpiActGated>(t, c.smem, L.mlp, clamp);
+        routed_tile<D, kEpiActGated>(c, t, clamp);
     } else {
-        run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, clamp);
+        routed_tile<D, kEpiActPlain>(c, t, clamp);
     }
     return gemm0_finished(c, idx);
 }
@@ -300,7 +314,7 @@ __device__ FM_PHASE bool run_gemm1(const Ctx& c, uint32_t idx) {
     t.bias0 = c.R->b1 != 0 ? reinterpret_cast<const float*>(c.R->b1) + uint64_t(u.l) * H + nt * kTileN
                            : nullptr;
     t.bias1 = nullptr;
-    run_tile<D, kEpiStore>(t, c.smem, L.mlp, Clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset});
+    routed_tile<D, kEpiStore>(c, t, Clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset});
     bool ok = true;
     if (threadIdx.x == 0) {
         __threadfence();
