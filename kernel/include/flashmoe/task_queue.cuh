@@ -20,6 +20,7 @@
 #include "flashmoe/common.cuh"
 #include "flashmoe/gemm.cuh"
 #include "flashmoe/gemm_decode.cuh"
+#include "flashmoe/phases.cuh"
 #include "flashmoe/reduce.cuh"
 #include "flashmoe/sync.cuh"
 #include "flashmoe/transport.cuh"
@@ -154,7 +155,7 @@ __device__ FM_PHASE bool schedule(const Ctx& c) {
             if (s >= L.world) break;
             if ((seen_mask >> i) & 1ull) continue;
             const uint64_t w =
-                ld_acquire_sys(reinterpret_cast<const uint64_t*>(c.heap + dispatch_signal_off(L, s)));
+                ld_acquire_peers(c, reinterpret_cast<const uint64_t*>(c.heap + dispatch_signal_off(L, s)));
             if (!signal_is(w, c.n)) {
                 ++pending;
                 last_word = w;
@@ -335,7 +336,7 @@ __device__ FM_PHASE bool run_reduce(const Ctx& c, uint32_t idx) {
     const uint32_t rows = dispatch_rows(c, s);
     if (!reduce_tile<D>(c, s, trb, nt, rows)) return false;
     if (threadIdx.x == 0) {
-        __threadfence_system();  // the tile's (remote) stores, before the count
+        fence_peers(c);  // the tile's (remote) stores, before the count
         uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_reduce_done) + s;
         if (atom_add_acq_rel(done, 1) + 1 == 0 && !c.silent()) deliver_combine(c, s, rows);
     }
@@ -464,13 +465,20 @@ __device__ FM_PHASE void take_task(const Ctx& c) {
 template <class D>
 __device__ FM_PHASE bool process_tasks(const Ctx& c) {
     while (true) {
-        if (threadIdx.x == 0) take_task(c);
+        if (threadIdx.x == 0) {
+            take_task(c);
+            phase_lap(c, kPhaseIdle);
+        }
         __syncthreads();
         const uint32_t task = c.misc->task, state = c.misc->state;
         __syncthreads();
         if (state == kTakeDone) return true;
         if (state != kTakeTask) return false;
         if (!run_task<D>(c, task)) return false;
+        if (threadIdx.x == 0) {
+            phase_lap(c, kPhaseTiles);
+            ++c.misc->phase[kPhaseTasks];
+        }
     }
 }
 
