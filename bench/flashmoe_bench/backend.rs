@@ -27,6 +27,10 @@ pub trait Runner {
     ) -> Result<Vec<f64>>;
     /// The device's peaks measured now, if this backend has a roofline.
     fn peaks(&mut self) -> Result<Option<Peaks>>;
+    /// Where the last launch's time went, from device timestamps (GPU only).
+    fn phases(&mut self) -> Result<Option<flashmoe::gpu::layer::PhaseSplit>> {
+        Ok(None)
+    }
 }
 
 /// Whether the run goes to the GPU; `--backend gpu` without a usable GPU is an error.

@@ -80,6 +80,10 @@ impl Runner for Gpu {
         self.layer.time_launches(inputs, ov, warmup, iters, true)
     }
 
+    fn phases(&mut self) -> Result<Option<flashmoe::gpu::layer::PhaseSplit>> {
+        self.layer.phases().map(Some)
+    }
+
     fn peaks(&mut self) -> Result<Option<Peaks>> {
         let r = roofline::measure(self.layer.stream(), RooflineOptions::default())?;
         Ok(Some(Peaks {

@@ -208,6 +208,8 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
         ));
     }
     let samples = runner.time(&inputs, &ov, shape.warmup, shape.iters)?;
+    // The last timed launch's phase times (device timestamps), before the roofline runs.
+    let phases = runner.phases()?;
     let latency = summarize(&samples).ok_or_else(|| Error::input("timing", "no finite samples"))?;
     let kept = kept_per_expert(&cfg, &first);
     let total_tokens = (cfg.tokens * cfg.world) as u64;
@@ -237,6 +239,8 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
         dropped: first.dropped,
         pairs: total_tokens * cfg.top_k as u64,
         wire: Some(wire(&plan, &first, &ov)?),
+        tiles: plan.tile_mode.name().to_string(),
+        phases,
     })
 }
 

@@ -208,6 +208,8 @@ fn rank_report(
         dropped: run.dropped,
         pairs: total_tokens * cfg.top_k as u64,
         wire: None,
+        tiles: run.plan.tile_mode.name().to_string(),
+        phases: None,
     })
 }
 

@@ -63,6 +63,10 @@ pub struct Report {
     pub pairs: u64,
     /// Dispatch bytes on the wire, when measured (single-process runs).
     pub wire: Option<Wire>,
+    /// Tile rule of the routed GEMMs (`auto` or `classic`).
+    pub tiles: String,
+    /// Where the last timed launch's time went (device timestamps; GPU only).
+    pub phases: Option<flashmoe::gpu::layer::PhaseSplit>,
 }
 
 fn si(x: f64) -> String {
@@ -98,6 +102,7 @@ impl Report {
         println!("flashmoe-bench layer: preset {}", self.preset);
         println!("  {:<10} {}", "config", self.config);
         println!("  {:<10} {}", "backend", self.backend);
+        println!("  {:<10} {}", "tiles", self.tiles);
         println!("  {:<10} {}", "world", self.world);
         println!("  {:<10} {}", "memory", self.memory);
         println!("  {:<10} {}", "check", self.check_line());
@@ -138,6 +143,10 @@ impl Report {
                 si(p.bytes_per_s)
             ),
             _ => println!("  {:<10} not measured on this backend", "roofline"),
+        }
+        match &self.phases {
+            Some(p) => println!("  {:<10} {}", "phases", p.describe()),
+            None => println!("  {:<10} not measured (device timestamps: GPU only)", "phases"),
         }
     }
 }

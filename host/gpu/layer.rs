@@ -54,11 +54,13 @@ mod epoch;
 mod grid;
 mod host_io;
 mod nvshmem;
+mod phases;
 pub(crate) mod pack;
 mod stages;
 mod status;
 
 pub use grid::{blocks_per_rank, GridShape, Residency};
+pub use phases::PhaseSplit;
 pub use nvshmem::{agree, nvshmem_entry_point, NvshmemLayer, NVSHMEM_CUBIN};
 pub use pack::{from_dtype_bytes, pack_rank_experts, to_dtype_bytes, PackedExperts};
 pub use status::{
@@ -72,7 +74,7 @@ use crate::params::{
     entry_point, expert_owner_table, smem_bytes, KernelParams, LayerParams, RankParams,
     BLOCK_THREADS, MAX_LAUNCH_RANKS, MIN_BLOCKS_PER_RANK, NO_FAULT, SCOPE_GPU, SCOPE_SYSTEM,
 };
-use crate::plan::{LayerPlan, MemoryFigure, TILE_N};
+use crate::plan::{LayerPlan, MemoryFigure, PHASE_MAX_BLOCKS, PHASE_WORDS, TILE_N};
 use crate::weights::LayerWeights;
 use cudarc::driver::{result, sys, CudaEvent, CudaFunction, CudaGraph, CudaStream};
 use cudarc::nvrtc::Ptx;
@@ -952,6 +954,29 @@ impl MoeLayer {
             return Err(e);
         }
         Ok(stats)
+    }
+
+    /// Where the last launch's time went: every block's phase times of every rank this
+    /// layer runs (device `%globaltimer`, written by the kernel at each block's exit).
+    pub fn phases(&self) -> Result<PhaseSplit> {
+        self.wait_done()?;
+        let blocks = (self.grid.blocks_per_rank as usize).min(PHASE_MAX_BLOCKS);
+        let mut raw = vec![0u8; 8 * PHASE_WORDS * blocks];
+        let mut split = PhaseSplit::default();
+        for rb in &self.ranks {
+            rb.workspace.download(
+                &self.stream,
+                self.plan.workspace.phase_times as usize,
+                &mut raw,
+                "phase times",
+            )?;
+            let words: Vec<u64> = raw
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                .collect();
+            split.add_records(&words, blocks);
+        }
+        Ok(split)
     }
 
     /// Zeroes every heap and workspace (signals, epochs, status, counters), as at
