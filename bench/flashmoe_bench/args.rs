@@ -235,6 +235,10 @@ pub struct LayerArgs {
     /// Start N local ranks (one process per GPU, NVSHMEM world) and gather their results.
     #[arg(long)]
     pub nproc: Option<usize>,
+    /// Also check and time the other tile rule (`--tiles`) in the same process (GPU,
+    /// single or emulated world) and report the ratio of the medians.
+    #[arg(long)]
+    pub compare_tiles: bool,
 }
 
 /// `flashmoe-bench plan`.

@@ -23,6 +23,17 @@ pub struct Wire {
     pub per_expert_bytes: f64,
 }
 
+/// The other tile rule timed on the same layer (`--compare-tiles`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TilesCompare {
+    /// Its name (`auto` or `classic`).
+    pub other: String,
+    /// Its median latency (ms).
+    pub median_ms: f64,
+    /// Its median over the first mode's.
+    pub ratio: f64,
+}
+
 /// Everything a layer benchmark reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -65,6 +76,8 @@ pub struct Report {
     pub wire: Option<Wire>,
     /// Tile rule of the routed GEMMs (`auto` or `classic`).
     pub tiles: String,
+    /// The other tile rule on the same layer, when compared.
+    pub tiles_compare: Option<TilesCompare>,
     /// Where the last timed launch's time went (device timestamps; GPU only).
     pub phases: Option<flashmoe::gpu::layer::PhaseSplit>,
 }
@@ -102,7 +115,13 @@ impl Report {
         println!("flashmoe-bench layer: preset {}", self.preset);
         println!("  {:<10} {}", "config", self.config);
         println!("  {:<10} {}", "backend", self.backend);
-        println!("  {:<10} {}", "tiles", self.tiles);
+        match &self.tiles_compare {
+            Some(t) => println!(
+                "  {:<10} {}; {} median {:.4} ms = {:.3}x (tile ratio {}/{})",
+                "tiles", self.tiles, t.other, t.median_ms, t.ratio, t.other, self.tiles
+            ),
+            None => println!("  {:<10} {}", "tiles", self.tiles),
+        }
         println!("  {:<10} {}", "world", self.world);
         println!("  {:<10} {}", "memory", self.memory);
         println!("  {:<10} {}", "check", self.check_line());
@@ -146,7 +165,10 @@ impl Report {
         }
         match &self.phases {
             Some(p) => println!("  {:<10} {}", "phases", p.describe()),
-            None => println!("  {:<10} not measured (device timestamps: GPU only)", "phases"),
+            None => println!(
+                "  {:<10} not measured (device timestamps: GPU only)",
+                "phases"
+            ),
         }
     }
 }

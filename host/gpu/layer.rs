@@ -54,15 +54,15 @@ mod epoch;
 mod grid;
 mod host_io;
 mod nvshmem;
-mod phases;
 pub(crate) mod pack;
+mod phases;
 mod stages;
 mod status;
 
 pub use grid::{blocks_per_rank, GridShape, Residency};
-pub use phases::PhaseSplit;
 pub use nvshmem::{agree, nvshmem_entry_point, NvshmemLayer, NVSHMEM_CUBIN};
 pub use pack::{from_dtype_bytes, pack_rank_experts, to_dtype_bytes, PackedExperts};
+pub use phases::PhaseSplit;
 pub use status::{
     describe_wait, is_consequence, wait_budget, LayerStats, StatusContext, STATUS_WORDS,
 };
@@ -1006,6 +1006,14 @@ impl MoeLayer {
             "epoch",
         )?;
         Ok(u64::from_le_bytes(b))
+    }
+
+    /// The tile rule of the next launches ([`crate::plan::TileMode`]): the A/B switch
+    /// between the decode tiles and the classic path. A captured graph keeps the mode it was
+    /// captured with.
+    pub fn set_tile_mode(&mut self, mode: crate::plan::TileMode) {
+        self.plan.tile_mode = mode;
+        self.params.layer.tile_mode = mode.code();
     }
 
     /// Test hook: from the next launch on, `rank` sends no signal (its peers then time

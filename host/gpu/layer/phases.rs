@@ -36,7 +36,11 @@ impl PhaseSplit {
             if r[0] == 0 {
                 continue;
             }
-            self.start_ns = if self.blocks == 0 { r[0] } else { self.start_ns.min(r[0]) };
+            self.start_ns = if self.blocks == 0 {
+                r[0]
+            } else {
+                self.start_ns.min(r[0])
+            };
             self.end_ns = self.end_ns.max(r[7]);
             self.blocks += 1;
             self.gate_ns += r[1];
@@ -86,7 +90,13 @@ mod tests {
         s.add_records(&w, 3);
         assert_eq!(s.blocks, 2);
         assert_eq!(
-            (s.gate_ns, s.dispatch_ns, s.tiles_ns, s.idle_ns, s.combine_ns),
+            (
+                s.gate_ns,
+                s.dispatch_ns,
+                s.tiles_ns,
+                s.idle_ns,
+                s.combine_ns
+            ),
             (22, 28, 500, 100, 50)
         );
         assert_eq!(s.tasks, 8);
