@@ -7,7 +7,7 @@ use crate::config::{Dtype, MlpKind, MoeConfig, Router};
 use crate::plan::{LayerPlan, TILE_K, TILE_M, TILE_N};
 
 /// `FM_PARAMS_VERSION`.
-pub const PARAMS_VERSION: u32 = 2;
+pub const PARAMS_VERSION: u32 = 3;
 /// `FM_MAX_LAUNCH_RANKS`: ranks one launch can emulate.
 pub const MAX_LAUNCH_RANKS: usize = 8;
 
@@ -58,6 +58,21 @@ pub fn entry_point(dtype: Dtype) -> &'static str {
         Dtype::F32 => "flashmoe_layer_f32",
     }
 }
+
+/// `FM_TILES_AUTO`: the tile rule picks the shape by rows ([`crate::plan::TileMode::Auto`]).
+pub const TILES_AUTO: u32 = 0;
+/// `FM_TILES_CLASSIC`: every routed block uses the classic tile.
+pub const TILES_CLASSIC: u32 = 1;
+/// `FM_DECODE_MAX_ROWS` (== [`crate::plan::DECODE_MAX_ROWS`]).
+pub const DECODE_MAX_ROWS: u32 = 32;
+/// `FM_SCOPE_SYSTEM`: fences and acquires toward peers at system scope (NVSHMEM worlds).
+pub const SCOPE_SYSTEM: u32 = 0;
+/// `FM_SCOPE_GPU`: every heap of the world is on this GPU (single and emulated worlds).
+pub const SCOPE_GPU: u32 = 1;
+/// `FM_PHASE_WORDS` (== [`crate::plan::PHASE_WORDS`]).
+pub const PHASE_WORDS: u32 = 8;
+/// `FM_PHASE_MAX_BLOCKS` (== [`crate::plan::PHASE_MAX_BLOCKS`]).
+pub const PHASE_MAX_BLOCKS: u32 = 1024;
 
 /// `FM_NO_FAULT`: no fault injected.
 pub const NO_FAULT: u32 = u32::MAX;
@@ -214,6 +229,12 @@ pub struct LayerParams {
     /// multiple of `tile_n`).
     pub ws_logits: u64,
     pub ws_logits_stride_row: u64,
+    /// `FM_TILES_*`: the tile rule of the routed GEMM tiles.
+    pub tile_mode: u32,
+    /// `FM_SCOPE_*`: scope of the fences and acquires toward peers.
+    pub peer_scope: u32,
+    /// u64 `[PHASE_MAX_BLOCKS][PHASE_WORDS]`: each block's phase times.
+    pub ws_phase_times: u64,
 }
 
 /// `FmRankParams`: the pointers of one rank.
@@ -383,6 +404,10 @@ impl LayerParams {
             pad3: 0,
             ws_logits: w.logits,
             ws_logits_stride_row: w.logits_stride_row,
+            tile_mode: plan.tile_mode.code(),
+            // System scope unless the runtime knows every heap is on this GPU.
+            peer_scope: SCOPE_SYSTEM,
+            ws_phase_times: w.phase_times,
         }
     }
 }
@@ -403,6 +428,11 @@ mod tests {
     #[test]
     fn gate_chunk_matches_plan() {
         assert_eq!(GATE_CHUNK as usize, PLAN_GATE_CHUNK);
+        assert_eq!(DECODE_MAX_ROWS as usize, crate::plan::DECODE_MAX_ROWS);
+        assert_eq!(PHASE_WORDS as usize, crate::plan::PHASE_WORDS);
+        assert_eq!(PHASE_MAX_BLOCKS as usize, crate::plan::PHASE_MAX_BLOCKS);
+        assert_eq!(TILES_AUTO, crate::plan::TileMode::Auto.code());
+        assert_eq!(TILES_CLASSIC, crate::plan::TileMode::Classic.code());
     }
 
     #[test]

@@ -42,9 +42,11 @@ use crate::error::{Error, Result};
 
 mod heap;
 mod route;
+mod tile_rule;
 mod workspace;
 pub use heap::{meta_entry, meta_parts, HeapLayout, NO_PAIR};
 pub use route::RankRoute;
+pub use tile_rule::{tile_for, TileMode, TileShape, DECODE_MAX_ROWS};
 pub use workspace::WorkspaceLayout;
 
 /// Rows per tile. Also the M of the kernel's GEMM tiles.
@@ -61,6 +63,13 @@ pub const MAX_TASKS: usize = 1 << 30;
 /// Alignment of every region, in bytes (16 is what vector access needs; 256 keeps TMA and
 /// cache lines happy).
 pub const REGION_ALIGN: u64 = 256;
+
+/// u64 words of one block's phase times in the workspace (`FM_PHASE_WORDS`): launch start,
+/// gate, dispatch, expert tiles, idle waits, combine (ns), tasks run, launch end.
+pub const PHASE_WORDS: usize = 8;
+/// Blocks per rank whose phase times are kept (`FM_PHASE_MAX_BLOCKS`); blocks past it
+/// record nothing.
+pub const PHASE_MAX_BLOCKS: usize = 1024;
 
 /// Cell index in the heap: where peers write.
 pub const CELL_RECV: usize = 0;
@@ -162,6 +171,9 @@ pub struct LayerPlan {
     pub workspace: WorkspaceLayout,
     /// Tile decomposition.
     pub tiles: TileCounts,
+    /// Which tile shapes the executors use ([`LayerPlan::tile_for`]); the layout does not
+    /// depend on it.
+    pub tile_mode: TileMode,
 }
 
 fn align(x: u64) -> u64 {
@@ -375,6 +387,7 @@ fn workspace_layout(cfg: &MoeConfig, d: &Dims, tiles: &TileCounts) -> Result<Wor
         "router logits",
         Sizer::mul("router logits", logit_rows, logits_stride_row)?,
     )?;
+    let phase_times = take("phase times", (8 * PHASE_WORDS * PHASE_MAX_BLOCKS) as u64)?;
     Ok(WorkspaceLayout {
         epoch,
         status,
@@ -408,6 +421,7 @@ fn workspace_layout(cfg: &MoeConfig, d: &Dims, tiles: &TileCounts) -> Result<Wor
         shared_done,
         logits,
         logits_stride_row,
+        phase_times,
         bytes: off,
     })
 }
@@ -451,6 +465,7 @@ impl LayerPlan {
             heap,
             workspace,
             tiles,
+            tile_mode: TileMode::Auto,
         })
     }
 

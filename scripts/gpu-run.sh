@@ -21,20 +21,20 @@ stages-e4 20
 stages-f32 15
 stages-ds 15
 test-gpu_abi 15
-test-gpu_layer 80
-test-gpu_model 40
+test-gpu_layer 68
+test-gpu_model 34
 test-gpu_nvshmem 25
 test-gpu_roofline 15
 memcheck 30
 racecheck 30
 synccheck 20
 graph-replay 15
-bench-tiny 10
-bench-flashmoe-paper 10
-bench-qwen3-30b-a3b 10
-bench-olmoe-1b-7b 10
-bench-mixtral-8x7b 10
-bench-deepseek-v3 10
+bench-tiny 13
+bench-flashmoe-paper 13
+bench-qwen3-30b-a3b 13
+bench-olmoe-1b-7b 13
+bench-mixtral-8x7b 13
+bench-deepseek-v3 13
 "
 
 OUT="${OUT:-/tmp/flashmoe-out}"
@@ -111,7 +111,8 @@ step stages-w1 stages.txt "$bench" stages --backend gpu --preset tiny
 # gpt-oss style: top-k of biased logits, clamped SwiGLU with expert biases.
 step stages-e2 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:2 \
     --router topk-softmax --mlp clamped-swiglu
-step stages-e4 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:4
+# The classic tile path (the others run the tile rule's decode tiles where blocks are short).
+step stages-e4 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:4 --tiles classic
 step stages-f32 stages.txt "$bench" stages --backend gpu --preset tiny --dtype f32 --world emulated:2 \
     --router sparse-mixer
 # DeepSeek-style routing: sigmoid + selection bias, group-limited top-k, f32 router, a
@@ -147,13 +148,16 @@ else
     echo "graph-replay: not run (no gpu_layer executable)" >>"$summary"
 fi
 
-# ---- a short bench of every preset (checked before timed); deepseek-v3 with 64 of its
-#      256 experts: generating its 11 G parameters on the host alone outlasts the budget
+# ---- a short bench of every preset (checked before timed), each with both tile rules in
+#      one process (auto, then classic, and the ratio of their medians); deepseek-v3 with
+#      64 of its 256 experts: generating its 11 G parameters on the host alone outlasts the
+#      budget
 for p in tiny flashmoe-paper qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b; do
-    step "bench-$p" bench.txt "$bench" layer --backend gpu --preset "$p" --iters 10 --warmup 2 --check-tokens 16
+    step "bench-$p" bench.txt "$bench" layer --backend gpu --preset "$p" --iters 10 --warmup 2 --check-tokens 16 \
+        --compare-tiles
 done
 step bench-deepseek-v3 bench.txt "$bench" layer --backend gpu --preset deepseek-v3 --experts 64 \
-    --iters 10 --warmup 2 --check-tokens 16
+    --iters 10 --warmup 2 --check-tokens 16 --compare-tiles
 
 echo "total: ${SECONDS}s of at most ${total}s budgeted" >>"$summary"
 cat "$summary"

@@ -2,7 +2,7 @@
 //! provenance (every row lands where the plan says), epochs and the timeout path.
 
 use flashmoe::cpu::signal_word;
-use flashmoe::plan::{meta_parts, CELL_RECV, CELL_SEND, NO_PAIR};
+use flashmoe::plan::{meta_parts, TileMode, TileShape, CELL_RECV, CELL_SEND, NO_PAIR, TILE_M};
 use flashmoe::reference::{self, LayerOutput, RankInput, RouteOverrides};
 use flashmoe::weights::random_tokens;
 use flashmoe::{
@@ -340,6 +340,53 @@ fn results_do_not_depend_on_the_thread_count() {
     assert!(
         multi_unit_cases > 10,
         "too few cases with several units per rank"
+    );
+}
+
+#[test]
+fn auto_and_classic_tiles_give_the_same_bits() {
+    // The tile rule only changes the shape each expert block is computed with: outputs
+    // must be bit-identical to the classic path, over decode-sized and prefill-sized cases.
+    let mut rng = StdRng::seed_from_u64(4242);
+    let (mut decode_blocks, mut classic_blocks) = (0usize, 0usize);
+    for seed in 0..60 {
+        let mut case = random_case(&mut rng, seed);
+        if seed % 3 == 0 {
+            case.cfg.tokens = rng.random_range(65..=160);
+            case.tokens = vec![case.cfg.tokens; case.cfg.world];
+        }
+        let cfg = &case.cfg;
+        let plan = LayerPlan::with_staging(cfg, case.staging).expect("valid case");
+        assert_eq!(plan.tile_mode, TileMode::Auto, "auto is the default");
+        let w = Arc::new(LayerWeights::random(cfg, case.seed));
+        let inputs = Inputs::random(&case);
+        let ri = inputs.rank_inputs();
+        let mut auto = CpuExecutor::new(plan.clone(), w.clone()).expect("executor");
+        let got = auto.forward(&ri, &case.ov).expect("auto forward");
+        let mut classic =
+            CpuExecutor::new(plan.clone().with_tile_mode(TileMode::Classic), w).expect("executor");
+        let want = classic.forward(&ri, &case.ov).expect("classic forward");
+        assert!(
+            bits(&got) == bits(&want),
+            "auto differs from classic on {case:?}"
+        );
+        // Which shapes the auto run used: every kept (source, expert) list in blocks.
+        for g in &got.gates {
+            for &c in &g.expert_counts {
+                let kept = (c as usize).min(plan.capacity);
+                for r0 in (0..kept).step_by(TILE_M) {
+                    match plan.tile_for((kept - r0).min(TILE_M)) {
+                        TileShape::Decode { .. } => decode_blocks += 1,
+                        TileShape::Classic => classic_blocks += 1,
+                    }
+                }
+            }
+        }
+    }
+    assert!(decode_blocks > 50, "too few decode blocks: {decode_blocks}");
+    assert!(
+        classic_blocks > 10,
+        "too few classic blocks: {classic_blocks}"
     );
 }
 

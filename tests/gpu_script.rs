@@ -50,6 +50,16 @@ fn step_budgets_fit_seven_minutes_and_cover_every_step() {
     ] {
         assert!(b.contains_key(must), "no budget for step {must}");
     }
+    // Both tile rules are benched on every preset (issue 12), classic stage-checked once.
+    let benches = text.matches("--compare-tiles").count();
+    assert_eq!(
+        benches, 2,
+        "the preset loop and deepseek-v3 compare the tile rules"
+    );
+    assert!(
+        text.contains("--tiles classic"),
+        "no stage check of the classic tiles"
+    );
     let order: Vec<usize> = [
         "step facts",
         "step stages-w1",

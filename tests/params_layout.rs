@@ -66,7 +66,7 @@ fn rust_structs() -> BTreeMap<&'static str, (usize, Vec<Field>)> {
         ws_queue, ws_queue_capacity, ws_sync, ws_shared_act, ws_shared_act_stride_row, ws_shared_out,
         ws_shared_out_stride_row, ws_shared_done, ws_bytes,
         expert_owner, router_weight, router_bias, logit_bias, route_k, stop_after, n_group, topk_group, router_f32, router_eps, mlp_alpha, mlp_limit, mlp_up_offset, pad3,
-        ws_logits, ws_logits_stride_row,
+        ws_logits, ws_logits_stride_row, tile_mode, peer_scope, ws_phase_times,
     );
     let rank = rust_fields!(RankParams;
         rank, tokens, local_experts, pad0, heap, peers, workspace, x, out, w0, w1,
@@ -86,6 +86,13 @@ fn rust_constants() -> BTreeMap<&'static str, u64> {
         ("FM_PARAMS_VERSION", params::PARAMS_VERSION as u64),
         ("FM_MAX_LAUNCH_RANKS", params::MAX_LAUNCH_RANKS as u64),
         ("FM_NO_FAULT", params::NO_FAULT as u64),
+        ("FM_TILES_AUTO", params::TILES_AUTO as u64),
+        ("FM_TILES_CLASSIC", params::TILES_CLASSIC as u64),
+        ("FM_DECODE_MAX_ROWS", params::DECODE_MAX_ROWS as u64),
+        ("FM_SCOPE_SYSTEM", params::SCOPE_SYSTEM as u64),
+        ("FM_SCOPE_GPU", params::SCOPE_GPU as u64),
+        ("FM_PHASE_WORDS", params::PHASE_WORDS as u64),
+        ("FM_PHASE_MAX_BLOCKS", params::PHASE_MAX_BLOCKS as u64),
         ("FM_STOP_NONE", params::STOP_NONE as u64),
         ("FM_MAX_GROUPS", flashmoe::config::MAX_GROUPS as u64),
         ("FM_STOP_GATE", flashmoe::stages::Stage::Gate.code() as u64),

@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use flashmoe::config::{
     Capacity, Dtype, GroupLimit, MlpKind, MoeConfig, Placement, Router, SharedExperts,
 };
+use flashmoe::plan::{LayerPlan, TileMode};
 use flashmoe::{presets, Error, Result};
 
 /// Most timed or warm-up iterations.
@@ -214,6 +215,15 @@ pub struct ShapeArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Tile rule of the routed expert GEMMs: `auto` (decode tiles for blocks of at most
+    /// 32 rows, bf16/f16) or `classic` (every block 64x64, the path before the rule).
+    /// Used by `layer` and `stages`; `model` runs `auto`.
+    #[arg(long, default_value = "auto", value_parser = parse_tiles)]
+    pub tiles: TileMode,
+}
+
+fn parse_tiles(s: &str) -> std::result::Result<TileMode, String> {
+    s.parse()
 }
 
 /// `flashmoe-bench layer`.
@@ -225,6 +235,10 @@ pub struct LayerArgs {
     /// Start N local ranks (one process per GPU, NVSHMEM world) and gather their results.
     #[arg(long)]
     pub nproc: Option<usize>,
+    /// Also check and time the other tile rule (`--tiles`) in the same process (GPU,
+    /// single or emulated world) and report the ratio of the medians.
+    #[arg(long)]
+    pub compare_tiles: bool,
 }
 
 /// `flashmoe-bench plan`.
@@ -275,6 +289,11 @@ pub struct ModelArgs {
 }
 
 impl ShapeArgs {
+    /// The plan of `cfg` with this run's tile mode.
+    pub fn plan(&self, cfg: &MoeConfig) -> Result<LayerPlan> {
+        Ok(LayerPlan::new(cfg)?.with_tile_mode(self.tiles))
+    }
+
     /// Checks the run counts: iterations within `1..=MAX_ITERS`, warm-up within
     /// `0..=MAX_ITERS`, checked tokens within the most tokens a rank can have.
     pub fn check_counts(&self) -> Result<()> {
@@ -391,6 +410,24 @@ mod tests {
         assert!(parse_world("emulated:9").is_err());
         assert!(parse_world("0").is_err());
         assert!(parse_world("x").is_err());
+    }
+
+    #[test]
+    fn tiles_parse_auto_and_classic() {
+        assert_eq!(parse_tiles("auto"), Ok(TileMode::Auto));
+        assert_eq!(parse_tiles("classic"), Ok(TileMode::Classic));
+        assert!(parse_tiles("wide").is_err());
+        let cli =
+            Cli::try_parse_from(["flashmoe-bench", "layer", "--tiles", "classic"]).expect("parses");
+        let Command::Layer(a) = cli.command else {
+            panic!("not the layer command");
+        };
+        assert_eq!(a.shape.tiles, TileMode::Classic);
+        let cfg = MoeConfig::new(16, 64, 64, 4, 2);
+        assert_eq!(
+            a.shape.plan(&cfg).expect("plan").tile_mode,
+            TileMode::Classic
+        );
     }
 
     #[test]

@@ -27,6 +27,15 @@ pub trait Runner {
     ) -> Result<Vec<f64>>;
     /// The device's peaks measured now, if this backend has a roofline.
     fn peaks(&mut self) -> Result<Option<Peaks>>;
+    /// Switches the tile rule of the next launches; false when this backend cannot (its
+    /// tiles are fixed by the plan it was built with).
+    fn set_tile_mode(&mut self, _mode: flashmoe::plan::TileMode) -> bool {
+        false
+    }
+    /// Where the last launch's time went, from device timestamps (GPU only).
+    fn phases(&mut self) -> Result<Option<flashmoe::gpu::layer::PhaseSplit>> {
+        Ok(None)
+    }
 }
 
 /// Whether the run goes to the GPU; `--backend gpu` without a usable GPU is an error.

@@ -80,6 +80,15 @@ impl Runner for Gpu {
         self.layer.time_launches(inputs, ov, warmup, iters, true)
     }
 
+    fn set_tile_mode(&mut self, mode: flashmoe::plan::TileMode) -> bool {
+        self.layer.set_tile_mode(mode);
+        true
+    }
+
+    fn phases(&mut self) -> Result<Option<flashmoe::gpu::layer::PhaseSplit>> {
+        self.layer.phases().map(Some)
+    }
+
     fn peaks(&mut self) -> Result<Option<Peaks>> {
         let r = roofline::measure(self.layer.stream(), RooflineOptions::default())?;
         Ok(Some(Peaks {

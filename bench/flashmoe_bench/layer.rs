@@ -6,6 +6,7 @@ use crate::report::Report;
 use crate::stats::summarize;
 use flashmoe::config::{GivenRouting, MoeConfig, Router};
 use flashmoe::metrics::LayerWork;
+use flashmoe::plan::TileMode;
 use flashmoe::reference::{self, LayerOutput, RankInput, RouteOverrides};
 use flashmoe::weights::{random_tokens, LayerWeights};
 use flashmoe::{Error, LayerPlan, Result};
@@ -163,7 +164,7 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
     let shape: &ShapeArgs = &args.shape;
     let gpu = backend::wants_gpu(shape.backend, shape.world)?;
     let (preset, cfg) = shape.config(gpu)?;
-    let plan = LayerPlan::new(&cfg)?;
+    let plan = shape.plan(&cfg)?;
     let memory = plan.memory(0).to_string();
     let estimate = crate::memory::layer(&plan, shape.check_tokens, gpu, shape.world.ranks());
     if !shape.json {
@@ -208,7 +209,23 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
         ));
     }
     let samples = runner.time(&inputs, &ov, shape.warmup, shape.iters)?;
+    // The last timed launch's phase times (device timestamps), before the roofline runs.
+    let phases = runner.phases()?;
     let latency = summarize(&samples).ok_or_else(|| Error::input("timing", "no finite samples"))?;
+    let tiles_compare = if args.compare_tiles {
+        compare_tiles(
+            &mut *runner,
+            &plan,
+            &inputs,
+            &ov,
+            &rows,
+            &want,
+            latency.median,
+            shape,
+        )?
+    } else {
+        None
+    };
     let kept = kept_per_expert(&cfg, &first);
     let total_tokens = (cfg.tokens * cfg.world) as u64;
     let work = LayerWork::new(&cfg, total_tokens, &kept);
@@ -237,7 +254,54 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
         dropped: first.dropped,
         pairs: total_tokens * cfg.top_k as u64,
         wire: Some(wire(&plan, &first, &ov)?),
+        tiles: plan.tile_mode.name().to_string(),
+        tiles_compare,
+        phases,
     })
+}
+
+/// `--compare-tiles`: the other tile rule on the same layer, checked against the same
+/// reference rows and timed like the first; `None` when the backend cannot switch.
+#[allow(clippy::too_many_arguments)]
+fn compare_tiles(
+    runner: &mut dyn Runner,
+    plan: &LayerPlan,
+    inputs: &[RankInput],
+    ov: &RouteOverrides,
+    rows: &[Vec<usize>],
+    want: &[Vec<Vec<f64>>],
+    median: f64,
+    shape: &ShapeArgs,
+) -> Result<Option<crate::report::TilesCompare>> {
+    let other = match plan.tile_mode {
+        TileMode::Auto => TileMode::Classic,
+        TileMode::Classic => TileMode::Auto,
+    };
+    if !runner.set_tile_mode(other) {
+        return Ok(None);
+    }
+    let out = runner.run(inputs, ov)?;
+    let tol = reference::tolerance(plan.config.dtype);
+    if shape.check_tokens > 0 {
+        let err = compare(plan, &out.out, rows, want)?;
+        if err > tol {
+            return Err(Error::input(
+                "output",
+                format!(
+                    "--tiles {}: max relative error {err:.3e} exceeds the tolerance {tol:.0e}",
+                    other.name()
+                ),
+            ));
+        }
+    }
+    let samples = runner.time(inputs, ov, shape.warmup, shape.iters)?;
+    let s = summarize(&samples).ok_or_else(|| Error::input("timing", "no finite samples"))?;
+    runner.set_tile_mode(plan.tile_mode);
+    Ok(Some(crate::report::TilesCompare {
+        other: other.name().to_string(),
+        median_ms: s.median,
+        ratio: s.median / median,
+    }))
 }
 
 /// The dispatch bytes of the launch that produced `out`, from every rank's routing.

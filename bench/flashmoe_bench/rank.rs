@@ -18,7 +18,7 @@ use flashmoe::reference::{self, RouteOverrides};
 use flashmoe::weights::LayerWeights;
 use flashmoe::world::env::{MASTER_PORT, RANK, WORLD_SIZE};
 use flashmoe::world::{launcher, WorldEnv};
-use flashmoe::{Error, LayerPlan, Result};
+use flashmoe::{Error, Result};
 
 /// Port of flashmoe's own bootstrap listener when `MASTER_PORT` is taken by the launcher
 /// (torchrun's agent serves its TCP store there); replaces `MASTER_PORT` when set.
@@ -104,7 +104,7 @@ pub fn rank_config(shape: &ShapeArgs, env: &WorldEnv) -> Result<(String, MoeConf
 pub fn run(args: &LayerArgs, env: &WorldEnv) -> Result<()> {
     let shape = &args.shape;
     let (preset, cfg) = rank_config(shape, env)?;
-    let plan = LayerPlan::new(&cfg)?;
+    let plan = shape.plan(&cfg)?;
     let memory = plan.memory(env.rank).to_string();
     let estimate = crate::memory::rank(&plan, env.rank, shape.check_tokens);
     eprintln!(
@@ -208,6 +208,9 @@ fn rank_report(
         dropped: run.dropped,
         pairs: total_tokens * cfg.top_k as u64,
         wire: None,
+        tiles: run.plan.tile_mode.name().to_string(),
+        tiles_compare: None,
+        phases: None,
     })
 }
 

@@ -23,6 +23,17 @@ pub struct Wire {
     pub per_expert_bytes: f64,
 }
 
+/// The other tile rule timed on the same layer (`--compare-tiles`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TilesCompare {
+    /// Its name (`auto` or `classic`).
+    pub other: String,
+    /// Its median latency (ms).
+    pub median_ms: f64,
+    /// Its median over the first mode's.
+    pub ratio: f64,
+}
+
 /// Everything a layer benchmark reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -63,6 +74,12 @@ pub struct Report {
     pub pairs: u64,
     /// Dispatch bytes on the wire, when measured (single-process runs).
     pub wire: Option<Wire>,
+    /// Tile rule of the routed GEMMs (`auto` or `classic`).
+    pub tiles: String,
+    /// The other tile rule on the same layer, when compared.
+    pub tiles_compare: Option<TilesCompare>,
+    /// Where the last timed launch's time went (device timestamps; GPU only).
+    pub phases: Option<flashmoe::gpu::layer::PhaseSplit>,
 }
 
 fn si(x: f64) -> String {
@@ -98,6 +115,13 @@ impl Report {
         println!("flashmoe-bench layer: preset {}", self.preset);
         println!("  {:<10} {}", "config", self.config);
         println!("  {:<10} {}", "backend", self.backend);
+        match &self.tiles_compare {
+            Some(t) => println!(
+                "  {:<10} {}; {} median {:.4} ms = {:.3}x (tile ratio {}/{})",
+                "tiles", self.tiles, t.other, t.median_ms, t.ratio, t.other, self.tiles
+            ),
+            None => println!("  {:<10} {}", "tiles", self.tiles),
+        }
         println!("  {:<10} {}", "world", self.world);
         println!("  {:<10} {}", "memory", self.memory);
         println!("  {:<10} {}", "check", self.check_line());
@@ -138,6 +162,13 @@ impl Report {
                 si(p.bytes_per_s)
             ),
             _ => println!("  {:<10} not measured on this backend", "roofline"),
+        }
+        match &self.phases {
+            Some(p) => println!("  {:<10} {}", "phases", p.describe()),
+            None => println!(
+                "  {:<10} not measured (device timestamps: GPU only)",
+                "phases"
+            ),
         }
     }
 }

@@ -67,7 +67,7 @@ pub fn run(a: &StagesArgs) -> Result<bool> {
             "a router that computes its routing (the gate stage checks it)",
         ));
     }
-    let plan = LayerPlan::new(&cfg)?;
+    let plan = shape.plan(&cfg)?;
     let w = LayerWeights::random(&cfg, shape.seed);
     // Uneven token counts: rank r brings 17 r fewer tokens (cyclically), so ranks differ.
     let tokens: Vec<usize> = (0..cfg.world)

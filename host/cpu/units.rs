@@ -11,7 +11,9 @@
 use super::rank::{Res, Shared};
 use super::tile::{dot, round_all, TiledMlp};
 use crate::error::Error;
-use crate::plan::{meta_parts, RankRoute, CELL_RECV, CELL_SEND, NO_PAIR, TILE_M, TILE_N};
+use crate::plan::{
+    meta_parts, RankRoute, TileShape, CELL_RECV, CELL_SEND, NO_PAIR, TILE_M, TILE_N,
+};
 use crate::reference::GateOutput;
 use crate::stages::Stage;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +28,8 @@ pub const TOKEN_CHUNK: usize = 32;
 /// One unit of work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unit {
-    /// Pairs `p0 .. p0 + n` that `source` sent, all of local expert `local`.
+    /// Pairs `p0 .. p0 + n` that `source` sent, all of local expert `local`, computed with
+    /// the tile shape the plan's rule gives `n` rows (as the kernel's task would be).
     Expert {
         /// The source rank.
         source: usize,
@@ -36,6 +39,8 @@ pub enum Unit {
         p0: usize,
         /// Pairs.
         n: usize,
+        /// The tile shape of the block ([`crate::plan::LayerPlan::tile_for`]`(n)`).
+        shape: TileShape,
     },
     /// The shared experts on token chunk `c` (tokens `c * TOKEN_CHUNK ..`).
     Shared(usize),
@@ -184,11 +189,15 @@ impl<'a> Ctx<'a> {
                     format!("rank {source} sends local expert {l} more pairs than the capacity");
                 return Err(self.bad("dispatch", what, plan.capacity as u64, c as u64));
             }
-            units.extend((0..c).step_by(EXPERT_UNIT_ROWS).map(|r0| Unit::Expert {
-                source,
-                local: l,
-                p0: base + r0,
-                n: (c - r0).min(EXPERT_UNIT_ROWS),
+            units.extend((0..c).step_by(EXPERT_UNIT_ROWS).map(|r0| {
+                let n = (c - r0).min(EXPERT_UNIT_ROWS);
+                Unit::Expert {
+                    source,
+                    local: l,
+                    p0: base + r0,
+                    n,
+                    shape: plan.tile_for(n),
+                }
             }));
             base += c;
         }
@@ -220,7 +229,8 @@ impl<'a> Ctx<'a> {
                 local,
                 p0,
                 n,
-            } => self.expert(source, local, p0, n, sc),
+                shape,
+            } => self.expert(source, local, p0, n.min(shape.rows()), sc),
             Unit::Shared(c) => self.shared_experts(c, sc),
             Unit::Combine(c) => self.combine(c, sc),
         }

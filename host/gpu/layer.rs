@@ -55,12 +55,14 @@ mod grid;
 mod host_io;
 mod nvshmem;
 pub(crate) mod pack;
+mod phases;
 mod stages;
 mod status;
 
 pub use grid::{blocks_per_rank, GridShape, Residency};
 pub use nvshmem::{agree, nvshmem_entry_point, NvshmemLayer, NVSHMEM_CUBIN};
 pub use pack::{from_dtype_bytes, pack_rank_experts, to_dtype_bytes, PackedExperts};
+pub use phases::PhaseSplit;
 pub use status::{
     describe_wait, is_consequence, wait_budget, LayerStats, StatusContext, STATUS_WORDS,
 };
@@ -70,9 +72,9 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels;
 use crate::params::{
     entry_point, expert_owner_table, smem_bytes, KernelParams, LayerParams, RankParams,
-    BLOCK_THREADS, MAX_LAUNCH_RANKS, MIN_BLOCKS_PER_RANK, NO_FAULT,
+    BLOCK_THREADS, MAX_LAUNCH_RANKS, MIN_BLOCKS_PER_RANK, NO_FAULT, SCOPE_GPU, SCOPE_SYSTEM,
 };
-use crate::plan::{LayerPlan, MemoryFigure, TILE_N};
+use crate::plan::{LayerPlan, MemoryFigure, PHASE_MAX_BLOCKS, PHASE_WORDS, TILE_N};
 use crate::weights::LayerWeights;
 use cudarc::driver::{result, sys, CudaEvent, CudaFunction, CudaGraph, CudaStream};
 use cudarc::nvrtc::Ptx;
@@ -595,6 +597,13 @@ impl MoeLayer {
         layer_params.router_bias = tables.router_bias.as_ref().map_or(0, DeviceBuffer::ptr);
         layer_params.logit_bias = 0;
         layer_params.fault_silent_rank = opts.fault_silent_rank.map_or(NO_FAULT, |r| r as u32);
+        // Every heap of a single or emulated world is on this GPU: gpu-scope fences and
+        // acquires order everything; NVSHMEM peers may be other GPUs (system scope).
+        layer_params.peer_scope = if external.is_some() {
+            SCOPE_SYSTEM
+        } else {
+            SCOPE_GPU
+        };
         let mut params = KernelParams {
             layer: layer_params,
             launch_ranks: world.ranks() as u32,
@@ -947,6 +956,29 @@ impl MoeLayer {
         Ok(stats)
     }
 
+    /// Where the last launch's time went: every block's phase times of every rank this
+    /// layer runs (device `%globaltimer`, written by the kernel at each block's exit).
+    pub fn phases(&self) -> Result<PhaseSplit> {
+        self.wait_done()?;
+        let blocks = (self.grid.blocks_per_rank as usize).min(PHASE_MAX_BLOCKS);
+        let mut raw = vec![0u8; 8 * PHASE_WORDS * blocks];
+        let mut split = PhaseSplit::default();
+        for rb in &self.ranks {
+            rb.workspace.download(
+                &self.stream,
+                self.plan.workspace.phase_times as usize,
+                &mut raw,
+                "phase times",
+            )?;
+            let words: Vec<u64> = raw
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                .collect();
+            split.add_records(&words, blocks);
+        }
+        Ok(split)
+    }
+
     /// Zeroes every heap and workspace (signals, epochs, status, counters), as at
     /// creation. Needed only after a device error, whose aborted launch leaves ranks at
     /// different epochs; [`MoeLayer::status`] does it itself when it reports one.
@@ -974,6 +1006,14 @@ impl MoeLayer {
             "epoch",
         )?;
         Ok(u64::from_le_bytes(b))
+    }
+
+    /// The tile rule of the next launches ([`crate::plan::TileMode`]): the A/B switch
+    /// between the decode tiles and the classic path. A captured graph keeps the mode it was
+    /// captured with.
+    pub fn set_tile_mode(&mut self, mode: crate::plan::TileMode) {
+        self.plan.tile_mode = mode;
+        self.params.layer.tile_mode = mode.code();
     }
 
     /// Test hook: from the next launch on, `rank` sends no signal (its peers then time

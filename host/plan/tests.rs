@@ -132,6 +132,11 @@ fn workspace_regions(p: &LayerPlan) -> Vec<Region> {
         (w.queue, w.queue + 8 * w.queue_capacity, "queue".into()),
         (w.sync, w.sync + 16, "sync".into()),
         (
+            w.phase_times,
+            w.phase_times + (8 * PHASE_WORDS * PHASE_MAX_BLOCKS) as u64,
+            "phase times".into(),
+        ),
+        (
             w.gate_hist,
             w.gate_hist + 4 * (c.tokens.div_ceil(GATE_CHUNK).max(1) * c.experts) as u64,
             "gate hist".into(),
@@ -423,4 +428,95 @@ fn one_signal_per_rank_whatever_the_placement() {
     assert_eq!(p.heap.combine_signals - p.heap.dispatch_signals, 256);
     assert_eq!(p.max_local, 1024);
     assert_eq!(p.route_slots, 2);
+}
+
+#[test]
+fn the_tile_rule_by_rows() {
+    use crate::config::Dtype::{Bf16, F16, F32};
+    for dtype in [Bf16, F16] {
+        for (rows, tokens) in [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32)] {
+            assert_eq!(
+                tile_for(TileMode::Auto, dtype, rows),
+                TileShape::Decode { tokens },
+                "{rows} rows"
+            );
+        }
+        for rows in [33, 48, 64] {
+            assert_eq!(tile_for(TileMode::Auto, dtype, rows), TileShape::Classic);
+        }
+        for rows in 1..=TILE_M {
+            assert_eq!(tile_for(TileMode::Classic, dtype, rows), TileShape::Classic);
+        }
+    }
+    // f32 has no swapped-operand tile (its GEMM is FFMA).
+    for rows in 1..=TILE_M {
+        assert_eq!(tile_for(TileMode::Auto, F32, rows), TileShape::Classic);
+    }
+    assert_eq!("classic".parse::<TileMode>(), Ok(TileMode::Classic));
+    assert_eq!("auto".parse::<TileMode>(), Ok(TileMode::Auto));
+    assert!("prefill".parse::<TileMode>().is_err());
+}
+
+/// Tasks the scheduler and the completion steps create on one rank for the given kept pair
+/// counts (`counts[source][local]`) and token rows per source, block by block through the
+/// tile rule (the shape never changes how many tiles a block has).
+fn tasks_for(p: &LayerPlan, counts: &[Vec<usize>], rows: &[usize]) -> usize {
+    let t = &p.tiles;
+    let mut n = 0;
+    for (src, list) in counts.iter().enumerate() {
+        for &c in list {
+            for r0 in (0..c).step_by(TILE_M) {
+                let shape = p.tile_for((c - r0).min(TILE_M));
+                assert!(shape.rows() >= (c - r0).min(TILE_M));
+                n += t.gemm0_per_block + t.gemm1_per_block;
+            }
+        }
+        n += rows[src].div_ceil(TILE_M) * t.reduce_per_block;
+    }
+    n + t.shared_row_blocks * (t.shared_gemm0_per_block + t.shared_gemm1_per_block)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The queue capacity bounds the tasks of any routing, in either tile mode.
+    #[test]
+    fn queue_capacity_bounds_every_routing(
+        c in valid_config(),
+        classic in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mode = if classic { TileMode::Classic } else { TileMode::Auto };
+        let p = LayerPlan::new(&c).expect("valid config plans").with_tile_mode(mode);
+        let local = p.local_experts.iter().map(Vec::len).max().unwrap_or(0);
+        // Each source splits at most pair_capacity pairs over the local experts, each at
+        // most `capacity`, with a deterministic pseudo-random split.
+        let mut x = seed | 1;
+        let mut next = |m: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % (m as u64 + 1)) as usize
+        };
+        let mut counts = vec![vec![0usize; local]; c.world];
+        for list in &mut counts {
+            let mut left = p.pair_capacity;
+            for v in list.iter_mut() {
+                *v = next(p.capacity.min(left));
+                left -= *v;
+            }
+        }
+        let rows = vec![c.tokens; c.world];
+        let n = tasks_for(&p, &counts, &rows);
+        prop_assert!(n <= p.tiles.max_tasks_per_rank, "{} tasks > {}", n, p.tiles.max_tasks_per_rank);
+        // The full split (every expert at capacity as far as the pair capacity goes) too.
+        for list in &mut counts {
+            let mut left = p.pair_capacity;
+            for v in list.iter_mut() {
+                *v = p.capacity.min(left);
+                left -= *v;
+            }
+        }
+        prop_assert!(tasks_for(&p, &counts, &rows) <= p.tiles.max_tasks_per_rank);
+    }
 }

@@ -75,6 +75,9 @@ pub struct WorkspaceLayout {
     pub logits: u64,
     /// Bytes of one row of router logits.
     pub logits_stride_row: u64,
+    /// u64 `[PHASE_MAX_BLOCKS][PHASE_WORDS]`: each block's phase times of the last launch
+    /// (device `%globaltimer` ns; see [`super::PHASE_WORDS`]).
+    pub phase_times: u64,
     /// Total bytes.
     pub bytes: u64,
 }

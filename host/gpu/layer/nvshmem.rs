@@ -50,7 +50,7 @@ const MAX_SHARED_ERROR: usize = 4096;
 /// some peer is reached by RDMA only.
 pub(crate) fn plan_for(plan: LayerPlan, needs_staging: bool) -> Result<LayerPlan> {
     if needs_staging && !plan.staging {
-        LayerPlan::with_staging(&plan.config, true)
+        Ok(LayerPlan::with_staging(&plan.config, true)?.with_tile_mode(plan.tile_mode))
     } else {
         Ok(plan)
     }

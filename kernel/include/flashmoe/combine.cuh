@@ -28,7 +28,7 @@ __device__ FM_PHASE bool combine_wait(const Ctx& c) {
             uint64_t got = 0;
             ok = wait_until(
                 c, [&](uint64_t& seen) {
-                    seen = ld_acquire_sys(word);
+                    seen = ld_acquire_peers(c, word);
                     got = seen;
                     return signal_is(seen, c.n);
                 },

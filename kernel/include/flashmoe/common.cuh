@@ -136,6 +136,8 @@ struct Misc {
     uint32_t state;           // state of the task take
     uint32_t pad;
     unsigned long long sum;   // block reductions
+    unsigned long long mark;  // phase times: %globaltimer at the last lap (thread 0)
+    unsigned long long phase[FM_PHASE_WORDS];  // this block's phase times (phases.cuh)
 };
 static_assert(sizeof(Misc) <= kMiscBytes, "Misc must fit its reserved bytes");
 

@@ -13,6 +13,7 @@
 #include "flashmoe/gate.cuh"
 #include "flashmoe/gemm.cuh"
 #include "flashmoe/params.h"
+#include "flashmoe/phases.cuh"
 #include "flashmoe/reduce.cuh"
 #include "flashmoe/sync.cuh"
 #include "flashmoe/task_queue.cuh"
@@ -131,8 +132,9 @@ __device__ void zero_counters(const Ctx& c) {
 __device__ FM_PHASE void rank_exit(const Ctx& c) {
     transport_quiet();
     __syncthreads();
+    phase_store(c);  // before the exit count: the host reads the record after the launch
     if (threadIdx.x == 0) {
-        __threadfence_system();
+        fence_peers(c);
         uint32_t* s = c.sync();
         if (atom_add_acq_rel(s + 2, 1) + 1 == c.nblk) {
             atomicExch(s + 0, 0u);
@@ -226,6 +228,7 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
         }
         ok = !__syncthreads_or(!peers_ok);
     }
+    phase_start(c);
     if (ok) zero_counters(c);
     ok = ok && rank_barrier(c, 0, FM_STAGE_SETUP);
 
@@ -242,6 +245,7 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
     ok = ok && rank_barrier(c, 1, FM_STAGE_GATE);
     if (ok) gate_scan(c);
     ok = ok && rank_barrier(c, 2, FM_STAGE_GATE);
+    phase_lap(c, kPhaseGate);
     if (stops_after(c, FM_STOP_GATE)) return rank_exit(c);
 
     // ---- dispatch ----
@@ -253,6 +257,7 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
         send_dispatch_signals(c);
         if (!stops_after(c, FM_STOP_DISPATCH)) ok = schedule(c);
     }
+    phase_lap(c, kPhaseDispatch);
     if (stops_after(c, FM_STOP_DISPATCH)) return rank_exit(c);
 
     // ---- experts ----
@@ -262,6 +267,7 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
     // ---- combine ----
     ok = ok && combine_wait(c);
     if (ok) combine_tokens<D>(c);
+    phase_lap(c, kPhaseCombine);
 
     rank_exit(c);
 }

@@ -12,7 +12,7 @@
 
 #include <stdint.h>
 
-#define FM_PARAMS_VERSION 2u
+#define FM_PARAMS_VERSION 3u
 // Ranks one launch can emulate (block groups acting as ranks on one GPU).
 #define FM_MAX_LAUNCH_RANKS 8
 // fault_silent_rank value meaning no fault is injected.
@@ -105,6 +105,28 @@
 // signal use 1 x timeout_ns, so when a peer is silent the wait that names it reports first
 // and the consequent waits leave on the abort flag instead of masking the cause.
 #define FM_CONSEQUENCE_WAIT_FACTOR 2u
+
+// Tile rule (tile_mode): the shape of the tile that computes one routed row block (TILE_M
+// pairs of one source and local expert; the task decomposition never depends on it).
+// FM_TILES_AUTO: a block of rows <= FM_DECODE_MAX_ROWS in bf16/f16 is computed by the decode
+// tile (weights as the mma M operand: the tile's 64 output columns; tokens as N = the rows
+// rounded up to 8, 16 or 32), every other block by the classic 64x64 tile (tokens as M).
+// FM_TILES_CLASSIC: every block classic. Evaluated per task from the block's row count by
+// fm::tile_for (gemm.cuh) and by the host (host/plan/tile_rule.rs), identically.
+#define FM_TILES_AUTO 0u
+#define FM_TILES_CLASSIC 1u
+#define FM_DECODE_MAX_ROWS 32
+// peer_scope: the memory scope of the fences and acquires toward peers' heaps.
+// FM_SCOPE_SYSTEM: peers may be other GPUs (NVSHMEM worlds). FM_SCOPE_GPU: every heap of the
+// world is on this GPU (one rank, or emulated ranks), so gpu scope orders everything.
+#define FM_SCOPE_SYSTEM 0u
+#define FM_SCOPE_GPU 1u
+// Phase times (ws_phase_times): u64 [FM_PHASE_MAX_BLOCKS][FM_PHASE_WORDS] per rank, written by
+// each block's thread 0 at its exit: %globaltimer at entry, ns in gate, dispatch (and the
+// scheduler's polling), expert tiles, idle ticket waits, combine, tasks run, %globaltimer at
+// exit. Blocks past FM_PHASE_MAX_BLOCKS record nothing.
+#define FM_PHASE_WORDS 8
+#define FM_PHASE_MAX_BLOCKS 1024
 
 // Shape and layout of the layer: identical for every rank.
 typedef struct FmLayerParams {
@@ -218,6 +240,9 @@ typedef struct FmLayerParams {
     uint64_t ws_logits;          // f32 [tokens][ws_logits_stride_row / 4]: router logits (expert
                                  // columns padded to a multiple of tile_n), unused by the given router
     uint64_t ws_logits_stride_row;
+    uint32_t tile_mode;          // FM_TILES_*: the tile rule of the routed GEMM tiles
+    uint32_t peer_scope;         // FM_SCOPE_*: scope of fences and acquires toward peers
+    uint64_t ws_phase_times;     // u64 [FM_PHASE_MAX_BLOCKS][FM_PHASE_WORDS]: phase times per block
 } FmLayerParams;
 
 // Pointers of one rank (one block group of the launch).

@@ -5,6 +5,8 @@
 //   threads' block reaching a __syncthreads, one thread issuing __threadfence_system() and
 //   then a st.release.sys of the signal word (or an atomic that a later signaller acquires).
 //   The reader polls with ld.acquire.sys and then __syncthreads before touching the data.
+//   When every heap is on this GPU (peer_scope == FM_SCOPE_GPU: single and emulated worlds)
+//   the same chains use gpu scope (fence_peers, ld_acquire_peers, st_release_peers).
 // - Data read only on this GPU by this rank's blocks (activations, queue entries, counters)
 //   uses the same pattern at gpu scope.
 #ifndef FLASHMOE_SYNC_CUH
@@ -43,6 +45,40 @@ __device__ __forceinline__ void st_release_gpu(uint64_t* p, uint64_t v) {
 
 __device__ __forceinline__ void st_relaxed_gpu(uint64_t* p, uint64_t v) {
     asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// ---- peer scope (FmLayerParams::peer_scope) ----
+// Fences, acquires and releases that order data toward peers' heaps. In a single or emulated
+// world every heap is on this GPU (the host sets FM_SCOPE_GPU): gpu scope orders them and
+// avoids MEMBAR.SC.SYS. NVSHMEM peers may be other GPUs: system scope. The NVSHMEM build
+// always uses system scope (its peers are never known to be local).
+__device__ __forceinline__ bool peers_on_gpu(const Ctx& c) {
+#ifdef FM_NVSHMEM
+    (void)c;
+    return false;
+#else
+    return c.L->peer_scope == FM_SCOPE_GPU;
+#endif
+}
+
+__device__ __forceinline__ void fence_peers(const Ctx& c) {
+    if (peers_on_gpu(c)) {
+        __threadfence();
+    } else {
+        __threadfence_system();
+    }
+}
+
+__device__ __forceinline__ uint64_t ld_acquire_peers(const Ctx& c, const uint64_t* p) {
+    return peers_on_gpu(c) ? ld_acquire_gpu(p) : ld_acquire_sys(p);
+}
+
+__device__ __forceinline__ void st_release_peers(const Ctx& c, uint64_t* p, uint64_t v) {
+    if (peers_on_gpu(c)) {
+        st_release_gpu(p, v);
+    } else {
+        st_release_sys(p, v);
+    }
 }
 
 // Atomic add with acquire-release semantics at gpu scope; returns the old value.
@@ -86,8 +122,8 @@ __device__ __forceinline__ bool rank_barrier(const Ctx& c, uint32_t index, uint3
         uint32_t* gen = c.sync() + 1;
         const uint32_t g = ld_acquire_gpu(gen);
         // Publishes every write of this block (made visible to thread 0 by __syncthreads),
-        // including stores into peers' heaps, at system scope before the arrival.
-        __threadfence_system();
+        // including stores into peers' heaps, at the peers' scope before the arrival.
+        fence_peers(c);
         const uint32_t arrived = atom_add_acq_rel(count, 1);
         if (arrived == c.nblk - 1) {
             atomicExch(count, 0u);

@@ -19,6 +19,8 @@
 
 #include "flashmoe/common.cuh"
 #include "flashmoe/gemm.cuh"
+#include "flashmoe/gemm_decode.cuh"
+#include "flashmoe/phases.cuh"
 #include "flashmoe/reduce.cuh"
 #include "flashmoe/sync.cuh"
 #include "flashmoe/transport.cuh"
@@ -153,7 +155,7 @@ __device__ FM_PHASE bool schedule(const Ctx& c) {
             if (s >= L.world) break;
             if ((seen_mask >> i) & 1ull) continue;
             const uint64_t w =
-                ld_acquire_sys(reinterpret_cast<const uint64_t*>(c.heap + dispatch_signal_off(L, s)));
+                ld_acquire_peers(c, reinterpret_cast<const uint64_t*>(c.heap + dispatch_signal_off(L, s)));
             if (!signal_is(w, c.n)) {
                 ++pending;
                 last_word = w;
@@ -233,6 +235,19 @@ __device__ __forceinline__ bool gemm0_finished(const Ctx& c, uint32_t idx) {
     return block_bcast(c, threadIdx.x == 0 ? ok : true);
 }
 
+// A routed GEMM tile with the shape the tile rule gives its block (params.h FM_TILES_AUTO):
+// the decode tile for a short bf16/f16 block, else the classic one.
+template <class D, int kEpi>
+__device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, const Clamp& clamp) {
+    if constexpr (D::kTensorCore) {
+        if (const uint32_t n = decode_tokens(*c.L, t.a_rows); n != 0) {
+            run_decode_tile<D, kEpi>(t, n, c.smem, c.L->mlp, clamp);
+            return;
+        }
+    }
+    run_tile<D, kEpi>(t, c.smem, c.L->mlp, clamp);
+}
+
 // GEMM0 tile: A rows gathered through s's pair list from its dispatch rows, written to
 // act[s][pair]. The row block's last tile publishes its GEMM1 tiles.
 template <class D>
@@ -267,9 +282,9 @@ __device__ FM_PHASE bool run_gemm0(const Ctx& c, uint32_t idx) {
     }
     const Clamp clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset};
     if (c.gated()) {
-        run_tile<D, kEpiActGated>(t, c.smem, L.mlp, clamp);
+        routed_tile<D, kEpiActGated>(c, t, clamp);
     } else {
-        run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, clamp);
+        routed_tile<D, kEpiActPlain>(c, t, clamp);
     }
     return gemm0_finished(c, idx);
 }
@@ -300,7 +315,7 @@ __device__ FM_PHASE bool run_gemm1(const Ctx& c, uint32_t idx) {
     t.bias0 = c.R->b1 != 0 ? reinterpret_cast<const float*>(c.R->b1) + uint64_t(u.l) * H + nt * kTileN
                            : nullptr;
     t.bias1 = nullptr;
-    run_tile<D, kEpiStore>(t, c.smem, L.mlp, Clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset});
+    routed_tile<D, kEpiStore>(c, t, Clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset});
     bool ok = true;
     if (threadIdx.x == 0) {
         __threadfence();
@@ -321,7 +336,7 @@ __device__ FM_PHASE bool run_reduce(const Ctx& c, uint32_t idx) {
     const uint32_t rows = dispatch_rows(c, s);
     if (!reduce_tile<D>(c, s, trb, nt, rows)) return false;
     if (threadIdx.x == 0) {
-        __threadfence_system();  // the tile's (remote) stores, before the count
+        fence_peers(c);  // the tile's (remote) stores, before the count
         uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_reduce_done) + s;
         if (atom_add_acq_rel(done, 1) + 1 == 0 && !c.silent()) deliver_combine(c, s, rows);
     }
@@ -450,13 +465,20 @@ __device__ FM_PHASE void take_task(const Ctx& c) {
 template <class D>
 __device__ FM_PHASE bool process_tasks(const Ctx& c) {
     while (true) {
-        if (threadIdx.x == 0) take_task(c);
+        if (threadIdx.x == 0) {
+            take_task(c);
+            phase_lap(c, kPhaseIdle);
+        }
         __syncthreads();
         const uint32_t task = c.misc->task, state = c.misc->state;
         __syncthreads();
         if (state == kTakeDone) return true;
         if (state != kTakeTask) return false;
         if (!run_task<D>(c, task)) return false;
+        if (threadIdx.x == 0) {
+            phase_lap(c, kPhaseTiles);
+            ++c.misc->phase[kPhaseTasks];
+        }
     }
 }
 

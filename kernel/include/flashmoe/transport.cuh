@@ -78,10 +78,12 @@ __device__ __forceinline__ bool signal_is(uint64_t word, uint64_t epoch) {
 
 // Publishes a signal: everything this thread has observed (its block's writes, made visible
 // by a preceding __syncthreads, and what it acquired) is ordered before the word at system
-// scope, so a peer that acquires the word sees the data.
-__device__ __forceinline__ void send_signal(uint64_t* word, uint64_t epoch, uint32_t rows) {
-    __threadfence_system();
-    st_release_sys(word, signal_word(epoch, rows));
+// scope of the peers (system, or gpu when every heap is on this GPU), so a peer that
+// acquires the word sees the data.
+__device__ __forceinline__ void send_signal(const Ctx& c, uint64_t* word, uint64_t epoch,
+                                            uint32_t rows) {
+    fence_peers(c);
+    st_release_peers(c, word, signal_word(epoch, rows));
 }
 
 // Where something bound for `region_recv` (an offset naming this rank's place in q's RECV
@@ -150,7 +152,7 @@ __device__ __forceinline__ void deliver_dispatch(const Ctx& c, uint32_t r, uint3
         return;
     }
 #endif
-    send_signal(reinterpret_cast<uint64_t*>(p + sig_off), c.n, rows);
+    send_signal(c, reinterpret_cast<uint64_t*>(p + sig_off), c.n, rows);
 }
 
 // Publishes the reduced rows for source s: `rows` combine rows and the signal at
@@ -177,7 +179,7 @@ __device__ __forceinline__ void deliver_combine(const Ctx& c, uint32_t s, uint32
         return;
     }
 #endif
-    send_signal(reinterpret_cast<uint64_t*>(p + sig_off), c.n, rows);
+    send_signal(c, reinterpret_cast<uint64_t*>(p + sig_off), c.n, rows);
 }
 
 // Completes this thread's outstanding puts (NVSHMEM build) before the launch ends: the send

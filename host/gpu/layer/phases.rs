@@ -1,0 +1,111 @@
+//! Where a launch's time goes, from the per-block phase times the kernel writes into its
+//! workspace (`ws_phase_times`, params.h `FM_PHASE_*`; kernel/include/flashmoe/phases.cuh).
+
+use crate::plan::PHASE_WORDS;
+
+/// Block-time of one launch summed over every block that recorded, by phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct PhaseSplit {
+    /// Blocks that recorded.
+    pub blocks: usize,
+    /// From the first block's entry to the last block's exit, ns.
+    pub launch_ns: u64,
+    /// The first block's entry (device `%globaltimer`, ns).
+    pub start_ns: u64,
+    /// The last block's exit (device `%globaltimer`, ns).
+    pub end_ns: u64,
+    /// Router tiles, gate chunks, scans and their barriers.
+    pub gate_ns: u64,
+    /// Dispatch, its barrier, the signals and the scheduler's polling.
+    pub dispatch_ns: u64,
+    /// Running tasks (GEMM and reduce tiles with their completion steps).
+    pub tiles_ns: u64,
+    /// Waiting for ticket entries and the end of the queue.
+    pub idle_ns: u64,
+    /// Combine waits and sums.
+    pub combine_ns: u64,
+    /// Tasks run.
+    pub tasks: u64,
+}
+
+impl PhaseSplit {
+    /// Decodes `blocks` records of [`PHASE_WORDS`] words (blocks with a zero entry time
+    /// recorded nothing and are skipped) and adds them to `self`.
+    pub fn add_records(&mut self, words: &[u64], blocks: usize) {
+        for r in words.chunks_exact(PHASE_WORDS).take(blocks) {
+            if r[0] == 0 {
+                continue;
+            }
+            self.start_ns = if self.blocks == 0 {
+                r[0]
+            } else {
+                self.start_ns.min(r[0])
+            };
+            self.end_ns = self.end_ns.max(r[7]);
+            self.blocks += 1;
+            self.gate_ns += r[1];
+            self.dispatch_ns += r[2];
+            self.tiles_ns += r[3];
+            self.idle_ns += r[4];
+            self.combine_ns += r[5];
+            self.tasks += r[6];
+        }
+        self.launch_ns = self.end_ns.saturating_sub(self.start_ns);
+    }
+
+    /// Block-time summed over the phases.
+    pub fn total_ns(&self) -> u64 {
+        self.gate_ns + self.dispatch_ns + self.tiles_ns + self.idle_ns + self.combine_ns
+    }
+
+    /// One line: each phase's share of the block-time.
+    pub fn describe(&self) -> String {
+        let t = self.total_ns().max(1) as f64;
+        let pct = |v: u64| 100.0 * v as f64 / t;
+        format!(
+            "gate {:.1}%  dispatch {:.1}%  expert tiles {:.1}%  idle waits {:.1}%  combine {:.1}%  ({} tasks on {} blocks, launch {:.1} us)",
+            pct(self.gate_ns),
+            pct(self.dispatch_ns),
+            pct(self.tiles_ns),
+            pct(self.idle_ns),
+            pct(self.combine_ns),
+            self.tasks,
+            self.blocks,
+            self.launch_ns as f64 / 1e3
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_sum_by_phase_and_skip_silent_blocks() {
+        let mut w = vec![0u64; 3 * PHASE_WORDS];
+        w[..PHASE_WORDS].copy_from_slice(&[1000, 10, 20, 300, 40, 30, 5, 1400]);
+        // Block 1 recorded nothing.
+        w[2 * PHASE_WORDS..].copy_from_slice(&[1100, 12, 8, 200, 60, 20, 3, 1500]);
+        let mut s = PhaseSplit::default();
+        s.add_records(&w, 3);
+        assert_eq!(s.blocks, 2);
+        assert_eq!(
+            (
+                s.gate_ns,
+                s.dispatch_ns,
+                s.tiles_ns,
+                s.idle_ns,
+                s.combine_ns
+            ),
+            (22, 28, 500, 100, 50)
+        );
+        assert_eq!(s.tasks, 8);
+        assert_eq!(s.launch_ns, 500);
+        assert_eq!(s.total_ns(), 700);
+        assert!(s.describe().starts_with("gate 3.1%"), "{}", s.describe());
+        // Only `blocks` records are read.
+        let mut one = PhaseSplit::default();
+        one.add_records(&w, 1);
+        assert_eq!((one.blocks, one.tasks, one.launch_ns), (1, 5, 400));
+    }
+}

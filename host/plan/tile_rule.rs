@@ -1,0 +1,112 @@
+//! The tile rule: which GEMM tile shape computes one routed row block, as a pure function
+//! of the block's row count, the dtype and the run's [`TileMode`].
+//!
+//! The task decomposition does not depend on the rule: a routed row block is always
+//! `TILE_M` pairs of one (source, local expert) and its GEMM tiles always cover `TILE_N`
+//! output columns. The rule only picks how a tile computes its block:
+//!
+//! - [`TileShape::Classic`]: tokens as the M operand (64 rows, the rows past the block's
+//!   zero-filled), weights as N (64 output columns).
+//! - [`TileShape::Decode`]: swapped operands for a block of at most [`DECODE_MAX_ROWS`]
+//!   rows: the weights are the M operand (the tile's 64 output columns, gate and up rows
+//!   when gated) and the tokens the N operand, `tokens` = 8, 16 or 32 (the block's rows
+//!   rounded up to a multiple of 8 that is a power of two), so no tensor-core work is
+//!   spent on absent rows and each weight byte is read once for all of the block's rows.
+//!   Bf16 and f16 only (mma.sync m16n8k16); f32 blocks stay classic.
+//!
+//! The kernel evaluates the same rule per task (`fm::tile_for` in gemm.cuh, documented in
+//! params.h next to `FM_TILES_AUTO`) from the block's row count; the CPU executor runs each
+//! expert unit with the shape the rule gives it (values are bit-identical whatever the
+//! shape: every output is one chain over its row and column alone).
+
+use super::{LayerPlan, TILE_M};
+use crate::config::Dtype;
+
+/// Most rows of a block that the decode (swapped-operand) tile takes.
+pub const DECODE_MAX_ROWS: usize = 32;
+
+/// Which tile shapes a run may use (`FmLayerParams::tile_mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum TileMode {
+    /// The rule picks the shape by rows (`FM_TILES_AUTO`).
+    #[default]
+    Auto,
+    /// Every block uses the classic 64x64 tile (`FM_TILES_CLASSIC`): the path before the
+    /// rule, kept selectable until a GPU has compared the two.
+    Classic,
+}
+
+impl TileMode {
+    /// The `FM_TILES_*` code of the mode.
+    pub fn code(self) -> u32 {
+        match self {
+            TileMode::Auto => 0,
+            TileMode::Classic => 1,
+        }
+    }
+
+    /// The mode's name on the command line (`auto`, `classic`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TileMode::Auto => "auto",
+            TileMode::Classic => "classic",
+        }
+    }
+}
+
+impl std::str::FromStr for TileMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(TileMode::Auto),
+            "classic" => Ok(TileMode::Classic),
+            _ => Err(format!("`{s}`: expected auto or classic")),
+        }
+    }
+}
+
+/// The shape of the tile that computes one routed row block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TileShape {
+    /// Tokens as M (`TILE_M` rows), weights as N (`TILE_N` output columns).
+    Classic,
+    /// Weights as M (`TILE_N` output columns), `tokens` (8, 16 or 32) tokens as N.
+    Decode {
+        /// The N of the tile: the block's rows rounded up to 8, 16 or 32.
+        tokens: usize,
+    },
+}
+
+impl TileShape {
+    /// Rows of the block the tile computes at most.
+    pub fn rows(self) -> usize {
+        match self {
+            TileShape::Classic => TILE_M,
+            TileShape::Decode { tokens } => tokens,
+        }
+    }
+}
+
+/// The rule: the shape of the tile for a row block of `rows` pairs (`1..=TILE_M`).
+pub fn tile_for(mode: TileMode, dtype: Dtype, rows: usize) -> TileShape {
+    if mode == TileMode::Classic || dtype == Dtype::F32 || rows > DECODE_MAX_ROWS {
+        return TileShape::Classic;
+    }
+    TileShape::Decode {
+        tokens: rows.max(8).next_power_of_two(),
+    }
+}
+
+impl LayerPlan {
+    /// The shape of the tile for a routed row block of `rows` pairs under this plan's
+    /// [`TileMode`] (see [`tile_for`]).
+    pub fn tile_for(&self, rows: usize) -> TileShape {
+        tile_for(self.tile_mode, self.config.dtype, rows)
+    }
+
+    /// This plan with tile mode `mode` (the layout does not depend on it).
+    pub fn with_tile_mode(mut self, mode: TileMode) -> Self {
+        self.tile_mode = mode;
+        self
+    }
+}
