@@ -119,7 +119,9 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 // so a gathered tile reads its row list once.
 __device__ __forceinline__ const char* a_row(const TileArgs& t, uint32_t r) {
     if (r >= t.a_rows) return nullptr;
-    return t.a + uint64_t(t.gather ? __ldg(t.gather + r) : r) * t.a_stride;
+    // The pair list lives in the heap, written by peers during this launch: a plain load,
+    // not __ldg (the read-only cache path assumes data constant for the kernel's lifetime).
+    return t.a + uint64_t(t.gather ? t.gather[r] : r) * t.a_stride;
 }
 
 // The bf16/f16 loader moves 64 rows x 8 chunks of 16 bytes per matrix: thread i handles the
@@ -287,7 +289,7 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const uint32_t nk = t.k / kTileK;
     const uint32_t r = threadIdx.x % kTileM;
-    const uint32_t arow = r < t.a_rows ? (t.gather ? __ldg(t.gather + r) : r) : ~0u;
+    const uint32_t arow = r < t.a_rows ? (t.gather ? t.gather[r] : r) : ~0u;  // heap: no __ldg
     for (uint32_t kc = 0; kc < nk; ++kc) {
         // All loads of the step are issued before the first shared store (12 x 16 bytes in
         // flight per thread). No prefetch across the FMAs: it would push the gated tile

@@ -80,8 +80,8 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
     if (R.local_experts > L.max_local) return bad(11, L.max_local, R.local_experts);
     if (R.tokens > L.tokens_max) return bad(11, L.tokens_max, R.tokens);
     if (L.world > kMaxWorld) return bad(12, kMaxWorld, L.world);
-    if (L.route_slots == 0 || L.route_slots > L.top_k || L.route_slots > L.max_local)
-        return bad(17, L.top_k, L.route_slots);
+    // Exactly min(top_k, max_local): fewer would make write_meta drop a token's choices.
+    if (L.route_slots != min_u32(L.top_k, L.max_local)) return bad(17, min_u32(L.top_k, L.max_local), L.route_slots);
     if (const uint64_t most = largest_task_index(c); most > kTaskIndexMask)
         return bad(18, kTaskIndexMask, most);
     if (L.router > FM_ROUTER_HASH_SQRTSOFTPLUS || L.mlp > FM_MLP_CLAMPED_SWIGLU)
