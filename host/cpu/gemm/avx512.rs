@@ -92,7 +92,7 @@ pub(super) fn tile(x: &Lhs, w: &PackedMatrix, s: Step, acc: &mut [[f32; NR]]) {
             let xs = &x.tiles()[s.r0 * x.k()..];
             let b = &w.panel_f32(s.p)[s.k0 * NR..(s.k0 + s.kc) * NR];
             // SAFETY: the CPU has AVX-512F (checked just above).
-            unsafe { by_rows!(rows, M => kernels::f32_fma::<M>(xs, s.k0, s.kc, b, acc, s.first)) }
+            unsafe { by_rows!(rows, M => kernels::f32_fma::<M>(xs, s, b, acc)) }
         }
         Kernel::Bf16Fma | Kernel::F16Fma if has_f() => {
             let f16 = w.kernel() == Kernel::F16Fma;

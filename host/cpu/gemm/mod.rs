@@ -171,6 +171,10 @@ struct Step {
     k0: usize,
     kc: usize,
     first: bool,
+    /// This call's index among the row tiles of the block, and their count: the tiles
+    /// share the prefetch of the next block.
+    pass: usize,
+    passes: usize,
 }
 
 /// Every row of `x` times panel `p` of `w` into `acc` (`[rows][NR]`): with AMX over the
@@ -185,8 +189,9 @@ fn panel(x: &Lhs, w: &PackedMatrix, p: usize, acc: &mut [[f32; NR]], tiles: &mut
     if k == 0 {
         acc.iter_mut().for_each(|a| *a = [0.0; NR]);
     }
+    let passes = acc.len().div_ceil(MR);
     for k0 in (from..k).step_by(KC) {
-        for (r0, m) in row_tiles(acc.len()) {
+        for (pass, (r0, m)) in row_tiles(acc.len()).enumerate() {
             let tile = &mut acc[r0..r0 + m];
             let s = Step {
                 r0,
@@ -194,6 +199,8 @@ fn panel(x: &Lhs, w: &PackedMatrix, p: usize, acc: &mut [[f32; NR]], tiles: &mut
                 k0,
                 kc: KC.min(k - k0),
                 first: k0 == 0,
+                pass,
+                passes,
             };
             match w.kernel() {
                 Kernel::Portable => portable::tile(x, w, s, tile),

@@ -21,7 +21,53 @@ pub struct PackedMatrix {
     dtype: Dtype,
     /// Elements of one panel (`NR * k`, `k` rounded up to even for the bf16-pair kernels).
     panel_len: usize,
-    data: Vec<Line>,
+    data: Storage,
+}
+
+/// The packed values' memory: for a matrix of [`HUGE`] bytes or more an anonymous mapping
+/// (zeroed, page-aligned) that Linux is asked to back with transparent huge pages, else a
+/// vector of lines.
+///
+/// Why: a unit streams its expert's weights once from memory, panel after panel, and in
+/// 4 KiB pages every page of the stream is a TLB miss (a page walk in the way of the loads
+/// and prefetches); 2 MiB pages remove nearly all of them. With transparent huge pages in
+/// `madvise` mode, as is common, an ordinary allocation gets none. Measured on the 2-core
+/// Sapphire Rapids of issue 13: 5 to 13% off the f32 layer, 7% off bf16.
+enum Storage {
+    Lines(Vec<Line>),
+    Map(memmap2::MmapMut),
+}
+
+/// Matrices of at least this many bytes (one huge page) are mapped.
+const HUGE: usize = 1 << 21;
+
+impl Storage {
+    /// `lines` zeroed lines.
+    fn zeroed(lines: usize) -> Self {
+        if lines * 64 >= HUGE {
+            if let Ok(m) = memmap2::MmapMut::map_anon(lines * 64) {
+                // Only a hint: without huge pages the mapping works all the same.
+                #[cfg(target_os = "linux")]
+                let _ = m.advise(memmap2::Advice::HugePage);
+                return Storage::Map(m);
+            }
+        }
+        Storage::Lines(vec![Line::zeroed(); lines])
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Lines(v) => bytemuck::cast_slice(v),
+            Storage::Map(m) => m,
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Storage::Lines(v) => bytemuck::cast_slice_mut(v),
+            Storage::Map(m) => m,
+        }
+    }
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -63,7 +109,7 @@ impl PackedMatrix {
             kernel,
             dtype,
             panel_len,
-            data: vec![Line::zeroed(); (panels * panel_len * dtype.size()).div_ceil(64)],
+            data: Storage::zeroed((panels * panel_len * dtype.size()).div_ceil(64)),
         };
         match dtype {
             Dtype::F32 => m.fill(w, |v| v),
@@ -85,7 +131,7 @@ impl PackedMatrix {
                 i * NR + c
             }
         };
-        let dst = bytemuck::cast_slice_mut::<Line, T>(&mut self.data);
+        let dst = bytemuck::cast_slice_mut::<u8, T>(self.data.bytes_mut());
         for (p, panel) in dst.chunks_mut(self.panel_len).enumerate() {
             for c in 0..NR.min(n.saturating_sub(p * NR)) {
                 let col = p * NR + c;
@@ -121,14 +167,14 @@ impl PackedMatrix {
 
     /// Bytes it holds.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 64
+        self.data.bytes().len()
     }
 
     /// Panel `p` as f32 values (f32 matrices only; empty otherwise).
     pub(super) fn panel_f32(&self, p: usize) -> &[f32] {
         match self.dtype {
             Dtype::F32 => {
-                let all = bytemuck::cast_slice::<Line, f32>(&self.data);
+                let all = bytemuck::cast_slice::<u8, f32>(self.data.bytes());
                 &all[p * self.panel_len..(p + 1) * self.panel_len]
             }
             _ => &[],
@@ -140,7 +186,7 @@ impl PackedMatrix {
         match self.dtype {
             Dtype::F32 => &[],
             _ => {
-                let all = bytemuck::cast_slice::<Line, u16>(&self.data);
+                let all = bytemuck::cast_slice::<u8, u16>(self.data.bytes());
                 &all[p * self.panel_len..(p + 1) * self.panel_len]
             }
         }

@@ -8,12 +8,12 @@
 //!
 //! The AVX-512 intrinsics are stable since Rust 1.89, the crate's MSRV.
 
-use super::super::NR;
+use super::super::{Step, NR};
 use std::arch::x86_64::*;
 
-/// Depths ahead that the weight stream is prefetched: the weights come from memory once
-/// per unit (a few rows use each byte), and the loads of a register tile would otherwise
-/// wait on them.
+/// Depths ahead that the weight stream is prefetched into L1: the weights come from
+/// memory (or L2, see [`f32_fma`]) once per unit, and the loads of a register tile would
+/// otherwise wait on them.
 const AHEAD: usize = 16;
 
 /// Prefetches the cache line at `p` (a hint: never faults, whatever the address).
@@ -67,24 +67,41 @@ fn rows<T, const M: usize>(x: &[T], ldx: usize, k0: usize, kc: usize) -> [*const
     p
 }
 
-/// f32 weights (`b`: `[kc][NR]`), an f32 row tile (`x`: `[k][M]`, from depth 0):
-/// `acc += x . b` over depths `k0 .. k0 + kc`, one FMA per depth.
+/// Prefetches the cache line at `p` into L2 (a hint: never faults, whatever the address).
+#[inline(always)]
+fn prefetch_l2<T>(p: *const T) {
+    // SAFETY: prefetch reads nothing architecturally and cannot fault.
+    unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast::<i8>()) };
+}
+
+/// f32 weights (`b`: `[kc][NR]`, the panel's depths `k0 .. k0 + kc`), an f32 row tile
+/// (`x`: `[k][M]`, from depth 0): `acc += x . b` over those depths, one FMA per depth.
+///
+/// The weights come from memory once per unit and the row tiles pass over each block in
+/// turn, so the next block (the `kc * NR` values after `b` in the panels) is prefetched
+/// into L2 a share per pass (depths `pass`, `pass + passes`, ...): a steady stream over
+/// the whole block's time, not a burst at the first pass. The first pass also prefetches
+/// the block itself into L1, [`AHEAD`] depths ahead; the later ones find it there.
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn f32_fma<const M: usize>(
-    x: &[f32],
-    k0: usize,
-    kc: usize,
-    b: &[f32],
-    acc: &mut [[f32; NR]],
-    first: bool,
-) {
+pub(super) fn f32_fma<const M: usize>(x: &[f32], s: Step, b: &[f32], acc: &mut [[f32; NR]]) {
+    let (k0, kc) = (s.k0, s.kc);
     let xp = x[k0 * M..(k0 + kc) * M].as_ptr();
     let bp = b[..kc * NR].as_ptr();
-    let (mut c0, mut c1) = load::<M>(acc, first);
+    let next = bp.wrapping_add(kc * NR);
+    let (mut c0, mut c1) = load::<M>(acc, s.first);
+    let mut due = s.pass;
+    let lead = s.pass == 0;
     for i in 0..kc {
-        prefetch(bp.wrapping_add((i + AHEAD) * NR));
-        prefetch(bp.wrapping_add((i + AHEAD) * NR + 16));
+        if lead {
+            prefetch(bp.wrapping_add((i + AHEAD) * NR));
+            prefetch(bp.wrapping_add((i + AHEAD) * NR + 16));
+        }
+        if due == 0 {
+            prefetch_l2(next.wrapping_add(i * NR));
+            prefetch_l2(next.wrapping_add(i * NR + 16));
+            due = s.passes;
+        }
+        due -= 1;
         // SAFETY: i < kc and r < M; `b` holds kc * NR values and `xp` kc * M.
         unsafe {
             let b0 = _mm512_loadu_ps(bp.add(i * NR));
