@@ -91,17 +91,16 @@ impl Shared<'_> {
         &self,
         me: usize,
         dest: usize,
-        (recv, send): (u64, u64),
+        at: (u64, u64),
         values: &[f32],
     ) -> Res<()> {
-        if self.plan.staging && dest != me {
-            let mine = self.heap(me)?;
-            mine.write(send, values)?;
-            self.heap(dest)?.copy_from(recv, mine, send, values.len())?;
-        } else {
-            self.heap(dest)?.write(recv, values)?;
-        }
-        Ok(())
+        self.put(
+            me,
+            dest,
+            at,
+            |h, off| h.write(off, values),
+            |d, src, to, from| d.copy_from(to, src, from, values.len()),
+        )
     }
 
     /// As [`Shared::put_row`] for raw metadata words.
@@ -109,16 +108,34 @@ impl Shared<'_> {
         &self,
         me: usize,
         dest: usize,
-        (recv, send): (u64, u64),
+        at: (u64, u64),
         words: &[u64],
+    ) -> Res<()> {
+        self.put(
+            me,
+            dest,
+            at,
+            |h, off| h.write_words(off, words),
+            |d, src, to, from| d.copy_words_from(to, src, from, words.len()),
+        )
+    }
+
+    /// `write` into `dest`'s heap at `recv`, or into this rank's at `send` then `copy` to
+    /// `dest`'s at `recv` when the plan stages and `dest` is a peer.
+    fn put(
+        &self,
+        me: usize,
+        dest: usize,
+        (recv, send): (u64, u64),
+        write: impl Fn(&SymHeap, u64) -> crate::error::Result<()>,
+        copy: impl Fn(&SymHeap, &SymHeap, u64, u64) -> crate::error::Result<()>,
     ) -> Res<()> {
         if self.plan.staging && dest != me {
             let mine = self.heap(me)?;
-            mine.write_words(send, words)?;
-            self.heap(dest)?
-                .copy_words_from(recv, mine, send, words.len())?;
+            write(mine, send)?;
+            copy(self.heap(dest)?, mine, recv, send)?;
         } else {
-            self.heap(dest)?.write_words(recv, words)?;
+            write(self.heap(dest)?, recv)?;
         }
         Ok(())
     }

@@ -368,12 +368,7 @@ pub fn forward_rows(
     }
     let mut result = Vec::with_capacity(inputs.len());
     for (r, (input, list)) in inputs.iter().zip(rows).enumerate() {
-        if let Some(&t) = list.iter().find(|&&t| t >= input.tokens) {
-            return Err(Error::input(
-                "rows",
-                format!("rank {r} lists token {t} but has {} tokens", input.tokens),
-            ));
-        }
+        check_rows(r, input, list)?;
         let g = gate_checked(
             plan,
             w,
@@ -390,6 +385,17 @@ pub fn forward_rows(
         );
     }
     Ok(result)
+}
+
+/// Rank `r`'s listed rows must be among its tokens.
+fn check_rows(r: usize, input: &RankInput, list: &[usize]) -> Result<()> {
+    match list.iter().find(|&&t| t >= input.tokens) {
+        Some(&t) => Err(Error::input(
+            "rows",
+            format!("rank {r} lists token {t} but has {} tokens", input.tokens),
+        )),
+        None => Ok(()),
+    }
 }
 
 mod streamed;

@@ -1,7 +1,8 @@
 //! [`forward_rows`](super::forward_rows) with the routed experts produced one at a time:
 //! the reference check of a layer too large to hold as f32 alongside its packed copy.
 
-use super::{check_input, combine_token, expert_input, expert_mlp, gate_checked, ChoiceOutput};
+use super::ChoiceOutput;
+use super::{check_input, check_rows, combine_token, expert_input, expert_mlp, gate_checked};
 use super::{RankInput, RouteOverrides};
 use crate::error::{Error, Result};
 use crate::plan::LayerPlan;
@@ -43,12 +44,7 @@ pub fn forward_rows_streamed(
     let mut gates = Vec::with_capacity(inputs.len());
     for (r, (input, list)) in inputs.iter().zip(rows).enumerate() {
         check_input(cfg, input.x, input.tokens, input.routing)?;
-        if let Some(&t) = list.iter().find(|&&t| t >= input.tokens) {
-            return Err(Error::input(
-                "rows",
-                format!("rank {r} lists token {t} but has {} tokens", input.tokens),
-            ));
-        }
+        check_rows(r, input, list)?;
         let g = gate_checked(
             plan,
             gate,
