@@ -90,6 +90,14 @@ COMMON = dict(
     hidden_act="silu",
 )
 
+# DeepSeek-V4 (both fixtures): attention as small as the config allows; a low swiglu_limit
+# so that the clamps bite.
+V4 = dict(COMMON, head_dim=32, num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2,
+          moe_intermediate_size=I, n_shared_experts=1, routed_scaling_factor=1.5,
+          swiglu_limit=1.5, layer_types=["sliding_attention"] * 2, sliding_window=8,
+          q_lora_rank=32, o_groups=1, o_lora_rank=32, index_n_heads=2, index_head_dim=32,
+          index_topk=4, hc_mult=2)
+
 MLA = dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
 
 
@@ -204,26 +212,12 @@ def fixtures():
         # `x + mlp(post_attention_layernorm(x))` as for every family, not V4's
         # hyper-connection residual.
         ("deepseek_v4", DeepseekV4ForCausalLM,
-         DeepseekV4Config(**COMMON, head_dim=32, num_hidden_layers=2, n_routed_experts=8,
-                          num_experts_per_tok=2, moe_intermediate_size=I, n_shared_experts=1,
-                          routed_scaling_factor=1.5, swiglu_limit=1.5,
-                          mlp_layer_types=["moe", "moe"],
-                          layer_types=["sliding_attention"] * 2, sliding_window=8,
-                          q_lora_rank=32, o_groups=1, o_lora_rank=32, index_n_heads=2,
-                          index_head_dim=32, index_topk=4, hc_mult=2),
-         None, True),
+         DeepseekV4Config(**V4, mlp_layer_types=["moe", "moe"]), None, True),
         # DeepSeek-V4 with its first layer hash-routed: experts by token id through
         # `tid2eid` (randomised below), weighted by the chosen sqrt(softplus) scores. The
         # rows come with token ids (`*.input_ids`), which hash blocks take.
         ("deepseek_v4_hash", DeepseekV4ForCausalLM,
-         DeepseekV4Config(**COMMON, head_dim=32, num_hidden_layers=2, n_routed_experts=8,
-                          num_experts_per_tok=2, moe_intermediate_size=I, n_shared_experts=1,
-                          routed_scaling_factor=1.5, swiglu_limit=1.5,
-                          mlp_layer_types=["hash_moe", "moe"],
-                          layer_types=["sliding_attention"] * 2, sliding_window=8,
-                          q_lora_rank=32, o_groups=1, o_lora_rank=32, index_n_heads=2,
-                          index_head_dim=32, index_topk=4, hc_mult=2),
-         None, True),
+         DeepseekV4Config(**V4, mlp_layer_types=["hash_moe", "moe"]), None, True),
     ]
 
 

@@ -307,15 +307,10 @@ fn compare_tiles(
 /// The dispatch bytes of the launch that produced `out`, from every rank's routing.
 fn wire(plan: &LayerPlan, out: &LayerOutput, ov: &RouteOverrides) -> Result<crate::report::Wire> {
     let k = ov.effective_top_k(&plan.config)?;
-    let (mut dispatch_bytes, mut per_expert_bytes) = (0.0, 0.0);
-    for (r, g) in out.gates.iter().enumerate() {
-        let t = plan.traffic_of(r, &g.ids, &g.slots, k);
-        dispatch_bytes += t.dispatch_sent;
-        per_expert_bytes += t.per_expert_dispatch_sent;
-    }
+    let w = flashmoe::model::WireBytes::of(plan, &out.gates, k);
     Ok(crate::report::Wire {
-        dispatch_bytes,
-        per_expert_bytes,
+        dispatch_bytes: w.dispatch,
+        per_expert_bytes: w.per_expert,
     })
 }
 

@@ -9,7 +9,7 @@ use crate::stats::summarize;
 use flashmoe::model::synthetic::SyntheticSpec;
 use flashmoe::model::{self, LoadOptions, ModelLayer, MoeModel};
 use flashmoe::reference::{self, RankInput, RouteOverrides};
-use flashmoe::{Error, GivenRouting, LayerPlan, Result};
+use flashmoe::{Error, LayerPlan, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -175,14 +175,8 @@ fn check_layers(
             .map(|r| layer.norm.apply(r, cfg.dtype))
             .collect();
         // A hash layer routes each token by its id, through its table.
-        let routing: Option<Vec<GivenRouting>> = match (&layer.hash_table, token_ids) {
-            (Some(table), Some(ids)) => Some(
-                ids.iter()
-                    .map(|r| GivenRouting::from_table(table, cfg.top_k, r))
-                    .collect::<Result<_>>()?,
-            ),
-            _ => None,
-        };
+        let tokens: Vec<usize> = normed.iter().map(|r| r.len() / h).collect();
+        let routing = layer.hash_routing(token_ids, &tokens)?;
         let inputs: Vec<RankInput> = normed
             .iter()
             .enumerate()

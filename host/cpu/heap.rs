@@ -105,6 +105,15 @@ fn decode_words(dtype: Dtype, words: &[u64], out: &mut [f32]) {
     }
 }
 
+/// `values` as little-endian u32 pairs in 64-bit words, an odd count padded with 0 (the
+/// layout of the heap's u32 metadata).
+pub fn u32_words(values: &[u32]) -> Vec<u64> {
+    values
+        .chunks(2)
+        .map(|c| u64::from(c[0]) | (u64::from(c.get(1).copied().unwrap_or(0)) << 32))
+        .collect()
+}
+
 impl SymHeap {
     /// A zeroed heap of `bytes` bytes (a multiple of 8) for `rank`, holding `dtype` values.
     pub fn new(rank: usize, bytes: u64, dtype: Dtype) -> Result<Self> {
@@ -249,11 +258,7 @@ impl SymHeap {
     /// Stores `values` as little-endian u32s at byte `offset` (8-aligned); an odd count
     /// also zeroes the u32 after the last (the rest of its word).
     pub fn write_u32s(&self, offset: u64, values: &[u32]) -> Result<()> {
-        let words: Vec<u64> = values
-            .chunks(2)
-            .map(|c| u64::from(c[0]) | (u64::from(c.get(1).copied().unwrap_or(0)) << 32))
-            .collect();
-        self.write_words(offset, &words)
+        self.write_words(offset, &u32_words(values))
     }
 
     /// Loads `out.len()` little-endian u32s from byte `offset` (8-aligned).

@@ -4,7 +4,7 @@
 //! (expert row blocks, shared experts, combine) is cut into [`Unit`]s that the rank
 //! thread and its helper threads take from the rank's [`Work`] queue.
 
-use super::heap::SymHeap;
+use super::heap::{u32_words, SymHeap};
 use super::signal::{word, Awaited, SignalSet, Stop};
 use super::units::{Ctx, Unit};
 use super::work::Work;
@@ -141,14 +141,6 @@ impl Shared<'_> {
     }
 }
 
-/// `values` as little-endian u32 pairs in words (an odd count padded with 0).
-fn u32_words(values: &[u32]) -> Vec<u64> {
-    values
-        .chunks(2)
-        .map(|c| u64::from(c[0]) | (u64::from(c.get(1).copied().unwrap_or(0)) << 32))
-        .collect()
-}
-
 /// Dispatch (steps 3 of the protocol in [`crate::plan`]): every token row once to each
 /// rank its choices go to, with its metadata, the pair lists and counts, then one signal
 /// per rank, 0 rows included.
@@ -164,7 +156,7 @@ fn dispatch(sh: &Shared, me: usize, x: &[f32], g: &GateOutput, route: &RankRoute
         .collect();
     let mut meta = vec![0u64; plan.route_slots];
     for t in 0..tokens {
-        for (r, q) in route.destinations(plan, &g.ids, k, t) {
+        for (r, q) in route.destinations(t).iter().copied() {
             let mut n = 0;
             meta.fill(meta_entry(NO_PAIR, 0.0));
             for j in 0..k {
@@ -252,7 +244,7 @@ pub fn run(
     let mut shared_y = vec![0f32; if has_shared { tokens * h } else { 0 }];
     let work = Work::<Unit>::default();
     let res = {
-        let ctx = Ctx::new(sh, me, &x, &g, &route, &mut shared_y, &mut out);
+        let ctx = Ctx::new(sh, me, &x, &route, &mut shared_y, &mut out);
         std::thread::scope(|scope| {
             for _ in 0..helpers {
                 scope.spawn(|| helper(&ctx, &work));

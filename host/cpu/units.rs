@@ -14,7 +14,6 @@ use crate::error::Error;
 use crate::plan::{
     meta_parts, RankRoute, TileShape, CELL_RECV, CELL_SEND, NO_PAIR, TILE_M, TILE_N,
 };
-use crate::reference::GateOutput;
 use crate::stages::Stage;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -69,7 +68,6 @@ pub struct Ctx<'a> {
     me: usize,
     /// This rank's tokens, rounded to the dtype.
     x: &'a [f32],
-    g: &'a GateOutput,
     /// This rank's routing on the wire (as a source).
     route: &'a RankRoute,
     locals: &'a [u32],
@@ -85,14 +83,13 @@ fn chunks(v: &mut [f32], len: usize) -> Vec<Mutex<&mut [f32]>> {
 }
 
 impl<'a> Ctx<'a> {
-    /// The units of rank `me` on tokens `x` with gate decisions `g` laid out as `route`,
+    /// The units of rank `me` on tokens `x` whose routing is laid out as `route`,
     /// writing `out` (and `shared_y`, `tokens * hidden` values when the layer has shared
     /// experts).
     pub fn new(
         sh: &'a Shared<'a>,
         me: usize,
         x: &'a [f32],
-        g: &'a GateOutput,
         route: &'a RankRoute,
         shared_y: &'a mut [f32],
         out: &'a mut [f32],
@@ -105,7 +102,6 @@ impl<'a> Ctx<'a> {
             sh,
             me,
             x,
-            g,
             route,
             locals,
             sources,
@@ -408,7 +404,7 @@ impl<'a> Ctx<'a> {
         for (dt, row) in out.chunks_exact_mut(h).enumerate() {
             let t = t0 + dt;
             // The owners' partials in rank order (each already weighted and reduced).
-            for (r, q) in self.route.destinations(plan, &self.g.ids, self.sh.k, t) {
+            for (r, q) in self.route.destinations(t).iter().copied() {
                 heap.read(plan.heap.combine_row(CELL_RECV, r, q as usize), &mut sc.y)?;
                 row.iter_mut().zip(&sc.y).for_each(|(acc, v)| *acc += v);
             }

@@ -66,6 +66,39 @@ pub struct ModelLayer {
 }
 
 impl ModelLayer {
+    /// The routing of a hash layer for every rank's tokens (`tokens[r]` each, ids in
+    /// `token_ids[r]`): `None` for a layer that routes by itself; an error when a hash
+    /// layer gets no ids or ids of the wrong count.
+    pub fn hash_routing(
+        &self,
+        token_ids: Option<&[Vec<u32>]>,
+        tokens: &[usize],
+    ) -> Result<Option<Vec<GivenRouting>>> {
+        let Some(table) = &self.hash_table else {
+            return Ok(None);
+        };
+        let ids = token_ids.ok_or_else(|| {
+            Error::input(
+                "token_ids",
+                format!(
+                    "layer {} is hash-routed (experts by token id): call forward_ids",
+                    self.index
+                ),
+            )
+        })?;
+        if ids.len() != tokens.len() || ids.iter().zip(tokens).any(|(i, &t)| i.len() != t) {
+            return Err(Error::input(
+                "token_ids",
+                format!("one id per token of every rank: {tokens:?} tokens"),
+            ));
+        }
+        let k = self.config.top_k;
+        ids.iter()
+            .map(|r| GivenRouting::from_table(table, k, r))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// Checks config, weights, norm and logit bias against each other.
     pub fn validate(&self) -> Result<()> {
         self.config.validate()?;
@@ -336,37 +369,6 @@ impl MoeModel {
         Ok((out, trace))
     }
 
-    /// The routing of a hash layer for every rank's tokens (`None` for other layers).
-    fn hash_routing(
-        layer: &ModelLayer,
-        token_ids: Option<&[Vec<u32>]>,
-        tokens: &[usize],
-    ) -> Result<Option<Vec<GivenRouting>>> {
-        let Some(table) = &layer.hash_table else {
-            return Ok(None);
-        };
-        let ids = token_ids.ok_or_else(|| {
-            Error::input(
-                "token_ids",
-                format!(
-                    "layer {} is hash-routed (experts by token id): call forward_ids",
-                    layer.index
-                ),
-            )
-        })?;
-        if ids.len() != tokens.len() || ids.iter().zip(tokens).any(|(i, &t)| i.len() != t) {
-            return Err(Error::input(
-                "token_ids",
-                format!("one id per token of every rank: {tokens:?} tokens"),
-            ));
-        }
-        let k = layer.config.top_k;
-        ids.iter()
-            .map(|r| GivenRouting::from_table(table, k, r))
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
-    }
-
     fn run(
         &mut self,
         x: &[Vec<f32>],
@@ -411,7 +413,7 @@ impl MoeModel {
             let layer = &slot.layer;
             let dtype = layer.config.dtype;
             let normed: Vec<Vec<f32>> = state.iter().map(|r| layer.norm.apply(r, dtype)).collect();
-            let routing = Self::hash_routing(layer, token_ids, &tokens)?;
+            let routing = layer.hash_routing(token_ids, &tokens)?;
             let mut inputs: Vec<RankInput> = RankInput::per_rank(&normed, &tokens);
             if let Some(r) = &routing {
                 inputs

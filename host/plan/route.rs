@@ -16,27 +16,20 @@ pub struct RankRoute {
     pub rank_counts: Vec<u32>,
     /// `[world][local experts of that rank]`: kept pairs per local expert.
     pub counts: Vec<Vec<u32>>,
+    /// Every token's distinct destination ranks in ascending order, each with the token's
+    /// row slot there; token t's are `dests[dest_start[t]..dest_start[t + 1]]`.
+    dests: Vec<(usize, u32)>,
+    dest_start: Vec<usize>,
 }
 
 impl RankRoute {
     /// The distinct destination ranks of token `t` in ascending order, each with the
-    /// token's row slot there.
-    pub fn destinations(
-        &self,
-        plan: &LayerPlan,
-        ids: &[u32],
-        k: usize,
-        t: usize,
-    ) -> Vec<(usize, u32)> {
-        let mut d: Vec<(usize, u32)> = (0..k)
-            .map(|j| {
-                let i = t * k + j;
-                (plan.owner_rank(ids[i]), self.rank_slots[i])
-            })
-            .collect();
-        d.sort_unstable();
-        d.dedup();
-        d
+    /// token's row slot there (empty for a token past the routing).
+    pub fn destinations(&self, t: usize) -> &[(usize, u32)] {
+        match (self.dest_start.get(t), self.dest_start.get(t + 1)) {
+            (Some(&a), Some(&b)) => &self.dests[a..b],
+            _ => &[],
+        }
     }
 }
 
@@ -48,7 +41,10 @@ impl LayerPlan {
         let tokens = ids.len().checked_div(k).unwrap_or(0);
         let mut rank_counts = vec![0u32; world];
         let mut rank_slots = vec![0u32; ids.len()];
+        let mut dests = Vec::with_capacity(ids.len());
+        let mut dest_start = Vec::with_capacity(tokens + 1);
         for t in 0..tokens {
+            dest_start.push(dests.len());
             for j in 0..k {
                 let i = t * k + j;
                 let r = self.owner_rank(ids[i]);
@@ -60,11 +56,15 @@ impl LayerPlan {
                     None => {
                         let q = rank_counts[r];
                         rank_counts[r] += 1;
+                        dests.push((r, q));
                         q
                     }
                 };
             }
+            let first = dest_start[t];
+            dests[first..].sort_unstable();
         }
+        dest_start.push(dests.len());
         let mut counts: Vec<Vec<u32>> = self
             .local_experts
             .iter()
@@ -100,6 +100,8 @@ impl LayerPlan {
             pairs,
             rank_counts,
             counts,
+            dests,
+            dest_start,
         }
     }
 

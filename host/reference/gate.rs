@@ -164,19 +164,12 @@ fn scores_from_logits(
         }
         // DeepSeek-V4's hash layers: the same scores, no selection (the ids are given).
         Router::HashSqrtSoftplus => {
-            let score: Vec<f64> = logits
-                .map(|l| (l.max(0.0) + (-l.abs()).exp().ln_1p()).sqrt())
-                .collect();
+            let score: Vec<f64> = logits.map(sqrt_softplus).collect();
             (score.clone(), score)
         }
         // DeepSeek-V4: sqrt(softplus(logit)), biased for the choice only.
         Router::SqrtSoftplusBias { .. } => {
-            let score: Vec<f64> = logits
-                .map(|l| {
-                    // softplus without overflow: max(l, 0) + ln(1 + e^-|l|).
-                    (l.max(0.0) + (-l.abs()).exp().ln_1p()).sqrt()
-                })
-                .collect();
+            let score: Vec<f64> = logits.map(sqrt_softplus).collect();
             let sel = score
                 .iter()
                 .enumerate()
@@ -206,6 +199,12 @@ fn scores_from_logits(
         Router::Given => return (Vec::new(), Vec::new()),
     };
     (group_limited(cfg, sel), gate)
+}
+
+/// DeepSeek-V4's score `sqrt(softplus(l))`, softplus without overflow:
+/// `max(l, 0) + ln(1 + e^-|l|)`.
+fn sqrt_softplus(l: f64) -> f64 {
+    (l.max(0.0) + (-l.abs()).exp().ln_1p()).sqrt()
 }
 
 /// The selection scores with the experts of every group but the kept ones set to 0

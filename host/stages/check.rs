@@ -225,7 +225,7 @@ impl Cx<'_> {
         let (h, hl, k) = (plan.config.hidden, &plan.heap, self.k);
         let weights = &self.rank(s).gate.weights;
         for t in 0..ids.len() / k.max(1) {
-            for (r, q) in route.destinations(plan, ids, k, t) {
+            for (r, q) in route.destinations(t).iter().copied() {
                 let q = q as usize;
                 let heap = &self.rank(r).heap;
                 let got = values(plan.config.dtype, heap, hl.dispatch_row(CELL_RECV, s, q), h);
@@ -409,9 +409,8 @@ impl Cx<'_> {
         let cfg = &plan.config;
         for s in 0..cfg.world {
             let (pairs, route) = self.pairs(s);
-            let ids = &self.rank(s).gate.ids;
             for t in 0..self.case.inputs[s].tokens {
-                for (r, q) in route.destinations(plan, ids, self.k, t) {
+                for (r, q) in route.destinations(t).iter().copied() {
                     let mut want = vec![0f64; cfg.hidden];
                     for p in pairs
                         .iter()
