@@ -20,6 +20,8 @@ for each dtype (float32, bfloat16):
      over the MoE layers in order (dense layers skipped, as flashmoe skips them);
    `topk` holds the router's chosen expert ids per token (ascending), from the block's
    own router (`mlp.gate`).
+   For bf16, also `exact.*`: the same blocks and chain on the same inputs, computed by the
+   same classes loaded from the same checkpoint in float64 (eager experts).
    Rows have widely varying scale: N(0, 1) rows times 10^U(-2, 2) for the chain,
    10^U(-1, 0.5) for a block alone (its input is a normed row).
 4. writes `fixture.json` (family, dtype, MoE layers, versions).
@@ -221,6 +223,17 @@ def fixtures():
     ]
 
 
+# Each fixture's seed, pinned so that every committed fixture regenerates bit for bit
+# whatever the list's order (they were 7 x (100 + position) when each was added; MiniMax-M2
+# and Llama-4 were added before Qwen3.5-MoE and PhiMoE, hence their shared seeds).
+SEEDS = {
+    "mixtral": 700, "qwen2_moe": 707, "qwen3_moe": 714, "qwen3_moe_fused": 721, "olmoe": 728,
+    "deepseek_v2_lite": 735, "deepseek_v2_group": 742, "deepseek_v3": 749, "glm4_moe": 756,
+    "kimi_k2": 763, "qwen3_next": 770, "qwen3_5_moe": 777, "phimoe": 784, "minimax_m2": 777,
+    "llama4": 784, "gpt_oss": 805, "deepseek_v4": 812, "deepseek_v4_hash": 819,
+}
+
+
 def moe_block(layer):
     """The decoder layer's MoE block, or None for a dense MLP."""
     block = getattr(layer, "mlp", None)
@@ -322,6 +335,35 @@ def expected(model, dtype, gen):
     return moe, {k: v.contiguous() for k, v in out.items()}
 
 
+@torch.no_grad()
+def exact(model, tensors, moe):
+    """The same blocks and chain in float64, on the same checkpoint and inputs.
+
+    A bf16 checkpoint upcasts to float64 exactly, so this is the families' own code without
+    the roundings of a bf16 run (transformers still computes what it casts to float32, e.g.
+    RMSNorm and the DeepSeek router, in float32). Stored in float32, prefixed `exact.`.
+    """
+    layers = model.model.layers
+    out = {}
+    for i in moe:
+        x = tensors[f"block.{i}.input"].double()
+        ids = tensors.get(f"block.{i}.input_ids")
+        block = moe_block(layers[i])
+        out[f"exact.block.{i}.output"] = block_out(block, x, ids).float()
+        out[f"exact.block.{i}.topk"] = block_topk(block, x, ids)
+    x = tensors["chain.input"].double()
+    ids = tensors.get("chain.input_ids")
+    for i in moe:
+        layer = layers[i]
+        normed = layer.post_attention_layernorm(x)
+        out[f"exact.chain.{i}.topk"] = block_topk(moe_block(layer), normed, ids)
+        x = x + block_out(moe_block(layer), normed, ids)
+    out["exact.chain.output"] = x.float()
+    for k, v in out.items():
+        assert torch.isfinite(v.float()).all(), k
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def write(name, cls, config, model_type, original_format, out_dir, seed):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -339,6 +381,9 @@ def write(name, cls, config, model_type, original_format, out_dir, seed):
             m.save_pretrained(target, save_original_format=original_format)
             m = cls.from_pretrained(target, dtype=dtype).eval()
             moe, tensors = expected(m, dtype, torch.Generator().manual_seed(seed + 1))
+            if dtype != torch.float32:
+                m64 = cls.from_pretrained(target, dtype=torch.float64, experts_implementation="eager").eval()
+                tensors.update(exact(m64, tensors, moe))
             safetensors.torch.save_file(tensors, target / "expected.safetensors")
             if model_type is not None:
                 cfg_path = target / "config.json"
@@ -368,10 +413,10 @@ def main():
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    for seed, (name, cls, config, model_type, original) in enumerate(fixtures(), start=100):
+    for name, cls, config, model_type, original in fixtures():
         if args.only and name not in args.only:
             continue
-        write(name, cls, config, model_type, original, out_dir, seed * 7)
+        write(name, cls, config, model_type, original, out_dir, SEEDS[name])
     versions = {"transformers": transformers.__version__, "torch": torch.__version__}
     (out_dir / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
 
