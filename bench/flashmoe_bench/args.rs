@@ -217,7 +217,7 @@ pub struct ShapeArgs {
     pub json: bool,
     /// Tile rule of the routed expert GEMMs: `auto` (decode tiles for blocks of at most
     /// 32 rows, bf16/f16) or `classic` (every block 64x64, the path before the rule).
-    /// Used by `layer` and `stages`; `model` runs `auto`.
+    /// Used by `layer`, `stages` and `model` (every layer).
     #[arg(long, default_value = "auto", value_parser = parse_tiles)]
     pub tiles: TileMode,
 }

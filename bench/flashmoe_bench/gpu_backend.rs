@@ -101,10 +101,15 @@ impl Runner for Gpu {
 /// A model whose every layer runs on GPU 0 as one [`GpuModel`]: norm, layer launch and
 /// residual add of every layer enqueued on one stream with no host synchronisation between
 /// layers (single-rank world, or emulated when the layers' world is larger).
-pub fn model(layers: Vec<ModelLayer>) -> Result<GpuModel> {
+/// `tiles` is the tile rule of every layer.
+pub fn model(layers: Vec<ModelLayer>, tiles: flashmoe::plan::TileMode) -> Result<GpuModel> {
     let ctx = CudaContext::new(0).map_err(|e| Error::Cuda(e.to_string()))?;
     let stream = ctx.new_stream().map_err(|e| Error::Cuda(e.to_string()))?;
-    GpuModel::new(stream, layers, GpuModelOptions::default())
+    let opts = GpuModelOptions {
+        tiles,
+        ..GpuModelOptions::default()
+    };
+    GpuModel::new(stream, layers, opts)
 }
 
 /// What one rank of an NVSHMEM world measured.

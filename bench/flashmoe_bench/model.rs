@@ -255,12 +255,12 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     let (name, layers, x) = build_layers(args, gpu)?;
     let ids = token_ids(&layers, &x, shape.seed);
     let mut m = if gpu {
-        Driver::Gpu(crate::gpu_backend::model(layers.clone())?)
+        Driver::Gpu(crate::gpu_backend::model(layers.clone(), shape.tiles)?)
     } else {
-        Driver::Cpu(
-            MoeModel::new(layers.clone(), model::Backend::Cpu)?,
-            ids.clone(),
-        )
+        let cpu = MoeModel::with_factory(layers.clone(), |_, plan, weights| {
+            model::Backend::Cpu.build(plan.with_tile_mode(shape.tiles), weights)
+        })?;
+        Driver::Cpu(cpu, ids.clone())
     };
     let (first, trace) = m.forward_traced(&x)?;
     let err = if shape.check_tokens == 0 {
@@ -326,7 +326,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         .collect();
     if shape.json {
         let j = serde_json::json!({
-            "model": name, "backend": m.name(),
+            "model": name, "backend": m.name(), "tiles": shape.tiles.name(),
             "layers": rows, "total_ms": total, "device_total_ms": device, "tokens": tokens,
             "tokens_per_s": tokens as f64 / (total.median / 1e3), "max_rel_error": err,
         });
@@ -335,8 +335,9 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     }
     println!("flashmoe-bench model: {name}");
     println!(
-        "  backend {}, {} layers, {} tokens over {} rank(s); check vs the f64 reference: {verdict}",
+        "  backend {}, tiles {}, {} layers, {} tokens over {} rank(s); check vs the f64 reference: {verdict}",
         m.name(),
+        shape.tiles.name(),
         layers.len(),
         tokens,
         m.world()

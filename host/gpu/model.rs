@@ -42,7 +42,7 @@ use crate::gpu::layer::device_buffers::{cuda, poison, DeviceBuffer};
 use crate::gpu::layer::pack::nan_pattern;
 use crate::gpu::layer::{GpuOptions, MoeLayer, RankIo};
 use crate::model::{LayerStats, ModelLayer};
-use crate::plan::LayerPlan;
+use crate::plan::{LayerPlan, TileMode};
 use cudarc::driver::{sys, CudaEvent, CudaStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +55,8 @@ pub struct GpuModelOptions {
     /// [`GpuModel::forward_host`] fills each layer's output with NaN before its launch, so
     /// that an unwritten row shows up in the final state (a memset per layer).
     pub poison: bool,
+    /// The tile rule of every layer's routed expert GEMMs.
+    pub tiles: TileMode,
 }
 
 impl Default for GpuModelOptions {
@@ -62,6 +64,7 @@ impl Default for GpuModelOptions {
         GpuModelOptions {
             layer: GpuOptions::default(),
             poison: true,
+            tiles: TileMode::Auto,
         }
     }
 }
@@ -180,7 +183,9 @@ impl GpuModel {
                      (MoeModel::forward_ids); the GPU model does not route by token id yet",
                 )));
             }
-            let plan = LayerPlan::new(&layer.config).map_err(in_layer(index))?;
+            let plan = LayerPlan::new(&layer.config)
+                .map_err(in_layer(index))?
+                .with_tile_mode(opts.tiles);
             let mut moe = MoeLayer::new(
                 stream.clone(),
                 plan,
