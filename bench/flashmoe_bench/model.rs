@@ -255,7 +255,10 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     let (name, layers, x) = build_layers(args, gpu)?;
     let ids = token_ids(&layers, &x, shape.seed);
     let mut m = if gpu {
-        Driver::Gpu(crate::gpu_backend::model(layers.clone(), shape.tiles)?)
+        Driver::Gpu(
+            crate::gpu_backend::model(layers.clone(), shape.tiles)?,
+            ids.clone(),
+        )
     } else {
         let cpu = MoeModel::with_factory(layers.clone(), |_, plan, weights| {
             model::Backend::Cpu.build(plan.with_tile_mode(shape.tiles), weights)

@@ -5,13 +5,13 @@ use flashmoe::gpu::model::GpuModel;
 use flashmoe::model::{ModelOutput, MoeModel};
 use flashmoe::Result;
 
-/// Either driver, behind the few calls the bench makes.
+/// Either driver, behind the few calls the bench makes, each with the token ids its hash
+/// layers route by (when it has some).
 pub enum Driver {
-    /// `MoeModel` with a CPU executor per layer (a host round trip per layer), and the
-    /// token ids its hash layers route by (when it has some).
+    /// `MoeModel` with a CPU executor per layer (a host round trip per layer).
     Cpu(MoeModel, Option<Vec<Vec<u32>>>),
     /// `GpuModel`: norm, layer and residual of every layer enqueued on one stream.
-    Gpu(GpuModel),
+    Gpu(GpuModel, Option<Vec<Vec<u32>>>),
 }
 
 /// One timed forward.
@@ -28,7 +28,7 @@ impl Driver {
     pub fn name(&self) -> &'static str {
         match self {
             Driver::Cpu(m, _) => m.backend_names().first().copied().unwrap_or("?"),
-            Driver::Gpu(_) => "gpu (one stream, no host sync between layers)",
+            Driver::Gpu(..) => "gpu (one stream, no host sync between layers)",
         }
     }
 
@@ -36,7 +36,7 @@ impl Driver {
     pub fn hidden(&self) -> usize {
         match self {
             Driver::Cpu(m, _) => m.hidden(),
-            Driver::Gpu(m) => m.hidden(),
+            Driver::Gpu(m, _) => m.hidden(),
         }
     }
 
@@ -44,7 +44,7 @@ impl Driver {
     pub fn world(&self) -> usize {
         match self {
             Driver::Cpu(m, _) => m.world(),
-            Driver::Gpu(m) => m.world(),
+            Driver::Gpu(m, _) => m.world(),
         }
     }
 
@@ -52,7 +52,9 @@ impl Driver {
     pub fn forward_traced(&mut self, x: &[Vec<f32>]) -> Result<(ModelOutput, Vec<Vec<Vec<f32>>>)> {
         match self {
             Driver::Cpu(m, ids) => m.forward_traced_ids(x, ids.as_deref()),
-            Driver::Gpu(m) => m.forward_traced(x).map(|(out, t)| (out, t.states)),
+            Driver::Gpu(m, ids) => m
+                .forward_traced_ids(x, ids.as_deref())
+                .map(|(out, t)| (out, t.states)),
         }
     }
 
@@ -60,14 +62,14 @@ impl Driver {
     /// that timed runs measure norm, layer and residual only (the bench then checks that
     /// the last timed run reproduced the checked output).
     pub fn start_timing(&mut self) {
-        if let Driver::Gpu(m) = self {
+        if let Driver::Gpu(m, _) = self {
             m.set_poison(false);
         }
     }
 
     /// Whether timed runs must reproduce the checked output bit for bit (the GPU model).
     pub fn deterministic(&self) -> bool {
-        matches!(self, Driver::Gpu(_))
+        matches!(self, Driver::Gpu(..))
     }
 
     /// A forward, with the device time of the stack where there is one.
@@ -80,8 +82,11 @@ impl Driver {
                 },
                 device_ms: None,
             }),
-            Driver::Gpu(m) => {
-                let out = m.forward_host(x)?;
+            Driver::Gpu(m, ids) => {
+                let out = match ids {
+                    Some(ids) => m.forward_host_ids(x, ids)?,
+                    None => m.forward_host(x)?,
+                };
                 let device_ms = Some(m.device_time()?.as_secs_f64() * 1e3);
                 Ok(Timed { out, device_ms })
             }

@@ -25,6 +25,7 @@
 //! (f32, or the layers' dtype when they all share it), asynchronously;
 //! [`GpuModel::status`] waits and returns the per-layer statistics.
 
+mod hash;
 mod host_io;
 mod ops;
 mod sizing;
@@ -40,7 +41,7 @@ use crate::config::Dtype;
 use crate::error::{Error, Result};
 use crate::gpu::layer::device_buffers::{cuda, poison, DeviceBuffer};
 use crate::gpu::layer::pack::nan_pattern;
-use crate::gpu::layer::{GpuOptions, MoeLayer, RankIo};
+use crate::gpu::layer::{DeviceRouting, GpuOptions, MoeLayer, RankIo};
 use crate::model::{LayerStats, ModelLayer};
 use crate::plan::{LayerPlan, TileMode};
 use cudarc::driver::{sys, CudaEvent, CudaStream};
@@ -98,6 +99,9 @@ struct DeviceLayer {
     norm_weight: DeviceBuffer,
     /// LayerNorm's bias (PhiMoE), or `None` for RMSNorm.
     norm_bias: Option<DeviceBuffer>,
+    /// A hash layer's `tid2eid` table (`[vocab][top_k]`): its routing comes from the
+    /// forward's token ids ([`GpuModel::forward_ids`]).
+    hash_table: Option<Arc<Vec<u32>>>,
     moe: MoeLayer,
 }
 
@@ -174,15 +178,6 @@ impl GpuModel {
         let mut built = Vec::with_capacity(layers.len());
         for layer in layers {
             let index = layer.index;
-            if layer.hash_table.is_some() {
-                // The device stack has no per-layer token-id routing yet.
-                return Err(in_layer(index)(Error::config(
-                    "router",
-                    "HashSqrtSoftplus",
-                    "hash-routed layers run in the CPU and reference models \
-                     (MoeModel::forward_ids); the GPU model does not route by token id yet",
-                )));
-            }
             let plan = LayerPlan::new(&layer.config)
                 .map_err(in_layer(index))?
                 .with_tile_mode(opts.tiles);
@@ -220,6 +215,7 @@ impl GpuModel {
                 },
                 norm_weight,
                 norm_bias,
+                hash_table: layer.hash_table,
                 moe,
             });
         }
@@ -380,11 +376,32 @@ impl GpuModel {
         state: Dtype,
         stream: &CudaStream,
     ) -> Result<()> {
+        // SAFETY: this function's contract.
+        unsafe { self.forward_ids(io, None, state, stream) }
+    }
+
+    /// [`GpuModel::forward`] for a model with hash layers: `token_ids[r]` are rank `r`'s
+    /// token ids (one per token), which each hash layer maps to its experts through its
+    /// table on the host ([`GivenRouting::from_table`](crate::config::GivenRouting::from_table)).
+    /// The routing is copied into the layers' buffers before the stack is enqueued, which
+    /// synchronises `stream` once (after the previous forward). `None` is refused when
+    /// the model has a hash layer.
+    ///
+    /// # Safety
+    /// As [`GpuModel::forward`].
+    pub unsafe fn forward_ids(
+        &mut self,
+        io: &[ModelRankIo],
+        token_ids: Option<&[&[u32]]>,
+        state: Dtype,
+        stream: &CudaStream,
+    ) -> Result<()> {
         let tokens = self.check_io(io, state)?;
+        let routing = self.stage_hash_routing(token_ids, &tokens, stream)?;
         let ptrs: Vec<u64> = io.iter().map(|r| r.state).collect();
         // SAFETY: the caller's pointers (this function's contract); the model's own
         // buffers are sized for max_tokens >= tokens (checked).
-        unsafe { self.enqueue(&ptrs, &tokens, state, stream, false, false) }
+        unsafe { self.enqueue(&ptrs, &tokens, &routing, state, stream, false, false) }
     }
 
     /// Enqueues the whole stack. `poison` fills each layer's output with NaN first;
@@ -393,10 +410,12 @@ impl GpuModel {
     /// # Safety
     /// `states[r]` must address `tokens[r] * hidden` elements of `state` dtype, live until
     /// the forward has finished; `tokens` were checked against `max_tokens`.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn enqueue(
         &mut self,
         states: &[u64],
         tokens: &[usize],
+        routing: &[Vec<Option<DeviceRouting>>],
         state: Dtype,
         stream: &CudaStream,
         poison_out: bool,
@@ -424,18 +443,20 @@ impl GpuModel {
             residual.state[r] = states[r];
             residual.y[r] = rb.out.ptr();
         }
-        let io: Vec<RankIo> = self
-            .ranks
-            .iter()
-            .zip(tokens)
-            .map(|(rb, &t)| RankIo {
-                x: rb.normed.ptr(),
-                out: rb.out.ptr(),
-                tokens: t,
-                routing: None,
-            })
-            .collect();
         for (l, layer) in self.layers.iter_mut().enumerate() {
+            // A hash layer's routing was staged by `stage_hash_routing`; others have none.
+            let io: Vec<RankIo> = self
+                .ranks
+                .iter()
+                .zip(tokens)
+                .enumerate()
+                .map(|(r, (rb, &t))| RankIo {
+                    x: rb.normed.ptr(),
+                    out: rb.out.ptr(),
+                    tokens: t,
+                    routing: routing.get(l).and_then(|v| v.get(r)).copied().flatten(),
+                })
+                .collect();
             let ev = &layer.events;
             ev.start.record(stream).map_err(cuda("record event"))?;
             norm.weight = layer.norm_weight.ptr();

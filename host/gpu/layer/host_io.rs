@@ -4,9 +4,11 @@
 
 use super::device_buffers::{cuda, poison};
 use super::pack::{from_dtype_bytes, nan_pattern, to_dtype_bytes};
-use super::{DeviceRouting, MoeLayer, RankIo};
+use super::{DeviceRouting, MoeLayer, RankBuffers, RankIo};
+use crate::config::GivenRouting;
 use crate::error::{Error, Result};
 use crate::reference::{check_input, GateOutput, LayerOutput, RankInput, RouteOverrides};
+use cudarc::driver::CudaStream;
 
 fn le_i32(bytes: &[u8]) -> Vec<i32> {
     bytes
@@ -140,25 +142,9 @@ impl MoeLayer {
                     "poison out",
                 )?
             };
-            let routing = match (input.routing, &rb.given_ids, &rb.given_weights) {
-                (Some(g), Some(ids), Some(weights)) => {
-                    let id_bytes: Vec<u8> = g
-                        .ids
-                        .iter()
-                        .flat_map(|&e| (e as i32).to_le_bytes())
-                        .collect();
-                    let w_bytes: Vec<u8> = g.weights.iter().flat_map(|w| w.to_le_bytes()).collect();
-                    ids.upload(&stream, 0, &id_bytes, "routing.ids")?;
-                    // The hash router gives ids only: its weights are computed on the device.
-                    if !w_bytes.is_empty() {
-                        weights.upload(&stream, 0, &w_bytes, "routing.weights")?;
-                    }
-                    Some(DeviceRouting {
-                        ids: ids.ptr(),
-                        weights: weights.ptr(),
-                    })
-                }
-                _ => None,
+            let routing = match input.routing {
+                Some(g) => upload_routing(rb, g, &stream)?,
+                None => None,
             };
             io.push(RankIo {
                 x: rb.x.ptr(),
@@ -168,6 +154,48 @@ impl MoeLayer {
             });
         }
         Ok((io, k))
+    }
+
+    /// Uploads each rank's routing (`routing[r]` for local rank `r`, `tokens[r]` tokens:
+    /// ids, and weights unless the router computes them) into the layer's own routing
+    /// buffers, for a [`Router::takes_ids`](crate::config::Router::takes_ids) router, and
+    /// returns what [`RankIo::routing`] takes; `None` for a rank without tokens. The
+    /// routing is checked first ([`GivenRouting::validate`]). Synchronises `stream` after
+    /// the copies; the caller orders `stream` after the layer's previous launch.
+    pub fn upload_given_routing(
+        &self,
+        routing: &[&GivenRouting],
+        tokens: &[usize],
+        stream: &CudaStream,
+    ) -> Result<Vec<Option<DeviceRouting>>> {
+        let cfg = &self.plan.config;
+        if !cfg.router.takes_ids() {
+            return Err(Error::input(
+                "routing",
+                format!("the {:?} router takes no given routing", cfg.router),
+            ));
+        }
+        if routing.len() != self.ranks.len() || tokens.len() != self.ranks.len() {
+            return Err(Error::input(
+                "routing",
+                format!(
+                    "{} routings for {} token counts and {} ranks",
+                    routing.len(),
+                    tokens.len(),
+                    self.ranks.len()
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(routing.len());
+        for ((rb, g), &t) in self.ranks.iter().zip(routing).zip(tokens) {
+            g.validate(t, cfg)?;
+            out.push(if t == 0 {
+                None
+            } else {
+                upload_routing(rb, g, stream)?
+            });
+        }
+        Ok(out)
     }
 
     /// Waits for the launch and reads the outputs and the router's decisions back.
@@ -259,4 +287,30 @@ impl MoeLayer {
         }
         Ok(gates)
     }
+}
+
+/// Copies one rank's routing into its routing buffers (ids as i32; the weights unless the
+/// hash router computes them on the device); `None` when the layer has no such buffers.
+fn upload_routing(
+    rb: &RankBuffers,
+    g: &GivenRouting,
+    stream: &CudaStream,
+) -> Result<Option<DeviceRouting>> {
+    let (Some(ids), Some(weights)) = (&rb.given_ids, &rb.given_weights) else {
+        return Ok(None);
+    };
+    let id_bytes: Vec<u8> = g
+        .ids
+        .iter()
+        .flat_map(|&e| (e as i32).to_le_bytes())
+        .collect();
+    ids.upload(stream, 0, &id_bytes, "routing.ids")?;
+    if !g.weights.is_empty() {
+        let w_bytes: Vec<u8> = g.weights.iter().flat_map(|w| w.to_le_bytes()).collect();
+        weights.upload(stream, 0, &w_bytes, "routing.weights")?;
+    }
+    Ok(Some(DeviceRouting {
+        ids: ids.ptr(),
+        weights: weights.ptr(),
+    }))
 }

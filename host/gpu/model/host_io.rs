@@ -19,13 +19,33 @@ impl GpuModel {
     /// output is NaN-poisoned first ([`GpuModelOptions::poison`](super::GpuModelOptions::poison)), and a non-finite final
     /// state is reported as [`Error::Device`].
     pub fn forward_host(&mut self, x: &[Vec<f32>]) -> Result<ModelOutput> {
-        self.run_host(x, false).map(|(out, _)| out)
+        self.run_host(x, None, false).map(|(out, _)| out)
+    }
+
+    /// [`GpuModel::forward_host`] for a model with hash layers: `token_ids[r]` holds rank
+    /// `r`'s token ids, one per token ([`GpuModel::forward_ids`]).
+    pub fn forward_host_ids(
+        &mut self,
+        x: &[Vec<f32>],
+        token_ids: &[Vec<u32>],
+    ) -> Result<ModelOutput> {
+        self.run_host(x, Some(token_ids), false).map(|(out, _)| out)
     }
 
     /// Like [`GpuModel::forward_host`], and also returns the state after every layer and
     /// every layer's routing (copied on the device as the forward goes, read at the end).
     pub fn forward_traced(&mut self, x: &[Vec<f32>]) -> Result<(ModelOutput, GpuTrace)> {
-        let (out, trace) = self.run_host(x, true)?;
+        self.forward_traced_ids(x, None)
+    }
+
+    /// [`GpuModel::forward_traced`] with the token ids of the hash layers (required when
+    /// the model has some).
+    pub fn forward_traced_ids(
+        &mut self,
+        x: &[Vec<f32>],
+        token_ids: Option<&[Vec<u32>]>,
+    ) -> Result<(ModelOutput, GpuTrace)> {
+        let (out, trace) = self.run_host(x, token_ids, true)?;
         let trace = trace.ok_or_else(|| Error::input("trace", "no trace was recorded"))?;
         Ok((out, trace))
     }
@@ -33,6 +53,7 @@ impl GpuModel {
     fn run_host(
         &mut self,
         x: &[Vec<f32>],
+        token_ids: Option<&[Vec<u32>]>,
         traced: bool,
     ) -> Result<(ModelOutput, Option<GpuTrace>)> {
         let start = Instant::now();
@@ -92,9 +113,21 @@ impl GpuModel {
         }
         let states: Vec<u64> = self.ranks.iter().map(|rb| rb.state.ptr()).collect();
         let poison_out = self.opts.poison;
+        let ids: Option<Vec<&[u32]>> = token_ids.map(|v| v.iter().map(Vec::as_slice).collect());
+        let routing = self.stage_hash_routing(ids.as_deref(), &tokens, &stream)?;
         // SAFETY: the model's own state buffers hold max_tokens * hidden f32 >= the
         // checked tokens; nothing else uses them until the forward has finished.
-        unsafe { self.enqueue(&states, &tokens, Dtype::F32, &stream, poison_out, traced)? };
+        unsafe {
+            self.enqueue(
+                &states,
+                &tokens,
+                &routing,
+                Dtype::F32,
+                &stream,
+                poison_out,
+                traced,
+            )?
+        };
         let layers = self.status()?;
 
         let download = |buf: &DeviceBuffer, dtype: Dtype, t: usize| -> Result<Vec<f32>> {
