@@ -23,11 +23,12 @@ stages-ds 15
 test-gpu_abi 15
 test-gpu_layer 68
 test-gpu_model 34
+test-fixtures 14
 test-gpu_nvshmem 25
 test-gpu_roofline 15
-memcheck 30
-racecheck 30
-synccheck 20
+memcheck 25
+racecheck 25
+synccheck 16
 graph-replay 15
 bench-tiny 13
 bench-flashmoe-paper 13
@@ -124,11 +125,20 @@ step stages-ds stages.txt "$bench" stages --backend gpu --preset tiny --world em
 #      runs as its own step below
 for t in gpu_abi gpu_layer gpu_model gpu_nvshmem gpu_roofline; do
     if [ -x "$here/tests/$t" ]; then
-        step "test-$t" tests.txt "$here/tests/$t" --test-threads=1 --skip graph_replays
+        step "test-$t" tests.txt "$here/tests/$t" --test-threads=1 --skip graph_replays \
+            --skip every_fixture_matches_transformers_on_the_gpu
     else
         echo "test-$t: not run (no executable in the carry)" >>"$summary"
     fi
 done
+# transformers' fixtures through the kernel (every family, block and chain, GPU layer and
+# GPU model; --nocapture prints one error line per comparison)
+if [ -x "$here/tests/gpu_model" ]; then
+    step test-fixtures tests.txt "$here/tests/gpu_model" --exact \
+        every_fixture_matches_transformers_on_the_gpu --nocapture
+else
+    echo "test-fixtures: not run (no gpu_model executable)" >>"$summary"
+fi
 
 # ---- compute-sanitizer on the smallest config (one whole-layer launch, long deadlines)
 cs="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -n 1)"

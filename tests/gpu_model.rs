@@ -16,13 +16,17 @@
 //! f32 models, the first layer's for 16-bit ones (later inputs differ by roundings that
 //! may legitimately flip near-tie routing; the per-layer checks above cover those layers).
 
+mod fixture_support;
 mod gpu_support;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use flashmoe::config::{Capacity, Dtype, MlpKind, MoeConfig, Placement, Router, SharedExperts};
 use flashmoe::gpu::layer::{from_dtype_bytes, to_dtype_bytes};
+use flashmoe::gpu::layer::{GpuOptions, GpuWorld, MoeLayer};
 use flashmoe::gpu::model::{GpuModel, GpuModelOptions, GpuTrace, ModelRankIo};
-use flashmoe::model::{Backend, LayerStats, ModelLayer, ModelOutput, MoeModel, RmsNorm};
+use flashmoe::model::{
+    Backend, LayerBackend, LayerStats, ModelLayer, ModelOutput, MoeModel, RmsNorm,
+};
 use flashmoe::reference::{self, LayerOutput, RankInput, RouteOverrides};
 use flashmoe::weights::random_tokens;
 use flashmoe::CpuExecutor;
@@ -678,4 +682,68 @@ fn the_checks_accept_the_host_driver_and_reject_a_corrupted_trace() {
             "a one-ulp change of the {what} trace was accepted"
         );
     }
+}
+
+/// transformers' fixtures (`tests/fixtures/moe/`, see `model_fixtures.rs`) through the
+/// kernel: every block alone through a GPU layer, and the chain through the GPU model
+/// (norm, layer and residual on the device; hash layers by their token ids), against
+/// every oracle of the fixture with the host backends' tolerances.
+#[test]
+fn every_fixture_matches_transformers_on_the_gpu() {
+    let Some((_guard, stream)) = gpu_stream("fixtures") else {
+        return;
+    };
+    let build = |plan: LayerPlan, w: Arc<LayerWeights>| {
+        let layer = MoeLayer::new(
+            stream.clone(),
+            plan,
+            &w,
+            GpuWorld::Single,
+            GpuOptions::default(),
+        )?;
+        Ok(Box::new(layer) as Box<dyn LayerBackend>)
+    };
+    let mut failures = Vec::new();
+    for name in fixture_support::FIXTURES {
+        let dir = fixture_support::fixtures_dir().join(name);
+        let expected = fixture_support::read_expected(&dir);
+        let run = || -> Result<Vec<String>, String> {
+            let loaded = fixture_support::load_fixture(&dir, &expected)?;
+            let mut gpu = GpuModel::new(
+                stream.clone(),
+                loaded.layers.clone(),
+                GpuModelOptions::default(),
+            )
+            .map_err(|e| e.to_string())?;
+            let x = std::slice::from_ref(&expected["chain.input"].data);
+            let ids: Option<Vec<Vec<u32>>> = expected
+                .get("chain.input_ids")
+                .map(|t| vec![fixture_support::ids_of(t)]);
+            let (out, trace) = gpu
+                .forward_traced_ids(x, ids.as_deref())
+                .map_err(|e| e.to_string())?;
+            let chain = (out.hidden[0].clone(), trace.states);
+            let mut lines = Vec::new();
+            for &oracle in fixture_support::oracles(name) {
+                let mut results = fixture_support::run_blocks(&loaded, &expected, &build, oracle)?;
+                let o = fixture_support::check_chain(&loaded, &expected, &chain, oracle)?;
+                results.push(("chain".to_string(), o));
+                for (what, r) in results {
+                    lines.push(format!(
+                        "{name:24} {:5} gpu {what:8} error {:.2e}  row error {:.2e}  excluded {}",
+                        oracle.label(),
+                        r.error,
+                        r.row,
+                        r.excluded
+                    ));
+                }
+            }
+            Ok(lines)
+        };
+        match run() {
+            Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
