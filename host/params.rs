@@ -7,7 +7,7 @@ use crate::config::{Dtype, MlpKind, MoeConfig, Router};
 use crate::plan::{LayerPlan, TILE_K, TILE_M, TILE_N};
 
 /// `FM_PARAMS_VERSION`.
-pub const PARAMS_VERSION: u32 = 3;
+pub const PARAMS_VERSION: u32 = 4;
 /// `FM_MAX_LAUNCH_RANKS`: ranks one launch can emulate.
 pub const MAX_LAUNCH_RANKS: usize = 8;
 
@@ -249,6 +249,9 @@ pub struct RankParams {
     pub heap: u64,
     pub peers: u64,
     pub workspace: u64,
+    /// This rank's scratch: the offsets `ws_act`, `ws_y`, `ws_shared_act`,
+    /// `ws_shared_out` and `ws_logits` are from its first byte.
+    pub scratch: u64,
     pub x: u64,
     pub out: u64,
     pub w0: u64,

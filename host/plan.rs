@@ -115,8 +115,11 @@ pub struct TileCounts {
 pub struct MemoryFigure {
     /// Symmetric heap.
     pub heap: u64,
-    /// Private workspace.
+    /// Private workspace (control words, queue, routing).
     pub workspace: u64,
+    /// Private scratch (activations, expert outputs, logits): one per rank for all the
+    /// layers of a GPU model, which run one at a time.
+    pub scratch: u64,
     /// Weights of the experts it owns, plus router and shared experts.
     pub weights: u64,
     /// Input and output token buffers.
@@ -126,7 +129,7 @@ pub struct MemoryFigure {
 impl MemoryFigure {
     /// Sum of all parts.
     pub fn total(&self) -> u64 {
-        self.heap + self.workspace + self.weights + self.tokens
+        self.heap + self.workspace + self.scratch + self.weights + self.tokens
     }
 }
 
@@ -135,10 +138,11 @@ impl std::fmt::Display for MemoryFigure {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         write!(
             f,
-            "{:.1} MiB per rank (heap {:.1}, workspace {:.1}, weights {:.1}, tokens {:.1})",
+            "{:.1} MiB per rank (heap {:.1}, workspace {:.1}, scratch {:.1}, weights {:.1}, tokens {:.1})",
             mib(self.total()),
             mib(self.heap),
             mib(self.workspace),
+            mib(self.scratch),
             mib(self.weights),
             mib(self.tokens)
         )
@@ -327,14 +331,25 @@ fn tile_counts(cfg: &MoeConfig, d: &Dims, capacity: usize) -> Result<TileCounts>
     })
 }
 
+/// Bump allocator of one region's aligned sub-regions.
+struct Bump(u64);
+
+impl Bump {
+    fn take(&mut self, what: &str, bytes: u64) -> Result<u64> {
+        let at = self.0;
+        self.0 = align(Sizer::add(what, self.0, bytes)?);
+        Ok(at)
+    }
+}
+
 fn workspace_layout(cfg: &MoeConfig, d: &Dims, tiles: &TileCounts) -> Result<WorkspaceLayout> {
     let (t, k, e, w) = (d.tokens, cfg.top_k as u64, cfg.experts as u64, d.world);
-    let mut off = 0u64;
-    let mut take = |what: &str, bytes: u64| -> Result<u64> {
-        let at = off;
-        off = align(Sizer::add(what, off, bytes)?);
-        Ok(at)
-    };
+    // The control words and per-token routing (per layer: read back after the launch)...
+    let mut control = Bump(0);
+    let mut take = |what: &str, bytes: u64| control.take(what, bytes);
+    // ...and the scratch: what one launch writes then reads (activations, expert outputs,
+    // shared-expert rows, router logits), which a model's layers may share.
+    let mut scratch = Bump(0);
     let epoch = take("epoch", 8)?;
     let status = take("status", 64)?;
     let dropped = take("dropped", 8)?;
@@ -353,10 +368,10 @@ fn workspace_layout(cfg: &MoeConfig, d: &Dims, tiles: &TileCounts) -> Result<Wor
     let pair_base = take("pair bases", 4 * w * d.max_local)?;
     let act_stride_row = cfg.intermediate as u64 * d.es;
     let act_stride_source = Sizer::mul("act source", d.pair_capacity, act_stride_row)?;
-    let act = take("act", Sizer::mul("act", w, act_stride_source)?)?;
+    let act = scratch.take("act", Sizer::mul("act", w, act_stride_source)?)?;
     let y_stride_row = d.hidden * d.es;
     let y_stride_source = Sizer::mul("expert outputs", d.pair_capacity, y_stride_row)?;
-    let y = take(
+    let y = scratch.take(
         "expert outputs",
         Sizer::mul("expert outputs", w, y_stride_source)?,
     )?;
@@ -371,19 +386,19 @@ fn workspace_layout(cfg: &MoeConfig, d: &Dims, tiles: &TileCounts) -> Result<Wor
     let shared_width = cfg.shared.map_or(0, |s| s.count * s.intermediate) as u64;
     let shared_rows = (tiles.shared_row_blocks * TILE_M) as u64;
     let shared_act_stride_row = shared_width * d.es;
-    let shared_act = take(
+    let shared_act = scratch.take(
         "shared act",
         Sizer::mul("shared act", shared_rows, shared_act_stride_row)?,
     )?;
     let shared_out_stride_row = if shared_width > 0 { 4 * d.hidden } else { 0 };
-    let shared_out = take(
+    let shared_out = scratch.take(
         "shared out",
         Sizer::mul("shared out", shared_rows, shared_out_stride_row)?,
     )?;
     let shared_done = take("shared counters", 4 * tiles.shared_row_blocks as u64)?;
     let logits_stride_row = 4 * e.div_ceil(TILE_N as u64) * TILE_N as u64;
     let logit_rows = if cfg.router == Router::Given { 0 } else { t };
-    let logits = take(
+    let logits = scratch.take(
         "router logits",
         Sizer::mul("router logits", logit_rows, logits_stride_row)?,
     )?;
@@ -422,7 +437,8 @@ fn workspace_layout(cfg: &MoeConfig, d: &Dims, tiles: &TileCounts) -> Result<Wor
         logits,
         logits_stride_row,
         phase_times,
-        bytes: off,
+        bytes: control.0,
+        scratch_bytes: scratch.0,
     })
 }
 
@@ -474,13 +490,13 @@ impl LayerPlan {
         self.config.world
     }
 
-    /// Bytes of the workspace's activation region (`workspace.act` onwards): one
+    /// Bytes of the scratch's activation region (`workspace.act` onwards): one
     /// `act_stride_source` block per source rank.
     pub fn act_region_bytes(&self) -> u64 {
         self.workspace.act_stride_source * self.world() as u64
     }
 
-    /// Bytes of the workspace's expert-output region (`workspace.y` onwards): one
+    /// Bytes of the scratch's expert-output region (`workspace.y` onwards): one
     /// `y_stride_source` block per source rank.
     pub fn y_region_bytes(&self) -> u64 {
         self.workspace.y_stride_source * self.world() as u64
@@ -506,6 +522,7 @@ impl LayerPlan {
         MemoryFigure {
             heap: self.heap.bytes,
             workspace: self.workspace.bytes,
+            scratch: self.workspace.scratch_bytes,
             weights: local * per_expert + router + shared,
             tokens: 2 * cfg.tokens as u64 * h * es,
         }

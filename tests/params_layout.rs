@@ -69,7 +69,7 @@ fn rust_structs() -> BTreeMap<&'static str, (usize, Vec<Field>)> {
         ws_logits, ws_logits_stride_row, tile_mode, peer_scope, ws_phase_times,
     );
     let rank = rust_fields!(RankParams;
-        rank, tokens, local_experts, pad0, heap, peers, workspace, x, out, w0, w1,
+        rank, tokens, local_experts, pad0, heap, peers, workspace, scratch, x, out, w0, w1,
         shared_w0, shared_w1, shared_gate, given_ids, given_weights, b0, b1,
     );
     let kernel = rust_fields!(KernelParams; layer, launch_ranks, pad0, rank);

@@ -221,7 +221,11 @@ pub fn model(
     Estimate {
         host,
         ranks,
-        device_per_rank: gpu.then(|| mul(&[plan.memory(0).total(), l])),
+        // Per layer everything but the scratch, which the GPU model's layers share.
+        device_per_rank: gpu.then(|| {
+            let m = plan.memory(0);
+            mul(&[m.total() - m.scratch, l]).saturating_add(m.scratch)
+        }),
     }
     .with_slack(1)
 }
@@ -230,6 +234,19 @@ pub fn model(
 mod tests {
     use super::*;
     use flashmoe::presets;
+
+    #[test]
+    fn a_gpu_model_counts_the_shared_scratch_once() {
+        let mut cfg = presets::preset("qwen3-30b-a3b").unwrap().config;
+        cfg.tokens = 512;
+        let plan = LayerPlan::new(&cfg).unwrap();
+        let m = plan.memory(0);
+        assert!(m.scratch > 0);
+        let one = model(&plan, 1, 0, 0, true).device_per_rank.unwrap();
+        let four = model(&plan, 4, 0, 0, true).device_per_rank.unwrap();
+        assert_eq!(one, m.total());
+        assert_eq!(four, 4 * (m.total() - m.scratch) + m.scratch);
+    }
 
     #[test]
     fn the_wide_tiny_layer_is_estimated_above_what_it_allocates() {

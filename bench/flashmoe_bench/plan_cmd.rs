@@ -38,7 +38,7 @@ pub fn run(a: &PlanArgs) -> Result<()> {
         plan.tiles.gemm1_per_block,
         plan.tiles.max_tasks_per_rank
     );
-    println!("rank  experts  heap        workspace   weights     tokens      total       sent/launch  received/launch  dispatch vs per-expert (uniform routing)");
+    println!("rank  experts  heap        workspace   scratch     weights     tokens      total       sent/launch  received/launch  dispatch vs per-expert (uniform routing)");
     let ranks: Vec<usize> = if cfg.world > 16 && !a.all_ranks {
         vec![0, cfg.world - 1]
     } else {
@@ -48,10 +48,11 @@ pub fn run(a: &PlanArgs) -> Result<()> {
         let m = plan.memory(r);
         let t = plan.traffic_uniform(r);
         println!(
-            "{r:<5} {:<8} {:<11} {:<11} {:<11} {:<11} {:<11} {:<12} {:<16} {:.2}x fewer bytes",
+            "{r:<5} {:<8} {:<11} {:<11} {:<11} {:<11} {:<11} {:<11} {:<12} {:<16} {:.2}x fewer bytes",
             plan.local_experts[r].len(),
             gib(m.heap as f64),
             gib(m.workspace as f64),
+            gib(m.scratch as f64),
             gib(m.weights as f64),
             gib(m.tokens as f64),
             gib(m.total() as f64),

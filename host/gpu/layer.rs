@@ -56,6 +56,7 @@ mod host_io;
 mod nvshmem;
 pub(crate) mod pack;
 mod phases;
+mod scratch;
 mod stages;
 mod status;
 
@@ -63,6 +64,7 @@ pub use grid::{blocks_per_rank, GridShape, Residency};
 pub use nvshmem::{agree, nvshmem_entry_point, NvshmemLayer, NVSHMEM_CUBIN};
 pub use pack::{from_dtype_bytes, pack_rank_experts, to_dtype_bytes, PackedExperts};
 pub use phases::PhaseSplit;
+pub use scratch::Scratch;
 pub use status::{
     describe_wait, is_consequence, wait_budget, LayerStats, StatusContext, STATUS_WORDS,
 };
@@ -279,6 +281,9 @@ pub struct MoeLayer {
     graph: Option<LayerGraph>,
     done: CudaEvent,
     ranks: Vec<RankBuffers>,
+    /// Per launch rank, the launch's transient rows: the layer's own, or one shared with
+    /// the other layers of a GPU model ([`Scratch`]).
+    scratch: Arc<Scratch>,
     tables: Tables,
     func: CudaFunction,
     stream: Arc<CudaStream>,
@@ -359,10 +364,33 @@ impl MoeLayer {
                 "NVSHMEM layers need the world's symmetric heap: use NvshmemLayer::new",
             ));
         }
-        Self::build(stream, plan, weights, world, opts, None)
+        Self::build(stream, plan, weights, world, opts, None, None)
     }
 
-    /// [`MoeLayer::new`] with, for NVSHMEM, the heap, peers and kernel of the world.
+    /// [`MoeLayer::new`] over a scratch shared with other layers, which must never run at
+    /// the same time as this one (the GPU model's layers run in order on one stream).
+    /// Errors as [`MoeLayer::new`], and [`Error::InvalidConfig`] when the scratch serves
+    /// another number of ranks or is smaller than the plan's.
+    pub(crate) fn with_scratch(
+        stream: Arc<CudaStream>,
+        plan: LayerPlan,
+        weights: &LayerWeights,
+        world: GpuWorld,
+        opts: GpuOptions,
+        scratch: Arc<Scratch>,
+    ) -> Result<Self> {
+        if let GpuWorld::Nvshmem { .. } = world {
+            return Err(Error::config(
+                "world",
+                format!("{world:?}"),
+                "a shared scratch is for single and emulated worlds",
+            ));
+        }
+        Self::build(stream, plan, weights, world, opts, None, Some(scratch))
+    }
+
+    /// [`MoeLayer::new`] with, for NVSHMEM, the heap, peers and kernel of the world, and
+    /// optionally a shared scratch.
     fn build(
         stream: Arc<CudaStream>,
         plan: LayerPlan,
@@ -370,6 +398,7 @@ impl MoeLayer {
         world: GpuWorld,
         opts: GpuOptions,
         external: Option<ExternalHeap>,
+        shared_scratch: Option<Arc<Scratch>>,
     ) -> Result<Self> {
         world.check(&plan)?;
         let cfg = plan.config.clone();
@@ -404,6 +433,9 @@ impl MoeLayer {
             }
         }
         let launch_ranks = world.launch_ranks();
+        if let Some(s) = &shared_scratch {
+            s.check(&plan, launch_ranks.len())?;
+        }
         let timeout_ns = u64::try_from(opts.timeout.as_nanos()).unwrap_or(u64::MAX);
         if timeout_ns == 0 {
             return Err(Error::config("GpuOptions::timeout", "0", "must be > 0"));
@@ -415,6 +447,11 @@ impl MoeLayer {
         if external.is_some() {
             // The symmetric heap is already allocated (NVSHMEM's reserved region).
             need = need.saturating_sub(plan.heap.bytes);
+        }
+        if shared_scratch.is_some() {
+            // Already allocated, by the model that shares it.
+            let own: u64 = memory.iter().map(|m| m.scratch).sum();
+            need = need.saturating_sub(own);
         }
         if opts.print_memory {
             for (r, m) in launch_ranks.iter().zip(&memory) {
@@ -604,6 +641,10 @@ impl MoeLayer {
         } else {
             SCOPE_GPU
         };
+        let scratch = match shared_scratch {
+            Some(s) => s,
+            None => Scratch::new(&stream, launch_ranks.len(), plan.workspace.scratch_bytes)?,
+        };
         let mut params = KernelParams {
             layer: layer_params,
             launch_ranks: world.ranks() as u32,
@@ -617,6 +658,7 @@ impl MoeLayer {
                 heap: rb.heap.ptr(),
                 peers: rb.peers.ptr(),
                 workspace: rb.workspace.ptr(),
+                scratch: scratch.rank(g).map_or(0, DeviceBuffer::ptr),
                 w0: rb.w0.ptr(),
                 w1: rb.w1.ptr(),
                 b0: rb.b0.as_ref().map_or(0, DeviceBuffer::ptr),
@@ -640,6 +682,7 @@ impl MoeLayer {
             graph: None,
             done,
             ranks,
+            scratch,
             tables,
             params,
             top_k,
@@ -652,6 +695,16 @@ impl MoeLayer {
     /// The world rank block group `g` of the launch plays.
     fn rank_of(&self, g: usize) -> usize {
         self.params.rank.get(g).map_or(g, |r| r.rank as usize)
+    }
+
+    /// Launch rank `g`'s scratch region.
+    fn scratch_of(&self, g: usize) -> Result<&DeviceBuffer> {
+        self.scratch.rank(g).ok_or_else(|| {
+            Error::input(
+                "rank group",
+                format!("{g} >= the scratch's {} ranks", self.scratch.ranks()),
+            )
+        })
     }
 
     /// The block group of the launch that plays world rank `rank`.

@@ -4,7 +4,10 @@
 //! One [`MoeLayer`] per layer (all in the layers' world:
 //! [`GpuWorld::Single`](crate::gpu::layer::GpuWorld::Single) or
 //! [`GpuWorld::Emulated`](crate::gpu::layer::GpuWorld::Emulated)), the norm weights uploaded once, and per rank an f32 residual
-//! state, a normalised-input buffer and a layer-output buffer reused by every layer. A
+//! state, a normalised-input buffer and a layer-output buffer reused by every layer. The
+//! layers also share one [`Scratch`] per rank (GEMM0 activations, expert outputs, logits:
+//! what a launch writes and then reads), sized for the largest layer, since they run one
+//! at a time: a deep model needs one layer's scratch, not one per layer. A
 //! forward enqueues, per layer: the norm kernel (`kernel/model_ops.cu`), the layer's
 //! cooperative launch, the residual-add kernel, with timing events around each, and
 //! nothing else; the host waits once, at the end, then reads every layer's status
@@ -41,7 +44,7 @@ use crate::config::Dtype;
 use crate::error::{Error, Result};
 use crate::gpu::layer::device_buffers::{cuda, poison, DeviceBuffer};
 use crate::gpu::layer::pack::nan_pattern;
-use crate::gpu::layer::{DeviceRouting, GpuOptions, MoeLayer, RankIo};
+use crate::gpu::layer::{DeviceRouting, GpuOptions, MoeLayer, RankIo, Scratch};
 use crate::model::{LayerStats, ModelLayer};
 use crate::plan::{LayerPlan, TileMode};
 use cudarc::driver::{sys, CudaEvent, CudaStream};
@@ -146,6 +149,35 @@ impl std::fmt::Debug for GpuModel {
     }
 }
 
+/// One scratch for every layer (they run one at a time on the model's stream), sized for
+/// the largest; refused before allocating when the device has not that much free.
+fn shared_scratch(
+    stream: &Arc<CudaStream>,
+    plans: &[LayerPlan],
+    ranks: usize,
+) -> Result<Arc<Scratch>> {
+    let bytes = plans
+        .iter()
+        .map(|p| p.workspace.scratch_bytes)
+        .max()
+        .unwrap_or(0);
+    let need = bytes.saturating_mul(ranks as u64);
+    let (free, _) = stream
+        .context()
+        .mem_get_info()
+        .map_err(cuda("memory info"))?;
+    if need > free as u64 {
+        return Err(Error::PlanTooLarge {
+            what: format!(
+                "the model's shared scratch needs {:.1} MiB ({ranks} rank(s)), {:.1} MiB are free",
+                need as f64 / 1048576.0,
+                free as f64 / 1048576.0
+            ),
+        });
+    }
+    Scratch::new(stream, ranks, bytes)
+}
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -175,18 +207,25 @@ impl GpuModel {
         let ops = ModelOps::load(&ctx)?;
         let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
         let event = || ctx.new_event(timing).map_err(cuda("create event"));
+        let plans = layers
+            .iter()
+            .map(|l| {
+                LayerPlan::new(&l.config)
+                    .map(|p| p.with_tile_mode(opts.tiles))
+                    .map_err(in_layer(l.index))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let scratch = shared_scratch(&stream, &plans, world.ranks())?;
         let mut built = Vec::with_capacity(layers.len());
-        for layer in layers {
+        for (layer, plan) in layers.into_iter().zip(plans) {
             let index = layer.index;
-            let plan = LayerPlan::new(&layer.config)
-                .map_err(in_layer(index))?
-                .with_tile_mode(opts.tiles);
-            let mut moe = MoeLayer::new(
+            let mut moe = MoeLayer::with_scratch(
                 stream.clone(),
                 plan,
                 &layer.weights,
                 world,
                 opts.layer.clone(),
+                Arc::clone(&scratch),
             )
             .map_err(in_layer(index))?;
             moe.set_route_overrides(None, layer.logit_bias.as_deref())

@@ -142,30 +142,14 @@ fn workspace_regions(p: &LayerPlan) -> Vec<Region> {
             "gate hist".into(),
         ),
     ];
-    // Shared-expert regions exist only with shared experts.
-    let srows = (p.tiles.shared_row_blocks * TILE_M) as u64;
     if p.tiles.shared_row_blocks > 0 {
-        v.push((
-            w.shared_act,
-            w.shared_act + srows * w.shared_act_stride_row,
-            "shared act".into(),
-        ));
-        v.push((
-            w.shared_out,
-            w.shared_out + srows * w.shared_out_stride_row,
-            "shared out".into(),
-        ));
         v.push((
             w.shared_done,
             w.shared_done + 4 * p.tiles.shared_row_blocks as u64,
             "shared done".into(),
         ));
     }
-    // Per-pair regions and route arrays are empty when the config has no tokens.
-    if p.pair_capacity > 0 {
-        v.push((w.act, w.act + world * w.act_stride_source, "act".into()));
-        v.push((w.y, w.y + world * w.y_stride_source, "y".into()));
-    }
+    // Route arrays are empty when the config has no tokens.
     if tk > 0 {
         v.push((
             w.route_rank_slots,
@@ -179,6 +163,38 @@ fn workspace_regions(p: &LayerPlan) -> Vec<Region> {
             "route weights".into(),
         ));
         v.push((w.route_slots, w.route_slots + 4 * tk, "route slots".into()));
+    }
+    v
+}
+
+/// The scratch's regions (offsets from the scratch's first byte).
+fn scratch_regions(p: &LayerPlan) -> Vec<Region> {
+    let w = &p.workspace;
+    let c = &p.config;
+    let world = p.world() as u64;
+    let mut v: Vec<Region> = Vec::new();
+    // Shared-expert regions exist only with shared experts.
+    let srows = (p.tiles.shared_row_blocks * TILE_M) as u64;
+    if p.tiles.shared_row_blocks > 0 {
+        v.push((
+            w.shared_act,
+            w.shared_act + srows * w.shared_act_stride_row,
+            "shared act".into(),
+        ));
+        v.push((
+            w.shared_out,
+            w.shared_out + srows * w.shared_out_stride_row,
+            "shared out".into(),
+        ));
+    }
+    // Per-pair regions and logits are empty when the config has no tokens.
+    if p.pair_capacity > 0 {
+        v.push((w.act, w.act + world * w.act_stride_source, "act".into()));
+        v.push((w.y, w.y + world * w.y_stride_source, "y".into()));
+    }
+    if c.tokens > 0 && c.router != Router::Given {
+        let bytes = c.tokens as u64 * w.logits_stride_row;
+        v.push((w.logits, w.logits + bytes, "logits".into()));
     }
     v
 }
@@ -259,6 +275,7 @@ proptest! {
         prop_assert_eq!(w.y_stride_row, (c.hidden * c.dtype.size()) as u64);
         prop_assert_eq!(w.y_stride_source, p.pair_capacity as u64 * w.y_stride_row);
         assert_disjoint(workspace_regions(&p), w.bytes)?;
+        assert_disjoint(scratch_regions(&p), w.scratch_bytes)?;
 
         // Placement: owners and local lists agree with the config's owner map.
         let owner_ranks = c.expert_owners();
@@ -365,7 +382,11 @@ fn memory_figure_of_a_small_layer() {
     // Tokens in and out: 2 * 128 * 64 * 2 B.
     assert_eq!(m.tokens, 32_768);
     assert_eq!(m.workspace, p.workspace.bytes);
-    assert_eq!(m.total(), m.heap + m.workspace + m.weights + m.tokens);
+    assert_eq!(m.scratch, p.workspace.scratch_bytes);
+    assert_eq!(
+        m.total(),
+        m.heap + m.workspace + m.scratch + m.weights + m.tokens
+    );
     // A rank that does not exist owns no experts.
     assert_eq!(p.memory(9).weights, 512 + 16);
 

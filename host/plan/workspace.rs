@@ -1,8 +1,15 @@
-//! Byte layout of one rank's private device workspace.
+//! Byte layout of one rank's private device workspace and scratch.
 
-/// Byte layout of one rank's private device workspace. Per-pair regions are indexed
-/// `[source][pair]`, a source's pairs ordered by (local expert, token) as its metadata
-/// block in the heap lists them.
+/// Byte layout of one rank's private device memory, in two regions:
+/// - the workspace (`bytes`): control words, counters, the task queue and the per-token
+///   routing, which belong to the layer (the host reads them after the launch);
+/// - the scratch (`scratch_bytes`): what one launch writes and then reads (GEMM0
+///   activations, expert outputs, shared-expert rows, router logits). Its offsets (`act`,
+///   `y`, `shared_act`, `shared_out`, `logits`) are from the scratch's first byte. Layers
+///   that never run at the same time may share one scratch (the GPU model does).
+///
+/// Per-pair regions are indexed `[source][pair]`, a source's pairs ordered by (local
+/// expert, token) as its metadata block in the heap lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkspaceLayout {
     /// u64 epoch counter, advanced by the kernel at the end of each launch.
@@ -32,13 +39,14 @@ pub struct WorkspaceLayout {
     pub rank_hist: u64,
     /// u32 [source][max_local]: first pair of each local expert in the source's pairs.
     pub pair_base: u64,
-    /// Activations after GEMM0: [source][pair][intermediate] in the dtype.
+    /// Activations after GEMM0 (scratch): [source][pair][intermediate] in the dtype.
     pub act: u64,
     /// Bytes of one activation row.
     pub act_stride_row: u64,
     /// Bytes of one source's activation rows.
     pub act_stride_source: u64,
-    /// Expert outputs after GEMM1: [source][pair][hidden] in the dtype, before the weights.
+    /// Expert outputs after GEMM1 (scratch): [source][pair][hidden] in the dtype, before
+    /// the weights.
     pub y: u64,
     /// Bytes of one output row.
     pub y_stride_row: u64,
@@ -59,17 +67,17 @@ pub struct WorkspaceLayout {
     pub queue_capacity: u64,
     /// u32 [4]: rank-group barrier count, barrier generation, exit count, shared GEMM1 tiles done.
     pub sync: u64,
-    /// Shared-expert activations: [token row][shared width] in the dtype (0 bytes without shared experts).
+    /// Shared-expert activations (scratch): [token row][shared width] in the dtype (0 bytes without shared experts).
     pub shared_act: u64,
     /// Bytes of one shared activation row.
     pub shared_act_stride_row: u64,
-    /// Shared-expert output: f32 [token row][hidden].
+    /// Shared-expert output (scratch): f32 [token row][hidden].
     pub shared_out: u64,
     /// Bytes of one shared output row.
     pub shared_out_stride_row: u64,
     /// u32 [token row block]: shared GEMM0 tiles finished.
     pub shared_done: u64,
-    /// Router logits, f32 [tokens][logits_stride_row / 4] (expert columns padded to a
+    /// Router logits (scratch), f32 [tokens][logits_stride_row / 4] (expert columns padded to a
     /// multiple of `TILE_N`; 0 bytes with the given router): the gate's tensor-core tiles
     /// write them, its top-k reads them.
     pub logits: u64,
@@ -78,6 +86,8 @@ pub struct WorkspaceLayout {
     /// u64 `[PHASE_MAX_BLOCKS][PHASE_WORDS]`: each block's phase times of the last launch
     /// (device `%globaltimer` ns; see [`super::PHASE_WORDS`]).
     pub phase_times: u64,
-    /// Total bytes.
+    /// Bytes of the workspace.
     pub bytes: u64,
+    /// Bytes of the scratch.
+    pub scratch_bytes: u64,
 }

@@ -175,7 +175,7 @@ impl NvshmemLayer {
             peers: heap.peers().to_vec(),
             func,
         };
-        let built = MoeLayer::build(stream, plan, weights, gpu_world, opts, Some(external));
+        let built = MoeLayer::build(stream, plan, weights, gpu_world, opts, Some(external), None);
         // On failure the heap drops here, on every rank (a collective free, same order).
         let layer = agree(world, "creating the layer", built)?;
         Ok(NvshmemLayer {

@@ -27,8 +27,9 @@ impl MoeLayer {
         let ws = &self.plan.workspace;
         let act_bytes = self.plan.act_region_bytes() as usize;
         let y_bytes = self.plan.y_region_bytes() as usize;
-        for rb in &self.ranks {
-            // SAFETY: every range lies inside this rank's heap and workspace allocations,
+        for (g, rb) in self.ranks.iter().enumerate() {
+            let scratch = self.scratch_of(g)?.ptr();
+            // SAFETY: every range lies inside this rank's heap and scratch allocations,
             // sized by the plan; no launch is in flight (waited for by `stage`).
             unsafe {
                 poison(
@@ -40,14 +41,14 @@ impl MoeLayer {
                 )?;
                 poison(
                     &self.stream,
-                    rb.workspace.ptr() + ws.act,
+                    scratch + ws.act,
                     act_bytes / es,
                     nan_pattern(cfg.dtype),
                     "poison activations",
                 )?;
                 poison(
                     &self.stream,
-                    rb.workspace.ptr() + ws.y,
+                    scratch + ws.y,
                     y_bytes / es,
                     nan_pattern(cfg.dtype),
                     "poison expert outputs",
@@ -104,8 +105,7 @@ impl MoeLayer {
             Region::Y => (ws.y, self.plan.y_region_bytes(), "expert outputs"),
         };
         let mut raw = vec![0u8; bytes as usize];
-        self.ranks[g]
-            .workspace
+        self.scratch_of(g)?
             .download(&self.stream, at as usize, &mut raw, what)?;
         Ok(raw)
     }

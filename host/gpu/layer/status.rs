@@ -159,6 +159,7 @@ pub fn null_pointer_name(observed: u64) -> &'static str {
         6 => "shared_w0 / shared_w1",
         7 => "shared_gate",
         8 => "heap / peers / workspace",
+        9 => "scratch",
         _ => "unknown pointer",
     }
 }

@@ -115,7 +115,7 @@ __device__ FM_PHASE void combine_tokens(const Ctx& c) {
     const uint64_t row_bytes = uint64_t(L.hidden) * sizeof(typename D::T);
     const uint32_t nvec = L.hidden / V;
     const bool shared = L.shared_width != 0;
-    const char* so_base = c.ws + L.ws_shared_out;
+    const char* so_base = c.scratch() + L.ws_shared_out;
     for (uint32_t t = c.blk * kWarps + warp; t < R.tokens; t += c.nblk * kWarps) {
         uint64_t offs[kMaxTopK];
         partials(c, t, offs);

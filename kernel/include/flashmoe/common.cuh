@@ -156,6 +156,9 @@ struct Ctx {
     char* smem;         // dynamic shared memory after Misc
     Misc* misc;
 
+    // The launch's transient rows (ws_act, ws_y, ws_shared_*, ws_logits are offsets from
+    // here): read from the parameters on use rather than held in a register.
+    __device__ char* scratch() const { return reinterpret_cast<char*>(R->scratch); }
     __device__ uint64_t* status() const { return reinterpret_cast<uint64_t*>(ws + L->ws_status); }
     __device__ uint32_t* sync() const { return reinterpret_cast<uint32_t*>(ws + L->ws_sync); }
     __device__ uint32_t* queue_ctl() const { return reinterpret_cast<uint32_t*>(ws + L->ws_queue_ctl); }

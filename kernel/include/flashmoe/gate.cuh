@@ -74,7 +74,7 @@ __device__ FM_PHASE void router_tiles(const Ctx& c) {
         t.b1 = nullptr;
         t.b_stride = w_row_bytes;
         t.k = L.hidden;
-        t.out = c.ws + L.ws_logits + uint64_t(rb) * kTileM * L.ws_logits_stride_row +
+        t.out = c.scratch() + L.ws_logits + uint64_t(rb) * kTileM * L.ws_logits_stride_row +
                 uint64_t(n) * kTileN * 4;
         t.out_stride = L.ws_logits_stride_row;
         t.out_rows = t.a_rows;
@@ -337,7 +337,7 @@ __device__ FM_PHASE bool gate_chunk(const Ctx& c, uint32_t chunk) {
     } else {
         // One token at a time per warp: its logits row (router_tiles) + logit_bias into the
         // warp's scratch, then the router's selection.
-        const float* logits = reinterpret_cast<const float*>(c.ws + L.ws_logits);
+        const float* logits = reinterpret_cast<const float*>(c.scratch() + L.ws_logits);
         const uint64_t lstride = L.ws_logits_stride_row / 4;
         const float* lb = reinterpret_cast<const float*>(L.logit_bias);
         for (uint32_t t = t_begin; t < t_end; ++t) {

@@ -106,6 +106,7 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
     if (L.shared_width != 0 && (R.shared_w0 == 0 || R.shared_w1 == 0)) return bad(14, 1, 6);
     if (L.shared_width != 0 && L.shared_gated && R.shared_gate == 0) return bad(14, 1, 7);
     if (R.heap == 0 || R.peers == 0 || R.workspace == 0) return bad(14, 1, 8);
+    if (R.scratch == 0) return bad(14, 1, 9);
     return 0;
 }
 

@@ -12,7 +12,7 @@
 
 #include <stdint.h>
 
-#define FM_PARAMS_VERSION 3u
+#define FM_PARAMS_VERSION 4u
 // Ranks one launch can emulate (block groups acting as ranks on one GPU).
 #define FM_MAX_LAUNCH_RANKS 8
 // fault_silent_rank value meaning no fault is injected.
@@ -192,10 +192,10 @@ typedef struct FmLayerParams {
     uint64_t ws_gate_hist;       // u32 [token chunks][experts]
     uint64_t ws_rank_hist;       // u32 [token chunks][world]: tokens with a choice on each rank
     uint64_t ws_pair_base;       // u32 [source][max_local]: first pair of each local expert
-    uint64_t ws_act;             // dtype [source][pair][intermediate]
+    uint64_t ws_act;             // dtype [source][pair][intermediate] (scratch)
     uint64_t ws_act_stride_row;
     uint64_t ws_act_stride_source;
-    uint64_t ws_y;               // dtype [source][pair][hidden]: expert outputs before the weights
+    uint64_t ws_y;               // dtype [source][pair][hidden]: expert outputs before the weights (scratch)
     uint64_t ws_y_stride_row;
     uint64_t ws_y_stride_source;
     uint64_t ws_gemm0_done;      // u32 [source][local expert][row block]
@@ -205,9 +205,9 @@ typedef struct FmLayerParams {
     uint64_t ws_queue;
     uint64_t ws_queue_capacity;
     uint64_t ws_sync;            // u32[4]: barrier count, barrier generation, exit count, shared GEMM1 done
-    uint64_t ws_shared_act;      // dtype [token row][shared_width]
+    uint64_t ws_shared_act;      // dtype [token row][shared_width] (scratch)
     uint64_t ws_shared_act_stride_row;
-    uint64_t ws_shared_out;      // f32 [token row][hidden]
+    uint64_t ws_shared_out;      // f32 [token row][hidden] (scratch)
     uint64_t ws_shared_out_stride_row;
     uint64_t ws_shared_done;     // u32 [token row block]
     uint64_t ws_bytes;
@@ -237,7 +237,7 @@ typedef struct FmLayerParams {
     float mlp_limit;             // FM_MLP_CLAMPED_SWIGLU's limit (0 otherwise)
     float mlp_up_offset;         // FM_MLP_CLAMPED_SWIGLU's offset on up: 1 gpt-oss, 0 DeepSeek-V4
     uint32_t pad3;
-    uint64_t ws_logits;          // f32 [tokens][ws_logits_stride_row / 4]: router logits (expert
+    uint64_t ws_logits;          // (scratch) f32 [tokens][ws_logits_stride_row / 4]: router logits (expert
                                  // columns padded to a multiple of tile_n), unused by the given router
     uint64_t ws_logits_stride_row;
     uint32_t tile_mode;          // FM_TILES_*: the tile rule of the routed GEMM tiles
@@ -254,6 +254,7 @@ typedef struct FmRankParams {
     uint64_t heap;               // this rank's symmetric heap
     uint64_t peers;              // u64 [world]: every peer's heap as this rank can store to it, 0 if unreachable
     uint64_t workspace;          // this rank's private workspace
+    uint64_t scratch;            // this rank's scratch (ws_act, ws_y, ws_shared_*, ws_logits are from here)
     uint64_t x;                  // dtype [tokens][hidden]
     uint64_t out;                // dtype [tokens][hidden]
     uint64_t w0;                 // dtype [local_experts][gemm0 width][hidden]; gated: gate rows then up rows

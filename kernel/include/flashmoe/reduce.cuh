@@ -38,7 +38,7 @@ __device__ FM_PHASE bool reduce_tile(const Ctx& c, uint32_t s, uint32_t trb, uin
     const uint32_t pairs = source_pairs(c, s);
     const Meta m = recv_meta(c, s);
     const bool unit_weight = L.router == FM_ROUTER_SIGMOID_INPUT;
-    const char* y = c.ws + L.ws_y + s * L.ws_y_stride_source + uint64_t(nt) * kTileN * es;
+    const char* y = c.scratch() + L.ws_y + s * L.ws_y_stride_source + uint64_t(nt) * kTileN * es;
     bool bad = false;
     for (int i = threadIdx.x; i < kTileM * kPerRow; i += kThreads) {
         const uint32_t q = trb * kTileM + uint32_t(i / kPerRow);

@@ -269,7 +269,7 @@ __device__ FM_PHASE bool run_gemm0(const Ctx& c, uint32_t idx) {
     t.b1 = w0 + (uint64_t(I) + nt * kTileN) * H * es;
     t.b_stride = H * es;
     t.k = H;
-    t.out = c.ws + L.ws_act + u.s * L.ws_act_stride_source + uint64_t(u.p0) * L.ws_act_stride_row +
+    t.out = c.scratch() + L.ws_act + u.s * L.ws_act_stride_source + uint64_t(u.p0) * L.ws_act_stride_row +
             uint64_t(nt) * kTileN * es;
     t.out_stride = L.ws_act_stride_row;
     t.out_rows = u.rows;
@@ -299,7 +299,7 @@ __device__ FM_PHASE bool run_gemm1(const Ctx& c, uint32_t idx) {
     const uint32_t unit = idx / g1, nt = idx % g1;
     const Unit u = unit_of(c, unit);
     TileArgs t;
-    t.a = c.ws + L.ws_act + u.s * L.ws_act_stride_source + uint64_t(u.p0) * L.ws_act_stride_row;
+    t.a = c.scratch() + L.ws_act + u.s * L.ws_act_stride_source + uint64_t(u.p0) * L.ws_act_stride_row;
     t.a_stride = L.ws_act_stride_row;
     t.a_rows = u.rows;
     t.gather = nullptr;
@@ -308,7 +308,7 @@ __device__ FM_PHASE bool run_gemm1(const Ctx& c, uint32_t idx) {
     t.b1 = nullptr;
     t.b_stride = I * es;
     t.k = I;
-    t.out = c.ws + L.ws_y + u.s * L.ws_y_stride_source + uint64_t(u.p0) * L.ws_y_stride_row +
+    t.out = c.scratch() + L.ws_y + u.s * L.ws_y_stride_source + uint64_t(u.p0) * L.ws_y_stride_row +
             uint64_t(nt) * kTileN * es;
     t.out_stride = L.ws_y_stride_row;
     t.out_rows = u.rows;
@@ -356,7 +356,7 @@ __device__ FM_PHASE bool run_shared(const Ctx& c, uint32_t idx) {
     const uint32_t j = gemm0 ? idx : idx - first_g1, per = gemm0 ? sg0 : g1;
     const uint32_t rb = j / per, nt = j % per;
     const uint32_t valid = min_u32(kTileM, R.tokens - rb * kTileM);
-    char* sact = c.ws + L.ws_shared_act + uint64_t(rb) * kTileM * L.ws_shared_act_stride_row;
+    char* sact = c.scratch() + L.ws_shared_act + uint64_t(rb) * kTileM * L.ws_shared_act_stride_row;
     const Clamp clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset};
     TileArgs t;
     t.a_rows = valid;
@@ -393,7 +393,7 @@ __device__ FM_PHASE bool run_shared(const Ctx& c, uint32_t idx) {
         t.b1 = nullptr;
         t.b_stride = SW * es;
         t.k = SW;
-        t.out = c.ws + L.ws_shared_out + uint64_t(rb) * kTileM * L.ws_shared_out_stride_row +
+        t.out = c.scratch() + L.ws_shared_out + uint64_t(rb) * kTileM * L.ws_shared_out_stride_row +
                 uint64_t(nt) * kTileN * 4;
         t.out_stride = L.ws_shared_out_stride_row;
         run_tile<D, kEpiStoreF32>(t, c.smem, L.mlp, clamp);
