@@ -357,6 +357,21 @@ impl MoeLayer {
         world: GpuWorld,
         opts: GpuOptions,
     ) -> Result<Self> {
+        Self::with_scratch(stream, plan, weights, world, opts, None)
+    }
+
+    /// [`MoeLayer::new`], over `scratch` when given: a scratch shared with other layers,
+    /// which must never run at the same time as this one (the GPU model's layers run in
+    /// order on one stream). Errors as [`MoeLayer::new`], and [`Error::InvalidConfig`]
+    /// when the scratch serves another number of ranks or is smaller than the plan's.
+    pub(crate) fn with_scratch(
+        stream: Arc<CudaStream>,
+        plan: LayerPlan,
+        weights: &LayerWeights,
+        world: GpuWorld,
+        opts: GpuOptions,
+        scratch: Option<Arc<Scratch>>,
+    ) -> Result<Self> {
         if let GpuWorld::Nvshmem { .. } = world {
             return Err(Error::config(
                 "world",
@@ -364,29 +379,7 @@ impl MoeLayer {
                 "NVSHMEM layers need the world's symmetric heap: use NvshmemLayer::new",
             ));
         }
-        Self::build(stream, plan, weights, world, opts, None, None)
-    }
-
-    /// [`MoeLayer::new`] over a scratch shared with other layers, which must never run at
-    /// the same time as this one (the GPU model's layers run in order on one stream).
-    /// Errors as [`MoeLayer::new`], and [`Error::InvalidConfig`] when the scratch serves
-    /// another number of ranks or is smaller than the plan's.
-    pub(crate) fn with_scratch(
-        stream: Arc<CudaStream>,
-        plan: LayerPlan,
-        weights: &LayerWeights,
-        world: GpuWorld,
-        opts: GpuOptions,
-        scratch: Arc<Scratch>,
-    ) -> Result<Self> {
-        if let GpuWorld::Nvshmem { .. } = world {
-            return Err(Error::config(
-                "world",
-                format!("{world:?}"),
-                "a shared scratch is for single and emulated worlds",
-            ));
-        }
-        Self::build(stream, plan, weights, world, opts, None, Some(scratch))
+        Self::build(stream, plan, weights, world, opts, None, scratch)
     }
 
     /// [`MoeLayer::new`] with, for NVSHMEM, the heap, peers and kernel of the world, and

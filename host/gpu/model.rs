@@ -225,7 +225,7 @@ impl GpuModel {
                 &layer.weights,
                 world,
                 opts.layer.clone(),
-                Arc::clone(&scratch),
+                Some(Arc::clone(&scratch)),
             )
             .map_err(in_layer(index))?;
             moe.set_route_overrides(None, layer.logit_bias.as_deref())
