@@ -54,6 +54,9 @@ constexpr uint32_t kMaxExperts = 1024;  // == MAX_EXPERTS (top-k keeps a 32-bit 
 constexpr int kMiscBytes = 256;         // block-private scalars at the start of dynamic smem
 constexpr int kGateChunk = FM_GATE_CHUNK;
 constexpr uint32_t kMaxWorld = 1024;    // == MAX_WORLD in host/config.rs
+// == MAX_DIM in host/config.rs: the largest hidden / intermediate. The prefill tile's loader
+// keeps B row offsets in 32 bits (64 rows x 65536 x 4 bytes = 16 MiB).
+constexpr uint32_t kMaxDim = 65536;
 // The scheduler polls one dispatch signal per source and keeps the ones it has seen in one
 // 64-bit mask per thread: source s is bit s / kThreads of thread s % kThreads.
 static_assert(kMaxWorld <= 64u * kThreads, "the scheduler's seen-mask must cover every source");

@@ -20,13 +20,6 @@
 
 namespace fm {
 
-// The tile rule of params.h, as the host evaluates it (host/plan/tile_rule.rs): the N of
-// the decode tile for a block of `rows` rows, or 0 for the classic tile.
-__device__ __forceinline__ uint32_t decode_tokens(const FmLayerParams& L, uint32_t rows) {
-    if (L.tile_mode != FM_TILES_AUTO || L.dtype == FM_DTYPE_F32 || rows > FM_DECODE_MAX_ROWS) return 0;
-    return rows <= 8 ? 8u : rows <= 16 ? 16u : 32u;
-}
-
 constexpr int kDecodeMaxN = FM_DECODE_MAX_ROWS;
 constexpr int kDecodeNBlocks = kDecodeMaxN / 8;  // n8 blocks of the accumulator
 constexpr int kDecodeCStride = kTileN + 4;       // f32 staging row of one token (pad: banks)

@@ -65,6 +65,8 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
     if (L.hidden == 0 || L.hidden % kTileN || L.intermediate == 0 || L.intermediate % kTileN ||
         L.shared_width % kTileN)
         return bad(2, kTileN, L.hidden % kTileN ? L.hidden : L.intermediate);
+    if (L.hidden > kMaxDim || L.intermediate > kMaxDim)
+        return bad(2, kMaxDim, L.hidden > kMaxDim ? L.hidden : L.intermediate);
     // gemm0_done has row_blocks counters per (source, local expert): they must cover capacity.
     if (L.capacity == 0 || uint64_t(L.row_blocks) * kTileM < L.capacity)
         return bad(2, kTileM, (uint64_t(L.row_blocks) << 32) | L.capacity);

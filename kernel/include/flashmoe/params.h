@@ -110,9 +110,11 @@
 // pairs of one source and local expert; the task decomposition never depends on it).
 // FM_TILES_AUTO: a block of rows <= FM_DECODE_MAX_ROWS in bf16/f16 is computed by the decode
 // tile (weights as the mma M operand: the tile's 64 output columns; tokens as N = the rows
-// rounded up to 8, 16 or 32), every other block by the classic 64x64 tile (tokens as M).
-// FM_TILES_CLASSIC: every block classic. Evaluated per task from the block's row count by
-// fm::tile_for (gemm.cuh) and by the host (host/plan/tile_rule.rs), identically.
+// rounded up to 8, 16 or 32), a longer bf16/f16 block by the prefill tile (tokens as M, 64x64,
+// larger warp tiles with K split between warps: gemm_prefill.cuh), every f32 block by the
+// classic 64x64 tile (tokens as M). FM_TILES_CLASSIC: every block classic. Evaluated per
+// task from the block's row count by fm::tile_for (tile_rule.cuh) and by the host
+// (host/plan/tile_rule.rs), identically.
 #define FM_TILES_AUTO 0u
 #define FM_TILES_CLASSIC 1u
 #define FM_DECODE_MAX_ROWS 32

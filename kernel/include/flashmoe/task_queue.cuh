@@ -20,9 +20,11 @@
 #include "flashmoe/common.cuh"
 #include "flashmoe/gemm.cuh"
 #include "flashmoe/gemm_decode.cuh"
+#include "flashmoe/gemm_prefill.cuh"
 #include "flashmoe/phases.cuh"
 #include "flashmoe/reduce.cuh"
 #include "flashmoe/sync.cuh"
+#include "flashmoe/tile_rule.cuh"
 #include "flashmoe/transport.cuh"
 
 namespace fm {
@@ -235,13 +237,19 @@ __device__ __forceinline__ bool gemm0_finished(const Ctx& c, uint32_t idx) {
     return block_bcast(c, threadIdx.x == 0 ? ok : true);
 }
 
-// A routed GEMM tile with the shape the tile rule gives its block (params.h FM_TILES_AUTO):
-// the decode tile for a short bf16/f16 block, else the classic one.
+// A routed GEMM tile with the shape the tile rule gives its block (params.h FM_TILES_AUTO,
+// tile_rule.cuh): under auto, the decode tile for a short bf16/f16 block and the prefill tile
+// for a longer one; the classic tile for f32 and under FM_TILES_CLASSIC.
 template <class D, int kEpi>
 __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, const Clamp& clamp) {
     if constexpr (D::kTensorCore) {
-        if (const uint32_t n = decode_tokens(*c.L, t.a_rows); n != 0) {
-            run_decode_tile<D, kEpi>(t, n, c.smem, c.L->mlp, clamp);
+        const TileChoice tc = tile_for(*c.L, t.a_rows);
+        if (tc.kind == kTileDecode) {
+            run_decode_tile<D, kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);
+            return;
+        }
+        if (tc.kind == kTilePrefill) {
+            run_prefill_tile<D, kEpi>(t, c.smem, c.L->mlp, clamp);
             return;
         }
     }
