@@ -137,7 +137,7 @@ struct Misc {
     int flag;                 // block-wide broadcast of a decision of thread 0
     uint32_t task;            // task taken by thread 0
     uint32_t state;           // state of the task take
-    uint32_t pad;
+    uint32_t ticket;          // next queue ticket, taken ahead by a tile (kNoTicket: none)
     unsigned long long sum;   // block reductions
     unsigned long long mark;  // phase times: %globaltimer at the last lap (thread 0)
     unsigned long long phase[FM_PHASE_WORDS];  // this block's phase times (phases.cuh)

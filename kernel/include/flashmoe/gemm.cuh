@@ -41,6 +41,28 @@ struct TileArgs {
     const float* bias1;  // f32 bias of the 64 up columns when gated, or nullptr
 };
 
+// Ticket prefetch (task_queue.cuh): the queue's control words (u32 tail, u32 head) and the
+// block's Misc::ticket; ctl nullptr: none. Passed to the decode and prefill tiles only (the
+// classic tile stays the path before the rule).
+struct TicketPrefetch {
+    uint32_t* ctl;
+    uint32_t* slot;
+};
+
+// Thread 0 of a tile whose first stages are in flight: takes the block's next queue ticket
+// now, so the atomic's round trip overlaps the loads every warp waits for at the first K
+// step instead of following the tile. Only when entries are reserved beyond the head
+// (tail > head, one relaxed load): then no block is waiting for a ticket, and the one taken
+// is one a producer is publishing; a ticket taken while others idle would hold a task back
+// for the rest of this tile. Waits for nothing (take_task waits for the entry later).
+__device__ __forceinline__ void prefetch_ticket(const TicketPrefetch& p) {
+    if (p.ctl == nullptr || threadIdx.x != 0) return;
+    uint64_t th;
+    asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(th) : "l"(p.ctl) : "memory");
+    const uint32_t tail = uint32_t(th), head = uint32_t(th >> 32);
+    if (int32_t(tail - head) > 0) *p.slot = atomicAdd(p.ctl + 1, 1u);
+}
+
 constexpr int kCStride = kTileN + 4;  // f32 staging row (pad: fewer bank conflicts)
 static_assert(kTileM * kCStride * 4 <= kArenaBytes<Dt<FM_DTYPE_BF16>> &&
                   kTileM * kCStride * 4 <= kArenaBytes<Dt<FM_DTYPE_F32>>,

@@ -13,7 +13,9 @@
 // waits, every published entry has been taken and run to completion (running a task waits
 // for nothing). The only producers left are then the scheduler, which waits only for
 // dispatch signals of other ranks (sent before those ranks wait on anything of this rank),
-// and nothing else: the set of waits is acyclic. Every wait also has a deadline.
+// and nothing else: the set of waits is acyclic. Every wait also has a deadline. A block may
+// take its next ticket ahead while a decode or prefill tile loads (prefetch_ticket,
+// gemm.cuh); it still waits for that ticket's entry only after the tile's task is done.
 #ifndef FLASHMOE_TASK_QUEUE_CUH
 #define FLASHMOE_TASK_QUEUE_CUH
 
@@ -240,16 +242,19 @@ __device__ __forceinline__ bool gemm0_finished(const Ctx& c, uint32_t idx) {
 // A routed GEMM tile with the shape the tile rule gives its block (params.h FM_TILES_AUTO,
 // tile_rule.cuh): under auto, the decode tile for a short bf16/f16 block and the prefill tile
 // for a longer one; the classic tile for f32 and under FM_TILES_CLASSIC.
+// The decode and prefill tiles take the block's next ticket while their first stages load
+// (prefetch_ticket, gemm.cuh; take_task uses it).
 template <class D, int kEpi>
 __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, const Clamp& clamp) {
     if constexpr (D::kTensorCore) {
         const TileChoice tc = tile_for(*c.L, t.a_rows);
+        const TicketPrefetch tp{c.queue_ctl(), &c.misc->ticket};
         if (tc.kind == kTileDecode) {
-            run_decode_tile<D, kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);
+            run_decode_tile<D, kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp, tp);
             return;
         }
         if (tc.kind == kTilePrefill) {
-            run_prefill_tile<D, kEpi>(t, c.smem, c.L->mlp, clamp);
+            run_prefill_tile<D, kEpi>(t, c.smem, c.L->mlp, clamp, tp);
             return;
         }
     }
@@ -430,9 +435,13 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
 }
 
 enum TakeState : uint32_t { kTakeTask = 1, kTakeDone = 2, kTakeStop = 3 };
+constexpr uint32_t kNoTicket = 0xFFFFFFFFu;  // Misc::ticket: no ticket taken ahead
 
-// Thread 0 takes the next ticket and waits for its entry or for the end of the queue;
-// the outcome goes to Misc (task, state).
+// Thread 0 takes the next ticket (the one its last tile took ahead, if any) and waits for its
+// entry or for the end of the queue; the outcome goes to Misc (task, state). A ticket taken
+// ahead changes nothing in the protocol: tickets are still taken in order, and the wait for
+// an entry still happens only while the block holds no task (the tile that took it has
+// finished), so the deadlock argument at the top of this file holds as is.
 __device__ FM_PHASE void take_task(const Ctx& c) {
     // Review fix: wait_until() looks at the abort flag only while its probe fails, so a rank
     // that had already failed kept running every task whose entry was ready (GEMMs, remote
@@ -443,7 +452,9 @@ __device__ FM_PHASE void take_task(const Ctx& c) {
         return;
     }
     const uint64_t cap = c.L->ws_queue_capacity;
-    const uint32_t ticket = atomicAdd(c.queue_ctl() + 1, 1u);
+    const uint32_t ahead = c.misc->ticket;
+    c.misc->ticket = kNoTicket;
+    const uint32_t ticket = ahead != kNoTicket ? ahead : atomicAdd(c.queue_ctl() + 1, 1u);
     uint32_t task = 0, state = 0;
     const bool ok = wait_until(
         c, [&](uint64_t& seen) {
@@ -472,6 +483,7 @@ __device__ FM_PHASE void take_task(const Ctx& c) {
 // Returns false on error (block-uniform).
 template <class D>
 __device__ FM_PHASE bool process_tasks(const Ctx& c) {
+    if (threadIdx.x == 0) c.misc->ticket = kNoTicket;  // thread 0 alone reads and writes it
     while (true) {
         if (threadIdx.x == 0) {
             take_task(c);
