@@ -141,8 +141,17 @@ struct Misc {
     unsigned long long sum;   // block reductions
     unsigned long long mark;  // phase times: %globaltimer at the last lap (thread 0)
     unsigned long long phase[FM_PHASE_WORDS];  // this block's phase times (phases.cuh)
+    uint32_t* queue_ctl;      // the rank's queue control words (u32 tail, u32 head) for
+                              // prefetch_ticket; set by process_tasks (thread 0)
 };
 static_assert(sizeof(Misc) <= kMiscBytes, "Misc must fit its reserved bytes");
+
+// This block's Misc (the start of dynamic shared memory; layer() names the same array): for
+// code that reaches it without a Ctx and without keeping a pointer live.
+__device__ __forceinline__ Misc* block_misc() {
+    extern __shared__ __align__(128) char smem_raw[];
+    return reinterpret_cast<Misc*>(smem_raw);
+}
 
 // Everything a block knows about the rank it plays.
 struct Ctx {
@@ -210,6 +219,26 @@ struct Ctx {
 };
 
 __device__ __forceinline__ uint32_t min_u32(uint32_t a, uint32_t b) { return a < b ? a : b; }
+
+// threadIdx.x for the per-thread indices of the f32 tiles (kOpaque: the layer is f32). In
+// the NVSHMEM build every phase is inlined into the entry point, so the task loop's body holds
+// whole tiles, and the FFMA tile's indices derived from threadIdx alone (loader slots,
+// epilogue coordinates and store offsets) are loop-invariant: the compiler hoists them out
+// of the task loop, keeps them live across every tile and spills them (104 bytes stored, 344
+// loaded). Read through volatile asm there, they are recomputed where they are used (a few
+// integer instructions per tile). Elsewhere (the P2P build, the bf16/f16 layers, whose
+// register allocation these reads only made worse) it is threadIdx.x.
+template <bool kOpaque>
+__device__ __forceinline__ uint32_t tile_tid() {
+#ifdef FM_NVSHMEM
+    if constexpr (kOpaque) {
+        uint32_t t;
+        asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+        return t;
+    }
+#endif
+    return threadIdx.x;
+}
 
 }  // namespace fm
 

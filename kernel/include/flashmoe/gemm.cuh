@@ -41,26 +41,23 @@ struct TileArgs {
     const float* bias1;  // f32 bias of the 64 up columns when gated, or nullptr
 };
 
-// Ticket prefetch (task_queue.cuh): the queue's control words (u32 tail, u32 head) and the
-// block's Misc::ticket; ctl nullptr: none. Passed to the decode and prefill tiles only (the
-// classic tile stays the path before the rule).
-struct TicketPrefetch {
-    uint32_t* ctl;
-    uint32_t* slot;
-};
-
 // Thread 0 of a tile whose first stages are in flight: takes the block's next queue ticket
 // now, so the atomic's round trip overlaps the loads every warp waits for at the first K
 // step instead of following the tile. Only when entries are reserved beyond the head
 // (tail > head, one relaxed load): then no block is waiting for a ticket, and the one taken
 // is one a producer is publishing; a ticket taken while others idle would hold a task back
 // for the rest of this tile. Waits for nothing (take_task waits for the entry later).
-__device__ __forceinline__ void prefetch_ticket(const TicketPrefetch& p) {
-    if (p.ctl == nullptr || threadIdx.x != 0) return;
+// The queue and the ticket live in Misc (Misc::queue_ctl, Misc::ticket), read here rather
+// than passed in: nothing of it stays live across the tile's prologue. Only the decode and
+// prefill tiles call it (the classic tile stays the path before the tile rule).
+__device__ __forceinline__ void prefetch_ticket() {
+    if (threadIdx.x != 0) return;
+    Misc* m = block_misc();
+    uint32_t* ctl = m->queue_ctl;
     uint64_t th;
-    asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(th) : "l"(p.ctl) : "memory");
+    asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(th) : "l"(ctl) : "memory");
     const uint32_t tail = uint32_t(th), head = uint32_t(th >> 32);
-    if (int32_t(tail - head) > 0) *p.slot = atomicAdd(p.ctl + 1, 1u);
+    if (int32_t(tail - head) > 0) m->ticket = atomicAdd(ctl + 1, 1u);
 }
 
 constexpr int kCStride = kTileN + 4;  // f32 staging row (pad: fewer bank conflicts)
@@ -225,9 +222,10 @@ __device__ __forceinline__ void mma_mainloop(const TileArgs& t, char* arena, flo
 }
 
 // Output coordinates of accumulator element [g][q] of this thread (both paths).
-template <bool kTensorCore>
+// kF32Layer: tile_tid (common.cuh).
+template <bool kTensorCore, bool kF32Layer>
 __device__ __forceinline__ void acc_coord(int g, int q, int& row, int& col) {
-    const int tid = threadIdx.x;
+    const int tid = tile_tid<kF32Layer>();
     if constexpr (kTensorCore) {
         const int warp = tid / 32, lane = tid % 32;
         row = (warp % 4) * 16 + lane / 4 + (q >= 2 ? 8 : 0);
@@ -265,8 +263,9 @@ struct F32Prefetch {
 // that the transposing shared stores of a warp hit consecutive banks). The row is the same
 // for every i (tid % 64): one A row pointer per thread.
 static_assert(kThreads % kTileM == 0, "an f32 loader thread keeps one A row for all its float4s");
+template <bool kF32Layer>
 __device__ __forceinline__ void f32_slot(int i, int& r, int& k4) {
-    const int idx = threadIdx.x + i * kThreads;
+    const int idx = tile_tid<kF32Layer>() + i * kThreads;
     r = idx % 64;
     k4 = (idx / 64) * 4;
 }
@@ -276,12 +275,13 @@ __device__ __forceinline__ void f32_slot(int i, int& r, int& k4) {
 template <bool kGated, class DA>
 __device__ __forceinline__ void f32_fetch(const TileArgs& t, uint32_t arow, uint32_t kc,
                                           F32Prefetch<kGated>& p) {
+    constexpr bool kF32Layer = DA::kCode == FM_DTYPE_F32;
     constexpr uint64_t kAes = sizeof(typename DA::T);
     const uint64_t koff = uint64_t(kc) * kTileK * 4;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         int r, k4;
-        f32_slot(i, r, k4);
+        f32_slot<kF32Layer>(i, r, k4);
         if constexpr (kAes == 4) {
             p.a[i] = arow != ~0u ? *reinterpret_cast<const float4*>(t.a + arow * t.a_stride + koff + k4 * 4)
                                  : make_float4(0.f, 0.f, 0.f, 0.f);
@@ -305,12 +305,13 @@ __device__ __forceinline__ void f32_put(float* s, int r, int k4, float4 v) {
 
 template <bool kGated, class DA>
 __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, float (&acc)[2][4][4]) {
+    constexpr bool kF32Layer = DA::kCode == FM_DTYPE_F32;
     float* As = reinterpret_cast<float*>(arena);
     float* Bg = As + kTileK * kLdF;
     float* Bu = Bg + kTileK * kLdF;
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int tx = tile_tid<kF32Layer>() % 16, ty = tile_tid<kF32Layer>() / 16;
     const uint32_t nk = t.k / kTileK;
-    const uint32_t r = threadIdx.x % kTileM;
+    const uint32_t r = tile_tid<kF32Layer>() % kTileM;
     const uint32_t arow = r < t.a_rows ? (t.gather ? t.gather[r] : r) : ~0u;  // heap: no __ldg
     for (uint32_t kc = 0; kc < nk; ++kc) {
         // All loads of the step are issued before the first shared store (12 x 16 bytes in
@@ -322,7 +323,7 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             int r, k4;
-            f32_slot(i, r, k4);
+            f32_slot<kF32Layer>(i, r, k4);
             f32_put(As, r, k4, p.a[i]);
             f32_put(Bg, r, k4, p.bg[i]);
             if constexpr (kGated) f32_put(Bu, r, k4, p.bu[i]);
@@ -355,6 +356,7 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
 // DA: the A element type of the FFMA path (D's own unless a router tile widens the dtype).
 template <class D, int kEpi, class DA = D>
 __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, const Clamp& k) {
+    constexpr bool kF32Layer = DA::kCode == FM_DTYPE_F32;  // tile_tid (common.cuh)
     static_assert(!D::kTensorCore || sizeof(typename DA::T) == sizeof(typename D::T),
                   "the tensor-core path reads A and B in the same dtype");
     constexpr bool kGated = kEpi == kEpiActGated;
@@ -377,7 +379,7 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             int row, col;
-            acc_coord<D::kTensorCore>(g, q, row, col);
+            acc_coord<D::kTensorCore, kF32Layer>(g, q, row, col);
             float v = acc[0][g][q];
             if (t.bias0) v += t.bias0[col];
             if constexpr (kEpi == kEpiActGated) {
@@ -390,7 +392,7 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
     }
     __syncthreads();
     if constexpr (kEpi == kEpiStoreF32) {
-        for (int i = threadIdx.x; i < kTileM * (kTileN / 4); i += kThreads) {
+        for (int i = tile_tid<kF32Layer>(); i < kTileM * (kTileN / 4); i += kThreads) {
             const int r = i / (kTileN / 4), v = i % (kTileN / 4);
             if (uint32_t(r) < t.out_rows) {
                 *reinterpret_cast<float4*>(t.out + r * t.out_stride + v * 16) =
@@ -400,7 +402,7 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
     } else {
         constexpr int V = kVec<D>;
         constexpr int kPerRow = kTileN / V;
-        for (int i = threadIdx.x; i < kTileM * kPerRow; i += kThreads) {
+        for (int i = tile_tid<kF32Layer>(); i < kTileM * kPerRow; i += kThreads) {
             const int r = i / kPerRow, v = i % kPerRow;
             if (uint32_t(r) < t.out_rows) {
                 float f[V];

@@ -99,8 +99,7 @@ __device__ __forceinline__ void decode_mma_stage(const char* arena, int buf, uin
 
 template <class D, bool kGated>
 __device__ __forceinline__ void decode_mainloop(const TileArgs& t, uint32_t n, char* arena,
-                                                float (&acc)[2][kDecodeNBlocks][4],
-                                                const TicketPrefetch& tp) {
+                                                float (&acc)[2][kDecodeNBlocks][4]) {
     const uint32_t nk = t.k / kTileK;
     const uint32_t xr = threadIdx.x / 8;
     const char* xrow = xr < n ? a_row(t, xr) : nullptr;
@@ -110,7 +109,7 @@ __device__ __forceinline__ void decode_mainloop(const TileArgs& t, uint32_t n, c
         if (uint32_t(s) < nk) decode_load_stage<D, kGated>(t, xrow, n, arena, s, s);
         cp_async_commit();
     }
-    prefetch_ticket(tp);
+    prefetch_ticket();  // the task loop's next ticket, while the stages load
     for (uint32_t kc = 0; kc < nk; ++kc) {
         // As run_tile: group kc complete, and every warp done with step kc-1 whose buffer
         // the load below overwrites.
@@ -128,7 +127,7 @@ __device__ __forceinline__ void decode_mainloop(const TileArgs& t, uint32_t n, c
 // Block-wide; starts and ends with the arena free.
 template <class D, int kEpi>
 __device__ FM_PHASE void run_decode_tile(const TileArgs& t, uint32_t n, char* arena, uint32_t mlp,
-                                         const Clamp& k, TicketPrefetch tp) {
+                                         const Clamp& k) {
     static_assert(D::kTensorCore && kEpi != kEpiStoreF32,
                   "the decode tile is the routed bf16/f16 GEMM0 / GEMM1 tile");
     constexpr bool kGated = kEpi == kEpiActGated;
@@ -139,7 +138,7 @@ __device__ FM_PHASE void run_decode_tile(const TileArgs& t, uint32_t n, char* ar
         for (int j = 0; j < kDecodeNBlocks; ++j)
 #pragma unroll
             for (int q = 0; q < 4; ++q) acc[m][j][q] = 0.f;
-    decode_mainloop<D, kGated>(t, n, arena, acc, tp);
+    decode_mainloop<D, kGated>(t, n, arena, acc);
     __syncthreads();  // every warp is done with the stages: reuse them for the partials
     // Partials C[K half][gate / up][token][column].
     float* C = reinterpret_cast<float*>(arena);

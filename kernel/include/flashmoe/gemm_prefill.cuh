@@ -136,8 +136,7 @@ __device__ __forceinline__ void prefill_load_stage(const PrefillLoader& l, char*
 // The classic pipeline (mma_mainloop's prologue, waits and reuse point) with the prefill
 // warp tiling.
 template <class D, bool kGated, class S>
-__device__ __forceinline__ void prefill_mainloop(const TileArgs& t, char* arena, PrefillAcc<kGated, S>& acc,
-                                                 const TicketPrefetch& tp) {
+__device__ __forceinline__ void prefill_mainloop(const TileArgs& t, char* arena, PrefillAcc<kGated, S>& acc) {
     static_assert(kMmaRowsPerThread == 2, "the loader keeps two rows per thread and matrix");
     const uint32_t nk = t.k / kTileK;
     PrefillLoader l;
@@ -152,7 +151,7 @@ __device__ __forceinline__ void prefill_mainloop(const TileArgs& t, char* arena,
         if (uint32_t(s) < nk) prefill_load_stage<D, kGated>(l, arena, s, s);
         cp_async_commit();
     }
-    prefetch_ticket(tp);
+    prefetch_ticket();  // the task loop's next ticket, while the stages load
     for (uint32_t kc = 0; kc < nk; ++kc) {
         // As mma_mainloop: group kc complete, every warp done with step kc-1 whose buffer
         // the load below overwrites.
@@ -169,8 +168,7 @@ __device__ __forceinline__ void prefill_mainloop(const TileArgs& t, char* arena,
 // Computes one prefill tile into t.out (rows < out_rows), as run_tile<D, kEpi> would.
 // Block-wide; starts and ends with the arena free.
 template <class D, int kEpi>
-__device__ FM_PHASE void run_prefill_tile(const TileArgs& t, char* arena, uint32_t mlp, const Clamp& k,
-                                          TicketPrefetch tp) {
+__device__ FM_PHASE void run_prefill_tile(const TileArgs& t, char* arena, uint32_t mlp, const Clamp& k) {
     static_assert(D::kTensorCore && kEpi != kEpiStoreF32,
                   "the prefill tile is the routed bf16/f16 GEMM0 / GEMM1 tile");
     constexpr bool kGated = kEpi == kEpiActGated;
@@ -194,7 +192,7 @@ __device__ FM_PHASE void run_prefill_tile(const TileArgs& t, char* arena, uint32
         // A private copy: the loader's fields stay in registers instead of being reloaded
         // from the caller's frame after every cp.async (their "memory" clobbers).
         const TileArgs tl = t;
-        prefill_mainloop<D, kGated, S>(tl, arena, acc, tp);
+        prefill_mainloop<D, kGated, S>(tl, arena, acc);
     }
     __syncthreads();  // every warp is done with the stages: reuse them for the partials
     // Partials P[K split][B matrix][row][column].

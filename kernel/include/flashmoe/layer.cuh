@@ -231,6 +231,7 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
         ok = !__syncthreads_or(!peers_ok);
     }
     phase_start(c);
+    init_ticket_prefetch(c);
     if (ok) zero_counters(c);
     ok = ok && rank_barrier(c, 0, FM_STAGE_SETUP);
 

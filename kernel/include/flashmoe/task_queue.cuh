@@ -248,13 +248,12 @@ template <class D, int kEpi>
 __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, const Clamp& clamp) {
     if constexpr (D::kTensorCore) {
         const TileChoice tc = tile_for(*c.L, t.a_rows);
-        const TicketPrefetch tp{c.queue_ctl(), &c.misc->ticket};
         if (tc.kind == kTileDecode) {
-            run_decode_tile<D, kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp, tp);
+            run_decode_tile<D, kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);
             return;
         }
         if (tc.kind == kTilePrefill) {
-            run_prefill_tile<D, kEpi>(t, c.smem, c.L->mlp, clamp, tp);
+            run_prefill_tile<D, kEpi>(t, c.smem, c.L->mlp, clamp);
             return;
         }
     }
@@ -443,17 +442,18 @@ constexpr uint32_t kNoTicket = 0xFFFFFFFFu;  // Misc::ticket: no ticket taken ah
 // an entry still happens only while the block holds no task (the tile that took it has
 // finished), so the deadlock argument at the top of this file holds as is.
 __device__ FM_PHASE void take_task(const Ctx& c) {
+    Misc* const m = block_misc();  // c.misc, at a constant address: no pointer kept live
     // Review fix: wait_until() looks at the abort flag only while its probe fails, so a rank
     // that had already failed kept running every task whose entry was ready (GEMMs, remote
     // stores, combine signals of a dead epoch) before it noticed. One relaxed load per task.
     if (aborted(c)) {
-        c.misc->task = 0;
-        c.misc->state = kTakeStop;
+        m->task = 0;
+        m->state = kTakeStop;
         return;
     }
     const uint64_t cap = c.L->ws_queue_capacity;
-    const uint32_t ahead = c.misc->ticket;
-    c.misc->ticket = kNoTicket;
+    const uint32_t ahead = m->ticket;
+    m->ticket = kNoTicket;
     const uint32_t ticket = ahead != kNoTicket ? ahead : atomicAdd(c.queue_ctl() + 1, 1u);
     uint32_t task = 0, state = 0;
     const bool ok = wait_until(
@@ -475,29 +475,37 @@ __device__ FM_PHASE void take_task(const Ctx& c) {
             return false;
         },
         FM_STAGE_EXPERT, 0x1000000ull | ticket, c.n << 32, kWaitConsequence);
-    c.misc->task = task;
-    c.misc->state = ok ? state : kTakeStop;
+    m->task = task;
+    m->state = ok ? state : kTakeStop;
+}
+
+// Thread 0, once per launch before any task: no ticket taken ahead, and the queue for
+// prefetch_ticket (gemm.cuh). Thread 0 alone reads and writes both.
+__device__ __forceinline__ void init_ticket_prefetch(const Ctx& c) {
+    if (threadIdx.x != 0) return;
+    c.misc->ticket = kNoTicket;
+    c.misc->queue_ctl = c.queue_ctl();
 }
 
 // Takes tickets and runs tasks until the published total says the queue is exhausted.
 // Returns false on error (block-uniform).
 template <class D>
 __device__ FM_PHASE bool process_tasks(const Ctx& c) {
-    if (threadIdx.x == 0) c.misc->ticket = kNoTicket;  // thread 0 alone reads and writes it
+    Misc* const m = block_misc();  // c.misc, at a constant address: no pointer kept live
     while (true) {
         if (threadIdx.x == 0) {
             take_task(c);
             phase_lap(c, kPhaseIdle);
         }
         __syncthreads();
-        const uint32_t task = c.misc->task, state = c.misc->state;
+        const uint32_t task = m->task, state = m->state;
         __syncthreads();
         if (state == kTakeDone) return true;
         if (state != kTakeTask) return false;
         if (!run_task<D>(c, task)) return false;
         if (threadIdx.x == 0) {
             phase_lap(c, kPhaseTiles);
-            ++c.misc->phase[kPhaseTasks];
+            ++m->phase[kPhaseTasks];
         }
     }
 }
