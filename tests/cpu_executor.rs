@@ -402,7 +402,7 @@ fn auto_and_classic_tiles_give_the_same_bits() {
     );
     assert!(
         classic_blocks > 10,
-        "too few classic (f32) blocks: {classic_blocks}"
+        "too few classic (f32 over 32 rows) blocks: {classic_blocks}"
     );
 }
 

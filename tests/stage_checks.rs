@@ -63,13 +63,11 @@ fn the_gemm_stages_cover_every_tile_path_of_the_rule() {
     assert!(ok, "{text}");
     let [decode, prefill, classic] = tile_blocks(&text, "gemm1");
     assert!(decode == 0 && prefill == 0 && classic > 0, "{text}");
+    // f32: the FFMA decode tile for short blocks, classic above (no f32 prefill tile).
     let (ok, text) = stages(&["--world", "2", "--dtype", "f32"]);
     assert!(ok, "{text}");
     let [decode, prefill, classic] = tile_blocks(&text, "gemm0");
-    assert!(
-        decode == 0 && prefill == 0 && classic > 0,
-        "f32 is classic: {text}"
-    );
+    assert!(decode > 0 && prefill == 0 && classic > 0, "f32: {text}");
 }
 
 #[test]

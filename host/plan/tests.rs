@@ -461,9 +461,19 @@ fn the_tile_rule_by_rows() {
             assert_eq!(tile_for(TileMode::Classic, dtype, rows), TileShape::Classic);
         }
     }
-    // f32 has neither a swapped-operand nor a prefill tile (its GEMM is FFMA).
-    for rows in 1..=TILE_M {
+    // f32: the FFMA decode tile up to DECODE_MAX_ROWS rows, no prefill tile above.
+    for (rows, tokens) in [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32)] {
+        assert_eq!(
+            tile_for(TileMode::Auto, F32, rows),
+            TileShape::Decode { tokens },
+            "f32, {rows} rows"
+        );
+    }
+    for rows in (DECODE_MAX_ROWS + 1)..=TILE_M {
         assert_eq!(tile_for(TileMode::Auto, F32, rows), TileShape::Classic);
+    }
+    for rows in 1..=TILE_M {
+        assert_eq!(tile_for(TileMode::Classic, F32, rows), TileShape::Classic);
     }
     assert_eq!("classic".parse::<TileMode>(), Ok(TileMode::Classic));
     assert_eq!("auto".parse::<TileMode>(), Ok(TileMode::Auto));

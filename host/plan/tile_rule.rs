@@ -11,8 +11,12 @@
 //!   rows: the weights are the M operand (the tile's 64 output columns, gate and up rows
 //!   when gated) and the tokens the N operand, `tokens` = 8, 16 or 32 (the block's rows
 //!   rounded up to a multiple of 8 that is a power of two), so no tensor-core work is
-//!   spent on absent rows and each weight byte is read once for all of the block's rows.
-//!   Bf16 and f16 only (mma.sync m16n8k16); f32 blocks stay classic.
+//!   spent on absent rows and each weight byte is read once for all of the block's rows
+//!   (mma.sync m16n8k16). In f32 the decode tile keeps the classic operands (FFMA has no
+//!   fragment shapes to fill) but computes only the `tokens` rows: the classic f32 tile
+//!   spends 3/4 or more of its FMAs on the zero rows of such a block, which makes a decode
+//!   block FFMA-bound; its outputs are the classic tile's bit for bit (one `fmaf` chain in
+//!   k order each).
 //! - [`TileShape::Prefill`]: a bf16/f16 block of more than [`DECODE_MAX_ROWS`] rows, tokens
 //!   as M and weights as N as in the classic tile, but with larger warp tiles: the 8 warps
 //!   split each 64-deep K step (32x32 warp tiles x 2 K splits when gated, 32x64 x 4
@@ -77,7 +81,8 @@ impl std::str::FromStr for TileMode {
 pub enum TileShape {
     /// Tokens as M (`TILE_M` rows), weights as N (`TILE_N` output columns).
     Classic,
-    /// Weights as M (`TILE_N` output columns), `tokens` (8, 16 or 32) tokens as N.
+    /// Weights as M (`TILE_N` output columns), `tokens` (8, 16 or 32) tokens as N; in f32,
+    /// FFMA on the `tokens` rows only (`gemm_decode_f32.cuh`).
     Decode {
         /// The N of the tile: the block's rows rounded up to 8, 16 or 32.
         tokens: usize,
@@ -99,11 +104,16 @@ impl TileShape {
 
 /// The rule: the shape of the tile for a row block of `rows` pairs (`1..=TILE_M`).
 pub fn tile_for(mode: TileMode, dtype: Dtype, rows: usize) -> TileShape {
-    if mode == TileMode::Classic || dtype == Dtype::F32 {
+    if mode == TileMode::Classic {
         return TileShape::Classic;
     }
     if rows > DECODE_MAX_ROWS {
-        return TileShape::Prefill;
+        // f32 has no prefill tile (its GEMM is FFMA).
+        return if dtype == Dtype::F32 {
+            TileShape::Classic
+        } else {
+            TileShape::Prefill
+        };
     }
     TileShape::Decode {
         tokens: rows.max(8).next_power_of_two(),

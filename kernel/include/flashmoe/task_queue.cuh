@@ -22,6 +22,7 @@
 #include "flashmoe/common.cuh"
 #include "flashmoe/gemm.cuh"
 #include "flashmoe/gemm_decode.cuh"
+#include "flashmoe/gemm_decode_f32.cuh"
 #include "flashmoe/gemm_prefill.cuh"
 #include "flashmoe/phases.cuh"
 #include "flashmoe/reduce.cuh"
@@ -240,8 +241,9 @@ __device__ __forceinline__ bool gemm0_finished(const Ctx& c, uint32_t idx) {
 }
 
 // A routed GEMM tile with the shape the tile rule gives its block (params.h FM_TILES_AUTO,
-// tile_rule.cuh): under auto, the decode tile for a short bf16/f16 block and the prefill tile
-// for a longer one; the classic tile for f32 and under FM_TILES_CLASSIC.
+// tile_rule.cuh): under auto, the decode tile for a short block (mma or FFMA), the prefill
+// tile for a longer bf16/f16 one, the classic tile for a longer f32 one; every block classic
+// under FM_TILES_CLASSIC.
 // The decode and prefill tiles take the block's next ticket while their first stages load
 // (prefetch_ticket, gemm.cuh; take_task uses it).
 template <class D, int kEpi>
@@ -254,6 +256,12 @@ __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, con
         }
         if (tc.kind == kTilePrefill) {
             run_prefill_tile<D, kEpi>(t, c.smem, c.L->mlp, clamp);
+            return;
+        }
+    } else {
+        const TileChoice tc = tile_for(*c.L, t.a_rows);
+        if (tc.kind == kTileDecode) {
+            run_decode_tile_f32<kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);
             return;
         }
     }
