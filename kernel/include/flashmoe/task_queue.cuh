@@ -249,7 +249,7 @@ __device__ __forceinline__ bool gemm0_finished(const Ctx& c, uint32_t idx) {
 template <class D, int kEpi>
 __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, const Clamp& clamp) {
     if constexpr (D::kTensorCore) {
-        const TileChoice tc = tile_for(*c.L, t.a_rows);
+        const TileChoice tc = tile_for<D::kCode>(*c.L, t.a_rows);
         if (tc.kind == kTileDecode) {
             run_decode_tile<D, kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);
             return;
@@ -259,7 +259,7 @@ __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, con
             return;
         }
     } else {
-        const TileChoice tc = tile_for(*c.L, t.a_rows);
+        const TileChoice tc = tile_for<D::kCode>(*c.L, t.a_rows);
         if (tc.kind == kTileDecode) {
             run_decode_tile_f32<kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);
             return;

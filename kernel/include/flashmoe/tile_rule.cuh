@@ -23,9 +23,11 @@ struct TileChoice {
 // The rule: classic for FM_TILES_CLASSIC; else decode for a block of at most
 // FM_DECODE_MAX_ROWS rows (N = the rows rounded up to 8, 16 or 32), and above it prefill
 // (bf16/f16) or classic (f32: no prefill tile).
+// kDtype: the entry point's dtype (check_params has made sure that L.dtype equals it).
+template <uint32_t kDtype>
 __device__ __forceinline__ TileChoice tile_for(const FmLayerParams& L, uint32_t rows) {
     if (L.tile_mode != FM_TILES_AUTO) return TileChoice{kTileClassic, 0};
-    if (rows > FM_DECODE_MAX_ROWS) return TileChoice{L.dtype == FM_DTYPE_F32 ? kTileClassic : kTilePrefill, 0};
+    if (rows > FM_DECODE_MAX_ROWS) return TileChoice{kDtype == FM_DTYPE_F32 ? kTileClassic : kTilePrefill, 0};
     return TileChoice{kTileDecode, rows <= 8 ? 8u : rows <= 16 ? 16u : 32u};
 }
 
