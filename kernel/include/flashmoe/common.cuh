@@ -142,7 +142,7 @@ struct Misc {
     unsigned long long mark;  // phase times: %globaltimer at the last lap (thread 0)
     unsigned long long phase[FM_PHASE_WORDS];  // this block's phase times (phases.cuh)
     uint32_t* queue_ctl;      // the rank's queue control words (u32 tail, u32 head) for
-                              // prefetch_ticket; set by process_tasks (thread 0)
+                              // prefetch_ticket; set by init_ticket_prefetch (ticket.cuh)
 };
 static_assert(sizeof(Misc) <= kMiscBytes, "Misc must fit its reserved bytes");
 

@@ -35,7 +35,7 @@ __device__ __forceinline__ uint32_t dynamic_smem_bytes() {
     return v;
 }
 
-// The largest task index of any kind (tasks keep 30 bits of index, task_queue.cuh).
+// The largest task index of any kind (tasks keep 30 bits of index, scheduler.cuh).
 __device__ __forceinline__ uint64_t largest_task_index(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     const uint64_t g0 = L.intermediate / kTileN, g1 = L.hidden / kTileN;
