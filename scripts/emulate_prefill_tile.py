@@ -5,7 +5,8 @@ every warp's A / B fragment addresses, its accumulators, the partial tiles it wr
 arena (flat offsets as the kernel computes them) and the epilogue's in-order sum over the
 K splits. Checks each output of one 64-deep stage against A x B^T, for both tilings
 (gated: 32x32 warp tiles x 2 K splits; one B matrix: 32x64 x 4), and that every partial
-element is written exactly once and fits the arena. Stdlib only:
+element is written exactly once and fits the arena. Also the f32 decode tile's thread
+mapping (gemm_decode_f32.cuh) for N = 8, 16, 32. Stdlib only:
 `python3 scripts/emulate_prefill_tile.py`. Not a substitute for a GPU run: it checks the
 index math, not the compiled code."""
 import random
@@ -84,5 +85,35 @@ def run(WM, WN, KS, gated):
                 want = sum(A[r][k] * B[c][k] for k in range(K))
                 assert got == want, (WM, WN, KS, m, r, c, got, want)
     print("ok", WM, WN, KS, "gated" if gated else "plain")
+def run_f32_decode(n):
+    """The f32 decode tile (gemm_decode_f32.cuh): thread (ty, tx) = (tid / 16, tid % 16) owns
+    tokens 2 ty, 2 ty + 1 and columns 4 tx .. 4 tx + 3; As / Bg are k-major (f32_put); a warp
+    skips the FMAs when its tokens are all >= n, which must be warp-uniform."""
+    A = rand_mat(M, K)
+    B = rand_mat(N, K)
+    As = [[A[r][k] for r in range(M)] for k in range(K)]  # As[k][token]
+    Bs = [[B[c][k] for c in range(N)] for k in range(K)]  # Bg[k][column]
+    out, active_by_warp = {}, {}
+    for tid in range(256):
+        tx, ty = tid % 16, tid // 16
+        active = ty * 2 < n
+        assert active_by_warp.setdefault(tid // 32, active) == active, "warp-uniform skip"
+        if not active:
+            continue
+        for i in range(2):
+            for j in range(4):
+                acc = 0.0
+                for kk in range(K):  # one chain in k order, as ffma_mainloop
+                    acc += As[kk][ty * 2 + i] * Bs[kk][tx * 4 + j]
+                key = (ty * 2 + i, tx * 4 + j)
+                assert key not in out
+                out[key] = acc
+    for r in range(n):
+        for c in range(N):
+            assert out[(r, c)] == sum(A[r][k] * B[c][k] for k in range(K)), (n, r, c)
+    print("ok f32 decode", n)
+
 run(32, 32, 2, True)
 run(32, 64, 4, False)
+for n in (8, 16, 32):
+    run_f32_decode(n)
