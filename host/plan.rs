@@ -46,7 +46,7 @@ mod tile_rule;
 mod workspace;
 pub use heap::{meta_entry, meta_parts, HeapLayout, NO_PAIR};
 pub use route::RankRoute;
-pub use tile_rule::{tile_for, TileMode, TileShape, DECODE_MAX_ROWS};
+pub use tile_rule::{tile_for, TileCensus, TileMode, TileShape, DECODE_MAX_ROWS};
 pub use workspace::WorkspaceLayout;
 
 /// Rows per tile. Also the M of the kernel's GEMM tiles.

@@ -2,7 +2,7 @@
 //! provenance (every row lands where the plan says), epochs and the timeout path.
 
 use flashmoe::cpu::signal_word;
-use flashmoe::plan::{meta_parts, TileMode, TileShape, CELL_RECV, CELL_SEND, NO_PAIR, TILE_M};
+use flashmoe::plan::{meta_parts, TileMode, CELL_RECV, CELL_SEND, NO_PAIR};
 use flashmoe::reference::{self, LayerOutput, RankInput, RouteOverrides};
 use flashmoe::weights::random_tokens;
 use flashmoe::{
@@ -276,19 +276,40 @@ fn random_case(rng: &mut StdRng, seed: u64) -> Case {
     }
 }
 
+/// Row blocks per tile shape `[decode, prefill, classic]` that a forward with `plan` ran:
+/// every kept (source, expert) pair list in `TILE_M` blocks, through the plan's tile rule.
+fn tile_census(plan: &LayerPlan, out: &LayerOutput) -> [usize; 3] {
+    let lists = out
+        .gates
+        .iter()
+        .flat_map(|g| g.expert_counts.iter())
+        .map(|&c| (c as usize).min(plan.capacity));
+    let census = plan.tile_census(lists);
+    [census.decode, census.prefill, census.classic]
+}
+
 #[test]
 fn randomized_matrix_matches_the_reference() {
     let mut rng = StdRng::seed_from_u64(2026);
     let (mut dropped_cases, mut empty_rank_cases) = (0, 0);
+    let mut shapes = [0usize; 3];
     for seed in 0..300 {
         let case = random_case(&mut rng, seed);
         let out = check(&case);
         dropped_cases += usize::from(out.dropped > 0);
         empty_rank_cases += usize::from(case.tokens.contains(&0));
+        let plan = LayerPlan::with_staging(&case.cfg, case.staging).expect("valid case");
+        let census = tile_census(&plan, &out);
+        shapes.iter_mut().zip(census).for_each(|(s, n)| *s += n);
     }
     // The matrix must actually reach the edge cases it claims to cover.
     assert!(dropped_cases > 0, "no case dropped anything");
     assert!(empty_rank_cases > 0, "no case had a rank with 0 tokens");
+    // ... and every tile shape of the rule (decode, prefill, classic).
+    assert!(
+        shapes.iter().all(|&n| n > 0),
+        "tile shapes used: {shapes:?}"
+    );
 }
 
 /// The bits of everything a forward returns.
@@ -348,7 +369,7 @@ fn auto_and_classic_tiles_give_the_same_bits() {
     // The tile rule only changes the shape each expert block is computed with: outputs
     // must be bit-identical to the classic path, over decode-sized and prefill-sized cases.
     let mut rng = StdRng::seed_from_u64(4242);
-    let (mut decode_blocks, mut classic_blocks) = (0usize, 0usize);
+    let (mut decode_blocks, mut prefill_blocks, mut classic_blocks) = (0usize, 0usize, 0usize);
     for seed in 0..60 {
         let mut case = random_case(&mut rng, seed);
         if seed % 3 == 0 {
@@ -370,23 +391,18 @@ fn auto_and_classic_tiles_give_the_same_bits() {
             bits(&got) == bits(&want),
             "auto differs from classic on {case:?}"
         );
-        // Which shapes the auto run used: every kept (source, expert) list in blocks.
-        for g in &got.gates {
-            for &c in &g.expert_counts {
-                let kept = (c as usize).min(plan.capacity);
-                for r0 in (0..kept).step_by(TILE_M) {
-                    match plan.tile_for((kept - r0).min(TILE_M)) {
-                        TileShape::Decode { .. } => decode_blocks += 1,
-                        TileShape::Classic => classic_blocks += 1,
-                    }
-                }
-            }
-        }
+        let [d, p, c] = tile_census(&plan, &got);
+        (decode_blocks, prefill_blocks, classic_blocks) =
+            (decode_blocks + d, prefill_blocks + p, classic_blocks + c);
     }
     assert!(decode_blocks > 50, "too few decode blocks: {decode_blocks}");
     assert!(
+        prefill_blocks > 10,
+        "too few prefill blocks: {prefill_blocks}"
+    );
+    assert!(
         classic_blocks > 10,
-        "too few classic blocks: {classic_blocks}"
+        "too few classic (f32 over 32 rows) blocks: {classic_blocks}"
     );
 }
 

@@ -26,6 +26,50 @@ fn every_stage_passes_on_the_cpu_executor() {
     assert!(text.contains("stages: pass (5 stages)"), "{text}");
 }
 
+/// The tile blocks `[decode, prefill, classic]` a GEMM stage line reports.
+fn tile_blocks(text: &str, stage: &str) -> [usize; 3] {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("stage {stage}: pass (")))
+        .unwrap_or_else(|| panic!("no passing {stage} line: {text}"));
+    let counts = line
+        .rsplit(", ")
+        .next()
+        .and_then(|t| t.strip_suffix(" tile blocks)"))
+        .unwrap_or_else(|| panic!("no tile census: {line}"));
+    let n: Vec<usize> = counts
+        .split(" + ")
+        .map(|w| {
+            w.split(' ')
+                .next()
+                .and_then(|d| d.parse().ok())
+                .unwrap_or_else(|| panic!("{line}"))
+        })
+        .collect();
+    [n[0], n[1], n[2]]
+}
+
+#[test]
+fn the_gemm_stages_cover_every_tile_path_of_the_rule() {
+    // 128 tokens per rank (world 2, 8 experts, top-2): short blocks (decode tile) and
+    // blocks over 32 rows (prefill tile) under auto; every block classic under classic.
+    let (ok, text) = stages(&["--world", "2"]);
+    assert!(ok, "{text}");
+    for s in ["gemm0", "gemm1"] {
+        let [decode, prefill, classic] = tile_blocks(&text, s);
+        assert!(decode > 0 && prefill > 0 && classic == 0, "{s}: {text}");
+    }
+    let (ok, text) = stages(&["--world", "2", "--tiles", "classic"]);
+    assert!(ok, "{text}");
+    let [decode, prefill, classic] = tile_blocks(&text, "gemm1");
+    assert!(decode == 0 && prefill == 0 && classic > 0, "{text}");
+    // f32: the FFMA decode tile for short blocks, classic above (no f32 prefill tile).
+    let (ok, text) = stages(&["--world", "2", "--dtype", "f32"]);
+    assert!(ok, "{text}");
+    let [decode, prefill, classic] = tile_blocks(&text, "gemm0");
+    assert!(decode > 0 && prefill == 0 && classic > 0, "f32: {text}");
+}
+
 #[test]
 fn a_planted_value_fails_its_stage_with_its_position_and_nothing_after() {
     let (ok, text) = stages(&["--world", "2", "--plant", "gemm1"]);

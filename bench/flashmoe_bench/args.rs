@@ -215,8 +215,10 @@ pub struct ShapeArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Tile rule of the routed expert GEMMs: `auto` (decode tiles for blocks of at most
-    /// 32 rows, bf16/f16) or `classic` (every block 64x64, the path before the rule).
+    /// Tile rule of the routed expert GEMMs: `auto` (decode tiles for blocks of at most 32
+    /// rows, in f32 too; above, prefill tiles with larger warp tiles in bf16/f16 and the
+    /// classic tile in f32; the decode and prefill tiles take the block's next ticket ahead)
+    /// or `classic` (every block the 64x64 classic tile, the path before the rule).
     /// Used by `layer`, `stages` and `model` (every layer).
     #[arg(long, default_value = "auto", value_parser = parse_tiles)]
     pub tiles: TileMode,

@@ -462,20 +462,72 @@ fn the_tile_rule_by_rows() {
                 "{rows} rows"
             );
         }
-        for rows in [33, 48, 64] {
-            assert_eq!(tile_for(TileMode::Auto, dtype, rows), TileShape::Classic);
+        for rows in (DECODE_MAX_ROWS + 1)..=TILE_M {
+            let shape = tile_for(TileMode::Auto, dtype, rows);
+            assert_eq!(shape, TileShape::Prefill, "{rows} rows");
+            assert_eq!(
+                shape.rows(),
+                TILE_M,
+                "a prefill tile covers the whole block"
+            );
+        }
+        // Every block of 1..=TILE_M rows gets a shape that covers its rows.
+        for rows in 1..=TILE_M {
+            assert!(
+                tile_for(TileMode::Auto, dtype, rows).rows() >= rows,
+                "{rows} rows"
+            );
         }
         for rows in 1..=TILE_M {
             assert_eq!(tile_for(TileMode::Classic, dtype, rows), TileShape::Classic);
         }
     }
-    // f32 has no swapped-operand tile (its GEMM is FFMA).
-    for rows in 1..=TILE_M {
+    // f32: the FFMA decode tile up to DECODE_MAX_ROWS rows, no prefill tile above.
+    for (rows, tokens) in [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32)] {
+        assert_eq!(
+            tile_for(TileMode::Auto, F32, rows),
+            TileShape::Decode { tokens },
+            "f32, {rows} rows"
+        );
+    }
+    for rows in (DECODE_MAX_ROWS + 1)..=TILE_M {
         assert_eq!(tile_for(TileMode::Auto, F32, rows), TileShape::Classic);
+    }
+    for rows in 1..=TILE_M {
+        assert_eq!(tile_for(TileMode::Classic, F32, rows), TileShape::Classic);
     }
     assert_eq!("classic".parse::<TileMode>(), Ok(TileMode::Classic));
     assert_eq!("auto".parse::<TileMode>(), Ok(TileMode::Auto));
     assert!("prefill".parse::<TileMode>().is_err());
+}
+
+#[test]
+fn the_tile_census_cuts_lists_in_blocks() {
+    let c = MoeConfig {
+        dtype: Dtype::Bf16,
+        ..MoeConfig::new(256, 64, 64, 8, 2)
+    };
+    let p = LayerPlan::new(&c).expect("plan");
+    // 0: no block; 20: decode; 64: prefill; 100 = 64 + 36: two prefill (36 > 32);
+    // 130 = 64 + 64 + 2: two prefill and a decode.
+    let census = p.tile_census([0, 20, 64, 100, 130]);
+    assert_eq!(
+        census,
+        TileCensus {
+            decode: 2,
+            prefill: 5,
+            classic: 0
+        }
+    );
+    assert_eq!(census.total(), 7);
+    let classic = p
+        .with_tile_mode(TileMode::Classic)
+        .tile_census([0, 20, 64, 100, 130]);
+    assert_eq!(classic.classic, 7);
+    assert_eq!(
+        classic.to_string(),
+        "0 decode + 0 prefill + 7 classic tile blocks"
+    );
 }
 
 /// Tasks the scheduler and the completion steps create on one rank for the given kept pair

@@ -11,10 +11,21 @@
 //!   rows: the weights are the M operand (the tile's 64 output columns, gate and up rows
 //!   when gated) and the tokens the N operand, `tokens` = 8, 16 or 32 (the block's rows
 //!   rounded up to a multiple of 8 that is a power of two), so no tensor-core work is
-//!   spent on absent rows and each weight byte is read once for all of the block's rows.
-//!   Bf16 and f16 only (mma.sync m16n8k16); f32 blocks stay classic.
+//!   spent on absent rows and each weight byte is read once for all of the block's rows
+//!   (mma.sync m16n8k16). In f32 the decode tile keeps the classic operands (FFMA has no
+//!   fragment shapes to fill) but computes only the `tokens` rows: the classic f32 tile
+//!   spends 3/4 or more of its FMAs on the zero rows of such a block, which makes a decode
+//!   block FFMA-bound; its outputs are the classic tile's bit for bit (one `fmaf` chain in
+//!   k order each).
+//! - [`TileShape::Prefill`]: a bf16/f16 block of more than [`DECODE_MAX_ROWS`] rows, tokens
+//!   as M and weights as N as in the classic tile, but with larger warp tiles: the 8 warps
+//!   split each 64-deep K step (32x32 warp tiles x 2 K splits when gated, 32x64 x 4
+//!   otherwise) and the partial tiles are summed in a fixed order in the epilogue. Per k16
+//!   step that is 3 `ldmatrix` per 8 `mma` (classic: 3 per 4, gated 5 per 8), at the same
+//!   64x64 block tile, so the task decomposition, the workspace and the executor's units do
+//!   not change (a 128-row block tile would change all three).
 //!
-//! The kernel evaluates the same rule per task (`fm::tile_for` in gemm.cuh, documented in
+//! The kernel evaluates the same rule per task (`fm::tile_for` in tile_rule.cuh, documented in
 //! params.h next to `FM_TILES_AUTO`) from the block's row count; the CPU executor runs each
 //! expert unit with the shape the rule gives it (values are bit-identical whatever the
 //! shape: every output is one chain over its row and column alone).
@@ -32,7 +43,7 @@ pub enum TileMode {
     #[default]
     Auto,
     /// Every block uses the classic 64x64 tile (`FM_TILES_CLASSIC`): the path before the
-    /// rule, kept selectable until a GPU has compared the two.
+    /// rule (no decode, no prefill tile), kept selectable until a GPU has compared them.
     Classic,
 }
 
@@ -70,18 +81,22 @@ impl std::str::FromStr for TileMode {
 pub enum TileShape {
     /// Tokens as M (`TILE_M` rows), weights as N (`TILE_N` output columns).
     Classic,
-    /// Weights as M (`TILE_N` output columns), `tokens` (8, 16 or 32) tokens as N.
+    /// Weights as M (`TILE_N` output columns), `tokens` (8, 16 or 32) tokens as N; in f32,
+    /// FFMA on the `tokens` rows only (`gemm_decode_f32.cuh`).
     Decode {
         /// The N of the tile: the block's rows rounded up to 8, 16 or 32.
         tokens: usize,
     },
+    /// Tokens as M (`TILE_M` rows), weights as N, larger warp tiles with K split between
+    /// warps (`gemm_prefill.cuh`).
+    Prefill,
 }
 
 impl TileShape {
     /// Rows of the block the tile computes at most.
     pub fn rows(self) -> usize {
         match self {
-            TileShape::Classic => TILE_M,
+            TileShape::Classic | TileShape::Prefill => TILE_M,
             TileShape::Decode { tokens } => tokens,
         }
     }
@@ -89,11 +104,57 @@ impl TileShape {
 
 /// The rule: the shape of the tile for a row block of `rows` pairs (`1..=TILE_M`).
 pub fn tile_for(mode: TileMode, dtype: Dtype, rows: usize) -> TileShape {
-    if mode == TileMode::Classic || dtype == Dtype::F32 || rows > DECODE_MAX_ROWS {
+    if mode == TileMode::Classic {
         return TileShape::Classic;
+    }
+    if rows > DECODE_MAX_ROWS {
+        // f32 has no prefill tile (its GEMM is FFMA).
+        return if dtype == Dtype::F32 {
+            TileShape::Classic
+        } else {
+            TileShape::Prefill
+        };
     }
     TileShape::Decode {
         tokens: rows.max(8).next_power_of_two(),
+    }
+}
+
+/// Routed row blocks per tile shape (what the stage checks report, so that a run shows which
+/// tile paths it exercised).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TileCensus {
+    /// Blocks computed by the decode tile.
+    pub decode: usize,
+    /// Blocks computed by the prefill tile.
+    pub prefill: usize,
+    /// Blocks computed by the classic tile.
+    pub classic: usize,
+}
+
+impl TileCensus {
+    /// Counts one block of shape `shape`.
+    pub fn add(&mut self, shape: TileShape) {
+        match shape {
+            TileShape::Decode { .. } => self.decode += 1,
+            TileShape::Prefill => self.prefill += 1,
+            TileShape::Classic => self.classic += 1,
+        }
+    }
+
+    /// Blocks of every shape.
+    pub fn total(&self) -> usize {
+        self.decode + self.prefill + self.classic
+    }
+}
+
+impl std::fmt::Display for TileCensus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} decode + {} prefill + {} classic tile blocks",
+            self.decode, self.prefill, self.classic
+        )
     }
 }
 
@@ -102,6 +163,19 @@ impl LayerPlan {
     /// [`TileMode`] (see [`tile_for`]).
     pub fn tile_for(&self, rows: usize) -> TileShape {
         tile_for(self.tile_mode, self.config.dtype, rows)
+    }
+
+    /// The shapes of the row blocks of pair lists of `pairs` kept pairs each (one list per
+    /// (source, local expert)), as the executors cut them: `TILE_M` pairs per block, the
+    /// last block short.
+    pub fn tile_census(&self, pairs: impl IntoIterator<Item = usize>) -> TileCensus {
+        let mut census = TileCensus::default();
+        for n in pairs {
+            for r0 in (0..n).step_by(TILE_M) {
+                census.add(self.tile_for((n - r0).min(TILE_M)));
+            }
+        }
+        census
     }
 
     /// This plan with tile mode `mode` (the layout does not depend on it).

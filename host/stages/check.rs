@@ -4,7 +4,7 @@ use super::expect::{kept_pairs, signal, u32_at, values, word, Pair, TIE_MARGIN, 
 use super::report::{Mismatch, StageReport};
 use super::{Capture, Case, RankCapture, Stage};
 use crate::error::{Error, Result};
-use crate::plan::{meta_entry, RankRoute, CELL_RECV, NO_PAIR};
+use crate::plan::{meta_entry, RankRoute, TileCensus, CELL_RECV, NO_PAIR};
 use crate::reference::{self, GateOutput};
 
 /// Checks what the launch of `cap` wrote at its stage (the stages before it are checked
@@ -73,6 +73,19 @@ impl Cx<'_> {
     /// bytes per row and `stride_source` per source.
     fn pair_offset(s: usize, pair: u32, stride_source: u64, stride_row: u64) -> u64 {
         s as u64 * stride_source + u64::from(pair) * stride_row
+    }
+
+    /// The routed row blocks per tile shape under every source's captured routing: each
+    /// (source, expert) list of kept pairs in blocks, through the plan's tile rule.
+    fn tiles(&self) -> TileCensus {
+        let plan = self.case.plan;
+        let lists = self.cap.ranks.iter().flat_map(|r| {
+            r.gate
+                .expert_counts
+                .iter()
+                .map(|&c| (c as usize).min(plan.capacity))
+        });
+        plan.tile_census(lists)
     }
 
     fn gate(&self) -> StageReport {
@@ -344,6 +357,7 @@ impl Cx<'_> {
         let cfg = &plan.config;
         let ws = &plan.workspace;
         let mut rep = StageReport::new(Stage::Gemm0, reference::tolerance(cfg.dtype));
+        rep.tiles = Some(self.tiles());
         for s in 0..cfg.world {
             let (pairs, route) = self.pairs(s);
             for p in pairs {
@@ -376,6 +390,7 @@ impl Cx<'_> {
         let cfg = &plan.config;
         let ws = &plan.workspace;
         let mut rep = StageReport::new(Stage::Gemm1, reference::tolerance(cfg.dtype));
+        rep.tiles = Some(self.tiles());
         for s in 0..cfg.world {
             let (pairs, route) = self.pairs(s);
             for p in &pairs {

@@ -1,6 +1,7 @@
 //! The outcome of one stage check: pass, or the first mismatch and how many there were.
 
 use super::Stage;
+use crate::plan::TileCensus;
 
 /// One value that differs from what the CPU side says it must be.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +54,9 @@ pub struct StageReport {
     pub max_error: f64,
     /// The tolerance of that error (0 for stages compared bit for bit).
     pub tolerance: f64,
+    /// The GEMM stages: the routed row blocks per tile shape of the tile rule (which tile
+    /// paths the checked values came from).
+    pub tiles: Option<TileCensus>,
 }
 
 impl StageReport {
@@ -66,6 +70,7 @@ impl StageReport {
             near_ties: 0,
             max_error: 0.0,
             tolerance,
+            tiles: None,
         }
     }
 
@@ -144,6 +149,9 @@ impl std::fmt::Display for StageReport {
         }];
         if self.near_ties > 0 {
             details.push(format!("{} near-tie choices", self.near_ties));
+        }
+        if let Some(t) = &self.tiles {
+            details.push(t.to_string());
         }
         if self.passed() {
             return write!(

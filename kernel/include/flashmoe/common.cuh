@@ -54,6 +54,9 @@ constexpr uint32_t kMaxExperts = 1024;  // == MAX_EXPERTS (top-k keeps a 32-bit 
 constexpr int kMiscBytes = 256;         // block-private scalars at the start of dynamic smem
 constexpr int kGateChunk = FM_GATE_CHUNK;
 constexpr uint32_t kMaxWorld = 1024;    // == MAX_WORLD in host/config.rs
+// == MAX_DIM in host/config.rs: the largest hidden / intermediate. The prefill tile's loader
+// keeps B row offsets in 32 bits (64 rows x 65536 x 4 bytes = 16 MiB).
+constexpr uint32_t kMaxDim = 65536;
 // The scheduler polls one dispatch signal per source and keeps the ones it has seen in one
 // 64-bit mask per thread: source s is bit s / kThreads of thread s % kThreads.
 static_assert(kMaxWorld <= 64u * kThreads, "the scheduler's seen-mask must cover every source");
@@ -134,12 +137,21 @@ struct Misc {
     int flag;                 // block-wide broadcast of a decision of thread 0
     uint32_t task;            // task taken by thread 0
     uint32_t state;           // state of the task take
-    uint32_t pad;
+    uint32_t ticket;          // next queue ticket, taken ahead by a tile (kNoTicket: none)
     unsigned long long sum;   // block reductions
     unsigned long long mark;  // phase times: %globaltimer at the last lap (thread 0)
     unsigned long long phase[FM_PHASE_WORDS];  // this block's phase times (phases.cuh)
+    uint32_t* queue_ctl;      // the rank's queue control words (u32 tail, u32 head) for
+                              // prefetch_ticket; set by init_ticket_prefetch (ticket.cuh)
 };
 static_assert(sizeof(Misc) <= kMiscBytes, "Misc must fit its reserved bytes");
+
+// This block's Misc (the start of dynamic shared memory; layer() names the same array): for
+// code that reaches it without a Ctx and without keeping a pointer live.
+__device__ __forceinline__ Misc* block_misc() {
+    extern __shared__ __align__(128) char smem_raw[];
+    return reinterpret_cast<Misc*>(smem_raw);
+}
 
 // Everything a block knows about the rank it plays.
 struct Ctx {
@@ -210,6 +222,26 @@ struct Ctx {
 };
 
 __device__ __forceinline__ uint32_t min_u32(uint32_t a, uint32_t b) { return a < b ? a : b; }
+
+// threadIdx.x for the per-thread indices of the f32 tiles (kOpaque: the layer is f32). In
+// the NVSHMEM build every phase is inlined into the entry point, so the task loop's body holds
+// whole tiles, and the FFMA tile's indices derived from threadIdx alone (loader slots,
+// epilogue coordinates and store offsets) are loop-invariant: the compiler hoists them out
+// of the task loop, keeps them live across every tile and spills them (104 bytes stored, 344
+// loaded). Read through volatile asm there, they are recomputed where they are used (a few
+// integer instructions per tile). Elsewhere (the P2P build, the bf16/f16 layers, whose
+// register allocation these reads only made worse) it is threadIdx.x.
+template <bool kOpaque>
+__device__ __forceinline__ uint32_t tile_tid() {
+#ifdef FM_NVSHMEM
+    if constexpr (kOpaque) {
+        uint32_t t;
+        asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+        return t;
+    }
+#endif
+    return threadIdx.x;
+}
 
 }  // namespace fm
 

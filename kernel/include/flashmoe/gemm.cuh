@@ -14,6 +14,7 @@
 #define FLASHMOE_GEMM_CUH
 
 #include "flashmoe/common.cuh"
+#include "flashmoe/ticket.cuh"
 
 namespace fm {
 
@@ -203,9 +204,10 @@ __device__ __forceinline__ void mma_mainloop(const TileArgs& t, char* arena, flo
 }
 
 // Output coordinates of accumulator element [g][q] of this thread (both paths).
-template <bool kTensorCore>
+// kF32Layer: tile_tid (common.cuh).
+template <bool kTensorCore, bool kF32Layer>
 __device__ __forceinline__ void acc_coord(int g, int q, int& row, int& col) {
-    const int tid = threadIdx.x;
+    const int tid = tile_tid<kF32Layer>();
     if constexpr (kTensorCore) {
         const int warp = tid / 32, lane = tid % 32;
         row = (warp % 4) * 16 + lane / 4 + (q >= 2 ? 8 : 0);
@@ -243,8 +245,9 @@ struct F32Prefetch {
 // that the transposing shared stores of a warp hit consecutive banks). The row is the same
 // for every i (tid % 64): one A row pointer per thread.
 static_assert(kThreads % kTileM == 0, "an f32 loader thread keeps one A row for all its float4s");
+template <bool kF32Layer>
 __device__ __forceinline__ void f32_slot(int i, int& r, int& k4) {
-    const int idx = threadIdx.x + i * kThreads;
+    const int idx = tile_tid<kF32Layer>() + i * kThreads;
     r = idx % 64;
     k4 = (idx / 64) * 4;
 }
@@ -254,12 +257,13 @@ __device__ __forceinline__ void f32_slot(int i, int& r, int& k4) {
 template <bool kGated, class DA>
 __device__ __forceinline__ void f32_fetch(const TileArgs& t, uint32_t arow, uint32_t kc,
                                           F32Prefetch<kGated>& p) {
+    constexpr bool kF32Layer = DA::kCode == FM_DTYPE_F32;
     constexpr uint64_t kAes = sizeof(typename DA::T);
     const uint64_t koff = uint64_t(kc) * kTileK * 4;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         int r, k4;
-        f32_slot(i, r, k4);
+        f32_slot<kF32Layer>(i, r, k4);
         if constexpr (kAes == 4) {
             p.a[i] = arow != ~0u ? *reinterpret_cast<const float4*>(t.a + arow * t.a_stride + koff + k4 * 4)
                                  : make_float4(0.f, 0.f, 0.f, 0.f);
@@ -283,12 +287,13 @@ __device__ __forceinline__ void f32_put(float* s, int r, int k4, float4 v) {
 
 template <bool kGated, class DA>
 __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, float (&acc)[2][4][4]) {
+    constexpr bool kF32Layer = DA::kCode == FM_DTYPE_F32;
     float* As = reinterpret_cast<float*>(arena);
     float* Bg = As + kTileK * kLdF;
     float* Bu = Bg + kTileK * kLdF;
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int tx = tile_tid<kF32Layer>() % 16, ty = tile_tid<kF32Layer>() / 16;
     const uint32_t nk = t.k / kTileK;
-    const uint32_t r = threadIdx.x % kTileM;
+    const uint32_t r = tile_tid<kF32Layer>() % kTileM;
     const uint32_t arow = r < t.a_rows ? (t.gather ? t.gather[r] : r) : ~0u;  // heap: no __ldg
     for (uint32_t kc = 0; kc < nk; ++kc) {
         // All loads of the step are issued before the first shared store (12 x 16 bytes in
@@ -300,7 +305,7 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             int r, k4;
-            f32_slot(i, r, k4);
+            f32_slot<kF32Layer>(i, r, k4);
             f32_put(As, r, k4, p.a[i]);
             f32_put(Bg, r, k4, p.bg[i]);
             if constexpr (kGated) f32_put(Bu, r, k4, p.bu[i]);
@@ -333,6 +338,7 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
 // DA: the A element type of the FFMA path (D's own unless a router tile widens the dtype).
 template <class D, int kEpi, class DA = D>
 __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, const Clamp& k) {
+    constexpr bool kF32Layer = DA::kCode == FM_DTYPE_F32;  // tile_tid (common.cuh)
     static_assert(!D::kTensorCore || sizeof(typename DA::T) == sizeof(typename D::T),
                   "the tensor-core path reads A and B in the same dtype");
     constexpr bool kGated = kEpi == kEpiActGated;
@@ -355,7 +361,7 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             int row, col;
-            acc_coord<D::kTensorCore>(g, q, row, col);
+            acc_coord<D::kTensorCore, kF32Layer>(g, q, row, col);
             float v = acc[0][g][q];
             if (t.bias0) v += t.bias0[col];
             if constexpr (kEpi == kEpiActGated) {
@@ -368,7 +374,7 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
     }
     __syncthreads();
     if constexpr (kEpi == kEpiStoreF32) {
-        for (int i = threadIdx.x; i < kTileM * (kTileN / 4); i += kThreads) {
+        for (int i = tile_tid<kF32Layer>(); i < kTileM * (kTileN / 4); i += kThreads) {
             const int r = i / (kTileN / 4), v = i % (kTileN / 4);
             if (uint32_t(r) < t.out_rows) {
                 *reinterpret_cast<float4*>(t.out + r * t.out_stride + v * 16) =
@@ -378,7 +384,7 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
     } else {
         constexpr int V = kVec<D>;
         constexpr int kPerRow = kTileN / V;
-        for (int i = threadIdx.x; i < kTileM * kPerRow; i += kThreads) {
+        for (int i = tile_tid<kF32Layer>(); i < kTileM * kPerRow; i += kThreads) {
             const int r = i / kPerRow, v = i % kPerRow;
             if (uint32_t(r) < t.out_rows) {
                 float f[V];

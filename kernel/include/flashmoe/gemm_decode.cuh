@@ -20,13 +20,6 @@
 
 namespace fm {
 
-// The tile rule of params.h, as the host evaluates it (host/plan/tile_rule.rs): the N of
-// the decode tile for a block of `rows` rows, or 0 for the classic tile.
-__device__ __forceinline__ uint32_t decode_tokens(const FmLayerParams& L, uint32_t rows) {
-    if (L.tile_mode != FM_TILES_AUTO || L.dtype == FM_DTYPE_F32 || rows > FM_DECODE_MAX_ROWS) return 0;
-    return rows <= 8 ? 8u : rows <= 16 ? 16u : 32u;
-}
-
 constexpr int kDecodeMaxN = FM_DECODE_MAX_ROWS;
 constexpr int kDecodeNBlocks = kDecodeMaxN / 8;  // n8 blocks of the accumulator
 constexpr int kDecodeCStride = kTileN + 4;       // f32 staging row of one token (pad: banks)
@@ -116,6 +109,7 @@ __device__ __forceinline__ void decode_mainloop(const TileArgs& t, uint32_t n, c
         if (uint32_t(s) < nk) decode_load_stage<D, kGated>(t, xrow, n, arena, s, s);
         cp_async_commit();
     }
+    prefetch_ticket();  // the task loop's next ticket, while the stages load
     for (uint32_t kc = 0; kc < nk; ++kc) {
         // As run_tile: group kc complete, and every warp done with step kc-1 whose buffer
         // the load below overwrites.

@@ -35,7 +35,7 @@ __device__ __forceinline__ uint32_t dynamic_smem_bytes() {
     return v;
 }
 
-// The largest task index of any kind (tasks keep 30 bits of index, task_queue.cuh).
+// The largest task index of any kind (tasks keep 30 bits of index, scheduler.cuh).
 __device__ __forceinline__ uint64_t largest_task_index(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     const uint64_t g0 = L.intermediate / kTileN, g1 = L.hidden / kTileN;
@@ -65,6 +65,8 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
     if (L.hidden == 0 || L.hidden % kTileN || L.intermediate == 0 || L.intermediate % kTileN ||
         L.shared_width % kTileN)
         return bad(2, kTileN, L.hidden % kTileN ? L.hidden : L.intermediate);
+    if (L.hidden > kMaxDim || L.intermediate > kMaxDim)
+        return bad(2, kMaxDim, L.hidden > kMaxDim ? L.hidden : L.intermediate);
     // gemm0_done has row_blocks counters per (source, local expert): they must cover capacity.
     if (L.capacity == 0 || uint64_t(L.row_blocks) * kTileM < L.capacity)
         return bad(2, kTileM, (uint64_t(L.row_blocks) << 32) | L.capacity);
@@ -230,6 +232,7 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
         ok = !__syncthreads_or(!peers_ok);
     }
     phase_start(c);
+    init_ticket_prefetch(c);
     if (ok) zero_counters(c);
     ok = ok && rank_barrier(c, 0, FM_STAGE_SETUP);
 

@@ -108,11 +108,13 @@
 
 // Tile rule (tile_mode): the shape of the tile that computes one routed row block (TILE_M
 // pairs of one source and local expert; the task decomposition never depends on it).
-// FM_TILES_AUTO: a block of rows <= FM_DECODE_MAX_ROWS in bf16/f16 is computed by the decode
-// tile (weights as the mma M operand: the tile's 64 output columns; tokens as N = the rows
-// rounded up to 8, 16 or 32), every other block by the classic 64x64 tile (tokens as M).
-// FM_TILES_CLASSIC: every block classic. Evaluated per task from the block's row count by
-// fm::tile_for (gemm.cuh) and by the host (host/plan/tile_rule.rs), identically.
+// FM_TILES_AUTO: a block of rows <= FM_DECODE_MAX_ROWS is computed by the decode tile
+// (bf16/f16: weights as the mma M operand: the tile's 64 output columns; tokens as N = the
+// rows rounded up to 8, 16 or 32; f32: FFMA on those N rows only, gemm_decode_f32.cuh), a
+// longer bf16/f16 block by the prefill tile (tokens as M, 64x64, larger warp tiles with K
+// split between warps: gemm_prefill.cuh), a longer f32 block by the classic 64x64 tile. FM_TILES_CLASSIC: every block classic. Evaluated per
+// task from the block's row count by fm::tile_for (tile_rule.cuh) and by the host
+// (host/plan/tile_rule.rs), identically.
 #define FM_TILES_AUTO 0u
 #define FM_TILES_CLASSIC 1u
 #define FM_DECODE_MAX_ROWS 32

@@ -1,5 +1,5 @@
-// The per-rank task queue: the scheduler, the producers of GEMM1 and reduce tasks, and the
-// processors.
+// The per-rank task queue: the producers of GEMM1 and reduce tasks and the processors; the
+// task encoding, the pushes and the scheduler are in scheduler.cuh.
 //
 // Queue entries are u64 `(epoch << 32) | task`; task = kind << 30 | index. Producers reserve
 // entries with an atomic on the tail and publish them with fence + store; processors take
@@ -13,180 +13,26 @@
 // waits, every published entry has been taken and run to completion (running a task waits
 // for nothing). The only producers left are then the scheduler, which waits only for
 // dispatch signals of other ranks (sent before those ranks wait on anything of this rank),
-// and nothing else: the set of waits is acyclic. Every wait also has a deadline.
+// and nothing else: the set of waits is acyclic. Every wait also has a deadline. A block may
+// take its next ticket ahead while a decode or prefill tile loads (prefetch_ticket,
+// ticket.cuh); it still waits for that ticket's entry only after the tile's task is done.
 #ifndef FLASHMOE_TASK_QUEUE_CUH
 #define FLASHMOE_TASK_QUEUE_CUH
 
 #include "flashmoe/common.cuh"
 #include "flashmoe/gemm.cuh"
 #include "flashmoe/gemm_decode.cuh"
+#include "flashmoe/gemm_decode_f32.cuh"
+#include "flashmoe/gemm_prefill.cuh"
 #include "flashmoe/phases.cuh"
 #include "flashmoe/reduce.cuh"
+#include "flashmoe/scheduler.cuh"
 #include "flashmoe/sync.cuh"
+#include "flashmoe/ticket.cuh"
+#include "flashmoe/tile_rule.cuh"
 #include "flashmoe/transport.cuh"
 
 namespace fm {
-
-enum TaskKind : uint32_t {
-    kTaskG0 = 0,      // routed GEMM0 tile: unit (source, local, row block) x gemm0 column tile
-    kTaskG1 = 1,      // routed GEMM1 tile: unit x hidden column tile
-    kTaskShared = 2,  // shared expert: GEMM0 tiles (token row block x shared column tile),
-                      // then from index token_row_blocks * shared_width / 64 on, GEMM1 tiles
-                      // (token row block x hidden column tile)
-    kTaskReduce = 3,  // reduce tile: (source, token row block) x hidden column tile
-};
-constexpr uint32_t kTaskIndexMask = (1u << 30) - 1;
-
-// Appends tasks kind:first .. kind:first+count-1 (single thread). The caller's fence-worthy
-// writes (activations, counters) and acquisitions (signals) happen before, so the fence
-// here makes the entries release them. A launch stopped after GEMM0 (stage checks) creates
-// no routed GEMM1 task: the scheduler does not count them either.
-__device__ __forceinline__ bool push_tasks(const Ctx& c, uint32_t kind, uint32_t first,
-                                           uint32_t count) {
-    if (count == 0 || (kind == kTaskG1 && c.stop_after_gemm0())) return true;
-    const uint64_t base = atomicAdd(c.queue_ctl(), count);
-    if (base + count > c.L->ws_queue_capacity) {
-        fail(c, FM_STATUS_QUEUE_OVERFLOW, FM_STAGE_EXPERT, 0, c.L->ws_queue_capacity, base + count, 0);
-        return false;
-    }
-    __threadfence();
-    uint64_t* q = c.queue();
-    for (uint32_t i = 0; i < count; ++i) {
-        st_relaxed_gpu(q + base + i, (c.n << 32) | ((kind << 30) | (first + i)));
-    }
-    return true;
-}
-
-__device__ __forceinline__ uint32_t blocks_of(uint32_t rows) { return (rows + kTileM - 1) / kTileM; }
-
-// Every GEMM1 tile of source s is done (or it has no pair): push its reduce tiles, or answer
-// at once with a 0-row combine signal when it sent no row. Nothing after GEMM1 in a launch
-// stopped at GEMM0/GEMM1. Single thread.
-__device__ __forceinline__ bool source_gemm1_done(const Ctx& c, uint32_t s) {
-    if (c.no_reduce()) return true;
-    const uint32_t rows = dispatch_rows(c, s);
-    const uint32_t n = blocks_of(rows) * (c.L->hidden / kTileN);
-    if (n == 0) {
-        if (!c.silent()) deliver_combine(c, s, 0);
-        return true;
-    }
-    return push_tasks(c, kTaskReduce, s * c.max_token_row_blocks() * (c.L->hidden / kTileN), n);
-}
-
-// Validates source s's signal and metadata (rows <= tokens_max, counts <= capacity, their
-// sum <= pair_capacity). Single thread; false after reporting FM_STATUS_BAD_SIGNAL.
-__device__ __forceinline__ bool check_source(const Ctx& c, uint32_t s, uint32_t rows) {
-    const FmLayerParams& L = *c.L;
-    if (rows > L.tokens_max) {
-        fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_EXPERT, (uint64_t(s) << 16) | 0xFFFFu, L.tokens_max, rows, 0);
-        return false;
-    }
-    const uint32_t* counts = recv_meta(c, s).counts;
-    uint64_t sum = 0;
-    for (uint32_t l = 0; l < c.R->local_experts; ++l) {
-        const uint32_t n = counts[l];
-        sum += n;
-        if (n > L.capacity || sum > L.pair_capacity) {
-            const bool cap = n > L.capacity;
-            fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_EXPERT, (uint64_t(s) << 16) | l,
-                 cap ? L.capacity : L.pair_capacity, cap ? n : sum, 0);
-            return false;
-        }
-    }
-    return true;
-}
-
-// Source s's dispatch signal (rows) has arrived: validate, write its pair bases, arm its
-// GEMM1 and reduce counters (each counts up from 0 - expected to 0, so the tile that brings
-// it to 0 is the last: no expected count is recomputed per tile), push its GEMM0 tiles.
-// Returns the tasks s brings in all; sets `failed` on error. Single thread.
-__device__ __forceinline__ uint64_t on_dispatch(const Ctx& c, uint32_t s, uint32_t rows, bool& failed) {
-    const FmLayerParams& L = *c.L;
-    if (!check_source(c, s, rows)) {
-        failed = true;
-        return 0;
-    }
-    const uint32_t g0 = L.intermediate / kTileN, g1 = L.hidden / kTileN;
-    const uint32_t* counts = recv_meta(c, s).counts;
-    uint32_t blocks = 0, base = 0;
-    for (uint32_t l = 0; l < c.R->local_experts; ++l) {
-        c.pair_base()[s * L.max_local + l] = base;
-        base += counts[l];
-        blocks += blocks_of(counts[l]);
-    }
-    const uint32_t g1_tasks = c.stop_after_gemm0() ? 0 : g1;
-    const uint32_t reduce = c.no_reduce() ? 0 : blocks_of(rows) * g1;
-    reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm1_done)[s] = 0u - blocks * g1;
-    reinterpret_cast<uint32_t*>(c.ws + L.ws_reduce_done)[s] = 0u - reduce;
-    for (uint32_t l = 0; l < c.R->local_experts && !failed; ++l) {
-        const uint32_t unit0 = (s * L.max_local + l) * c.row_blocks();
-        failed = !push_tasks(c, kTaskG0, unit0 * g0, blocks_of(counts[l]) * g0);
-    }
-    if (!failed && blocks == 0 && !c.stop_after_gemm0()) failed = !source_gemm1_done(c, s);
-    return uint64_t(blocks) * (g0 + g1_tasks) + reduce;
-}
-
-// Block 0 of the group, after its dispatch signals: pushes the shared-expert GEMM0 tasks,
-// then polls this rank's dispatch signals, one per source, and hands each arrived one to
-// on_dispatch(), then publishes the total. Returns false on error (block-uniform).
-__device__ FM_PHASE bool schedule(const Ctx& c) {
-    const FmLayerParams& L = *c.L;
-    const uint32_t g1 = L.hidden / kTileN;
-    bool failed = false;
-    unsigned long long total = 0;
-    if (threadIdx.x == 0) {
-        c.misc->sum = 0;
-        if (L.shared_width != 0) {
-            // A launch stopped after GEMM0 creates no shared GEMM1 task either (run_shared).
-            const uint32_t trb = c.token_row_blocks(), sg0 = L.shared_width / kTileN;
-            failed |= !push_tasks(c, kTaskShared, 0, trb * sg0);
-            total += uint64_t(trb) * (sg0 + (c.stop_after_gemm0() ? 0 : g1));
-        }
-    }
-    uint64_t seen_mask = 0;
-    const uint64_t start = now_ns();
-    while (true) {
-        uint32_t pending = 0;
-        uint64_t last_word = 0;
-        uint32_t last_source = 0;
-#pragma unroll 1
-        for (uint32_t i = 0; i < 64; ++i) {
-            const uint32_t s = threadIdx.x + i * kThreads;
-            if (s >= L.world) break;
-            if ((seen_mask >> i) & 1ull) continue;
-            const uint64_t w =
-                ld_acquire_peers(c, reinterpret_cast<const uint64_t*>(c.heap + dispatch_signal_off(L, s)));
-            if (!signal_is(w, c.n)) {
-                ++pending;
-                last_word = w;
-                last_source = s;
-                continue;
-            }
-            seen_mask |= 1ull << i;
-            total += on_dispatch(c, s, uint32_t(w), failed);
-        }
-        if (pending != 0 && !failed) {
-            // A wait on peers' signals: a possible cause, so 1 x timeout_ns (watchdog.cuh).
-            const uint64_t waited = now_ns() - start;
-            if (waited > L.timeout_ns) {
-                fail(c, FM_STATUS_TIMEOUT, FM_STAGE_DISPATCH, uint64_t(last_source) << 16, c.n << 32,
-                     last_word, waited);
-                failed = true;
-            }
-        }
-        const bool stop = __syncthreads_or(failed || (threadIdx.x == 0 && aborted(c)));
-        if (stop) return false;
-        if (!__syncthreads_or(pending != 0)) break;
-        __nanosleep(128);
-    }
-    atomicAdd(&c.misc->sum, total);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        st_release_gpu(c.queue_total(), (c.n << 32) | uint32_t(c.misc->sum));
-    }
-    __syncthreads();
-    return true;
-}
 
 // A routed tile's place: (source, local expert, row block) of `unit` and its pairs.
 struct Unit {
@@ -235,13 +81,28 @@ __device__ __forceinline__ bool gemm0_finished(const Ctx& c, uint32_t idx) {
     return block_bcast(c, threadIdx.x == 0 ? ok : true);
 }
 
-// A routed GEMM tile with the shape the tile rule gives its block (params.h FM_TILES_AUTO):
-// the decode tile for a short bf16/f16 block, else the classic one.
+// A routed GEMM tile with the shape the tile rule gives its block (params.h FM_TILES_AUTO,
+// tile_rule.cuh): under auto, the decode tile for a short block (mma or FFMA), the prefill
+// tile for a longer bf16/f16 one, the classic tile for a longer f32 one; every block classic
+// under FM_TILES_CLASSIC.
+// The decode and prefill tiles take the block's next ticket while their first stages load
+// (prefetch_ticket, ticket.cuh; take_task uses it).
 template <class D, int kEpi>
 __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, const Clamp& clamp) {
     if constexpr (D::kTensorCore) {
-        if (const uint32_t n = decode_tokens(*c.L, t.a_rows); n != 0) {
-            run_decode_tile<D, kEpi>(t, n, c.smem, c.L->mlp, clamp);
+        const TileChoice tc = tile_for<D::kCode>(*c.L, t.a_rows);
+        if (tc.kind == kTileDecode) {
+            run_decode_tile<D, kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);
+            return;
+        }
+        if (tc.kind == kTilePrefill) {
+            run_prefill_tile<D, kEpi>(t, c.smem, c.L->mlp, clamp);
+            return;
+        }
+    } else {
+        const TileChoice tc = tile_for<D::kCode>(*c.L, t.a_rows);
+        if (tc.kind == kTileDecode) {
+            run_decode_tile_f32<kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);
             return;
         }
     }
@@ -423,19 +284,25 @@ __device__ bool run_task(const Ctx& c, uint32_t task) {
 
 enum TakeState : uint32_t { kTakeTask = 1, kTakeDone = 2, kTakeStop = 3 };
 
-// Thread 0 takes the next ticket and waits for its entry or for the end of the queue;
-// the outcome goes to Misc (task, state).
+// Thread 0 takes the next ticket (the one its last tile took ahead, if any) and waits for its
+// entry or for the end of the queue; the outcome goes to Misc (task, state). A ticket taken
+// ahead changes nothing in the protocol: tickets are still taken in order, and the wait for
+// an entry still happens only while the block holds no task (the tile that took it has
+// finished), so the deadlock argument at the top of this file holds as is.
 __device__ FM_PHASE void take_task(const Ctx& c) {
+    Misc* const m = block_misc();  // c.misc, at a constant address: no pointer kept live
     // Review fix: wait_until() looks at the abort flag only while its probe fails, so a rank
     // that had already failed kept running every task whose entry was ready (GEMMs, remote
     // stores, combine signals of a dead epoch) before it noticed. One relaxed load per task.
     if (aborted(c)) {
-        c.misc->task = 0;
-        c.misc->state = kTakeStop;
+        m->task = 0;
+        m->state = kTakeStop;
         return;
     }
     const uint64_t cap = c.L->ws_queue_capacity;
-    const uint32_t ticket = atomicAdd(c.queue_ctl() + 1, 1u);
+    const uint32_t ahead = m->ticket;
+    m->ticket = kNoTicket;
+    const uint32_t ticket = ahead != kNoTicket ? ahead : atomicAdd(c.queue_ctl() + 1, 1u);
     uint32_t task = 0, state = 0;
     const bool ok = wait_until(
         c, [&](uint64_t& seen) {
@@ -456,28 +323,29 @@ __device__ FM_PHASE void take_task(const Ctx& c) {
             return false;
         },
         FM_STAGE_EXPERT, 0x1000000ull | ticket, c.n << 32, kWaitConsequence);
-    c.misc->task = task;
-    c.misc->state = ok ? state : kTakeStop;
+    m->task = task;
+    m->state = ok ? state : kTakeStop;
 }
 
 // Takes tickets and runs tasks until the published total says the queue is exhausted.
 // Returns false on error (block-uniform).
 template <class D>
 __device__ FM_PHASE bool process_tasks(const Ctx& c) {
+    Misc* const m = block_misc();  // c.misc, at a constant address: no pointer kept live
     while (true) {
         if (threadIdx.x == 0) {
             take_task(c);
             phase_lap(c, kPhaseIdle);
         }
         __syncthreads();
-        const uint32_t task = c.misc->task, state = c.misc->state;
+        const uint32_t task = m->task, state = m->state;
         __syncthreads();
         if (state == kTakeDone) return true;
         if (state != kTakeTask) return false;
         if (!run_task<D>(c, task)) return false;
         if (threadIdx.x == 0) {
             phase_lap(c, kPhaseTiles);
-            ++c.misc->phase[kPhaseTasks];
+            ++m->phase[kPhaseTasks];
         }
     }
 }

@@ -1,0 +1,252 @@
+// The prefill tile: one 64x64 output tile of a routed row block of more than
+// FM_DECODE_MAX_ROWS rows (bf16/f16), with larger warp tiles than the classic tile.
+//
+// Why this shape. The classic tile (gemm.cuh) gives each of its 8 warps 16 x 32 outputs per
+// B matrix: per k16 step 1 A + 2 B ldmatrix.x4 feed 4 mma (3:4, 384 shared-memory bytes per
+// mma; gated 1 + 2 + 2 for 8 mma, 5:8, 320 B), which caps it near 26-31% of tensor-core peak
+// (kernel-review.md). A bigger warp tile needs a bigger block tile or fewer warps per output.
+// The block tile stays TILE_M x TILE_N = 64 x 64: the plan's task decomposition, the
+// gemm0_done counters, the workspace's row blocks and the CPU executor's units are laid out in
+// it, and 128-row blocks would change all four. So the warps split K instead: each warp
+// computes a kWarpM x kWarpN tile over 1/kSplitK of every 64-deep stage, and the kSplitK
+// partial tiles are summed in a fixed order (split 0, 1, ...) in the epilogue.
+//  - gated GEMM0 (gate and up B matrices): 32 x 32 warp tiles, 2 x 2 warps x 2 K splits; per
+//    k16 step 2 A + 2 gate + 2 up ldmatrix.x4 feed 16 mma: 3:8, 192 B per mma (1.7x less
+//    shared-memory traffic than classic), 64 accumulator registers.
+//  - one B matrix (GEMM1, plain activations): 32 x 64 warp tiles, 2 x 1 warps x 4 K splits;
+//    2 A + 4 B ldmatrix.x4 feed 16 mma: 3:8, 192 B per mma (2x less), 64 accumulators.
+// 64 f32 accumulators are what the 128-register budget (__launch_bounds__(256, 2): two blocks
+// per SM) leaves room for next to the fragments and addresses; a 64 x 64 warp tile (1:4)
+// would need 128 (256 gated). Loads are the classic tile's (mma_load_stage, same stages and
+// pipeline, rows past a_rows zero-filled), so the arena and the K loop do not change.
+// Epilogue: every warp writes its partial tile to the arena; all 256 threads then sum the
+// splits per output in order, add the biases, apply the activation (as run_tile) and store
+// 16-byte vectors of the rows < out_rows (as run_decode_tile). Same arguments (TileArgs),
+// same outputs as run_tile: the stage checks read the same act / y rows.
+#ifndef FLASHMOE_GEMM_PREFILL_CUH
+#define FLASHMOE_GEMM_PREFILL_CUH
+
+#include "flashmoe/common.cuh"
+#include "flashmoe/gemm.cuh"
+
+namespace fm {
+
+// A prefill warp tiling: kWarpM x kWarpN outputs per B matrix and warp, kSplitK warps per
+// output along K.
+template <int WarpM, int WarpN, int SplitK>
+struct PrefillShape {
+    static constexpr int kWarpM = WarpM, kWarpN = WarpN, kSplitK = SplitK;
+    static constexpr int kMi = WarpM / 16;                 // m16 blocks of a warp
+    static constexpr int kNp = WarpN / 16;                 // n16 blocks (one B ldmatrix.x4 each)
+    static constexpr int kWarpsM = kTileM / WarpM, kWarpsN = kTileN / WarpN;
+    static constexpr int kSteps = kTileK / 16 / SplitK;    // k16 steps of a warp per stage
+    static_assert(WarpM % 16 == 0 && WarpN % 16 == 0,
+                  "A in m16 blocks, B in n16 blocks (one ldmatrix.x4 = two n8 blocks)");
+    static_assert(kTileM % WarpM == 0 && kTileN % WarpN == 0, "warp tiles cover the block tile");
+    static_assert(kWarpsM * kWarpsN * SplitK == kWarps, "every warp has one (m, n, K split) place");
+    static_assert((kTileK / 16) % SplitK == 0, "each K split takes whole k16 steps of a stage");
+};
+
+// The tiling of each epilogue kind (see the header comment for the ratios).
+template <bool kGated>
+struct PrefillFor {
+    using S = PrefillShape<32, 64, 4>;
+};
+template <>
+struct PrefillFor<true> {
+    using S = PrefillShape<32, 32, 2>;
+};
+
+template <bool kGated>
+constexpr int kPrefillMats = kGated ? 2 : 1;
+
+// Accumulators of one thread: [B matrix][m16 block][n8 block][fragment].
+template <bool kGated, class S>
+using PrefillAcc = float[kPrefillMats<kGated>][S::kMi][2 * S::kNp][4];
+
+// The warp's k16 steps of stage buf: A (tokens) x B (weights) into acc.
+template <class D, bool kGated, class S>
+__device__ __forceinline__ void prefill_mma_stage(const char* arena, int buf, PrefillAcc<kGated, S>& acc) {
+    using T = typename D::T;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = warp % S::kWarpsM, wn = (warp / S::kWarpsM) % S::kWarpsN;
+    const int wk = warp / (S::kWarpsM * S::kWarpsN);
+    const T* As = reinterpret_cast<const T*>(arena) + buf * 3 * kTileM * kLd;
+    const T* Bg = As + kTileM * kLd;
+    const T* Bu = Bg + kTileN * kLd;
+#pragma unroll
+    for (int s = 0; s < S::kSteps; ++s) {
+        const int kk = wk * S::kSteps + s;
+        uint32_t a[S::kMi][4];
+#pragma unroll
+        for (int mi = 0; mi < S::kMi; ++mi) {
+            ldmatrix_x4(a[mi], As + (wm * S::kWarpM + mi * 16 + (lane % 16)) * kLd + kk * 16 + (lane / 16) * 8);
+        }
+#pragma unroll
+        for (int np = 0; np < S::kNp; ++np) {
+            // Fragments as run_tile's: b[0..1] feed n8 block 2 np, b[2..3] block 2 np + 1.
+            const int brow = wn * S::kWarpN + np * 16 + (lane % 8) + (lane / 16) * 8;
+            const int bcol = kk * 16 + ((lane / 8) % 2) * 8;
+#pragma unroll
+            for (int m = 0; m < kPrefillMats<kGated>; ++m) {
+                uint32_t b[4];
+                ldmatrix_x4(b, (m == 0 ? Bg : Bu) + brow * kLd + bcol);
+#pragma unroll
+                for (int mi = 0; mi < S::kMi; ++mi) {
+                    mma16816<D::kCode>(acc[m][mi][np * 2], a[mi], b[0], b[1]);
+                    mma16816<D::kCode>(acc[m][mi][np * 2 + 1], a[mi], b[2], b[3]);
+                }
+            }
+        }
+    }
+}
+
+// The loader's per-thread state: the classic loader's chunks (mma_load_stage: chunk
+// tid % 8 of rows tid / 8 and tid / 8 + 32 of A, B gate and B up), with the B rows as one
+// 32-bit offset shared by both B matrices instead of four 64-bit pointers: fewer live
+// registers next to the 64 accumulators. A tile's 64 B rows span 64 x b_stride bytes, at
+// most 64 x kMaxDim x 4 = 16 MiB (check_params refuses hidden / intermediate above kMaxDim).
+struct PrefillLoader {
+    const char* arow[2];  // A rows tid / 8 (+ 32), nullptr past a_rows
+    const char* b0;
+    const char* b1;
+    uint32_t boff;        // (tid / 8) * b_stride + (tid % 8) * 16
+    uint32_t b32;         // 32 * b_stride
+};
+
+template <class D, bool kGated>
+__device__ __forceinline__ void prefill_load_stage(const PrefillLoader& l, char* arena, int buf, uint32_t kc) {
+    using T = typename D::T;
+    T* As = reinterpret_cast<T*>(arena) + buf * 3 * kTileM * kLd;
+    T* Bg = As + kTileM * kLd;
+    T* Bu = Bg + kTileN * kLd;
+    const uint32_t koff = kc * uint32_t(kTileK * sizeof(T));
+#pragma unroll
+    for (int j = 0; j < kMmaRowsPerThread; ++j) {
+        const int i = threadIdx.x + j * kThreads;
+        const int r = i / 8, ch = i % 8;
+        const bool valid = l.arow[j] != nullptr;
+        cp_async16(As + r * kLd + ch * 8, valid ? l.arow[j] + koff + ch * 16 : l.b0, valid);
+        const uint32_t bo = l.boff + j * l.b32 + koff;
+        cp_async16(Bg + r * kLd + ch * 8, l.b0 + bo, true);
+        if constexpr (kGated) cp_async16(Bu + r * kLd + ch * 8, l.b1 + bo, true);
+    }
+}
+
+// The classic pipeline (mma_mainloop's prologue, waits and reuse point) with the prefill
+// warp tiling.
+template <class D, bool kGated, class S>
+__device__ __forceinline__ void prefill_mainloop(const TileArgs& t, char* arena, PrefillAcc<kGated, S>& acc) {
+    static_assert(kMmaRowsPerThread == 2, "the loader keeps two rows per thread and matrix");
+    const uint32_t nk = t.k / kTileK;
+    PrefillLoader l;
+#pragma unroll
+    for (int j = 0; j < kMmaRowsPerThread; ++j) l.arow[j] = a_row(t, (threadIdx.x + j * kThreads) / 8);
+    l.b0 = t.b0;
+    l.b1 = t.b1;
+    l.boff = uint32_t(threadIdx.x / 8) * uint32_t(t.b_stride) + (threadIdx.x % 8) * 16;
+    l.b32 = 32 * uint32_t(t.b_stride);
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (uint32_t(s) < nk) prefill_load_stage<D, kGated>(l, arena, s, s);
+        cp_async_commit();
+    }
+    prefetch_ticket();  // the task loop's next ticket, while the stages load
+    for (uint32_t kc = 0; kc < nk; ++kc) {
+        // As mma_mainloop: group kc complete, every warp done with step kc-1 whose buffer
+        // the load below overwrites.
+        cp_async_wait<kStages - 2>();
+        __syncthreads();
+        const uint32_t next = kc + kStages - 1;
+        if (next < nk) prefill_load_stage<D, kGated>(l, arena, int(next % kStages), next);
+        cp_async_commit();
+        prefill_mma_stage<D, kGated, S>(arena, int(kc % kStages), acc);
+    }
+    cp_async_wait<0>();
+}
+
+// Computes one prefill tile into t.out (rows < out_rows), as run_tile<D, kEpi> would.
+// Block-wide; starts and ends with the arena free.
+template <class D, int kEpi>
+__device__ FM_PHASE void run_prefill_tile(const TileArgs& t, char* arena, uint32_t mlp, const Clamp& k) {
+    static_assert(D::kTensorCore && kEpi != kEpiStoreF32,
+                  "the prefill tile is the routed bf16/f16 GEMM0 / GEMM1 tile");
+    constexpr bool kGated = kEpi == kEpiActGated;
+    using S = typename PrefillFor<kGated>::S;
+    constexpr int kMats = kPrefillMats<kGated>;
+    static_assert(kMats * S::kMi * 2 * S::kNp * 4 <= 64,
+                  "at most 64 f32 accumulators: the 128-register budget (2 blocks of 256 per "
+                  "SM) also holds the A/B fragments, addresses and the pipeline's state");
+    static_assert(S::kSplitK * kMats * kTileM * kCStride * 4 <= kArenaBytes<D>,
+                  "the partial tiles of every K split must fit the bf16/f16 arena");
+    PrefillAcc<kGated, S> acc;
+#pragma unroll
+    for (int m = 0; m < kMats; ++m)
+#pragma unroll
+        for (int mi = 0; mi < S::kMi; ++mi)
+#pragma unroll
+            for (int j = 0; j < 2 * S::kNp; ++j)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[m][mi][j][q] = 0.f;
+    {
+        // A private copy: the loader's fields stay in registers instead of being reloaded
+        // from the caller's frame after every cp.async (their "memory" clobbers).
+        const TileArgs tl = t;
+        prefill_mainloop<D, kGated, S>(tl, arena, acc);
+    }
+    __syncthreads();  // every warp is done with the stages: reuse them for the partials
+    // Partials P[K split][B matrix][row][column].
+    float* P = reinterpret_cast<float*>(arena);
+    __builtin_assume(__isShared(P));  // shared-memory stores and loads, not generic ones
+    {
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+        const int wm = warp % S::kWarpsM, wn = (warp / S::kWarpsM) % S::kWarpsN;
+        const int wk = warp / (S::kWarpsM * S::kWarpsN);
+#pragma unroll
+        for (int m = 0; m < kMats; ++m)
+#pragma unroll
+            for (int mi = 0; mi < S::kMi; ++mi)
+#pragma unroll
+                for (int j = 0; j < 2 * S::kNp; ++j)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {  // fragment rows lane / 4 and + 8
+                        const int row = wm * S::kWarpM + mi * 16 + lane / 4 + h * 8;
+                        const int col = wn * S::kWarpN + j * 8 + (lane % 4) * 2;
+                        float* p = P + ((wk * kMats + m) * kTileM + row) * kCStride + col;
+                        *reinterpret_cast<float2*>(p) = make_float2(acc[m][mi][j][2 * h], acc[m][mi][j][2 * h + 1]);
+                    }
+    }
+    __syncthreads();
+    constexpr int V = kVec<D>;
+    constexpr int kPerRow = kTileN / V;
+    constexpr int kSplitStride = kMats * kTileM * kCStride;  // floats between K splits
+    const Clamp clamp = k;  // in registers, not reloaded from the caller's frame per output
+    for (uint32_t i = threadIdx.x; i < t.out_rows * kPerRow; i += kThreads) {
+        const int r = i / kPerRow, v = i % kPerRow;
+        float f[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const int g = r * kCStride + v * V + e;
+            float z = P[g];
+#pragma unroll
+            for (int s = 1; s < S::kSplitK; ++s) z += P[s * kSplitStride + g];  // fixed order
+            if (t.bias0) z += t.bias0[v * V + e];
+            if constexpr (kGated) {
+                const int u = kTileM * kCStride + g;
+                float up = P[u];
+#pragma unroll
+                for (int s = 1; s < S::kSplitK; ++s) up += P[s * kSplitStride + u];
+                if (t.bias1) up += t.bias1[v * V + e];
+                z = gated_activation(mlp, z, up, clamp);
+            }
+            if constexpr (kEpi == kEpiActPlain) z = activation(mlp, z);
+            f[e] = z;
+        }
+        store_vec<D>(t.out + r * t.out_stride + v * 16, f);
+    }
+    __syncthreads();
+}
+
+}  // namespace fm
+
+#endif  // FLASHMOE_GEMM_PREFILL_CUH

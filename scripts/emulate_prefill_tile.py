@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Emulates the index math of the prefill tile (kernel/include/flashmoe/gemm_prefill.cuh),
+transcribed by hand, with the PTX fragment layouts of ldmatrix.x4 and mma.m16n8k16.row.col:
+every warp's A / B fragment addresses, its accumulators, the partial tiles it writes to the
+arena (flat offsets as the kernel computes them) and the epilogue's in-order sum over the
+K splits. Checks each output of one 64-deep stage against A x B^T, for both tilings
+(gated: 32x32 warp tiles x 2 K splits; one B matrix: 32x64 x 4), and that every partial
+element is written exactly once and fits the arena. Also the f32 decode tile's thread
+mapping (gemm_decode_f32.cuh) for N = 8, 16, 32. Stdlib only:
+`python3 scripts/emulate_prefill_tile.py`. Not a substitute for a GPU run: it checks the
+index math, not the compiled code."""
+import random
+random.seed(1)
+def zeros(*shape):
+    if len(shape) == 1: return [0.0] * shape[0]
+    return [zeros(*shape[1:]) for _ in range(shape[0])]
+def rand_mat(r, c): return [[float(random.randint(-3, 3)) for _ in range(c)] for _ in range(r)]
+M = N = K = 64      # TILE_M, TILE_N, and one 64-deep stage (K splits are within a stage)
+CSTRIDE = 64 + 4    # kCStride
+ARENA_BYTES = 3 * 3 * 64 * (64 + 8) * 2  # kArenaBytes<bf16>: kStages x (A, Bg, Bu) x 64 x kLd
+def ldmatrix_x4(S, addr):  # addr[lane] = (row, col) of the 8-element row lane provides
+    out = zeros(32, 4, 2)
+    for i in range(4):
+        for t in range(32):
+            r, c = addr[8 * i + t // 4]
+            out[t][i] = S[r][c + 2 * (t % 4): c + 2 * (t % 4) + 2]
+    return out
+def mma(d, a, b0, b1):  # per lane fragments
+    A = zeros(16, 16); B = zeros(16, 8)
+    for t in range(32):
+        g, c = t // 4, t % 4
+        A[g][2*c:2*c+2] = a[t][0]; A[g+8][2*c:2*c+2] = a[t][1]
+        A[g][2*c+8:2*c+10] = a[t][2]; A[g+8][2*c+8:2*c+10] = a[t][3]
+        B[2*c][g], B[2*c+1][g] = b0[t]; B[2*c+8][g], B[2*c+9][g] = b1[t]
+    C = [[sum(A[i][k] * B[k][j] for k in range(16)) for j in range(8)] for i in range(16)]
+    for t in range(32):
+        g, c = t // 4, t % 4
+        for q, v in enumerate([C[g][2*c], C[g][2*c+1], C[g+8][2*c], C[g+8][2*c+1]]):
+            d[t][q] += v
+def run(WM, WN, KS, gated):
+    A = rand_mat(M, K)
+    Bs = [rand_mat(N, K) for _ in range(2 if gated else 1)]
+    kWM, kWN = M // WM, N // WN
+    assert kWM * kWN * KS == 8
+    Mi, Np, steps = WM // 16, WN // 16, K // 16 // KS
+    arena = {}
+    seen = set()
+    for warp in range(8):
+        wm, wn, wk = warp % kWM, (warp // kWM) % kWN, warp // (kWM * kWN)
+        acc = zeros(len(Bs), Mi, 2 * Np, 32, 4)
+        for s in range(steps):
+            kk = wk * steps + s
+            a = [ldmatrix_x4(A, [(wm*WM + mi*16 + (l % 16), kk*16 + (l // 16)*8) for l in range(32)]) for mi in range(Mi)]
+            for np_ in range(Np):
+                addr = [(wn*WN + np_*16 + (l % 8) + (l // 16)*8, kk*16 + ((l // 8) % 2)*8) for l in range(32)]
+                for m, B in enumerate(Bs):
+                    b = ldmatrix_x4(B, addr)
+                    for mi in range(Mi):
+                        mma(acc[m][mi][np_*2], a[mi], [x[0] for x in b], [x[1] for x in b])
+                        mma(acc[m][mi][np_*2+1], a[mi], [x[2] for x in b], [x[3] for x in b])
+        for m in range(len(Bs)):
+            for mi in range(Mi):
+                for j in range(2 * Np):
+                    for h in range(2):
+                        for l in range(32):
+                            row = wm*WM + mi*16 + l // 4 + h*8
+                            col = wn*WN + j*8 + (l % 4)*2
+                            assert (wk, m, row, col) not in seen and (wk, m, row, col+1) not in seen
+                            seen.add((wk, m, row, col)); seen.add((wk, m, row, col+1))
+                            # The arena as the kernel indexes it: P + ((wk*kMats + m)*64 + row)*kCStride + col.
+                            flat = ((wk * len(Bs) + m) * M + row) * CSTRIDE + col
+                            arena[flat] = acc[m][mi][j][l][2*h]
+                            arena[flat + 1] = acc[m][mi][j][l][2*h+1]
+    assert len(seen) == KS * len(Bs) * M * N, "every (split, matrix, row, column) written once"
+    # The epilogue's reads: g = r*kCStride + col (gate / only matrix), u = 64*kCStride + g (up),
+    # split s at s * kSplitStride, kSplitStride = kMats * 64 * kCStride.
+    split_stride = len(Bs) * M * CSTRIDE
+    assert max(arena) < KS * split_stride and KS * split_stride * 4 <= ARENA_BYTES
+    for m, B in enumerate(Bs):
+        for r in range(M):
+            for c in range(N):
+                base = r * CSTRIDE + c + m * M * CSTRIDE
+                got = arena[base]
+                for s_ in range(1, KS): got += arena[s_ * split_stride + base]
+                want = sum(A[r][k] * B[c][k] for k in range(K))
+                assert got == want, (WM, WN, KS, m, r, c, got, want)
+    print("ok", WM, WN, KS, "gated" if gated else "plain")
+def run_f32_decode(n):
+    """The f32 decode tile (gemm_decode_f32.cuh): thread (ty, tx) = (tid / 16, tid % 16) owns
+    tokens 2 ty, 2 ty + 1 and columns 4 tx .. 4 tx + 3; As / Bg are k-major (f32_put); a warp
+    skips the FMAs when its tokens are all >= n, which must be warp-uniform."""
+    A = rand_mat(M, K)
+    B = rand_mat(N, K)
+    As = [[A[r][k] for r in range(M)] for k in range(K)]  # As[k][token]
+    Bs = [[B[c][k] for c in range(N)] for k in range(K)]  # Bg[k][column]
+    out, active_by_warp = {}, {}
+    for tid in range(256):
+        tx, ty = tid % 16, tid // 16
+        active = ty * 2 < n
+        assert active_by_warp.setdefault(tid // 32, active) == active, "warp-uniform skip"
+        if not active:
+            continue
+        for i in range(2):
+            for j in range(4):
+                acc = 0.0
+                for kk in range(K):  # one chain in k order, as ffma_mainloop
+                    acc += As[kk][ty * 2 + i] * Bs[kk][tx * 4 + j]
+                key = (ty * 2 + i, tx * 4 + j)
+                assert key not in out
+                out[key] = acc
+    for r in range(n):
+        for c in range(N):
+            assert out[(r, c)] == sum(A[r][k] * B[c][k] for k in range(K)), (n, r, c)
+    print("ok f32 decode", n)
+
+run(32, 32, 2, True)
+run(32, 64, 4, False)
+for n in (8, 16, 32):
+    run_f32_decode(n)
