@@ -7,7 +7,8 @@ K splits. Checks each output of one 64-deep stage against A x B^T, for both tili
 (gated: 32x32 warp tiles x 2 K splits; one B matrix: 32x64 x 4), and that every partial
 element is written exactly once and fits the arena. Also the f32 decode tile's thread
 mapping (gemm_decode_f32.cuh) for N = 8, 16, 32. Stdlib only:
-`python3 scripts/emulate_prefill_tile.py`. Not a substitute for a GPU run: it checks the
+`python3 scripts/emulate_prefill_tile.py`. Also (review) the loader's 32-bit B offsets, the cp.async
+stage reuse and the epilogue's row bound. Not a substitute for a GPU run: it checks the
 index math, not the compiled code."""
 import random
 random.seed(1)
@@ -117,3 +118,66 @@ run(32, 32, 2, True)
 run(32, 64, 4, False)
 for n in (8, 16, 32):
     run_f32_decode(n)
+
+def run_loader_and_pipeline():
+    """Review addition: what run() does not see. (1) prefill_load_stage / prefill_mainloop's
+    loader: thread tid, j < 2 loads chunk tid % 8 of row tid / 8 + 32 j; the B source offset
+    is computed in 32 bits (boff + j * b32 + koff, uint32 wrap emulated) and must equal the
+    exact row * b_stride + kc * 128 + chunk * 16 for every K step up to kMaxDim = 65536
+    (bf16/f16: b_stride = K * 2); every (row, chunk) of a stage is loaded exactly once.
+    (2) The cp.async pipeline (kStages = 3, prologue of 2 groups, wait_group<1>, one
+    __syncthreads, then the load of step kc + 2 into buffer (kc + 2) % 3): the buffer a step
+    reads holds that step, its group is complete, and no load targets a buffer that a warp may
+    still read (the one read since the last barrier). (3) The epilogue loop: i < out_rows * 8
+    covers rows < out_rows and 16-byte vectors 0..7 once each, never a row >= out_rows."""
+    M32 = (1 << 32) - 1
+    for K in (64, 128, 4096, 65536):
+        bs = K * 2
+        nk = K // 64
+        for kc in sorted({0, min(1, nk - 1), nk // 2, nk - 1}):
+            koff = (kc * 64 * 2) & M32
+            seen = set()
+            for tid in range(256):
+                boff = ((tid // 8) * bs + (tid % 8) * 16) & M32
+                b32 = (32 * bs) & M32
+                for j in range(2):
+                    i = tid + j * 256
+                    r, ch = i // 8, i % 8
+                    assert (r, ch) not in seen
+                    seen.add((r, ch))
+                    bo = (boff + j * b32 + koff) & M32
+                    assert bo == r * bs + kc * 128 + ch * 16, (K, kc, tid, j)
+                    assert bo + 16 <= 64 * bs
+            assert len(seen) == 64 * 8
+    S = 3
+    for nk in range(1, 12):
+        buf = {}          # buffer -> (step, group) last loaded into it
+        pending = []      # (buffer, issue iteration, step) of every load
+        groups = 0        # commit groups so far (empty ones too)
+        for s in range(S - 1):
+            if s < nk:
+                buf[s % S] = (s, groups)
+                pending.append((s % S, -1, s))
+            groups += 1
+        reads = []        # (iteration, buffer)
+        for kc in range(nk):
+            complete = groups - (S - 2)   # wait_group<S-2>: all but the newest S-2 groups
+            # __syncthreads here: every warp has finished reading step kc-1's buffer.
+            nxt = kc + S - 1
+            if nxt < nk:
+                buf[nxt % S] = (nxt, groups)
+                pending.append((nxt % S, kc, nxt))
+            groups += 1
+            step, g = buf[kc % S]
+            assert step == kc and g < complete, (nk, kc)   # landed, and the right step
+            reads.append((kc, kc % S))
+        # A load issued at iteration i (after that iteration's barrier) into buffer b may
+        # land any time until its step is read: no read of b from iteration i on until then.
+        for b, i, step in pending:
+            assert all(rb != b for it, rb in reads if i <= it < step), (nk, b, i, step)
+    for out_rows in range(1, 65):
+        cells = [(i // 8, i % 8) for i in range(out_rows * 8)]
+        assert len(set(cells)) == out_rows * 8 and all(r < out_rows for r, _ in cells)
+    print("ok loader offsets, pipeline reuse, epilogue bounds")
+
+run_loader_and_pipeline()
