@@ -140,7 +140,8 @@ else
     echo "test-fixtures: not run (no gpu_model executable)" >>"$summary"
 fi
 
-# ---- compute-sanitizer on the smallest config (one whole-layer launch, long deadlines)
+# ---- compute-sanitizer on a small config (one whole-layer launch, long deadlines); 160
+#      tokens of tiny give both decode and prefill tile blocks (64 tokens: decode only)
 cs="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -n 1)"
 for tool in memcheck racecheck synccheck; do
     if [ -z "$cs" ]; then
@@ -148,7 +149,7 @@ for tool in memcheck racecheck synccheck; do
         continue
     fi
     step "$tool" sanitizer.txt "$cs" --tool "$tool" --error-exitcode 9 \
-        "$bench" stages --backend gpu --preset tiny --tokens 64 --only combine --timeout-ms 20000
+        "$bench" stages --backend gpu --preset tiny --tokens 160 --only combine --timeout-ms 20000
 done
 
 # ---- graph replay (100 replays, no reset between them)
