@@ -360,11 +360,14 @@ impl MoeLayer {
         Self::with_scratch(stream, plan, weights, world, opts, None)
     }
 
-    /// [`MoeLayer::new`], over `scratch` when given: a scratch shared with other layers,
-    /// which must never run at the same time as this one (the GPU model's layers run in
-    /// order on one stream). Errors as [`MoeLayer::new`], and [`Error::InvalidConfig`]
-    /// when the scratch serves another number of ranks or is smaller than the plan's.
-    pub(crate) fn with_scratch(
+    /// [`MoeLayer::new`], over `scratch` when given: a [`Scratch`] shared with other
+    /// layers (e.g. every MoE layer of a model), so that their transient rows take the
+    /// memory of one layer, not one each. Layers sharing a scratch must never have
+    /// launches in flight at the same time: run them in order on one stream (a condition
+    /// of [`MoeLayer::forward`]; the GPU model does so). Errors as [`MoeLayer::new`], and
+    /// [`Error::InvalidConfig`] when the scratch serves another number of ranks or is
+    /// smaller than the plan's.
+    pub fn with_scratch(
         stream: Arc<CudaStream>,
         plan: LayerPlan,
         weights: &LayerWeights,
@@ -880,7 +883,9 @@ impl MoeLayer {
     /// For every rank, `x` and `out` must address `tokens * hidden` elements of the layer
     /// dtype, and `routing` (Given router) `tokens * top_k` ids (i32) and weights (f32),
     /// all in this layer's CUDA context, live and not written by other work until the
-    /// launch has finished.
+    /// launch has finished; and no other layer sharing this layer's scratch
+    /// ([`MoeLayer::with_scratch`]) may have a launch in flight until this one has
+    /// finished (launch them in order on one stream).
     pub unsafe fn forward(&mut self, io: &[RankIo], stream: &CudaStream) -> Result<()> {
         self.guard_epochs()?;
         let p = self.launch_params(io)?;

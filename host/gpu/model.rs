@@ -175,7 +175,7 @@ fn shared_scratch(
             ),
         });
     }
-    Scratch::new(stream, ranks, bytes)
+    Scratch::for_plans(stream, plans, ranks)
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {

@@ -19,8 +19,10 @@ pub struct Scratch {
 
 impl Scratch {
     /// Allocates `ranks` regions of `bytes` each (zeroed, at least 256 bytes) on
-    /// `stream`'s device.
-    pub(crate) fn new(stream: &Arc<CudaStream>, ranks: usize, bytes: u64) -> Result<Arc<Self>> {
+    /// `stream`'s device: `ranks` is the layers' [`GpuWorld::ranks`](super::GpuWorld::ranks),
+    /// `bytes` the largest `plan.workspace.scratch_bytes` of the layers that will share it
+    /// ([`Scratch::for_plans`]).
+    pub fn new(stream: &Arc<CudaStream>, ranks: usize, bytes: u64) -> Result<Arc<Self>> {
         let bytes = usize::try_from(bytes).map_err(|_| Error::PlanTooLarge {
             what: format!("a scratch of {bytes} bytes does not fit in usize"),
         })?;
@@ -28,6 +30,21 @@ impl Scratch {
             .map(|_| DeviceBuffer::zeroed(stream, bytes, "scratch"))
             .collect::<Result<Vec<_>>>()?;
         Ok(Arc::new(Scratch { ranks }))
+    }
+
+    /// A scratch for layers of these plans, in a world of `ranks` launch ranks: sized for
+    /// the largest.
+    pub fn for_plans(
+        stream: &Arc<CudaStream>,
+        plans: &[LayerPlan],
+        ranks: usize,
+    ) -> Result<Arc<Self>> {
+        let bytes = plans
+            .iter()
+            .map(|p| p.workspace.scratch_bytes)
+            .max()
+            .unwrap_or(0);
+        Self::new(stream, ranks, bytes)
     }
 
     /// Launch ranks it serves.
