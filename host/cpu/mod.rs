@@ -78,10 +78,10 @@ pub struct CpuExecutor {
     threads: usize,
     /// Stage checks: the stage the next forward stops after (see `stages.rs`).
     stop: Option<crate::stages::Stage>,
-    /// Stage checks: per rank, the GEMM0 activations in the workspace layout (empty unless
+    /// Stage checks: per rank, the GEMM0 activations in the scratch layout (empty unless
     /// a stage check asked for them).
     act: Vec<SymHeap>,
-    /// Per rank, the expert output of every pair it serves, in the workspace layout.
+    /// Per rank, the expert output of every pair it serves, in the scratch layout.
     y: Vec<SymHeap>,
 }
 

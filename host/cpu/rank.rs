@@ -40,10 +40,10 @@ pub struct Shared<'a> {
     pub abort: &'a AtomicBool,
     /// Stage checks: stop after this stage (`None`: the whole layer).
     pub stop: Option<Stage>,
-    /// Stage checks: per rank, where the GEMM0 activations are kept (the workspace's
+    /// Stage checks: per rank, where the GEMM0 activations are kept (the scratch's
     /// activation region of the plan), or empty.
     pub act: &'a [SymHeap],
-    /// Per rank, the expert outputs of every pair (the workspace's `y` region).
+    /// Per rank, the expert outputs of every pair (the scratch's `y` region).
     pub y: &'a [SymHeap],
 }
 

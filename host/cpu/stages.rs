@@ -8,7 +8,7 @@ use crate::reference::{RankInput, RouteOverrides};
 use crate::stages::{Capture, RankCapture, Stage, StageRunner};
 
 impl CpuExecutor {
-    /// The heaps that keep the GEMM0 activations (the workspace's activation region of the
+    /// The heaps that keep the GEMM0 activations (the scratch's activation region of the
     /// plan, per rank), allocated on first use.
     fn act_heaps(&mut self) -> Result<()> {
         if !self.act.is_empty() {

@@ -45,7 +45,7 @@ pub enum Stage {
     Dispatch,
     /// The expert GEMM0 and its activation, for every received row.
     Gemm0,
-    /// The expert GEMM1: every pair's expert output in the owner's workspace.
+    /// The expert GEMM1: every pair's expert output in the owner's scratch.
     Gemm1,
     /// The weighted sum into the output rows (the whole layer).
     Combine,
@@ -103,11 +103,11 @@ pub struct RankCapture {
     pub gate: GateOutput,
     /// The rank's whole symmetric heap, laid out as `plan.heap` says.
     pub heap: Vec<u8>,
-    /// The GEMM0 activations, laid out as the workspace's activation region
+    /// The GEMM0 activations, laid out as the scratch's activation region
     /// (`[source][pair][intermediate]` in the dtype, strides from
     /// `plan.workspace.act_stride_*`), from the region's first byte; empty before GEMM0.
     pub act: Vec<u8>,
-    /// The GEMM1 expert outputs, laid out as the workspace's output region
+    /// The GEMM1 expert outputs, laid out as the scratch's output region
     /// (`[source][pair][hidden]` in the dtype, strides from `plan.workspace.y_stride_*`),
     /// from the region's first byte; empty before GEMM1.
     pub y: Vec<u8>,
