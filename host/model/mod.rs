@@ -65,6 +65,46 @@ pub struct ModelLayer {
     pub hash_table: Option<Arc<Vec<u32>>>,
 }
 
+/// The routing of hash layer `layer` (`table`: `[vocab][top_k]`, DeepSeek-V4's `tid2eid`)
+/// for every rank's tokens (`tokens[r]` each, ids in `token_ids[r]`): each token's experts
+/// are its id's row ([`GivenRouting::from_table`]). An error when there are no ids, or not
+/// one id per token of every rank. Shared by the host model and the GPU model.
+pub(crate) fn hash_routing_of<I: AsRef<[u32]>>(
+    table: &[u32],
+    top_k: usize,
+    layer: usize,
+    token_ids: Option<&[I]>,
+    tokens: &[usize],
+) -> Result<Vec<GivenRouting>> {
+    let ids = token_ids.ok_or_else(|| {
+        Error::input(
+            "token_ids",
+            format!("layer {layer} is hash-routed (experts by token id): call forward_ids"),
+        )
+    })?;
+    if ids.len() != tokens.len() {
+        return Err(Error::input(
+            "token_ids",
+            format!(
+                "{} rank lists, the model's world is {}",
+                ids.len(),
+                tokens.len()
+            ),
+        ));
+    }
+    for (r, (i, &t)) in ids.iter().zip(tokens).enumerate() {
+        if i.as_ref().len() != t {
+            return Err(Error::input(
+                "token_ids",
+                format!("rank {r}: {} ids for {t} tokens", i.as_ref().len()),
+            ));
+        }
+    }
+    ids.iter()
+        .map(|r| GivenRouting::from_table(table, top_k, r.as_ref()))
+        .collect()
+}
+
 impl ModelLayer {
     /// The routing of a hash layer for every rank's tokens (`tokens[r]` each, ids in
     /// `token_ids[r]`): `None` for a layer that routes by itself; an error when a hash
@@ -74,29 +114,12 @@ impl ModelLayer {
         token_ids: Option<&[Vec<u32>]>,
         tokens: &[usize],
     ) -> Result<Option<Vec<GivenRouting>>> {
-        let Some(table) = &self.hash_table else {
-            return Ok(None);
-        };
-        let ids = token_ids.ok_or_else(|| {
-            Error::input(
-                "token_ids",
-                format!(
-                    "layer {} is hash-routed (experts by token id): call forward_ids",
-                    self.index
-                ),
-            )
-        })?;
-        if ids.len() != tokens.len() || ids.iter().zip(tokens).any(|(i, &t)| i.len() != t) {
-            return Err(Error::input(
-                "token_ids",
-                format!("one id per token of every rank: {tokens:?} tokens"),
-            ));
+        match &self.hash_table {
+            None => Ok(None),
+            Some(table) => {
+                hash_routing_of(table, self.config.top_k, self.index, token_ids, tokens).map(Some)
+            }
         }
-        let k = self.config.top_k;
-        ids.iter()
-            .map(|r| GivenRouting::from_table(table, k, r))
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
     }
 
     /// Checks config, weights, norm and logit bias against each other.

@@ -271,3 +271,33 @@ fn cpu_backend_agrees_with_the_reference_on_two_ranks() {
         }
     }
 }
+
+/// Hash routing needs ids, one list per rank and one id per token, each within the table.
+#[test]
+fn hash_routing_checks_the_ids() {
+    // Vocabulary 3, top-2.
+    let table = [0u32, 1, 2, 3, 1, 3];
+    let a = [1u32, 2, 0];
+    let b = [2u32];
+    let got = super::hash_routing_of(&table, 2, 7, Some(&[&a[..], &b[..]]), &[3, 1]).unwrap();
+    assert_eq!(got[0].ids, vec![2, 3, 1, 3, 0, 1]);
+    assert_eq!(got[1].ids, vec![1, 3]);
+    assert!(super::hash_routing_of(&table, 2, 7, Some(&[&a[..0], &[]]), &[0, 0]).is_ok());
+    let e = super::hash_routing_of::<&[u32]>(&table, 2, 7, None, &[3, 1])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("token_ids") && e.contains("layer 7"), "{e}");
+    let e = super::hash_routing_of(&table, 2, 7, Some(&[&a[..]]), &[3, 1])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("token_ids") && e.contains("world is 2"), "{e}");
+    let e = super::hash_routing_of(&table, 2, 7, Some(&[&a[..], &b[..]]), &[2, 1])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rank 0: 3 ids for 2 tokens"), "{e}");
+    let c = [3u32];
+    let e = super::hash_routing_of(&table, 2, 7, Some(&[&c[..], &b[..]]), &[1, 1])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("vocabulary of 3"), "{e}");
+}
