@@ -156,12 +156,7 @@ fn shared_scratch(
     plans: &[LayerPlan],
     ranks: usize,
 ) -> Result<Arc<Scratch>> {
-    let bytes = plans
-        .iter()
-        .map(|p| p.workspace.scratch_bytes)
-        .max()
-        .unwrap_or(0);
-    let need = bytes.saturating_mul(ranks as u64);
+    let need = Scratch::bytes_for(plans).saturating_mul(ranks as u64);
     let (free, _) = stream
         .context()
         .mem_get_info()

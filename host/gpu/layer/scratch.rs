@@ -32,19 +32,23 @@ impl Scratch {
         Ok(Arc::new(Scratch { ranks }))
     }
 
-    /// A scratch for layers of these plans, in a world of `ranks` launch ranks: sized for
-    /// the largest.
+    /// Bytes per rank of a scratch that layers of these plans can share: the largest.
+    pub fn bytes_for(plans: &[LayerPlan]) -> u64 {
+        plans
+            .iter()
+            .map(|p| p.workspace.scratch_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// A scratch for layers of these plans, in a world of `ranks` launch ranks
+    /// ([`Scratch::bytes_for`] each).
     pub fn for_plans(
         stream: &Arc<CudaStream>,
         plans: &[LayerPlan],
         ranks: usize,
     ) -> Result<Arc<Self>> {
-        let bytes = plans
-            .iter()
-            .map(|p| p.workspace.scratch_bytes)
-            .max()
-            .unwrap_or(0);
-        Self::new(stream, ranks, bytes)
+        Self::new(stream, ranks, Self::bytes_for(plans))
     }
 
     /// Launch ranks it serves.
