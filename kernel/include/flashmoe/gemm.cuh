@@ -285,6 +285,36 @@ __device__ __forceinline__ void f32_put(float* s, int r, int k4, float4 v) {
     s[(k4 + 3) * kLdF + r] = v.w;
 }
 
+// Stores one fetched K step (f32_fetch) into the stage: A, B gate and (gated) B up, k-major.
+template <bool kGated, bool kF32Layer>
+__device__ __forceinline__ void f32_put_stage(const F32Prefetch<kGated>& p, float* As, float* Bg,
+                                              float* Bu) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int r, k4;
+        f32_slot<kF32Layer>(i, r, k4);
+        f32_put(As, r, k4, p.a[i]);
+        f32_put(Bg, r, k4, p.bg[i]);
+        if constexpr (kGated) f32_put(Bu, r, k4, p.bu[i]);
+    }
+}
+
+// One output of a routed tile's epilogue (every tile shape: classic, decode, prefill) from
+// its column `col` and sums `g` (GEMM0 gate, or the plain product) and `u` (GEMM0 up, read
+// only when gated): the biases, then the gated or plain activation; kEpiStoreF32 keeps the
+// (biased) sum.
+template <int kEpi>
+__device__ __forceinline__ float epilogue_value(const TileArgs& t, int col, float g, float u,
+                                                uint32_t mlp, const Clamp& k) {
+    if (t.bias0) g += t.bias0[col];
+    if constexpr (kEpi == kEpiActGated) {
+        if (t.bias1) u += t.bias1[col];
+        g = gated_activation(mlp, g, u, k);
+    }
+    if constexpr (kEpi == kEpiActPlain) g = activation(mlp, g);
+    return g;
+}
+
 template <bool kGated, class DA>
 __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, float (&acc)[2][4][4]) {
     constexpr bool kF32Layer = DA::kCode == FM_DTYPE_F32;
@@ -302,14 +332,7 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
         F32Prefetch<kGated> p;
         f32_fetch<kGated, DA>(t, arow, kc, p);
         __syncthreads();  // the previous step's reads are done
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int r, k4;
-            f32_slot<kF32Layer>(i, r, k4);
-            f32_put(As, r, k4, p.a[i]);
-            f32_put(Bg, r, k4, p.bg[i]);
-            if constexpr (kGated) f32_put(Bu, r, k4, p.bu[i]);
-        }
+        f32_put_stage<kGated, kF32Layer>(p, As, Bg, Bu);
         __syncthreads();
 #pragma unroll 4
         for (int kk = 0; kk < kTileK; ++kk) {
@@ -362,14 +385,7 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
         for (int q = 0; q < 4; ++q) {
             int row, col;
             acc_coord<D::kTensorCore, kF32Layer>(g, q, row, col);
-            float v = acc[0][g][q];
-            if (t.bias0) v += t.bias0[col];
-            if constexpr (kEpi == kEpiActGated) {
-                const float u = acc[1][g][q] + (t.bias1 ? t.bias1[col] : 0.f);
-                v = gated_activation(mlp, v, u, k);
-            }
-            if constexpr (kEpi == kEpiActPlain) v = activation(mlp, v);
-            C[row * kCStride + col] = v;
+            C[row * kCStride + col] = epilogue_value<kEpi>(t, col, acc[0][g][q], acc[1][g][q], mlp, k);
         }
     }
     __syncthreads();

@@ -168,14 +168,9 @@ __device__ FM_PHASE void run_decode_tile(const TileArgs& t, uint32_t n, char* ar
         for (int e = 0; e < V; ++e) {
             const int col = v * V + e;
             const int g = r * kDecodeCStride + col, u = (kDecodeMaxN + r) * kDecodeCStride + col;
-            float z = C0[g] + C1[g];  // fixed order: K half 0, then half 1
-            if (t.bias0) z += t.bias0[col];
-            if constexpr (kGated) {
-                const float up = C0[u] + C1[u] + (t.bias1 ? t.bias1[col] : 0.f);
-                z = gated_activation(mlp, z, up, k);
-            }
-            if constexpr (kEpi == kEpiActPlain) z = activation(mlp, z);
-            f[e] = z;
+            // Fixed order: K half 0, then half 1.
+            const float up = kGated ? C0[u] + C1[u] : 0.f;
+            f[e] = epilogue_value<kEpi>(t, col, C0[g] + C1[g], up, mlp, k);
         }
         store_vec<D>(t.out + r * t.out_stride + v * 16, f);
     }

@@ -58,14 +58,7 @@ __device__ FM_PHASE void run_decode_tile_f32(const TileArgs& targs, uint32_t n, 
         f32_fetch<kGated, D>(t, arow, kc, p);
         if (kc == 0) prefetch_ticket();  // the task loop's next ticket, while the loads fly
         __syncthreads();                 // the previous step's reads are done
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int rr, k4;
-            f32_slot<true>(i, rr, k4);
-            f32_put(As, rr, k4, p.a[i]);
-            f32_put(Bg, rr, k4, p.bg[i]);
-            if constexpr (kGated) f32_put(Bu, rr, k4, p.bu[i]);
-        }
+        f32_put_stage<kGated, true>(p, As, Bg, Bu);
         __syncthreads();
         if (!active) continue;
 #pragma unroll 4
@@ -95,15 +88,7 @@ __device__ FM_PHASE void run_decode_tile_f32(const TileArgs& targs, uint32_t n, 
         float f[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int col = tx * 4 + j;
-            float v = acc[0][i][j];
-            if (t.bias0) v += t.bias0[col];
-            if constexpr (kGated) {
-                const float u = acc[1][i][j] + (t.bias1 ? t.bias1[col] : 0.f);
-                v = gated_activation(mlp, v, u, k);
-            }
-            if constexpr (kEpi == kEpiActPlain) v = activation(mlp, v);
-            f[j] = v;
+            f[j] = epilogue_value<kEpi>(t, tx * 4 + j, acc[0][i][j], acc[1][i][j], mlp, k);
         }
         store_vec<D>(t.out + row * t.out_stride + tx * 16, f);
     }

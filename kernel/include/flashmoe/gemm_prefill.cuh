@@ -230,17 +230,14 @@ __device__ FM_PHASE void run_prefill_tile(const TileArgs& t, char* arena, uint32
             float z = P[g];
 #pragma unroll
             for (int s = 1; s < S::kSplitK; ++s) z += P[s * kSplitStride + g];  // fixed order
-            if (t.bias0) z += t.bias0[v * V + e];
+            float up = 0.f;
             if constexpr (kGated) {
                 const int u = kTileM * kCStride + g;
-                float up = P[u];
+                up = P[u];
 #pragma unroll
                 for (int s = 1; s < S::kSplitK; ++s) up += P[s * kSplitStride + u];
-                if (t.bias1) up += t.bias1[v * V + e];
-                z = gated_activation(mlp, z, up, clamp);
             }
-            if constexpr (kEpi == kEpiActPlain) z = activation(mlp, z);
-            f[e] = z;
+            f[e] = epilogue_value<kEpi>(t, v * V + e, z, up, mlp, clamp);
         }
         store_vec<D>(t.out + r * t.out_stride + v * 16, f);
     }
