@@ -13,9 +13,10 @@
 //! * a `#define` without an entry in [`rust_constants`] (or an entry without a `#define`)
 //!   is reported by name.
 
+mod host_cc;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use flashmoe::config::{Dtype, MlpKind, Router};
 use flashmoe::params::{self, KernelParams, LayerParams, RankParams};
@@ -322,33 +323,13 @@ fn c_layout(h: &Header) -> CLayout {
     }
     prog += "  return 0;\n}\n";
 
-    let dir = tempfile::tempdir().unwrap();
-    let c = dir.path().join("layout.c");
-    let exe = dir.path().join("layout");
-    std::fs::write(&c, &prog).unwrap();
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
-    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernel/include");
-    let out = Command::new(&cc)
-        .args(["-std=c11", "-Wall", "-Werror", "-O0"])
-        .arg(format!("-I{}", include.display()))
-        .arg(&c)
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap_or_else(|e| panic!("this test needs a C compiler (`{cc}`, or set CC): {e}"));
-    assert!(
-        out.status.success(),
-        "{cc} failed on the generated program:\n{}\n{prog}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let run = Command::new(&exe).output().unwrap();
-    assert!(run.status.success());
+    let stdout = host_cc::build_and_run(host_cc::Lang::C, &prog);
     let mut l = CLayout {
         sizes: BTreeMap::new(),
         fields: BTreeMap::new(),
         consts: BTreeMap::new(),
     };
-    for line in String::from_utf8(run.stdout).unwrap().lines() {
+    for line in stdout.lines() {
         let w: Vec<&str> = line.split(' ').collect();
         match w[0] {
             "S" => {

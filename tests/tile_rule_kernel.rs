@@ -4,11 +4,11 @@
 //! compiled on the host with the C++ compiler (`CXX`, default `c++`), its device qualifiers
 //! defined away, and its answers compared with the Rust rule's.
 
+mod host_cc;
+
 use flashmoe::params::dtype_code;
 use flashmoe::plan::{tile_for, TileMode, TileShape, TILE_M};
 use flashmoe::Dtype;
-use std::path::Path;
-use std::process::Command;
 
 /// `mode dtype rows kind tokens` lines from the compiled header.
 fn kernel_rule() -> Vec<(u32, u32, usize, u32, usize)> {
@@ -27,29 +27,7 @@ fn kernel_rule() -> Vec<(u32, u32, usize, u32, usize)> {
              all<FM_DTYPE_BF16>(mode); all<FM_DTYPE_F16>(mode); all<FM_DTYPE_F32>(mode);\n\
            }}\n  return 0;\n}}\n"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("rule.cpp");
-    let exe = dir.path().join("rule");
-    std::fs::write(&src, &prog).unwrap();
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
-    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernel/include");
-    let out = Command::new(&cxx)
-        .args(["-std=c++17", "-Wall", "-Werror", "-O0"])
-        .arg(format!("-I{}", include.display()))
-        .arg(&src)
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap_or_else(|e| panic!("this test needs a C++ compiler (`{cxx}`, or set CXX): {e}"));
-    assert!(
-        out.status.success(),
-        "{cxx} failed:\n{}\n{prog}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let run = Command::new(&exe).output().unwrap();
-    assert!(run.status.success());
-    String::from_utf8(run.stdout)
-        .unwrap()
+    host_cc::build_and_run(host_cc::Lang::Cxx, &prog)
         .lines()
         .map(|l| {
             let w: Vec<u64> = l.split(' ').map(|v| v.parse().unwrap()).collect();
