@@ -2,7 +2,8 @@
 # Compiles every kernel the way the build does and checks what can be checked without a GPU:
 # - flashmoe.cu (P2P): one cubin, 3 entry points, ptxas must report 0 spill bytes everywhere;
 # - flashmoe_nvshmem.cu: -rdc object + device link against libnvshmem_device; the cubin may
-#   only leave the driver-provided symbols undefined (vprintf, .nv.reservedSmem.offset0).
+#   only leave the driver-provided symbols undefined (vprintf, .nv.reservedSmem.offset0),
+#   and no flashmoe function may spill (NVSHMEM's own nvshmemi_quiet is reported, allowed).
 # Usage: kernel/check.sh [NVCC] [NVSHMEM_ROOT]   (defaults: the pinned PyPI toolchain)
 set -euo pipefail
 NV=/tmp/pipwarm/venv/lib/python3.11/site-packages/nvidia
@@ -27,7 +28,38 @@ if [ -d "$SH/include" ]; then
         -c "$ROOT/kernel/flashmoe_nvshmem.cu" -o "$OUT/nvshmem.o" 2>"$OUT/nvshmem.log"
     "$NVCC" $ARCH -dlink -cubin "$OUT/nvshmem.o" -L"$SH/lib" -lnvshmem_device \
         -o "$OUT/flashmoe_nvshmem.cubin"
-    grep -B1 -E "bytes spill" "$OUT/nvshmem.log" | grep -E "entry|spill" || true
+    # Spills of the NVSHMEM build, per function. Here every phase and tile is inlined into
+    # one 128-register entry point (common.cuh, FM_PHASE: as -rdc calls, the tiles spill 36 to
+    # 224 bytes of callee-saved registers each), and the entry spills 12 (f32) to 28 (bf16,
+    # f16) bytes. The SASS puts those loads in tile set-up code, none in an mma loop (checked
+    # 2026-12-02 with cuobjdump: the nearest is 148 instructions from an HMMA/LDSM). So the
+    # check is a ceiling against regressions: 32 bytes per entry point. NVSHMEM's own
+    # nvshmemi_quiet instantiations (from its headers) spill 8 bytes: reported, allowed.
+    python3 - "$OUT/nvshmem.log" <<'PY'
+import re, sys
+fn, bad = None, []
+for line in open(sys.argv[1]):
+    m = re.search(r"Function properties for (\S+)", line)
+    if m:
+        fn = m.group(1)
+        continue
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m and fn and (int(m.group(1)) or int(m.group(2))):
+        worst = max(int(m.group(1)), int(m.group(2)))
+        lib = fn.startswith("_Z14nvshmemi_") or fn.startswith("nvshmemi_")
+        entry = fn.startswith("flashmoe_layer_nvshmem_")
+        if lib:
+            print(f"allowed (NVSHMEM's own): {fn}: {line.strip()}")
+        elif entry and worst <= 32:
+            print(f"within the 32-byte ceiling: {fn}: {line.strip()}")
+        else:
+            print(f"SPILL: {fn}: {line.strip()}")
+            bad.append(fn)
+if bad:
+    sys.exit(f"FAIL: flashmoe_nvshmem.cu spills past its ceiling in {len(bad)} function(s)")
+print("ok: flashmoe_nvshmem.cu spills within their ceilings")
+PY
+    grep -E "Used [0-9]+ registers" "$OUT/nvshmem.log" | sort | uniq -c
     python3 - "$OUT/flashmoe_nvshmem.cubin" <<'PY'
 import struct, sys
 d = open(sys.argv[1], "rb").read()
