@@ -25,9 +25,11 @@
 #define FM_MIN_BLOCKS_PER_RANK 2
 // Dynamic shared memory per block, bytes, by entry point. The host must pass exactly these
 // to the launch (after cudaFuncSetAttribute(MaxDynamicSharedMemorySize) above 48 KiB).
-// bf16/f16: 3 cp.async stages x (A, B gate, B up) x 64 rows x 144 B (64 + 8 pad halves) + 256 misc.
-#define FM_SMEM_BYTES_BF16 83200
-#define FM_SMEM_BYTES_F16 83200
+// bf16/f16: 3 cp.async stages x (A: 128 rows for the wide tile, B gate, B up: 64 rows) x
+// 144 B (64 + 8 pad halves) + 256 misc. Two blocks per SM still fit (2 x (110848 + 1024 reserved)
+// <= 228 KiB).
+#define FM_SMEM_BYTES_BF16 110848
+#define FM_SMEM_BYTES_F16 110848
 // f32: 1 stage x (A, B gate, B up) x 64 k x 272 B (64 + 4 pad floats) + 256 misc.
 #define FM_SMEM_BYTES_F32 52480
 // Most expert groups of group-limited selection (one group per lane of a warp).
@@ -106,17 +108,23 @@
 // and the consequent waits leave on the abort flag instead of masking the cause.
 #define FM_CONSEQUENCE_WAIT_FACTOR 2u
 
-// Tile rule (tile_mode): the shape of the tile that computes one routed row block (TILE_M
-// pairs of one source and local expert; the task decomposition never depends on it).
-// FM_TILES_AUTO: a block of rows <= FM_DECODE_MAX_ROWS is computed by the decode tile
-// (bf16/f16: weights as the mma M operand: the tile's 64 output columns; tokens as N = the
-// rows rounded up to 8, 16 or 32; f32: FFMA on those N rows only, gemm_decode_f32.cuh), a
-// longer bf16/f16 block by the prefill tile (tokens as M, 64x64, larger warp tiles with K
-// split between warps: gemm_prefill.cuh), a longer f32 block by the classic 64x64 tile. FM_TILES_CLASSIC: every block classic. Evaluated per
-// task from the block's row count by fm::tile_for (tile_rule.cuh) and by the host
-// (host/plan/tile_rule.rs), identically.
+// Tile rule (tile_mode): the rows of a routed GEMM task and the shape of its tile. A routed
+// row block is TILE_M pairs of one source and local expert (the last one of a pair list
+// short); a task computes one block, or two consecutive ones as one wide tile.
+// FM_TILES_AUTO, bf16/f16: row blocks 2j and 2j+1 of a pair list form one 128-row task when
+// block 2j+1 has more than FM_DECODE_MAX_ROWS rows (the wide tile, gemm_wide.cuh: tokens as
+// M, 128x64, each weight tile read once for 128 rows); block 2j+1 then has no task of its own.
+// Any other block is one task: at most FM_DECODE_MAX_ROWS rows by the decode tile (bf16/f16:
+// weights as the mma M operand: the tile's 64 output columns; tokens as N = the rows rounded
+// up to 8, 16 or 32; f32: FFMA on those N rows only, gemm_decode_f32.cuh), more by the
+// prefill tile (bf16/f16: tokens as M, 64x64, larger warp tiles with K split between warps,
+// gemm_prefill.cuh) or the classic 64x64 tile (f32).
+// FM_TILES_NARROW: as auto without wide tasks (every task one block). FM_TILES_CLASSIC: every
+// task one block, classic tile. Evaluated per task by fm::task_rows and fm::tile_for
+// (tile_rule.cuh) and by the host (host/plan/tile_rule.rs), identically.
 #define FM_TILES_AUTO 0u
 #define FM_TILES_CLASSIC 1u
+#define FM_TILES_NARROW 2u
 #define FM_DECODE_MAX_ROWS 32
 // peer_scope: the memory scope of the fences and acquires toward peers' heaps.
 // FM_SCOPE_SYSTEM: peers may be other GPUs (NVSHMEM worlds). FM_SCOPE_GPU: every heap of the
