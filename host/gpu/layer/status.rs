@@ -122,7 +122,7 @@ pub fn describe_bad_signal(stage_code: u64, where_: u64) -> String {
     }
 }
 
-/// Names the parameter a `FM_STATUS_BAD_PARAMS` refers to (`where` 1..=18).
+/// Names the parameter a `FM_STATUS_BAD_PARAMS` refers to (`where` 1..=19).
 pub fn bad_param_name(where_: u64) -> &'static str {
     match where_ {
         1 => "params version",
@@ -143,6 +143,7 @@ pub fn bad_param_name(where_: u64) -> &'static str {
         16 => "group-limited selection: n_group / topk_group out of range",
         17 => "route_slots out of 1..=min(top_k, max_local)",
         18 => "a tile task index does not fit 30 bits",
+        19 => "unknown tile mode",
         _ => "unknown parameter",
     }
 }

@@ -67,8 +67,8 @@ constexpr uint32_t kNoPair = 0xFFFFFFFFu;
 static_assert(kGateChunk == kWarps * 8, "the gate gives each warp 8 tokens of a chunk");
 static_assert(kMaxTopK <= 32, "a token's choices live one per lane");
 static_assert(kMaxExperts <= 32 * 32, "top-k marks chosen experts in one 32-bit word per lane");
-static_assert(2 * (kStages * 3 * kTileM * (kTileK + 8) * 2 + 256 + 1024) <= 228 * 1024,
-              "two blocks per SM must still fit the SM's shared memory");
+static_assert(2 * (kStages * (2 * kTileM + 2 * kTileN) * (kTileK + 8) * 2 + 256 + 1024) <= 228 * 1024,
+              "two blocks per SM (each with 1 KiB reserved) must still fit the SM's shared memory");
 
 // ---- dtype traits -------------------------------------------------------------------------
 template <uint32_t Code>
@@ -125,11 +125,12 @@ __device__ __forceinline__ void store_vec(void* p, const float (&v)[kVec<D>]) {
 }
 
 // Bytes of dynamic shared memory after Misc (the "arena"), by dtype: the GEMM stages.
-// bf16/f16: kStages x (A, B gate, B up) x 64 rows x (64 + 8 pad) halves; the pad makes the
-// 8 rows of an ldmatrix 8x8 land in distinct 16-byte bank groups.
+// bf16/f16: kStages x (A: 128 rows, the wide tile's; B gate, B up: 64 rows) x (64 + 8 pad)
+// halves; the pad makes the 8 rows of an ldmatrix 8x8 land in distinct 16-byte bank groups.
+// The 64-row tiles use the first 3 x 64 rows of each stage's 256.
 // f32: 1 stage x (A, B gate, B up) x 64 k x (64 + 4 pad) floats, k-major for float4 reads.
 template <class D>
-constexpr int kArenaBytes = D::kTensorCore ? kStages * 3 * kTileM * (kTileK + 8) * 2
+constexpr int kArenaBytes = D::kTensorCore ? kStages * (2 * kTileM + 2 * kTileN) * (kTileK + 8) * 2
                                            : 3 * kTileK * (kTileM + 4) * 4;
 
 // Block-private scalars (first kMiscBytes of dynamic shared memory).

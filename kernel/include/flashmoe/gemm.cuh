@@ -28,7 +28,7 @@ enum Epi : int {
 struct TileArgs {
     const char* a;       // first row of A
     uint64_t a_stride;   // bytes between A rows
-    uint32_t a_rows;     // valid rows of A (<= 64)
+    uint32_t a_rows;     // valid rows of A (<= 64; <= 128 for the wide prefill tile)
     const uint32_t* gather;  // nullptr: rows are consecutive; else row r is a + gather[r] * a_stride
     const char* b0;      // first row of B (gate rows when gated)
     const char* b1;      // first up row when gated, else unused
@@ -36,7 +36,7 @@ struct TileArgs {
     uint32_t k;          // depth, multiple of 64
     char* out;           // element (0, 0) of the output tile
     uint64_t out_stride; // bytes between output rows
-    uint32_t out_rows;   // rows to store (<= 64)
+    uint32_t out_rows;   // rows to store (<= a_rows bound of the tile)
     const float* bias0;  // f32 bias of the tile's 64 (gate) columns, added before the
                          // activation / the store; nullptr: none (gpt-oss experts)
     const float* bias1;  // f32 bias of the 64 up columns when gated, or nullptr
@@ -373,7 +373,11 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
 #pragma unroll
             for (int q = 0; q < 4; ++q) acc[m][g][q] = 0.f;
     if constexpr (D::kTensorCore) {
-        mma_mainloop<D, kGated>(t, arena, acc);
+        // A private copy, as the prefill and decode tiles': the loader's fields stay in
+        // registers instead of being reloaded from the caller's frame after every cp.async
+        // (their "memory" clobbers): the K loop's SASS had 6 to 10 local loads per stage.
+        const TileArgs tl = t;
+        mma_mainloop<D, kGated>(tl, arena, acc);
     } else {
         ffma_mainloop<kGated, DA>(t, arena, acc);
     }

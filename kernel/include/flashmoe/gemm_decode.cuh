@@ -138,7 +138,13 @@ __device__ FM_PHASE void run_decode_tile(const TileArgs& t, uint32_t n, char* ar
         for (int j = 0; j < kDecodeNBlocks; ++j)
 #pragma unroll
             for (int q = 0; q < 4; ++q) acc[m][j][q] = 0.f;
-    decode_mainloop<D, kGated>(t, n, arena, acc);
+    {
+        // A private copy, as run_prefill_tile's: the loader's fields stay in registers
+        // instead of being reloaded from the caller's frame after every cp.async (their
+        // "memory" clobbers): the SASS of the K loop had 5 to 9 local loads per stage.
+        const TileArgs tl = t;
+        decode_mainloop<D, kGated>(tl, n, arena, acc);
+    }
     __syncthreads();  // every warp is done with the stages: reuse them for the partials
     // Partials C[K half][gate / up][token][column].
     float* C = reinterpret_cast<float*>(arena);

@@ -90,6 +90,7 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
         return bad(13, FM_ROUTER_HASH_SQRTSOFTPLUS, L.router);
     if (L.router == FM_ROUTER_SPARSEMIXER && c.k > 2) return bad(5, 2, c.k);
     if (L.stop_after > FM_STOP_COMBINE) return bad(15, FM_STOP_COMBINE, L.stop_after);
+    if (L.tile_mode > FM_TILES_NARROW) return bad(19, FM_TILES_NARROW, L.tile_mode);
     if (L.n_group > 1 &&
         (L.n_group > FM_MAX_GROUPS || L.experts % L.n_group || L.topk_group == 0 ||
          L.topk_group > L.n_group || c.k > L.topk_group * (L.experts / L.n_group) ||
@@ -259,7 +260,7 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
     ok = ok && rank_barrier(c, 3, FM_STAGE_DISPATCH);
     if (ok && c.blk == 0) {
         send_dispatch_signals(c);
-        if (!stops_after(c, FM_STOP_DISPATCH)) ok = schedule(c);
+        if (!stops_after(c, FM_STOP_DISPATCH)) ok = schedule<D>(c);
     }
     phase_lap(c, kPhaseDispatch);
     if (stops_after(c, FM_STOP_DISPATCH)) return rank_exit(c);

@@ -6,6 +6,7 @@
 
 #include "flashmoe/common.cuh"
 #include "flashmoe/sync.cuh"
+#include "flashmoe/tile_rule.cuh"
 #include "flashmoe/transport.cuh"
 #include "flashmoe/watchdog.cuh"
 
@@ -21,6 +22,21 @@ enum TaskKind : uint32_t {
 };
 constexpr uint32_t kTaskIndexMask = (1u << 30) - 1;
 
+// Reserves `count` queue entries (single thread): their first index in `base`, or false
+// after reporting FM_STATUS_QUEUE_OVERFLOW.
+__device__ __forceinline__ bool reserve_entries(const Ctx& c, uint32_t count, uint64_t& base) {
+    base = atomicAdd(c.queue_ctl(), count);
+    if (base + count > c.L->ws_queue_capacity) {
+        fail(c, FM_STATUS_QUEUE_OVERFLOW, FM_STAGE_EXPERT, 0, c.L->ws_queue_capacity, base + count, 0);
+        return false;
+    }
+    return true;
+}
+
+__device__ __forceinline__ uint64_t task_entry(const Ctx& c, uint32_t kind, uint32_t index) {
+    return (c.n << 32) | ((kind << 30) | index);
+}
+
 // Appends tasks kind:first .. kind:first+count-1 (single thread). The caller's fence-worthy
 // writes (activations, counters) and acquisitions (signals) happen before, so the fence
 // here makes the entries release them. A launch stopped after GEMM0 (stage checks) creates
@@ -28,16 +44,11 @@ constexpr uint32_t kTaskIndexMask = (1u << 30) - 1;
 __device__ __forceinline__ bool push_tasks(const Ctx& c, uint32_t kind, uint32_t first,
                                            uint32_t count) {
     if (count == 0 || (kind == kTaskG1 && c.stop_after_gemm0())) return true;
-    const uint64_t base = atomicAdd(c.queue_ctl(), count);
-    if (base + count > c.L->ws_queue_capacity) {
-        fail(c, FM_STATUS_QUEUE_OVERFLOW, FM_STAGE_EXPERT, 0, c.L->ws_queue_capacity, base + count, 0);
-        return false;
-    }
+    uint64_t base;
+    if (!reserve_entries(c, count, base)) return false;
     __threadfence();
     uint64_t* q = c.queue();
-    for (uint32_t i = 0; i < count; ++i) {
-        st_relaxed_gpu(q + base + i, (c.n << 32) | ((kind << 30) | (first + i)));
-    }
+    for (uint32_t i = 0; i < count; ++i) st_relaxed_gpu(q + base + i, task_entry(c, kind, first + i));
     return true;
 }
 
@@ -80,10 +91,39 @@ __device__ __forceinline__ bool check_source(const Ctx& c, uint32_t s, uint32_t 
     return true;
 }
 
+// Tasks of a pair list of `count` pairs: its row blocks that start a task (tile_rule.cuh:
+// the second block of a wide task has none).
+template <class D>
+__device__ __forceinline__ uint32_t tasks_of(const Ctx& c, uint32_t count) {
+    uint32_t n = 0;
+    for (uint32_t rb = 0; rb < blocks_of(count); ++rb) n += task_rows<D::kCode>(*c.L, count, rb) != 0;
+    return n;
+}
+
+// Pushes the GEMM0 tasks of pair list `unit0` (its row block 0) of `count` pairs: the g0
+// column tiles of each row block that starts a task, with one reservation (single thread;
+// ordering as push_tasks).
+template <class D>
+__device__ __forceinline__ bool push_gemm0_tasks(const Ctx& c, uint32_t unit0, uint32_t count) {
+    const uint32_t g0 = c.L->intermediate / kTileN, n = tasks_of<D>(c, count) * g0;
+    if (n == 0) return true;
+    uint64_t base;
+    if (!reserve_entries(c, n, base)) return false;
+    __threadfence();
+    uint64_t* q = c.queue() + base;
+    for (uint32_t rb = 0; rb < blocks_of(count); ++rb) {
+        if (task_rows<D::kCode>(*c.L, count, rb) == 0) continue;
+        for (uint32_t nt = 0; nt < g0; ++nt) st_relaxed_gpu(q++, task_entry(c, kTaskG0, (unit0 + rb) * g0 + nt));
+    }
+    return true;
+}
+
 // Source s's dispatch signal (rows) has arrived: validate, write its pair bases, arm its
 // GEMM1 and reduce counters (each counts up from 0 - expected to 0, so the tile that brings
-// it to 0 is the last: no expected count is recomputed per tile), push its GEMM0 tiles.
-// Returns the tasks s brings in all; sets `failed` on error. Single thread.
+// it to 0 is the last: no expected count is recomputed per tile; a GEMM1 task adds the row
+// blocks it covers, 2 for a wide one), push its GEMM0 tiles. Returns the tasks s brings in
+// all; sets `failed` on error. Single thread.
+template <class D>
 __device__ __forceinline__ uint64_t on_dispatch(const Ctx& c, uint32_t s, uint32_t rows, bool& failed) {
     const FmLayerParams& L = *c.L;
     if (!check_source(c, s, rows)) {
@@ -92,27 +132,28 @@ __device__ __forceinline__ uint64_t on_dispatch(const Ctx& c, uint32_t s, uint32
     }
     const uint32_t g0 = L.intermediate / kTileN, g1 = L.hidden / kTileN;
     const uint32_t* counts = recv_meta(c, s).counts;
-    uint32_t blocks = 0, base = 0;
+    uint32_t blocks = 0, tasks = 0, base = 0;
     for (uint32_t l = 0; l < c.R->local_experts; ++l) {
         c.pair_base()[s * L.max_local + l] = base;
         base += counts[l];
         blocks += blocks_of(counts[l]);
+        tasks += tasks_of<D>(c, counts[l]);
     }
     const uint32_t g1_tasks = c.stop_after_gemm0() ? 0 : g1;
     const uint32_t reduce = c.no_reduce() ? 0 : blocks_of(rows) * g1;
     reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm1_done)[s] = 0u - blocks * g1;
     reinterpret_cast<uint32_t*>(c.ws + L.ws_reduce_done)[s] = 0u - reduce;
     for (uint32_t l = 0; l < c.R->local_experts && !failed; ++l) {
-        const uint32_t unit0 = (s * L.max_local + l) * c.row_blocks();
-        failed = !push_tasks(c, kTaskG0, unit0 * g0, blocks_of(counts[l]) * g0);
+        failed = !push_gemm0_tasks<D>(c, (s * L.max_local + l) * c.row_blocks(), counts[l]);
     }
     if (!failed && blocks == 0 && !c.stop_after_gemm0()) failed = !source_gemm1_done(c, s);
-    return uint64_t(blocks) * (g0 + g1_tasks) + reduce;
+    return uint64_t(tasks) * (g0 + g1_tasks) + reduce;
 }
 
 // Block 0 of the group, after its dispatch signals: pushes the shared-expert GEMM0 tasks,
 // then polls this rank's dispatch signals, one per source, and hands each arrived one to
 // on_dispatch(), then publishes the total. Returns false on error (block-uniform).
+template <class D>
 __device__ FM_PHASE bool schedule(const Ctx& c) {
     const FmLayerParams& L = *c.L;
     const uint32_t g1 = L.hidden / kTileN;
@@ -147,7 +188,7 @@ __device__ FM_PHASE bool schedule(const Ctx& c) {
                 continue;
             }
             seen_mask |= 1ull << i;
-            total += on_dispatch(c, s, uint32_t(w), failed);
+            total += on_dispatch<D>(c, s, uint32_t(w), failed);
         }
         if (pending != 0 && !failed) {
             // A wait on peers' signals: a possible cause, so 1 x timeout_ns (watchdog.cuh).

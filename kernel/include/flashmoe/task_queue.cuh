@@ -34,11 +34,13 @@
 
 namespace fm {
 
-// A routed tile's place: (source, local expert, row block) of `unit` and its pairs.
+// A routed task's place: (source, local expert, row block) of `unit`, and its pairs: the
+// block's, or those of the block and the next for a wide task (tile_rule.cuh task_rows).
 struct Unit {
-    uint32_t s, l, p0, rows;  // source, local expert, first pair, valid rows (<= 64)
+    uint32_t s, l, p0, rows;  // source, local expert, first pair, valid rows (<= 128)
 };
 
+template <class D>
 __device__ __forceinline__ Unit unit_of(const Ctx& c, uint32_t unit) {
     const FmLayerParams& L = *c.L;
     const uint32_t rb = unit % c.row_blocks(), sl = unit / c.row_blocks();
@@ -46,12 +48,13 @@ __device__ __forceinline__ Unit unit_of(const Ctx& c, uint32_t unit) {
     u.s = sl / L.max_local;
     u.l = sl % L.max_local;
     u.p0 = c.pair_base()[u.s * L.max_local + u.l] + rb * kTileM;
-    u.rows = min_u32(kTileM, recv_meta(c, u.s).counts[u.l] - rb * kTileM);
+    // Only row blocks that start a task are pushed (push_gemm0_tasks), so rows != 0.
+    u.rows = task_rows<D::kCode>(L, recv_meta(c, u.s).counts[u.l], rb);
     return u;
 }
 
-// Every pair-list entry of the block must name a row source s sent (else its A rows would
-// be read from outside them): FM_STATUS_BAD_SIGNAL. Block-uniform.
+// Every pair-list entry of the task must name a row source s sent (else its A rows would
+// be read from outside them): FM_STATUS_BAD_SIGNAL. Block-uniform (rows <= 128 < kThreads).
 __device__ __forceinline__ bool check_pairs(const Ctx& c, const Unit& u, const uint32_t* pairs) {
     const uint32_t rows = dispatch_rows(c, u.s);
     bool bad = false;
@@ -66,7 +69,9 @@ __device__ __forceinline__ bool check_pairs(const Ctx& c, const Unit& u, const u
 }
 
 // Completion of GEMM0 tile `idx` (recomputed from idx alone: nothing else of the tile stays
-// live across run_tile, the f32 gated tile is at the register budget).
+// live across run_tile, the f32 gated tile is at the register budget). run_gemm0 passes
+// Misc::task's index rather than keeping idx live across the tile call: with the wide tile,
+// that one register spilled.
 __device__ __forceinline__ bool gemm0_finished(const Ctx& c, uint32_t idx) {
     const FmLayerParams& L = *c.L;
     const uint32_t g0 = L.intermediate / kTileN, g1 = L.hidden / kTileN, unit = idx / g0;
@@ -81,10 +86,10 @@ __device__ __forceinline__ bool gemm0_finished(const Ctx& c, uint32_t idx) {
     return block_bcast(c, threadIdx.x == 0 ? ok : true);
 }
 
-// A routed GEMM tile with the shape the tile rule gives its block (params.h FM_TILES_AUTO,
-// tile_rule.cuh): under auto, the decode tile for a short block (mma or FFMA), the prefill
-// tile for a longer bf16/f16 one, the classic tile for a longer f32 one; every block classic
-// under FM_TILES_CLASSIC.
+// A routed GEMM tile with the shape the tile rule gives its task (params.h FM_TILES_*,
+// tile_rule.cuh): under auto and narrow, the decode tile for a short block (mma or FFMA),
+// the prefill tile for a longer bf16/f16 one (128 rows for auto's wide tasks), the classic
+// tile for a longer f32 one; every block classic under FM_TILES_CLASSIC.
 // The decode and prefill tiles take the block's next ticket while their first stages load
 // (prefetch_ticket, ticket.cuh; take_task uses it).
 template <class D, int kEpi>
@@ -96,10 +101,15 @@ __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, con
             return;
         }
         if (tc.kind == kTilePrefill) {
-            run_prefill_tile<D, kEpi>(t, c.smem, c.L->mlp, clamp);
+            run_prefill_tile<D, kEpi, kTileM>(t, c.smem, c.L->mlp, clamp);
+            return;
+        }
+        if (tc.kind == kTileWide) {
+            run_prefill_tile<D, kEpi, 2 * kTileM>(t, c.smem, c.L->mlp, clamp);
             return;
         }
     } else {
+        // f32 has no wide task (task_rows), so a task has at most kTileM rows here.
         const TileChoice tc = tile_for<D::kCode>(*c.L, t.a_rows);
         if (tc.kind == kTileDecode) {
             run_decode_tile_f32<kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);
@@ -117,7 +127,7 @@ __device__ FM_PHASE bool run_gemm0(const Ctx& c, uint32_t idx) {
     constexpr uint64_t es = sizeof(typename D::T);
     const uint32_t g0 = L.intermediate / kTileN, H = L.hidden, I = L.intermediate;
     const uint32_t unit = idx / g0, nt = idx % g0;
-    const Unit u = unit_of(c, unit);
+    const Unit u = unit_of<D>(c, unit);
     const uint32_t* pairs = recv_meta(c, u.s).pairs + u.p0;
     if (!check_pairs(c, u, pairs)) return false;
     TileArgs t;
@@ -147,7 +157,7 @@ __device__ FM_PHASE bool run_gemm0(const Ctx& c, uint32_t idx) {
     } else {
         routed_tile<D, kEpiActPlain>(c, t, clamp);
     }
-    return gemm0_finished(c, idx);
+    return gemm0_finished(c, block_misc()->task & kTaskIndexMask);  // == idx (take_task)
 }
 
 // GEMM1 tile: act[s][pair] x w1 (+ b1) rounded into y[s][pair]. The last GEMM1 tile of the
@@ -158,7 +168,7 @@ __device__ FM_PHASE bool run_gemm1(const Ctx& c, uint32_t idx) {
     constexpr uint64_t es = sizeof(typename D::T);
     const uint32_t g1 = L.hidden / kTileN, H = L.hidden, I = L.intermediate;
     const uint32_t unit = idx / g1, nt = idx % g1;
-    const Unit u = unit_of(c, unit);
+    const Unit u = unit_of<D>(c, unit);
     TileArgs t;
     t.a = c.scratch() + L.ws_act + u.s * L.ws_act_stride_source + uint64_t(u.p0) * L.ws_act_stride_row;
     t.a_stride = L.ws_act_stride_row;
@@ -182,8 +192,10 @@ __device__ FM_PHASE bool run_gemm1(const Ctx& c, uint32_t idx) {
         __threadfence();
         uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm1_done) + u.s;
         // acq_rel: the last finisher sees every y row of the source before its reduce tiles
-        // are published (the counter was armed at 0 - tiles by on_dispatch).
-        if (atom_add_acq_rel(done, 1) + 1 == 0) ok = source_gemm1_done(c, u.s);
+        // are published (the counter was armed at 0 - row blocks x g1 by on_dispatch; a
+        // task adds the row blocks it covers).
+        const uint32_t covered = blocks_of(u.rows);
+        if (atom_add_acq_rel(done, covered) + covered == 0) ok = source_gemm1_done(c, u.s);
     }
     return block_bcast(c, threadIdx.x == 0 ? ok : true);
 }
