@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Emulates the index math of the prefill tile (kernel/include/flashmoe/gemm_prefill.cuh),
+"""Emulates the index math of the prefill tiles (kernel/include/flashmoe/gemm_prefill.cuh: 64
+and 128 rows), and the task partition of tile_rule.cuh task_rows,
 transcribed by hand, with the PTX fragment layouts of ldmatrix.x4 and mma.m16n8k16.row.col:
 every warp's A / B fragment addresses, its accumulators, the partial tiles it writes to the
 arena (flat offsets as the kernel computes them) and the epilogue's in-order sum over the
@@ -18,7 +19,8 @@ def zeros(*shape):
 def rand_mat(r, c): return [[float(random.randint(-3, 3)) for _ in range(c)] for _ in range(r)]
 M = N = K = 64      # TILE_M, TILE_N, and one 64-deep stage (K splits are within a stage)
 CSTRIDE = 64 + 4    # kCStride
-ARENA_BYTES = 3 * 3 * 64 * (64 + 8) * 2  # kArenaBytes<bf16>: kStages x (A, Bg, Bu) x 64 x kLd
+# kArenaBytes<bf16>: kStages x (A: 128 rows, Bg, Bu: 64 rows) x kLd halves.
+ARENA_BYTES = 3 * (128 + 64 + 64) * (64 + 8) * 2
 def ldmatrix_x4(S, addr):  # addr[lane] = (row, col) of the 8-element row lane provides
     out = zeros(32, 4, 2)
     for i in range(4):
@@ -38,7 +40,8 @@ def mma(d, a, b0, b1):  # per lane fragments
         g, c = t // 4, t % 4
         for q, v in enumerate([C[g][2*c], C[g][2*c+1], C[g+8][2*c], C[g+8][2*c+1]]):
             d[t][q] += v
-def run(WM, WN, KS, gated):
+def run(WM, WN, KS, gated, M=64):
+    """M: the block tile's rows (PrefillShape::kRows): 64, or 128 for a wide task."""
     A = rand_mat(M, K)
     Bs = [rand_mat(N, K) for _ in range(2 if gated else 1)]
     kWM, kWN = M // WM, N // WN
@@ -68,13 +71,13 @@ def run(WM, WN, KS, gated):
                             col = wn*WN + j*8 + (l % 4)*2
                             assert (wk, m, row, col) not in seen and (wk, m, row, col+1) not in seen
                             seen.add((wk, m, row, col)); seen.add((wk, m, row, col+1))
-                            # The arena as the kernel indexes it: P + ((wk*kMats + m)*64 + row)*kCStride + col.
+                            # The arena as the kernel indexes it: P + ((wk*kMats + m)*kRows + row)*kCStride + col.
                             flat = ((wk * len(Bs) + m) * M + row) * CSTRIDE + col
                             arena[flat] = acc[m][mi][j][l][2*h]
                             arena[flat + 1] = acc[m][mi][j][l][2*h+1]
     assert len(seen) == KS * len(Bs) * M * N, "every (split, matrix, row, column) written once"
-    # The epilogue's reads: g = r*kCStride + col (gate / only matrix), u = 64*kCStride + g (up),
-    # split s at s * kSplitStride, kSplitStride = kMats * 64 * kCStride.
+    # The epilogue's reads: g = r*kCStride + col (gate / only matrix), u = kRows*kCStride + g
+    # (up), split s at s * kSplitStride, kSplitStride = kMats * kRows * kCStride.
     split_stride = len(Bs) * M * CSTRIDE
     assert max(arena) < KS * split_stride and KS * split_stride * 4 <= ARENA_BYTES
     for m, B in enumerate(Bs):
@@ -85,7 +88,7 @@ def run(WM, WN, KS, gated):
                 for s_ in range(1, KS): got += arena[s_ * split_stride + base]
                 want = sum(A[r][k] * B[c][k] for k in range(K))
                 assert got == want, (WM, WN, KS, m, r, c, got, want)
-    print("ok", WM, WN, KS, "gated" if gated else "plain")
+    print("ok", M, "rows:", WM, WN, KS, "gated" if gated else "plain")
 def run_f32_decode(n):
     """The f32 decode tile (gemm_decode_f32.cuh): thread (ty, tx) = (tid / 16, tid % 16) owns
     tokens 2 ty, 2 ty + 1 and columns 4 tx .. 4 tx + 3; As / Bg are k-major (f32_put); a warp
@@ -116,6 +119,8 @@ def run_f32_decode(n):
 
 run(32, 32, 2, True)
 run(32, 64, 4, False)
+run(32, 32, 1, True, M=128)   # PrefillFor<true, 128>: the wide gated tile
+run(32, 64, 2, False, M=128)  # PrefillFor<false, 128>
 for n in (8, 16, 32):
     run_f32_decode(n)
 
@@ -175,9 +180,48 @@ def run_loader_and_pipeline():
         # land any time until its step is read: no read of b from iteration i on until then.
         for b, i, step in pending:
             assert all(rb != b for it, rb in reads if i <= it < step), (nk, b, i, step)
-    for out_rows in range(1, 65):
+    for out_rows in range(1, 129):
         cells = [(i // 8, i % 8) for i in range(out_rows * 8)]
         assert len(set(cells)) == out_rows * 8 and all(r < out_rows for r, _ in cells)
+    # The A loader of both block tiles: thread tid loads chunk tid % 8 of rows tid / 8 + 32 j,
+    # j < kARows = kRows * 8 / 256: every (row, chunk) once; a stage's A, Bg and Bu rows
+    # (kStageRows = kRows + 128) stay inside the arena for every buffer.
+    for rows in (64, 128):
+        seen = {((tid // 8) + 32 * j, tid % 8) for tid in range(256) for j in range(rows * 8 // 256)}
+        assert seen == {(r, c) for r in range(rows) for c in range(8)}, rows
+        stage = (rows + 128) * (64 + 8)
+        assert 3 * stage * 2 <= ARENA_BYTES
     print("ok loader offsets, pipeline reuse, epilogue bounds")
 
 run_loader_and_pipeline()
+
+def task_rows(count, rb, wide):
+    """tile_rule.cuh task_rows: the rows of row block rb's task, 0 for a wide task's tail."""
+    rest = count - rb * 64
+    if wide:
+        if rb % 2 == 1 and rest > 32:
+            return 0
+        if rb % 2 == 0 and rest > 64 + 32:
+            return min(rest, 128)
+    return min(rest, 64)
+
+def run_task_partition():
+    """Every pair of a list of `count` pairs is in exactly one task: task rb covers pairs
+    rb * 64 .. + task_rows (the kernel's unit_of: p0 = base + rb * 64), a task has 1 to 128
+    rows, and GEMM1 tasks add blocks_of(rows) to a counter armed at -blocks_of(count)."""
+    for wide in (False, True):
+        for count in range(1, 1000):
+            blocks = (count + 63) // 64
+            covered, added = [], 0
+            for rb in range(blocks):
+                n = task_rows(count, rb, wide)
+                if n == 0:
+                    continue
+                assert 1 <= n <= (128 if wide else 64), (count, rb, n)
+                covered += range(rb * 64, rb * 64 + n)
+                added += (n + 63) // 64
+            assert covered == list(range(count)), (wide, count)
+            assert added == blocks, (wide, count)
+    print("ok task partition (narrow and wide)")
+
+run_task_partition()
