@@ -66,7 +66,7 @@ pub enum TileMode {
 }
 
 impl TileMode {
-    /// Every mode, in the order of their codes' introduction (auto, classic, narrow).
+    /// Every mode, in the order of their codes (auto 0, classic 1, narrow 2).
     pub const ALL: [TileMode; 3] = [TileMode::Auto, TileMode::Classic, TileMode::Narrow];
 
     /// The `FM_TILES_*` code of the mode.
