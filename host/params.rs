@@ -16,9 +16,9 @@ pub const BLOCK_THREADS: u32 = 256;
 /// `FM_MIN_BLOCKS_PER_RANK`: a rank group needs a scheduler block and a processor block.
 pub const MIN_BLOCKS_PER_RANK: u32 = 2;
 /// `FM_SMEM_BYTES_BF16`: dynamic shared memory of `flashmoe_layer_bf16`, bytes.
-pub const SMEM_BYTES_BF16: u32 = 83200;
+pub const SMEM_BYTES_BF16: u32 = 110848;
 /// `FM_SMEM_BYTES_F16`: dynamic shared memory of `flashmoe_layer_f16`, bytes.
-pub const SMEM_BYTES_F16: u32 = 83200;
+pub const SMEM_BYTES_F16: u32 = 110848;
 /// `FM_SMEM_BYTES_F32`: dynamic shared memory of `flashmoe_layer_f32`, bytes.
 pub const SMEM_BYTES_F32: u32 = 52480;
 /// `FM_GATE_CHUNK`: tokens per gate chunk (== [`crate::plan::GATE_CHUNK`]).
@@ -59,10 +59,13 @@ pub fn entry_point(dtype: Dtype) -> &'static str {
     }
 }
 
-/// `FM_TILES_AUTO`: the tile rule picks the shape by rows ([`crate::plan::TileMode::Auto`]).
+/// `FM_TILES_AUTO`: the tile rule picks the tasks and shapes by rows, wide tasks of two
+/// blocks in bf16/f16 ([`crate::plan::TileMode::Auto`]).
 pub const TILES_AUTO: u32 = 0;
 /// `FM_TILES_CLASSIC`: every routed block uses the classic tile.
 pub const TILES_CLASSIC: u32 = 1;
+/// `FM_TILES_NARROW`: auto without wide tasks ([`crate::plan::TileMode::Narrow`]).
+pub const TILES_NARROW: u32 = 2;
 /// `FM_DECODE_MAX_ROWS` (== [`crate::plan::DECODE_MAX_ROWS`]).
 pub const DECODE_MAX_ROWS: u32 = 32;
 /// `FM_SCOPE_SYSTEM`: fences and acquires toward peers at system scope (NVSHMEM worlds).
@@ -436,14 +439,17 @@ mod tests {
         assert_eq!(PHASE_MAX_BLOCKS as usize, crate::plan::PHASE_MAX_BLOCKS);
         assert_eq!(TILES_AUTO, crate::plan::TileMode::Auto.code());
         assert_eq!(TILES_CLASSIC, crate::plan::TileMode::Classic.code());
+        assert_eq!(TILES_NARROW, crate::plan::TileMode::Narrow.code());
     }
 
     #[test]
     fn smem_bytes_cover_gemm_stages() {
-        // bf16/f16: 3 stages of (A, B gate, B up) tiles of TILE_M rows of TILE_K + 8 halves.
-        let half_tile = (TILE_M * (TILE_K + 8) * 2) as u32;
-        assert_eq!(smem_bytes(Dtype::Bf16), 3 * 3 * half_tile + 256);
-        assert_eq!(smem_bytes(Dtype::F16), 3 * 3 * half_tile + 256);
+        // bf16/f16: 3 stages of (A: the wide tile's WIDE_ROWS rows, B gate, B up: TILE_M
+        // rows each) of TILE_K + 8 halves.
+        let row = ((TILE_K + 8) * 2) as u32;
+        let stage = (crate::plan::WIDE_ROWS + 2 * TILE_M) as u32 * row;
+        assert_eq!(smem_bytes(Dtype::Bf16), 3 * stage + 256);
+        assert_eq!(smem_bytes(Dtype::F16), 3 * stage + 256);
         // f32: 1 stage of (A, B gate, B up) tiles of TILE_K rows of TILE_M + 4 floats.
         let f32_tile = (TILE_K * (TILE_M + 4) * 4) as u32;
         assert_eq!(smem_bytes(Dtype::F32), 3 * f32_tile + 256);

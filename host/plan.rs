@@ -22,7 +22,8 @@
 //!    `r`'s local experts. Then one signal `(epoch, rank_counts[r])` at
 //!    `dispatch_signal(s)`, to every rank, 0 rows included.
 //! 4. **Experts** on `r`, once `s`'s signal is seen: for local expert `l`, rows
-//!    `base(l) .. base(l) + count(l)` of `s`'s pairs in blocks of `TILE_M`; GEMM0 reads token
+//!    `base(l) .. base(l) + count(l)` of `s`'s pairs in blocks of `TILE_M`, one task per
+//!    block or per two blocks (a wide task, [`task_rows`]); GEMM0 reads token
 //!    row `dispatch_row(pair(p))` and writes the activation at `act[s][p]`; GEMM1 writes the
 //!    expert output (rounded to the dtype, before any weight) at `y[s][p]`.
 //! 5. **Reduce** on `r`, once every GEMM1 tile of source `s` is done: for each of the
@@ -46,7 +47,10 @@ mod tile_rule;
 mod workspace;
 pub use heap::{meta_entry, meta_parts, HeapLayout, NO_PAIR};
 pub use route::RankRoute;
-pub use tile_rule::{tile_for, TileCensus, TileMode, TileShape, DECODE_MAX_ROWS};
+pub use tile_rule::{
+    task_rows, tasks, tile_for, wide_tasks, TileCensus, TileMode, TileShape, DECODE_MAX_ROWS,
+    WIDE_ROWS,
+};
 pub use workspace::WorkspaceLayout;
 
 /// Rows per tile. Also the M of the kernel's GEMM tiles.
@@ -175,8 +179,8 @@ pub struct LayerPlan {
     pub workspace: WorkspaceLayout,
     /// Tile decomposition.
     pub tiles: TileCounts,
-    /// Which tile shapes the executors use ([`LayerPlan::tile_for`]); the layout does not
-    /// depend on it.
+    /// Which tasks and tile shapes the executors use ([`LayerPlan::task_rows`],
+    /// [`LayerPlan::tile_for`]); the layout does not depend on it.
     pub tile_mode: TileMode,
 }
 

@@ -159,8 +159,8 @@ else
     echo "graph-replay: not run (no gpu_layer executable)" >>"$summary"
 fi
 
-# ---- a short bench of every preset (checked before timed), each with both tile rules in
-#      one process (auto, then classic, and the ratio of their medians); deepseek-v3 with
+# ---- a short bench of every preset (checked before timed), each with every tile rule in
+#      one process (auto, then classic and narrow, and the ratios of their medians); deepseek-v3 with
 #      64 of its 256 experts: generating its 11 G parameters on the host alone outlasts the
 #      budget
 for p in tiny flashmoe-paper qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b; do

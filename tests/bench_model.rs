@@ -24,11 +24,11 @@ fn model_json(tiles: &str) -> Value {
     serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
 
-/// Both tile rules run the model, are checked against the reference, and are reported
+/// Every tile rule runs the model, is checked against the reference, and is reported
 /// (the tiny preset is bf16, so `auto` gives its small blocks decode tiles).
 #[test]
-fn model_runs_and_reports_either_tile_rule() {
-    for tiles in ["auto", "classic"] {
+fn model_runs_and_reports_every_tile_rule() {
+    for tiles in ["auto", "narrow", "classic"] {
         let j = model_json(tiles);
         assert_eq!(j["tiles"], tiles, "{j}");
         let err = j["max_rel_error"]

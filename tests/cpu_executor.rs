@@ -276,25 +276,47 @@ fn random_case(rng: &mut StdRng, seed: u64) -> Case {
     }
 }
 
-/// Row blocks per tile shape `[decode, prefill, classic]` that a forward with `plan` ran:
-/// every kept (source, expert) pair list in `TILE_M` blocks, through the plan's tile rule.
-fn tile_census(plan: &LayerPlan, out: &LayerOutput) -> [usize; 3] {
+/// A random case whose pair lists are long enough for wide tasks: bf16 or f16, 97 to 160
+/// tokens on every rank, dropless, and every token routed (given ids) to every expert, so
+/// that each (source, expert) pair list holds all of the source's tokens.
+fn wide_case(rng: &mut StdRng, seed: u64) -> Case {
+    let mut case = random_case(rng, seed);
+    let c = &mut case.cfg;
+    c.dtype = [Dtype::Bf16, Dtype::F16][rng.random_range(0..2)];
+    c.tokens = rng.random_range(97..=160);
+    c.capacity = Capacity::Dropless;
+    c.router = Router::Given;
+    c.group_limit = None;
+    c.top_k = c.experts;
+    case.tokens = vec![c.tokens; c.world];
+    case.ov = RouteOverrides::default();
+    case
+}
+
+/// Tasks per tile shape `[decode, prefill, wide, classic]` that a forward with `plan` ran:
+/// every kept (source, expert) pair list in tasks, through the plan's tile rule.
+fn tile_census(plan: &LayerPlan, out: &LayerOutput) -> [usize; 4] {
     let lists = out
         .gates
         .iter()
         .flat_map(|g| g.expert_counts.iter())
         .map(|&c| (c as usize).min(plan.capacity));
     let census = plan.tile_census(lists);
-    [census.decode, census.prefill, census.classic]
+    [census.decode, census.prefill, census.wide, census.classic]
 }
 
 #[test]
 fn randomized_matrix_matches_the_reference() {
     let mut rng = StdRng::seed_from_u64(2026);
     let (mut dropped_cases, mut empty_rank_cases) = (0, 0);
-    let mut shapes = [0usize; 3];
-    for seed in 0..300 {
-        let case = random_case(&mut rng, seed);
+    let mut shapes = [0usize; 4];
+    // 300 random cases, then a few whose lists are long enough for wide tasks.
+    for seed in 0..306 {
+        let case = if seed < 300 {
+            random_case(&mut rng, seed)
+        } else {
+            wide_case(&mut rng, seed)
+        };
         let out = check(&case);
         dropped_cases += usize::from(out.dropped > 0);
         empty_rank_cases += usize::from(case.tokens.contains(&0));
@@ -305,7 +327,7 @@ fn randomized_matrix_matches_the_reference() {
     // The matrix must actually reach the edge cases it claims to cover.
     assert!(dropped_cases > 0, "no case dropped anything");
     assert!(empty_rank_cases > 0, "no case had a rank with 0 tokens");
-    // ... and every tile shape of the rule (decode, prefill, classic).
+    // ... and every tile shape of the rule (decode, prefill, wide, classic).
     assert!(
         shapes.iter().all(|&n| n > 0),
         "tile shapes used: {shapes:?}"
@@ -365,14 +387,19 @@ fn results_do_not_depend_on_the_thread_count() {
 }
 
 #[test]
-fn auto_and_classic_tiles_give_the_same_bits() {
-    // The tile rule only changes the shape each expert block is computed with: outputs
-    // must be bit-identical to the classic path, over decode-sized and prefill-sized cases.
+fn every_tile_mode_gives_the_same_bits() {
+    // The tile rule only changes how the pair lists are cut into tasks (wide tasks under
+    // auto) and the shape each task is computed with: auto, narrow and classic outputs
+    // must be bit-identical, over decode-, prefill- and wide-sized cases.
     let mut rng = StdRng::seed_from_u64(4242);
-    let (mut decode_blocks, mut prefill_blocks, mut classic_blocks) = (0usize, 0usize, 0usize);
-    for seed in 0..60 {
-        let mut case = random_case(&mut rng, seed);
-        if seed % 3 == 0 {
+    let mut shapes = [0usize; 4];
+    for seed in 0..68 {
+        let mut case = if seed < 60 {
+            random_case(&mut rng, seed)
+        } else {
+            wide_case(&mut rng, seed)
+        };
+        if seed < 60 && seed % 3 == 0 {
             case.cfg.tokens = rng.random_range(65..=160);
             case.tokens = vec![case.cfg.tokens; case.cfg.world];
         }
@@ -384,25 +411,26 @@ fn auto_and_classic_tiles_give_the_same_bits() {
         let ri = inputs.rank_inputs();
         let mut auto = CpuExecutor::new(plan.clone(), w.clone()).expect("executor");
         let got = auto.forward(&ri, &case.ov).expect("auto forward");
-        let mut classic =
-            CpuExecutor::new(plan.clone().with_tile_mode(TileMode::Classic), w).expect("executor");
-        let want = classic.forward(&ri, &case.ov).expect("classic forward");
-        assert!(
-            bits(&got) == bits(&want),
-            "auto differs from classic on {case:?}"
-        );
-        let [d, p, c] = tile_census(&plan, &got);
-        (decode_blocks, prefill_blocks, classic_blocks) =
-            (decode_blocks + d, prefill_blocks + p, classic_blocks + c);
+        for mode in [TileMode::Narrow, TileMode::Classic] {
+            let mut other =
+                CpuExecutor::new(plan.clone().with_tile_mode(mode), w.clone()).expect("executor");
+            let want = other.forward(&ri, &case.ov).expect("forward");
+            assert!(
+                bits(&got) == bits(&want),
+                "auto differs from {} on {case:?}",
+                mode.name()
+            );
+        }
+        let census = tile_census(&plan, &got);
+        shapes.iter_mut().zip(census).for_each(|(s, n)| *s += n);
     }
-    assert!(decode_blocks > 50, "too few decode blocks: {decode_blocks}");
+    let [decode, prefill, wide, classic] = shapes;
+    assert!(decode > 50, "too few decode tasks: {shapes:?}");
+    assert!(prefill > 10, "too few prefill tasks: {shapes:?}");
+    assert!(wide > 10, "too few wide tasks: {shapes:?}");
     assert!(
-        prefill_blocks > 10,
-        "too few prefill blocks: {prefill_blocks}"
-    );
-    assert!(
-        classic_blocks > 10,
-        "too few classic (f32 over 32 rows) blocks: {classic_blocks}"
+        classic > 10,
+        "too few classic (f32 over 32 rows) tasks: {shapes:?}"
     );
 }
 

@@ -5,9 +5,14 @@
 use std::process::Command;
 
 fn stages(args: &[&str]) -> (bool, String) {
+    stages_of(&[&["--tokens", "128"], args].concat())
+}
+
+/// `stages` on the CPU backend with `args` only.
+fn stages_of(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_flashmoe-bench"))
         .arg("stages")
-        .args(["--backend", "cpu", "--tokens", "128"])
+        .args(["--backend", "cpu"])
         .args(args)
         .output()
         .expect("run flashmoe-bench");
@@ -26,8 +31,8 @@ fn every_stage_passes_on_the_cpu_executor() {
     assert!(text.contains("stages: pass (5 stages)"), "{text}");
 }
 
-/// The tile blocks `[decode, prefill, classic]` a GEMM stage line reports.
-fn tile_blocks(text: &str, stage: &str) -> [usize; 3] {
+/// The tile tasks `[decode, prefill, wide, classic]` a GEMM stage line reports.
+fn tile_tasks(text: &str, stage: &str) -> [usize; 4] {
     let line = text
         .lines()
         .find(|l| l.starts_with(&format!("stage {stage}: pass (")))
@@ -35,7 +40,7 @@ fn tile_blocks(text: &str, stage: &str) -> [usize; 3] {
     let counts = line
         .rsplit(", ")
         .next()
-        .and_then(|t| t.strip_suffix(" tile blocks)"))
+        .and_then(|t| t.strip_suffix(" tile tasks)"))
         .unwrap_or_else(|| panic!("no tile census: {line}"));
     let n: Vec<usize> = counts
         .split(" + ")
@@ -46,28 +51,51 @@ fn tile_blocks(text: &str, stage: &str) -> [usize; 3] {
                 .unwrap_or_else(|| panic!("{line}"))
         })
         .collect();
-    [n[0], n[1], n[2]]
+    assert_eq!(n.len(), 4, "{line}");
+    [n[0], n[1], n[2], n[3]]
 }
 
 #[test]
 fn the_gemm_stages_cover_every_tile_path_of_the_rule() {
     // 128 tokens per rank (world 2, 8 experts, top-2): short blocks (decode tile) and
-    // blocks over 32 rows (prefill tile) under auto; every block classic under classic.
-    let (ok, text) = stages(&["--world", "2"]);
-    assert!(ok, "{text}");
-    for s in ["gemm0", "gemm1"] {
-        let [decode, prefill, classic] = tile_blocks(&text, s);
-        assert!(decode > 0 && prefill > 0 && classic == 0, "{s}: {text}");
+    // blocks over 32 rows (prefill tile) under auto and narrow; every block classic under
+    // classic.
+    for tiles in ["auto", "narrow"] {
+        let (ok, text) = stages(&["--world", "2", "--tiles", tiles]);
+        assert!(ok, "{text}");
+        for s in ["gemm0", "gemm1"] {
+            let [decode, prefill, wide, classic] = tile_tasks(&text, s);
+            assert!(decode > 0 && prefill > 0 && classic == 0, "{s}: {text}");
+            if tiles == "narrow" {
+                assert_eq!(wide, 0, "{s}: {text}");
+            }
+        }
     }
     let (ok, text) = stages(&["--world", "2", "--tiles", "classic"]);
     assert!(ok, "{text}");
-    let [decode, prefill, classic] = tile_blocks(&text, "gemm1");
-    assert!(decode == 0 && prefill == 0 && classic > 0, "{text}");
-    // f32: the FFMA decode tile for short blocks, classic above (no f32 prefill tile).
+    let [decode, prefill, wide, classic] = tile_tasks(&text, "gemm1");
+    assert!(
+        decode == 0 && prefill == 0 && wide == 0 && classic > 0,
+        "{text}"
+    );
+    // One rank of 160 tokens on 2 experts, top-2: both pair lists hold all 160 tokens
+    // (64 + 64 + 32 rows): a wide task and a decode block each under auto.
+    let (ok, text) = stages_of(&["--experts", "2", "--top-k", "2", "--tokens", "160"]);
+    assert!(ok, "{text}");
+    let [decode, prefill, wide, classic] = tile_tasks(&text, "gemm1");
+    assert!(
+        decode > 0 && prefill == 0 && wide > 0 && classic == 0,
+        "wide: {text}"
+    );
+    // f32: the FFMA decode tile for short blocks, classic above (no f32 prefill or wide
+    // tile).
     let (ok, text) = stages(&["--world", "2", "--dtype", "f32"]);
     assert!(ok, "{text}");
-    let [decode, prefill, classic] = tile_blocks(&text, "gemm0");
-    assert!(decode > 0 && prefill == 0 && classic > 0, "f32: {text}");
+    let [decode, prefill, wide, classic] = tile_tasks(&text, "gemm0");
+    assert!(
+        decode > 0 && prefill == 0 && wide == 0 && classic > 0,
+        "f32: {text}"
+    );
 }
 
 #[test]

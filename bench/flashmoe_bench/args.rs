@@ -215,11 +215,13 @@ pub struct ShapeArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Tile rule of the routed expert GEMMs: `auto` (decode tiles for blocks of at most 32
-    /// rows, in f32 too; above, prefill tiles with larger warp tiles in bf16/f16 and the
-    /// classic tile in f32; the decode and prefill tiles take the block's next ticket ahead)
-    /// or `classic` (every block the 64x64 classic tile, the path before the rule).
-    /// Used by `layer`, `stages` and `model` (every layer).
+    /// Tile rule of the routed expert GEMMs: `auto` (in bf16/f16, row blocks 2j and 2j+1 of
+    /// a pair list form one 128-row wide task when block 2j+1 has more than 32 rows; other
+    /// blocks: decode tiles for at most 32 rows, in f32 too; above, prefill tiles with
+    /// larger warp tiles in bf16/f16 and the classic tile in f32; the decode and prefill
+    /// tiles take the block's next ticket ahead), `narrow` (auto without wide tasks: every
+    /// task one 64-row block) or `classic` (every block the 64x64 classic tile, the path
+    /// before the rule). Used by `layer`, `stages` and `model` (every layer).
     #[arg(long, default_value = "auto", value_parser = parse_tiles)]
     pub tiles: TileMode,
 }
@@ -237,8 +239,8 @@ pub struct LayerArgs {
     /// Start N local ranks (one process per GPU, NVSHMEM world) and gather their results.
     #[arg(long)]
     pub nproc: Option<usize>,
-    /// Also check and time the other tile rule (`--tiles`) in the same process (GPU,
-    /// single or emulated world) and report the ratio of the medians.
+    /// Also check and time the other tile rules (`--tiles`) in the same process (GPU,
+    /// single or emulated world) and report the ratios of the medians.
     #[arg(long)]
     pub compare_tiles: bool,
 }
@@ -415,10 +417,17 @@ mod tests {
     }
 
     #[test]
-    fn tiles_parse_auto_and_classic() {
+    fn tiles_parse_auto_narrow_and_classic() {
         assert_eq!(parse_tiles("auto"), Ok(TileMode::Auto));
         assert_eq!(parse_tiles("classic"), Ok(TileMode::Classic));
+        assert_eq!(parse_tiles("narrow"), Ok(TileMode::Narrow));
         assert!(parse_tiles("wide").is_err());
+        let cli =
+            Cli::try_parse_from(["flashmoe-bench", "stages", "--tiles", "narrow"]).expect("parses");
+        let Command::Stages(a) = cli.command else {
+            panic!("not the stages command");
+        };
+        assert_eq!(a.shape.tiles, TileMode::Narrow);
         let cli =
             Cli::try_parse_from(["flashmoe-bench", "layer", "--tiles", "classic"]).expect("parses");
         let Command::Layer(a) = cli.command else {

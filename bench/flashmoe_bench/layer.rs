@@ -224,7 +224,7 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
             shape,
         )?
     } else {
-        None
+        Vec::new()
     };
     let kept = kept_per_expert(&cfg, &first);
     let total_tokens = (cfg.tokens * cfg.world) as u64;
@@ -260,8 +260,9 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
     })
 }
 
-/// `--compare-tiles`: the other tile rule on the same layer, checked against the same
-/// reference rows and timed like the first; `None` when the backend cannot switch.
+/// `--compare-tiles`: each other tile rule on the same layer (of auto, narrow and
+/// classic), checked against the same reference rows and timed like the first; empty when
+/// the backend cannot switch.
 #[allow(clippy::too_many_arguments)]
 fn compare_tiles(
     runner: &mut dyn Runner,
@@ -272,36 +273,36 @@ fn compare_tiles(
     want: &[Vec<Vec<f64>>],
     median: f64,
     shape: &ShapeArgs,
-) -> Result<Option<crate::report::TilesCompare>> {
-    let other = match plan.tile_mode {
-        TileMode::Auto => TileMode::Classic,
-        TileMode::Classic => TileMode::Auto,
-    };
-    if !runner.set_tile_mode(other) {
-        return Ok(None);
-    }
-    let out = runner.run(inputs, ov)?;
-    let tol = reference::tolerance(plan.config.dtype);
-    if shape.check_tokens > 0 {
-        let err = compare(plan, &out.out, rows, want)?;
-        if err > tol {
-            return Err(Error::input(
-                "output",
-                format!(
-                    "--tiles {}: max relative error {err:.3e} exceeds the tolerance {tol:.0e}",
-                    other.name()
-                ),
-            ));
+) -> Result<Vec<crate::report::TilesCompare>> {
+    let mut done = Vec::new();
+    for other in TileMode::ALL.into_iter().filter(|&m| m != plan.tile_mode) {
+        if !runner.set_tile_mode(other) {
+            break;
         }
+        let out = runner.run(inputs, ov)?;
+        let tol = reference::tolerance(plan.config.dtype);
+        if shape.check_tokens > 0 {
+            let err = compare(plan, &out.out, rows, want)?;
+            if err > tol {
+                return Err(Error::input(
+                    "output",
+                    format!(
+                        "--tiles {}: max relative error {err:.3e} exceeds the tolerance {tol:.0e}",
+                        other.name()
+                    ),
+                ));
+            }
+        }
+        let samples = runner.time(inputs, ov, shape.warmup, shape.iters)?;
+        let s = summarize(&samples).ok_or_else(|| Error::input("timing", "no finite samples"))?;
+        done.push(crate::report::TilesCompare {
+            other: other.name().to_string(),
+            median_ms: s.median,
+            ratio: s.median / median,
+        });
     }
-    let samples = runner.time(inputs, ov, shape.warmup, shape.iters)?;
-    let s = summarize(&samples).ok_or_else(|| Error::input("timing", "no finite samples"))?;
     runner.set_tile_mode(plan.tile_mode);
-    Ok(Some(crate::report::TilesCompare {
-        other: other.name().to_string(),
-        median_ms: s.median,
-        ratio: s.median / median,
-    }))
+    Ok(done)
 }
 
 /// The dispatch bytes of the launch that produced `out`, from every rank's routing.

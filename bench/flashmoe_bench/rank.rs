@@ -209,7 +209,7 @@ fn rank_report(
         pairs: total_tokens * cfg.top_k as u64,
         wire: None,
         tiles: run.plan.tile_mode.name().to_string(),
-        tiles_compare: None,
+        tiles_compare: Vec::new(),
         phases: None,
     })
 }

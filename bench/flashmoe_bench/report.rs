@@ -23,10 +23,10 @@ pub struct Wire {
     pub per_expert_bytes: f64,
 }
 
-/// The other tile rule timed on the same layer (`--compare-tiles`).
+/// One other tile rule timed on the same layer (`--compare-tiles`).
 #[derive(Debug, Clone, Serialize)]
 pub struct TilesCompare {
-    /// Its name (`auto` or `classic`).
+    /// Its name (`auto`, `narrow` or `classic`).
     pub other: String,
     /// Its median latency (ms).
     pub median_ms: f64,
@@ -74,10 +74,10 @@ pub struct Report {
     pub pairs: u64,
     /// Dispatch bytes on the wire, when measured (single-process runs).
     pub wire: Option<Wire>,
-    /// Tile rule of the routed GEMMs (`auto` or `classic`).
+    /// Tile rule of the routed GEMMs (`auto`, `narrow` or `classic`).
     pub tiles: String,
-    /// The other tile rule on the same layer, when compared.
-    pub tiles_compare: Option<TilesCompare>,
+    /// The other tile rules on the same layer, when compared (empty otherwise).
+    pub tiles_compare: Vec<TilesCompare>,
     /// Where the last timed launch's time went (device timestamps; GPU only).
     pub phases: Option<flashmoe::gpu::layer::PhaseSplit>,
 }
@@ -115,13 +115,17 @@ impl Report {
         println!("flashmoe-bench layer: preset {}", self.preset);
         println!("  {:<10} {}", "config", self.config);
         println!("  {:<10} {}", "backend", self.backend);
-        match &self.tiles_compare {
-            Some(t) => println!(
-                "  {:<10} {}; {} median {:.4} ms = {:.3}x (tile ratio {}/{})",
-                "tiles", self.tiles, t.other, t.median_ms, t.ratio, t.other, self.tiles
-            ),
-            None => println!("  {:<10} {}", "tiles", self.tiles),
-        }
+        let others: Vec<String> = self
+            .tiles_compare
+            .iter()
+            .map(|t| {
+                format!(
+                    "; {} median {:.4} ms = {:.3}x (tile ratio {}/{})",
+                    t.other, t.median_ms, t.ratio, t.other, self.tiles
+                )
+            })
+            .collect();
+        println!("  {:<10} {}{}", "tiles", self.tiles, others.concat());
         println!("  {:<10} {}", "world", self.world);
         println!("  {:<10} {}", "memory", self.memory);
         println!("  {:<10} {}", "check", self.check_line());

@@ -10,14 +10,15 @@
 //!    when the plan stages), then one signal `(epoch << 32) | rows` per rank, 0 rows
 //!    included (the protocol of [`crate::plan`]);
 //! 3. experts: as dispatch signals arrive, the owner runs each local expert over its pairs
-//!    block by block (`TILE_M` rows, `TILE_N` column tiles) into its output buffer; once a
+//!    task by task (a `TILE_M` row block, or two as a wide task under the plan's tile rule;
+//!    `TILE_N` column tiles) into its output buffer; once a
 //!    source's pairs are all done it reduces each row over its experts (weights applied),
 //!    writes the partial into the source's heap and signals combine;
 //! 4. combine: the source waits for every rank's combine signal and sums the partials in
 //!    rank order, plus the shared experts computed on its own rows.
 //!
 //! Threads: one rank thread per rank runs the protocol (gate, dispatch, every wait);
-//! the compute of steps 3 and 4 (expert row blocks, the shared experts and the combine
+//! the compute of steps 3 and 4 (expert tasks, the shared experts and the combine
 //! over token chunks) is cut into units that the rank thread and its helper threads
 //! share. [`CpuExecutor::set_threads`] sets the total (default: the machine's available
 //! parallelism); the threads beyond one per rank are dealt out evenly as helpers. Every

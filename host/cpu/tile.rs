@@ -1,4 +1,4 @@
-//! The expert MLP on blocks of at most `TILE_M` rows, tile by tile, as the device
+//! The expert MLP on tasks of at most `WIDE_ROWS` rows, tile by tile, as the device
 //! computes it: weights in the dtype, f32 accumulation (the GEMM of [`super::gemm`]), the
 //! activation stored in the dtype between the two GEMMs, the result rounded to the dtype.
 
@@ -6,7 +6,7 @@ use super::act::act_row;
 use super::gemm::{gemm, Lhs};
 use super::packed::PackedMlp;
 use crate::config::{Dtype, MlpKind};
-use crate::plan::{TILE_M, TILE_N};
+use crate::plan::{TILE_N, WIDE_ROWS};
 
 /// `sum_i a[i] * b[i]` in f32 with eight partial sums (vectorisable, and more accurate
 /// than one running sum).
@@ -107,19 +107,20 @@ pub struct TiledMlp<'a> {
 }
 
 impl TiledMlp<'_> {
-    /// Runs `rows <= TILE_M` rows of `x` (`[rows][hidden]`) through the MLP into `y`
-    /// (`[rows][hidden]`, rounded to the dtype). `a` is scratch of `TILE_M * width`.
+    /// Runs `rows <= WIDE_ROWS` rows of `x` (`[rows][hidden]`; one task: a row block or a
+    /// wide task's two) through the MLP into `y` (`[rows][hidden]`, rounded to the dtype).
+    /// `a` is scratch of `rows * width` at least.
     ///
     /// GEMM0 runs in `gemm0_tiles` column tiles of `TILE_N` (each covers the gate and up
     /// columns), GEMM1 in `gemm1_tiles`, as the kernel's tile tasks do.
     pub fn run_block(&self, x: &[f32], rows: usize, a: &mut [f32], y: &mut [f32]) {
         let (h, wd) = (self.hidden, self.width);
-        let rows = rows.min(TILE_M);
+        let rows = rows.min(WIDE_ROWS);
         if rows == 0 {
             return;
         }
-        let mut z = [0f32; TILE_M * TILE_N];
-        let mut u = [0f32; TILE_M * TILE_N];
+        let mut z = [0f32; WIDE_ROWS * TILE_N];
+        let mut u = [0f32; WIDE_ROWS * TILE_N];
         let xl = Lhs::new(x, rows, h, self.w.w0.kernel());
         for tile in 0..self.gemm0_tiles.min(wd / TILE_N) {
             let n0 = tile * TILE_N;
@@ -231,32 +232,73 @@ mod tests {
             cfg.dtype = Dtype::F32;
             cfg.mlp = kind;
             let w = crate::LayerWeights::random(&cfg, 4);
-            let rows = 37;
-            let x = crate::weights::random_tokens(&cfg, rows, 8);
-            let mlp = TiledMlp {
-                kind,
-                dtype: Dtype::F32,
-                hidden: 128,
-                width: 64,
-                gemm0_tiles: 1,
-                gemm1_tiles: 2,
-                w: &PackedMlp::new(&w.experts[0], 128, 64, kind.is_gated(), Dtype::F32),
-            };
-            let mut a = vec![0f32; TILE_M * 64];
-            let mut y = vec![f32::NAN; TILE_M * 128];
-            mlp.run_block(&x, rows, &mut a, &mut y);
-            let want = reference::expert_mlp(&cfg, &w.experts[0], 64, &x);
-            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
-            for (i, (got, want)) in y[..rows * 128].iter().zip(&want).enumerate() {
+            let packed = PackedMlp::new(&w.experts[0], 128, 64, kind.is_gated(), Dtype::F32);
+            // A prefill-sized block and a wide task's rows.
+            for rows in [37, 100] {
+                let x = crate::weights::random_tokens(&cfg, rows, 8);
+                let mlp = TiledMlp {
+                    kind,
+                    dtype: Dtype::F32,
+                    hidden: 128,
+                    width: 64,
+                    gemm0_tiles: 1,
+                    gemm1_tiles: 2,
+                    w: &packed,
+                };
+                let mut a = vec![0f32; WIDE_ROWS * 64];
+                let mut y = vec![f32::NAN; WIDE_ROWS * 128];
+                mlp.run_block(&x, rows, &mut a, &mut y);
+                let want = reference::expert_mlp(&cfg, &w.experts[0], 64, &x);
+                let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+                for (i, (got, want)) in y[..rows * 128].iter().zip(&want).enumerate() {
+                    assert!(
+                        (f64::from(*got) - want).abs() <= 1e-5 * scale,
+                        "{kind:?} {rows} rows, {i}: {got} vs {want}"
+                    );
+                }
                 assert!(
-                    (f64::from(*got) - want).abs() <= 1e-5 * scale,
-                    "{kind:?} {i}: {got} vs {want}"
+                    y[rows * 128..].iter().all(|v| v.is_nan()),
+                    "rows past the block are untouched"
                 );
             }
-            assert!(
-                y[rows * 128..].iter().all(|v| v.is_nan()),
-                "rows past the block are untouched"
-            );
+        }
+    }
+
+    #[test]
+    fn a_wide_task_equals_its_two_blocks_bit_for_bit() {
+        // The wide task's rows at once give the bits of its two row blocks run apart
+        // (every output one chain over its row and column), in every dtype.
+        for dtype in [Dtype::Bf16, Dtype::F16, Dtype::F32] {
+            let mut cfg = MoeConfig::new(64, 128, 128, 1, 1);
+            cfg.dtype = dtype;
+            let w = crate::LayerWeights::random(&cfg, 5);
+            let packed = PackedMlp::new(&w.experts[0], 128, 128, cfg.mlp.is_gated(), dtype);
+            let mlp = TiledMlp {
+                kind: cfg.mlp,
+                dtype,
+                hidden: 128,
+                width: 128,
+                gemm0_tiles: 2,
+                gemm1_tiles: 2,
+                w: &packed,
+            };
+            for rows in [97, 100, WIDE_ROWS] {
+                let x = crate::weights::random_tokens(&cfg, rows, 9);
+                let mut a = vec![0f32; WIDE_ROWS * 128];
+                let mut wide = vec![0f32; WIDE_ROWS * 128];
+                mlp.run_block(&x, rows, &mut a, &mut wide);
+                let mut apart = vec![0f32; WIDE_ROWS * 128];
+                let split = crate::plan::TILE_M * 128;
+                mlp.run_block(&x[..split], 64, &mut a, &mut apart[..split]);
+                mlp.run_block(&x[split..], rows - 64, &mut a, &mut apart[split..]);
+                let bits = |v: &[f32]| {
+                    v[..rows * 128]
+                        .iter()
+                        .map(|f| f.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                assert!(bits(&wide) == bits(&apart), "{dtype:?} {rows} rows");
+            }
         }
     }
 }

@@ -1,25 +1,28 @@
-//! The units of a rank's work that its threads share: expert row blocks, shared-expert
-//! token chunks and combine token chunks.
+//! The units of a rank's work that its threads share: expert tasks (one row block, or two
+//! as one wide task, as the plan's tile rule cuts each pair list), shared-expert token
+//! chunks and combine token chunks.
 //!
 //! Every output value is computed by exactly one unit, with a fixed order of operations
 //! that does not depend on the unit's neighbours (each product of the GEMM is one chain
 //! of operations over its row and column alone; combine sums a token's choices in choice
 //! order), so results do not depend on how many threads run the units, nor on which
-//! thread runs which. The reduce of a source's rows runs in the unit that finishes that
-//! source's last expert block (or at once when it sent no pairs).
+//! thread runs which, nor on how the pair lists are cut into tasks (so every tile mode
+//! gives the same bits). The reduce of a source's rows runs in the unit that finishes that
+//! source's last expert task (or at once when it sent no pairs).
 
 use super::rank::{Res, Shared};
 use super::tile::{dot, round_all, TiledMlp};
 use crate::error::Error;
 use crate::plan::{
-    meta_parts, RankRoute, TileShape, CELL_RECV, CELL_SEND, NO_PAIR, TILE_M, TILE_N,
+    meta_parts, RankRoute, TileShape, CELL_RECV, CELL_SEND, NO_PAIR, TILE_N, WIDE_ROWS,
 };
 use crate::stages::Stage;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-/// Pairs of one expert unit: one `TILE_M` block of a local expert's pair list.
-pub const EXPERT_UNIT_ROWS: usize = TILE_M;
+/// Most pairs of one expert unit: one task of a local expert's pair list, a `TILE_M`
+/// block or a wide task's two blocks ([`crate::plan::task_rows`]).
+pub const EXPERT_UNIT_ROWS: usize = WIDE_ROWS;
 
 /// Tokens of one shared-expert or combine unit.
 pub const TOKEN_CHUNK: usize = 32;
@@ -27,8 +30,9 @@ pub const TOKEN_CHUNK: usize = 32;
 /// One unit of work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unit {
-    /// Pairs `p0 .. p0 + n` that `source` sent, all of local expert `local`, computed with
-    /// the tile shape the plan's rule gives `n` rows (as the kernel's task would be).
+    /// Pairs `p0 .. p0 + n` that `source` sent, all of local expert `local`: one task of the
+    /// plan's tile rule ([`crate::plan::LayerPlan::tasks`]), computed with the tile shape
+    /// the rule gives `n` rows (as the kernel's task would be).
     Expert {
         /// The source rank.
         source: usize,
@@ -38,7 +42,7 @@ pub enum Unit {
         p0: usize,
         /// Pairs.
         n: usize,
-        /// The tile shape of the block ([`crate::plan::LayerPlan::tile_for`]`(n)`).
+        /// The tile shape of the task ([`crate::plan::LayerPlan::tile_for`]`(n)`).
         shape: TileShape,
     },
     /// The shared experts on token chunk `c` (tokens `c * TOKEN_CHUNK ..`).
@@ -116,9 +120,9 @@ impl<'a> Ctx<'a> {
         let h = cfg.hidden;
         let shared_width = cfg.shared.map_or(0, |s| s.count * s.intermediate);
         Scratch {
-            xb: vec![0f32; TILE_M * h],
-            a: vec![0f32; TILE_M * cfg.intermediate.max(shared_width)],
-            yb: vec![0f32; TILE_M * h],
+            xb: vec![0f32; EXPERT_UNIT_ROWS * h],
+            a: vec![0f32; EXPERT_UNIT_ROWS * cfg.intermediate.max(shared_width)],
+            yb: vec![0f32; EXPERT_UNIT_ROWS * h],
             y: vec![0f32; h],
         }
     }
@@ -166,7 +170,8 @@ impl<'a> Ctx<'a> {
     }
 
     /// Records that `source` sent `rows` token rows and returns the expert units of its
-    /// pairs (read from its counts). A source with no pairs is reduced at once.
+    /// pairs (read from its counts), one per task of the plan's tile rule. A source with no
+    /// pairs is reduced at once.
     pub fn arm(&self, source: usize, rows: usize) -> Res<Vec<Unit>> {
         let plan = self.sh.plan;
         if rows > plan.config.tokens {
@@ -185,15 +190,12 @@ impl<'a> Ctx<'a> {
                     format!("rank {source} sends local expert {l} more pairs than the capacity");
                 return Err(self.bad("dispatch", what, plan.capacity as u64, c as u64));
             }
-            units.extend((0..c).step_by(EXPERT_UNIT_ROWS).map(|r0| {
-                let n = (c - r0).min(EXPERT_UNIT_ROWS);
-                Unit::Expert {
-                    source,
-                    local: l,
-                    p0: base + r0,
-                    n,
-                    shape: plan.tile_for(n),
-                }
+            units.extend(plan.tasks(c).map(|(r0, n)| Unit::Expert {
+                source,
+                local: l,
+                p0: base + r0,
+                n,
+                shape: plan.tile_for(n),
             }));
             base += c;
         }

@@ -1060,7 +1060,8 @@ impl MoeLayer {
     }
 
     /// The tile rule of the next launches ([`crate::plan::TileMode`]): the A/B switch
-    /// between the rule's decode and prefill tiles and the classic path. A captured graph
+    /// between the rule with wide tasks (auto), without them (narrow) and the classic
+    /// path. A captured graph
     /// keeps the mode it was captured with.
     pub fn set_tile_mode(&mut self, mode: crate::plan::TileMode) {
         self.plan.tile_mode = mode;

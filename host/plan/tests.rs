@@ -455,92 +455,217 @@ fn one_signal_per_rank_whatever_the_placement() {
 fn the_tile_rule_by_rows() {
     use crate::config::Dtype::{Bf16, F16, F32};
     for dtype in [Bf16, F16] {
-        for (rows, tokens) in [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32)] {
-            assert_eq!(
-                tile_for(TileMode::Auto, dtype, rows),
-                TileShape::Decode { tokens },
-                "{rows} rows"
-            );
+        for mode in [TileMode::Auto, TileMode::Narrow] {
+            for (rows, tokens) in [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32)] {
+                assert_eq!(
+                    tile_for(mode, dtype, rows),
+                    TileShape::Decode { tokens },
+                    "{mode:?} {rows} rows"
+                );
+            }
+            for rows in (DECODE_MAX_ROWS + 1)..=TILE_M {
+                let shape = tile_for(mode, dtype, rows);
+                assert_eq!(shape, TileShape::Prefill, "{rows} rows");
+                assert_eq!(
+                    shape.rows(),
+                    TILE_M,
+                    "a prefill tile covers the whole block"
+                );
+            }
+            // Past one block (only auto's wide tasks have such rows): the wide tile.
+            for rows in (TILE_M + 1)..=WIDE_ROWS {
+                assert_eq!(tile_for(mode, dtype, rows), TileShape::Wide, "{rows} rows");
+            }
+            // Every task of 1..=WIDE_ROWS rows gets a shape that covers its rows.
+            for rows in 1..=WIDE_ROWS {
+                assert!(tile_for(mode, dtype, rows).rows() >= rows, "{rows} rows");
+            }
         }
-        for rows in (DECODE_MAX_ROWS + 1)..=TILE_M {
-            let shape = tile_for(TileMode::Auto, dtype, rows);
-            assert_eq!(shape, TileShape::Prefill, "{rows} rows");
-            assert_eq!(
-                shape.rows(),
-                TILE_M,
-                "a prefill tile covers the whole block"
-            );
-        }
-        // Every block of 1..=TILE_M rows gets a shape that covers its rows.
-        for rows in 1..=TILE_M {
-            assert!(
-                tile_for(TileMode::Auto, dtype, rows).rows() >= rows,
-                "{rows} rows"
-            );
-        }
-        for rows in 1..=TILE_M {
+        for rows in 1..=WIDE_ROWS {
             assert_eq!(tile_for(TileMode::Classic, dtype, rows), TileShape::Classic);
         }
     }
+    assert_eq!(TileShape::Wide.rows(), 2 * TILE_M);
     // f32: the FFMA decode tile up to DECODE_MAX_ROWS rows, no prefill tile above.
-    for (rows, tokens) in [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32)] {
-        assert_eq!(
-            tile_for(TileMode::Auto, F32, rows),
-            TileShape::Decode { tokens },
-            "f32, {rows} rows"
-        );
-    }
-    for rows in (DECODE_MAX_ROWS + 1)..=TILE_M {
-        assert_eq!(tile_for(TileMode::Auto, F32, rows), TileShape::Classic);
+    for mode in [TileMode::Auto, TileMode::Narrow] {
+        for (rows, tokens) in [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32)] {
+            assert_eq!(
+                tile_for(mode, F32, rows),
+                TileShape::Decode { tokens },
+                "f32, {rows} rows"
+            );
+        }
+        for rows in (DECODE_MAX_ROWS + 1)..=TILE_M {
+            assert_eq!(tile_for(mode, F32, rows), TileShape::Classic);
+        }
     }
     for rows in 1..=TILE_M {
         assert_eq!(tile_for(TileMode::Classic, F32, rows), TileShape::Classic);
     }
     assert_eq!("classic".parse::<TileMode>(), Ok(TileMode::Classic));
     assert_eq!("auto".parse::<TileMode>(), Ok(TileMode::Auto));
-    assert!("prefill".parse::<TileMode>().is_err());
+    assert_eq!("narrow".parse::<TileMode>(), Ok(TileMode::Narrow));
+    let err = "prefill".parse::<TileMode>().unwrap_err();
+    assert!(
+        err.contains("auto") && err.contains("narrow") && err.contains("classic"),
+        "{err}"
+    );
+    for m in TileMode::ALL {
+        assert_eq!(m.name().parse::<TileMode>(), Ok(m));
+    }
+    let codes: Vec<u32> = TileMode::ALL.iter().map(|m| m.code()).collect();
+    assert_eq!(codes, [0, 1, 2]);
 }
 
 #[test]
-fn the_tile_census_cuts_lists_in_blocks() {
+fn task_rows_pairs_blocks_into_wide_tasks() {
+    use crate::config::Dtype::{Bf16, F16, F32};
+    let rows = |mode, dtype, count: usize| -> Vec<usize> {
+        (0..count.div_ceil(TILE_M))
+            .map(|rb| task_rows(mode, dtype, count, rb))
+            .collect()
+    };
+    for dtype in [Bf16, F16] {
+        let auto = |count| rows(TileMode::Auto, dtype, count);
+        // One block: never wide.
+        assert_eq!(auto(1), [1]);
+        assert_eq!(auto(64), [64]);
+        // 100 = 64 + 36 (36 > 32): one wide task.
+        assert_eq!(auto(100), [100, 0]);
+        assert_eq!(tile_for(TileMode::Auto, dtype, 100), TileShape::Wide);
+        // 90 = 64 + 26 (26 <= 32): a prefill block and a decode block.
+        assert_eq!(auto(90), [64, 26]);
+        assert_eq!(tile_for(TileMode::Auto, dtype, 64), TileShape::Prefill);
+        assert_eq!(
+            tile_for(TileMode::Auto, dtype, 26),
+            TileShape::Decode { tokens: 32 }
+        );
+        // The edge: block 1 of 32 rows stays apart, of 33 joins block 0.
+        assert_eq!(auto(96), [64, 32]);
+        assert_eq!(auto(97), [97, 0]);
+        assert_eq!(auto(128), [128, 0]);
+        // 3 * 64 + 40: two wide tasks.
+        assert_eq!(auto(3 * 64 + 40), [128, 0, 104, 0]);
+        // 2 * 64 + 40: a wide task, then a prefill block of its own (block 2 is even).
+        assert_eq!(auto(2 * 64 + 40), [128, 0, 40]);
+        // 3 * 64 + 10: a wide task, then two blocks apart (block 3 has 10 rows).
+        assert_eq!(auto(3 * 64 + 10), [128, 0, 64, 10]);
+        for count in [1, 64, 90, 100, 3 * 64 + 40, 1000] {
+            assert!(rows(TileMode::Narrow, dtype, count)
+                .iter()
+                .all(|&r| r <= TILE_M));
+            assert!(rows(TileMode::Classic, dtype, count)
+                .iter()
+                .all(|&r| r <= TILE_M));
+        }
+        assert_eq!(rows(TileMode::Narrow, dtype, 100), [64, 36]);
+        assert_eq!(rows(TileMode::Classic, dtype, 100), [64, 36]);
+    }
+    // f32 has no wide tile: every task one block, whatever the mode.
+    for mode in TileMode::ALL {
+        assert_eq!(rows(mode, F32, 100), [64, 36]);
+        assert_eq!(rows(mode, F32, 3 * 64 + 40), [64, 64, 64, 40]);
+    }
+    // Every count: the task rows sum to the count, each task's shape covers it, a tail
+    // follows every wide task, and `tasks` lists the non-empty ones in order.
+    for dtype in [Bf16, F16, F32] {
+        for mode in TileMode::ALL {
+            for count in 0..=600 {
+                let r = rows(mode, dtype, count);
+                assert_eq!(r.iter().sum::<usize>(), count, "{mode:?} {dtype:?} {count}");
+                for (rb, &n) in r.iter().enumerate() {
+                    if n > TILE_M {
+                        assert!(rb.is_multiple_of(2) && r[rb + 1] == 0, "{mode:?} {count}");
+                        assert!(n > TILE_M + DECODE_MAX_ROWS && n <= WIDE_ROWS);
+                        assert!(wide_tasks(mode, dtype));
+                    }
+                    if n == 0 {
+                        assert!(
+                            !rb.is_multiple_of(2) && r[rb - 1] > TILE_M,
+                            "{mode:?} {count}"
+                        );
+                    }
+                    if n > 0 {
+                        assert!(tile_for(mode, dtype, n).rows() >= n);
+                    }
+                }
+                let listed: Vec<(usize, usize)> = tasks(mode, dtype, count).collect();
+                let want: Vec<(usize, usize)> = r
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &n)| n > 0)
+                    .map(|(rb, &n)| (rb * TILE_M, n))
+                    .collect();
+                assert_eq!(listed, want);
+            }
+        }
+    }
+    // Past the list: no rows.
+    assert_eq!(task_rows(TileMode::Auto, Bf16, 64, 1), 0);
+}
+
+#[test]
+fn the_tile_census_counts_tasks() {
     let c = MoeConfig {
         dtype: Dtype::Bf16,
         ..MoeConfig::new(256, 64, 64, 8, 2)
     };
     let p = LayerPlan::new(&c).expect("plan");
-    // 0: no block; 20: decode; 64: prefill; 100 = 64 + 36: two prefill (36 > 32);
-    // 130 = 64 + 64 + 2: two prefill and a decode.
-    let census = p.tile_census([0, 20, 64, 100, 130]);
+    assert_eq!(p.tile_mode, TileMode::Auto);
+    let lists = [0, 20, 64, 90, 100, 130];
+    // 0: no task; 20: decode; 64: prefill; 90 = 64 + 26: prefill and decode;
+    // 100 = 64 + 36: one wide task; 130 = 64 + 64 + 2: one wide task and a decode.
+    let census = p.tile_census(lists);
     assert_eq!(
         census,
         TileCensus {
-            decode: 2,
-            prefill: 5,
+            decode: 3,
+            prefill: 2,
+            wide: 2,
             classic: 0
         }
     );
     assert_eq!(census.total(), 7);
-    let classic = p
-        .with_tile_mode(TileMode::Classic)
-        .tile_census([0, 20, 64, 100, 130]);
-    assert_eq!(classic.classic, 7);
+    assert_eq!(
+        census.to_string(),
+        "3 decode + 2 prefill + 2 wide + 0 classic tile tasks"
+    );
+    assert_eq!(p.task_rows(100, 0), 100);
+    assert_eq!(p.task_rows(100, 1), 0);
+    assert_eq!(p.tasks(130).collect::<Vec<_>>(), [(0, 128), (128, 2)]);
+    // Narrow: the same lists in blocks, no wide task.
+    let narrow = p
+        .clone()
+        .with_tile_mode(TileMode::Narrow)
+        .tile_census(lists);
+    assert_eq!(
+        narrow,
+        TileCensus {
+            decode: 3,
+            prefill: 6,
+            wide: 0,
+            classic: 0
+        }
+    );
+    let classic = p.with_tile_mode(TileMode::Classic).tile_census(lists);
+    assert_eq!(classic.classic, 9);
     assert_eq!(
         classic.to_string(),
-        "0 decode + 0 prefill + 7 classic tile blocks"
+        "0 decode + 0 prefill + 0 wide + 9 classic tile tasks"
     );
 }
 
 /// Tasks the scheduler and the completion steps create on one rank for the given kept pair
-/// counts (`counts[source][local]`) and token rows per source, block by block through the
-/// tile rule (the shape never changes how many tiles a block has).
+/// counts (`counts[source][local]`) and token rows per source, task by task through the
+/// tile rule (a wide task has the column tiles of one block: it covers two blocks' rows).
 fn tasks_for(p: &LayerPlan, counts: &[Vec<usize>], rows: &[usize]) -> usize {
     let t = &p.tiles;
     let mut n = 0;
     for (src, list) in counts.iter().enumerate() {
         for &c in list {
-            for r0 in (0..c).step_by(TILE_M) {
-                let shape = p.tile_for((c - r0).min(TILE_M));
-                assert!(shape.rows() >= (c - r0).min(TILE_M));
+            for (_, r) in p.tasks(c) {
+                let shape = p.tile_for(r);
+                assert!(shape.rows() >= r);
                 n += t.gemm0_per_block + t.gemm1_per_block;
             }
         }
@@ -552,14 +677,14 @@ fn tasks_for(p: &LayerPlan, counts: &[Vec<usize>], rows: &[usize]) -> usize {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// The queue capacity bounds the tasks of any routing, in either tile mode.
+    /// The queue capacity bounds the tasks of any routing, in every tile mode.
     #[test]
     fn queue_capacity_bounds_every_routing(
         c in valid_config(),
-        classic in any::<bool>(),
+        mode in 0usize..3,
         seed in any::<u64>(),
     ) {
-        let mode = if classic { TileMode::Classic } else { TileMode::Auto };
+        let mode = TileMode::ALL[mode];
         let p = LayerPlan::new(&c).expect("valid config plans").with_tile_mode(mode);
         let local = p.local_experts.iter().map(Vec::len).max().unwrap_or(0);
         // Each source splits at most pair_capacity pairs over the local experts, each at

@@ -75,8 +75,8 @@ impl Cx<'_> {
         s as u64 * stride_source + u64::from(pair) * stride_row
     }
 
-    /// The routed row blocks per tile shape under every source's captured routing: each
-    /// (source, expert) list of kept pairs in blocks, through the plan's tile rule.
+    /// The routed tasks per tile shape under every source's captured routing: each
+    /// (source, expert) list of kept pairs in tasks, through the plan's tile rule.
     fn tiles(&self) -> TileCensus {
         let plan = self.case.plan;
         let lists = self.cap.ranks.iter().flat_map(|r| {

@@ -54,7 +54,7 @@ pub struct StageReport {
     pub max_error: f64,
     /// The tolerance of that error (0 for stages compared bit for bit).
     pub tolerance: f64,
-    /// The GEMM stages: the routed row blocks per tile shape of the tile rule (which tile
+    /// The GEMM stages: the routed tasks per tile shape of the tile rule (which tile
     /// paths the checked values came from).
     pub tiles: Option<TileCensus>,
 }
