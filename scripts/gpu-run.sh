@@ -108,7 +108,9 @@ step() {
 step facts facts.txt bash -c "nvidia-smi; r=\$?; '$bench' probe; cat '$here/ptxas-report.txt'; exit \$r"
 
 # ---- stage checks on tiny: world 1, emulated 2 and 4 (bf16), then f32
-step stages-w1 stages.txt "$bench" stages --backend gpu --preset tiny
+# 512 tokens on one rank: 128-row pair lists, so auto's wide tasks run (CPU census: 4 decode
+# + 8 wide tile tasks per GEMM stage).
+step stages-w1 stages.txt "$bench" stages --backend gpu --preset tiny --tokens 512
 # gpt-oss style: top-k of biased logits, clamped SwiGLU with expert biases.
 step stages-e2 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:2 \
     --router topk-softmax --mlp clamped-swiglu
@@ -140,8 +142,9 @@ else
     echo "test-fixtures: not run (no gpu_model executable)" >>"$summary"
 fi
 
-# ---- compute-sanitizer on a small config (one whole-layer launch, long deadlines); 160
-#      tokens of tiny give both decode and prefill tile blocks (64 tokens: decode only)
+# ---- compute-sanitizer on a small config (one whole-layer launch, long deadlines); 192
+#      tokens of tiny on 4 experts give decode, prefill and wide tile tasks (CPU census: 2 + 2
+#      + 2 per GEMM stage; 160 tokens on 8 experts: no wide task)
 cs="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -n 1)"
 for tool in memcheck racecheck synccheck; do
     if [ -z "$cs" ]; then
@@ -149,7 +152,7 @@ for tool in memcheck racecheck synccheck; do
         continue
     fi
     step "$tool" sanitizer.txt "$cs" --tool "$tool" --error-exitcode 9 \
-        "$bench" stages --backend gpu --preset tiny --tokens 160 --only combine --timeout-ms 20000
+        "$bench" stages --backend gpu --preset tiny --tokens 192 --experts 4 --only combine --timeout-ms 20000
 done
 
 # ---- graph replay (100 replays, no reset between them)
