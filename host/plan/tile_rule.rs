@@ -29,8 +29,8 @@
 //!   order in the epilogue. Per k16 step that is 3 `ldmatrix` per 8 `mma` (classic: 3 per
 //!   4, gated 5 per 8), at the same 64x64 block tile.
 //! - [`TileShape::Wide`]: a wide task (bf16/f16, [`TileMode::Auto`]) of more than `TILE_M`
-//!   rows: tokens as M over [`WIDE_ROWS`] rows, weights as N (`gemm_wide.cuh`), so each
-//!   weight tile is read once for both blocks.
+//!   rows: tokens as M over [`WIDE_ROWS`] rows, weights as N (`gemm_prefill.cuh` at
+//!   `kRows` = 128), so each weight tile is read once for both blocks.
 //!
 //! [`TileMode::Narrow`] is auto without wide tasks (every task one block), and
 //! [`TileMode::Classic`] every task one block with the classic tile.
@@ -114,7 +114,8 @@ pub enum TileShape {
     /// Tokens as M (`TILE_M` rows), weights as N, larger warp tiles with K split between
     /// warps (`gemm_prefill.cuh`).
     Prefill,
-    /// Tokens as M ([`WIDE_ROWS`] rows: two row blocks), weights as N (`gemm_wide.cuh`).
+    /// Tokens as M ([`WIDE_ROWS`] rows: two row blocks), weights as N
+    /// (`gemm_prefill.cuh` at `kRows` = 128).
     Wide,
 }
 

@@ -127,7 +127,8 @@ __device__ __forceinline__ void store_vec(void* p, const float (&v)[kVec<D>]) {
 // Bytes of dynamic shared memory after Misc (the "arena"), by dtype: the GEMM stages.
 // bf16/f16: kStages x (A: 128 rows, the wide tile's; B gate, B up: 64 rows) x (64 + 8 pad)
 // halves; the pad makes the 8 rows of an ldmatrix 8x8 land in distinct 16-byte bank groups.
-// The 64-row tiles use the first 3 x 64 rows of each stage's 256.
+// The 64-row tiles (classic, 64-row prefill) pack their stages at a 3 x 64-row stride (the
+// first 3 x 192 rows); the decode tile has its own layout.
 // f32: 1 stage x (A, B gate, B up) x 64 k x (64 + 4 pad) floats, k-major for float4 reads.
 template <class D>
 constexpr int kArenaBytes = D::kTensorCore ? kStages * (2 * kTileM + 2 * kTileN) * (kTileK + 8) * 2

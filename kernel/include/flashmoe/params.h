@@ -112,7 +112,7 @@
 // row block is TILE_M pairs of one source and local expert (the last one of a pair list
 // short); a task computes one block, or two consecutive ones as one wide tile.
 // FM_TILES_AUTO, bf16/f16: row blocks 2j and 2j+1 of a pair list form one 128-row task when
-// block 2j+1 has more than FM_DECODE_MAX_ROWS rows (the wide tile, gemm_wide.cuh: tokens as
+// block 2j+1 has more than FM_DECODE_MAX_ROWS rows (the wide tile, gemm_prefill.cuh at kRows = 128: tokens as
 // M, 128x64, each weight tile read once for 128 rows); block 2j+1 then has no task of its own.
 // Any other block is one task: at most FM_DECODE_MAX_ROWS rows by the decode tile (bf16/f16:
 // weights as the mma M operand: the tile's 64 output columns; tokens as N = the rows rounded

@@ -12,6 +12,8 @@
 
 namespace fm {
 
+static_assert(kRuleBlockRows == uint32_t(kTileM), "tile_rule.cuh's row block is TILE_M");
+
 enum TaskKind : uint32_t {
     kTaskG0 = 0,      // routed GEMM0 tile: unit (source, local, row block) x gemm0 column tile
     kTaskG1 = 1,      // routed GEMM1 tile: unit x hidden column tile

@@ -109,7 +109,8 @@ __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, con
             return;
         }
     } else {
-        // f32 has no wide task (task_rows), so a task has at most kTileM rows here.
+        // f32 has no wide task (task_rows never gives it more than kTileM rows), so tile_for
+        // never answers kTileWide here and the classic tile below gets at most kTileM rows.
         const TileChoice tc = tile_for<D::kCode>(*c.L, t.a_rows);
         if (tc.kind == kTileDecode) {
             run_decode_tile_f32<kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);

@@ -13,7 +13,7 @@ enum TileKind : uint32_t {
     kTileDecode = 1,   // gemm_decode.cuh: weights as M, `tokens` (8, 16, 32) tokens as N;
                        // f32: gemm_decode_f32.cuh, FFMA on the `tokens` rows only
     kTilePrefill = 2,  // gemm_prefill.cuh: tokens as M, 32 x 32 / 32 x 64 warp tiles, K split
-    kTileWide = 3,     // gemm_wide.cuh: tokens as M (128 rows: two row blocks), 32 x 32 /
+    kTileWide = 3,     // gemm_prefill.cuh (kRows = 128): tokens as M (two row blocks), 32 x 32 /
                        // 32 x 64 warp tiles
 };
 
@@ -22,7 +22,7 @@ struct TileChoice {
     uint32_t tokens;  // the N of the decode tile (0 for the other kinds)
 };
 
-constexpr uint32_t kRuleBlockRows = 64;  // == TILE_M (common.cuh checks it)
+constexpr uint32_t kRuleBlockRows = 64;  // == TILE_M (scheduler.cuh checks it)
 
 // Whether the run pairs row blocks into wide tasks: auto, bf16/f16 (f32 has no wide tile).
 template <uint32_t kDtype>
