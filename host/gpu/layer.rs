@@ -501,6 +501,14 @@ impl MoeLayer {
             smem as i32,
         )
         .map_err(cuda("set dynamic shared memory"))?;
+        // Two blocks of 110848 + 1024 reserved bytes need the largest shared-memory carveout
+        // (228 KiB on Hopper); ask for it rather than rely on the driver's choice, so that
+        // the occupancy below is what the cooperative launch gets.
+        func.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
+        )
+        .map_err(cuda("set the shared-memory carveout"))?;
         let per_sm = func
             .occupancy_max_active_blocks_per_multiprocessor(BLOCK_THREADS, smem as usize, None)
             .map_err(cuda("occupancy query"))?;
