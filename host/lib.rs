@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+mod par;
 pub mod params;
 pub mod plan;
 pub mod presets;

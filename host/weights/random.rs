@@ -41,11 +41,12 @@ fn mlp(cfg: &MoeConfig, rng: &mut StdRng, width: usize, with_bias: bool) -> Expe
 impl LayerWeights {
     /// Random weights with fan-in scaling, deterministic in `seed`: the gate part of
     /// [`LayerWeights::random_gate`] and every expert of [`LayerWeights::random_expert`].
+    /// The experts are generated on all of the machine's threads (each has its own
+    /// stream, so the values do not depend on the thread count): a serial loop took most
+    /// of a GPU bench step's budget on the large presets.
     pub fn random(cfg: &MoeConfig, seed: u64) -> Self {
         let mut w = Self::random_gate(cfg, seed);
-        w.experts = (0..cfg.experts)
-            .map(|e| Self::random_expert(cfg, seed, e))
-            .collect();
+        w.experts = random_experts(cfg, seed);
         w
     }
 
@@ -97,6 +98,12 @@ impl LayerWeights {
     }
 }
 
+/// Every routed expert of [`LayerWeights::random`], in order, on the machine's threads.
+fn random_experts(cfg: &MoeConfig, seed: u64) -> Vec<ExpertWeights> {
+    let ids: Vec<usize> = (0..cfg.experts).collect();
+    crate::par::map_in_order(&ids, |&e| LayerWeights::random_expert(cfg, seed, e))
+}
+
 /// Random token rows in [-1, 1), rounded to the dtype; `tokens * hidden` values.
 pub fn random_tokens(cfg: &MoeConfig, tokens: usize, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -116,5 +123,22 @@ mod tests {
         let g = LayerWeights::random_gate(&cfg, 9);
         assert_eq!((g.router, g.shared), (w.router.clone(), w.shared.clone()));
         assert_ne!(LayerWeights::random(&cfg, 10).router, w.router);
+    }
+
+    #[test]
+    fn threaded_generation_equals_one_expert_at_a_time_in_order() {
+        // More experts than any machine's threads, and a count that does not divide evenly.
+        for experts in [1, 3, 67] {
+            let cfg = MoeConfig::new(2, 64, 64, experts, 1);
+            let w = LayerWeights::random(&cfg, 5);
+            assert_eq!(w.experts.len(), experts);
+            for (e, got) in w.experts.iter().enumerate() {
+                assert_eq!(
+                    *got,
+                    LayerWeights::random_expert(&cfg, 5, e),
+                    "expert {e} of {experts}"
+                );
+            }
+        }
     }
 }
