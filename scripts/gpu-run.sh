@@ -14,8 +14,9 @@ set -u
 
 # step budgets, seconds (name budget) -- keep the sum <= 420
 BUDGETS="
-facts 10
+facts 8
 stages-w1 15
+stages-w1n 10
 stages-e2 15
 stages-e4 20
 stages-f32 15
@@ -30,12 +31,12 @@ memcheck 25
 racecheck 25
 synccheck 16
 graph-replay 15
-bench-tiny 13
-bench-flashmoe-paper 13
-bench-qwen3-30b-a3b 13
-bench-olmoe-1b-7b 13
-bench-mixtral-8x7b 13
-bench-deepseek-v3 13
+bench-tiny 10
+bench-flashmoe-paper 12
+bench-qwen3-30b-a3b 12
+bench-olmoe-1b-7b 12
+bench-mixtral-8x7b 12
+bench-deepseek-v3 12
 "
 
 OUT="${OUT:-/tmp/flashmoe-out}"
@@ -111,6 +112,9 @@ step facts facts.txt bash -c "nvidia-smi; r=\$?; '$bench' probe; cat '$here/ptxa
 # 512 tokens on one rank: 128-row pair lists, so auto's wide tasks run (CPU census: 4 decode
 # + 8 wide tile tasks per GEMM stage).
 step stages-w1 stages.txt "$bench" stages --backend gpu --preset tiny --tokens 512
+# The same layer with no wide task (--tiles narrow: 64-row prefill and decode tiles only), so
+# that a failure of stages-w1 alone points at the wide tile.
+step stages-w1n stages.txt "$bench" stages --backend gpu --preset tiny --tokens 512 --tiles narrow
 # gpt-oss style: top-k of biased logits, clamped SwiGLU with expert biases.
 step stages-e2 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:2 \
     --router topk-softmax --mlp clamped-swiglu
