@@ -7,7 +7,8 @@ arena (flat offsets as the kernel computes them) and the epilogue's in-order sum
 K splits. Checks each output of one 64-deep stage against A x B^T, for both tilings
 (gated: 32x32 warp tiles x 2 K splits; one B matrix: 32x64 x 4), and that every partial
 element is written exactly once and fits the arena. Also the f32 decode tile's thread
-mapping (gemm_decode_f32.cuh) for N = 8, 16, 32. Stdlib only:
+mapping (gemm_decode_f32.cuh) for N = 8, 16, 32, and the bf16/f16 decode tile's swapped
+operands (gemm_decode.cuh: fragments, skipped n8 blocks, partials, K-half sum). Stdlib only:
 `python3 scripts/emulate_prefill_tile.py`. Also (review) the loader's 32-bit B offsets, the cp.async
 stage reuse and the epilogue's row bound. Not a substitute for a GPU run: it checks the
 index math, not the compiled code."""
@@ -123,6 +124,62 @@ run(32, 32, 1, True, M=128)   # PrefillFor<true, 128>: the wide gated tile
 run(32, 64, 2, False, M=128)  # PrefillFor<false, 128>
 for n in (8, 16, 32):
     run_f32_decode(n)
+
+def run_decode(n, rows, gated):
+    """The bf16/f16 decode tile (gemm_decode.cuh), swapped operands: warp (wm, wk) = (warp %
+    4, warp / 4) takes weight rows wm*16.. as the mma A operand (ldmatrix.x4 at row wm*16 +
+    lane % 16, column kk*16 + (lane / 16)*8, kk = wk*2 + h) and the tokens as B (row jp*16 +
+    lane % 8 + (lane / 16)*8, column kk*16 + ((lane / 8) % 2)*8), n8 blocks past n skipped;
+    partials at C[((wk*2 + m)*32 + token)*kDecodeCStride + column]; the epilogue sums K half 0
+    then half 1 for tokens < rows. Token rows the loader leaves unwritten (>= n: stale arena
+    contents) are NaN here: no stored output may see them."""
+    NMAX, CS = 32, 64 + 4
+    X = rand_mat(NMAX, K)
+    for r in range(rows, n):
+        X[r] = [0.0] * K                       # loaded, zero-filled past a_rows
+    for r in range(n, NMAX):
+        X[r] = [float("nan")] * K              # never loaded
+    Ws = [rand_mat(N, K) for _ in range(2 if gated else 1)]
+    C = {}
+    for warp in range(8):
+        wm, wk = warp % 4, warp // 4
+        acc = zeros(len(Ws), NMAX // 8, 32, 4)
+        for h in range(2):
+            kk = wk * 2 + h
+            a = [ldmatrix_x4(W, [(wm * 16 + (l % 16), kk * 16 + (l // 16) * 8) for l in range(32)]) for W in Ws]
+            for jp in range(NMAX // 16):
+                if jp * 16 >= n:
+                    break
+                b = ldmatrix_x4(X, [(jp * 16 + (l % 8) + (l // 16) * 8, kk * 16 + ((l // 8) % 2) * 8) for l in range(32)])
+                for m in range(len(Ws)):
+                    mma(acc[m][jp * 2], a[m], [x[0] for x in b], [x[1] for x in b])
+                    if jp * 16 + 8 < n:
+                        mma(acc[m][jp * 2 + 1], a[m], [x[2] for x in b], [x[3] for x in b])
+        for m in range(len(Ws)):
+            for j in range(NMAX // 8):
+                if j * 8 >= n:
+                    break
+                for l in range(32):
+                    for q in range(4):
+                        col = wm * 16 + l // 4 + (8 if q >= 2 else 0)
+                        tok = j * 8 + (l % 4) * 2 + (q & 1)
+                        flat = ((wk * 2 + m) * NMAX + tok) * CS + col
+                        assert flat not in C
+                        C[flat] = acc[m][j][l][q]
+    assert max(C) * 4 < 2 * 2 * NMAX * CS * 4 <= ARENA_BYTES
+    half1 = 2 * NMAX * CS
+    for r in range(rows):
+        for col in range(N):
+            for m, W in enumerate(Ws):
+                g = (m * NMAX + r) * CS + col
+                got = C[g] + C[half1 + g]
+                want = sum(X[r][k] * W[col][k] for k in range(K))
+                assert got == want, (n, rows, gated, m, r, col, got, want)
+    print("ok decode", n, "tokens,", rows, "rows,", "gated" if gated else "plain")
+
+for n, rows in ((8, 1), (8, 8), (16, 9), (32, 17), (32, 32)):
+    for gated in (True, False):
+        run_decode(n, rows, gated)
 
 def run_loader_and_pipeline():
     """Review addition: what run() does not see. (1) prefill_load_stage / prefill_mainloop's
