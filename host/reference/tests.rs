@@ -803,6 +803,8 @@ fn logits64_is_dot64_bit_for_bit() {
         (64, 8, 4),
         (67, 13, 9),
         (256, 40, 5),
+        // Threaded in token chunks (tokens x experts x h >= 2^24), with a short last chunk.
+        (1024, 64, 257),
     ] {
         let x: Vec<f32> = (0..h * tokens)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
