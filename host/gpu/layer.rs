@@ -501,12 +501,23 @@ impl MoeLayer {
             smem as i32,
         )
         .map_err(cuda("set dynamic shared memory"))?;
-        // Two blocks of 110848 + 1024 reserved bytes need the largest shared-memory carveout
-        // (228 KiB on Hopper); ask for it rather than rely on the driver's choice, so that
-        // the occupancy below is what the cooperative launch gets.
+        // Ask for the carveout that holds BLOCKS_PER_SM blocks (bf16/f16: the largest, 228
+        // KiB on Hopper) rather than rely on the driver's choice, so that the occupancy
+        // below is what the cooperative launch gets; the rest stays L1.
+        let attr = |a| ctx.attribute(a).map_err(cuda("device attribute"));
+        let sm_shared = attr(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+        )?;
+        let reserved =
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK)?;
         func.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-            100,
+            grid::carveout_percent(
+                smem,
+                reserved.max(0) as u32,
+                grid::BLOCKS_PER_SM,
+                sm_shared.max(0) as u32,
+            ),
         )
         .map_err(cuda("set the shared-memory carveout"))?;
         let per_sm = func

@@ -45,6 +45,22 @@ impl Residency {
     }
 }
 
+/// Blocks per SM the kernel is built for (`__launch_bounds__(FM_BLOCK_THREADS, 2)`).
+pub const BLOCKS_PER_SM: u32 = 2;
+
+/// The shared-memory carveout to ask for (`CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT`,
+/// percent of the SM's `sm_shared` bytes): the least that holds `blocks` blocks of `smem`
+/// dynamic bytes and `reserved` driver bytes each, so that the rest stays L1 (bf16/f16 with
+/// the wide tile's arena: 96%, which the driver rounds up to its 228 KiB configuration on
+/// Hopper; f32: 46%). 100 when the SM's size is unknown (0).
+pub fn carveout_percent(smem: u32, reserved: u32, blocks: u32, sm_shared: u32) -> i32 {
+    if sm_shared == 0 {
+        return 100;
+    }
+    let need = u64::from(blocks) * (u64::from(smem) + u64::from(reserved));
+    (need * 100).div_ceil(u64::from(sm_shared)).min(100) as i32
+}
+
 /// Blocks per rank group: `requested` if given (checked), else every co-resident block
 /// shared evenly among the `ranks` groups.
 pub fn blocks_per_rank(res: Residency, ranks: usize, requested: Option<usize>) -> Result<usize> {
@@ -178,5 +194,20 @@ mod tests {
             smem_bytes: 0,
         };
         assert_eq!(s.blocks(), 132);
+    }
+
+    #[test]
+    fn carveout_holds_two_blocks_and_leaves_the_rest_to_l1() {
+        // H200: 228 KiB per SM, 1 KiB reserved per block.
+        let sm = 228 * 1024;
+        assert_eq!(carveout_percent(110_848, 1024, 2, sm), 96);
+        assert_eq!(carveout_percent(52_480, 1024, 2, sm), 46);
+        // The percentage always covers the need, and never exceeds 100.
+        for smem in [0u32, 1, 48 * 1024, 83_200, 110_848, 200_000] {
+            let p = carveout_percent(smem, 1024, 2, sm) as u64;
+            assert!(p <= 100);
+            assert!(p == 100 || p * u64::from(sm) >= 2 * (u64::from(smem) + 1024) * 100);
+        }
+        assert_eq!(carveout_percent(1, 0, 1, 0), 100);
     }
 }
