@@ -26,7 +26,14 @@ pub struct PhaseSplit {
     pub combine_ns: u64,
     /// Tasks run.
     pub tasks: u64,
+    /// Of `tiles_ns`, by task kind: routed GEMM0, routed GEMM1, shared expert, reduce.
+    pub kind_ns: [u64; 4],
+    /// Of `tasks`, by task kind (as `kind_ns`).
+    pub kind_tasks: [u64; 4],
 }
+
+/// The task kinds of [`PhaseSplit::kind_ns`], as the report names them.
+pub const TASK_KINDS: [&str; 4] = ["gemm0", "gemm1", "shared", "reduce"];
 
 impl PhaseSplit {
     /// Decodes `blocks` records of [`PHASE_WORDS`] words (blocks with a zero entry time
@@ -49,6 +56,10 @@ impl PhaseSplit {
             self.idle_ns += r[4];
             self.combine_ns += r[5];
             self.tasks += r[6];
+            for k in 0..4 {
+                self.kind_ns[k] += r[8 + k];
+                self.kind_tasks[k] += r[12 + k];
+            }
         }
         self.launch_ns = self.end_ns.saturating_sub(self.start_ns);
     }
@@ -58,12 +69,26 @@ impl PhaseSplit {
         self.gate_ns + self.dispatch_ns + self.tiles_ns + self.idle_ns + self.combine_ns
     }
 
-    /// One line: each phase's share of the block-time.
+    /// One line: each phase's share of the block-time, then the expert tiles by task kind
+    /// (share of the tiles' time, tasks, mean block-time per task).
     pub fn describe(&self) -> String {
         let t = self.total_ns().max(1) as f64;
         let pct = |v: u64| 100.0 * v as f64 / t;
+        let tiles = self.tiles_ns.max(1) as f64;
+        let kinds: Vec<String> = TASK_KINDS
+            .iter()
+            .zip(self.kind_ns.iter().zip(&self.kind_tasks))
+            .filter(|(_, (_, &n))| n > 0)
+            .map(|(name, (&ns, &n))| {
+                format!(
+                    "{name} {:.1}% ({n} x {:.2} us)",
+                    100.0 * ns as f64 / tiles,
+                    ns as f64 / n as f64 / 1e3
+                )
+            })
+            .collect();
         format!(
-            "gate {:.1}%  dispatch {:.1}%  expert tiles {:.1}%  idle waits {:.1}%  combine {:.1}%  ({} tasks on {} blocks, launch {:.1} us)",
+            "gate {:.1}%  dispatch {:.1}%  expert tiles {:.1}%  idle waits {:.1}%  combine {:.1}%  ({} tasks on {} blocks, launch {:.1} us); tiles: {}",
             pct(self.gate_ns),
             pct(self.dispatch_ns),
             pct(self.tiles_ns),
@@ -71,7 +96,8 @@ impl PhaseSplit {
             pct(self.combine_ns),
             self.tasks,
             self.blocks,
-            self.launch_ns as f64 / 1e3
+            self.launch_ns as f64 / 1e3,
+            if kinds.is_empty() { "none".to_string() } else { kinds.join("  ") }
         )
     }
 }
@@ -83,9 +109,13 @@ mod tests {
     #[test]
     fn records_sum_by_phase_and_skip_silent_blocks() {
         let mut w = vec![0u64; 3 * PHASE_WORDS];
-        w[..PHASE_WORDS].copy_from_slice(&[1000, 10, 20, 300, 40, 30, 5, 1400]);
+        w[..PHASE_WORDS].copy_from_slice(&[
+            1000, 10, 20, 300, 40, 30, 5, 1400, 200, 60, 0, 40, 2, 2, 0, 1,
+        ]);
         // Block 1 recorded nothing.
-        w[2 * PHASE_WORDS..].copy_from_slice(&[1100, 12, 8, 200, 60, 20, 3, 1500]);
+        w[2 * PHASE_WORDS..].copy_from_slice(&[
+            1100, 12, 8, 200, 60, 20, 3, 1500, 100, 100, 0, 0, 1, 2, 0, 0,
+        ]);
         let mut s = PhaseSplit::default();
         s.add_records(&w, 3);
         assert_eq!(s.blocks, 2);
@@ -102,7 +132,16 @@ mod tests {
         assert_eq!(s.tasks, 8);
         assert_eq!(s.launch_ns, 500);
         assert_eq!(s.total_ns(), 700);
-        assert!(s.describe().starts_with("gate 3.1%"), "{}", s.describe());
+        assert_eq!(s.kind_ns, [300, 160, 0, 40]);
+        assert_eq!(s.kind_tasks, [3, 4, 0, 1]);
+        let d = s.describe();
+        assert!(d.starts_with("gate 3.1%"), "{d}");
+        // 300 of 500 ns of tiles in 3 GEMM0 tasks: 60%, 0.10 us each; no shared task.
+        assert!(d.contains("gemm0 60.0% (3 x 0.10 us)"), "{d}");
+        assert!(
+            d.contains("reduce 8.0% (1 x 0.04 us)") && !d.contains("shared"),
+            "{d}"
+        );
         // Only `blocks` records are read.
         let mut one = PhaseSplit::default();
         one.add_records(&w, 1);

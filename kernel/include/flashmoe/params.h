@@ -134,8 +134,9 @@
 // Phase times (ws_phase_times): u64 [FM_PHASE_MAX_BLOCKS][FM_PHASE_WORDS] per rank, written by
 // each block's thread 0 at its exit: %globaltimer at entry, ns in gate, dispatch (and the
 // scheduler's polling), expert tiles, idle ticket waits, combine, tasks run, %globaltimer at
-// exit. Blocks past FM_PHASE_MAX_BLOCKS record nothing.
-#define FM_PHASE_WORDS 8
+// exit, then the expert tiles' ns by task kind (routed GEMM0, routed GEMM1, shared expert,
+// reduce) and the tasks run of each kind. Blocks past FM_PHASE_MAX_BLOCKS record nothing.
+#define FM_PHASE_WORDS 16
 #define FM_PHASE_MAX_BLOCKS 1024
 
 // Shape and layout of the layer: identical for every rank.

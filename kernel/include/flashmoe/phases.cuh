@@ -1,6 +1,6 @@
 // Phase times of one launch, per block (FmLayerParams::ws_phase_times, params.h): where the
 // launch's time goes. Thread 0 of each block laps %globaltimer at phase boundaries into Misc
-// (shared memory: no register stays live across the phases) and stores the 8 words at exit.
+// (shared memory: no register stays live across the phases) and stores the 16 words at exit.
 #ifndef FLASHMOE_PHASES_CUH
 #define FLASHMOE_PHASES_CUH
 
@@ -19,8 +19,10 @@ enum PhaseWord : int {
     kPhaseCombine = 5,   // ns: combine waits and sums
     kPhaseTasks = 6,     // tasks run
     kPhaseEnd = 7,       // %globaltimer at exit
+    kPhaseKindNs = 8,    // 8 + kind (TaskKind: GEMM0, GEMM1, shared, reduce): ns of kPhaseTiles
+    kPhaseKindTasks = 12,  // 12 + kind: tasks of kPhaseTasks
 };
-static_assert(FM_PHASE_WORDS == 8, "the record has the 8 words above");
+static_assert(FM_PHASE_WORDS == 16, "the record has the 16 words above");
 
 __device__ FM_PHASE void phase_start(const Ctx& c) {
     if (threadIdx.x != 0) return;
@@ -36,6 +38,21 @@ __device__ FM_PHASE void phase_lap(const Ctx& c, int word) {
     if (threadIdx.x != 0) return;
     const uint64_t t = now_ns();
     c.misc->phase[word] += t - c.misc->mark;
+    c.misc->mark = t;
+}
+
+// The task in Misc::task (take_task's) has run: its time since the last lap goes to the
+// expert tiles and to its kind (TaskKind, the task's top 2 bits), and it is counted (thread
+// 0 only; others return). The kind is read back from Misc rather than kept live across the
+// task: in the f32 build that register spilled.
+__device__ FM_PHASE void phase_task_done(const Ctx& c) {
+    if (threadIdx.x != 0) return;
+    const uint32_t kind = c.misc->task >> 30;
+    const uint64_t t = now_ns(), d = t - c.misc->mark;
+    c.misc->phase[kPhaseTiles] += d;
+    c.misc->phase[kPhaseKindNs + (kind & 3)] += d;
+    ++c.misc->phase[kPhaseTasks];
+    ++c.misc->phase[kPhaseKindTasks + (kind & 3)];
     c.misc->mark = t;
 }
 

@@ -34,6 +34,10 @@
 
 namespace fm {
 
+static_assert(kTaskG0 == 0 && kTaskG1 == 1 && kTaskShared == 2 && kTaskReduce == 3 &&
+                  kPhaseKindTasks == kPhaseKindNs + 4,
+              "phase_task_done keeps one time and one count word per task kind");
+
 // A routed task's place: (source, local expert, row block) of `unit`, and its pairs: the
 // block's, or those of the block and the next for a wide task (tile_rule.cuh task_rows).
 struct Unit {
@@ -356,10 +360,7 @@ __device__ FM_PHASE bool process_tasks(const Ctx& c) {
         if (state == kTakeDone) return true;
         if (state != kTakeTask) return false;
         if (!run_task<D>(c, task)) return false;
-        if (threadIdx.x == 0) {
-            phase_lap(c, kPhaseTiles);
-            ++m->phase[kPhaseTasks];
-        }
+        phase_task_done(c);
     }
 }
 
