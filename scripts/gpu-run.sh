@@ -94,7 +94,15 @@ step() {
     dt=$((SECONDS - t0))
     cat "$tmp" >>"$OUT/$log"
     if [ $rc -eq 0 ]; then
-        echo "$name: pass (${dt}s) $(grep -m1 -E '^stages: pass|^test result:|ERROR SUMMARY|^median' "$tmp")" >>"$summary"
+        # The step's figures on its summary line: a stage / test / sanitizer verdict, or a
+        # bench's tiles (with the other modes' ratios), latency, roofline and phases lines.
+        local facts
+        facts="$(grep -m1 -E '^stages: pass|^test result:|ERROR SUMMARY' "$tmp")"
+        # Which tiles a stage run's GEMM0 exercised (e.g. "4 decode + 0 prefill + 8 wide").
+        facts="$facts $(grep -m1 -oE '^stage gemm0: pass .*tile tasks' "$tmp" | grep -oE '[0-9]+ decode.*tile tasks')"
+        [ -n "${facts// /}" ] || facts="$(grep -E '^  (tiles|latency|roofline|phases) ' "$tmp" |
+            sed -E 's/^ +//; s/ +/ /g' | tr '\n' '|' | cut -c1-900)"
+        echo "$name: pass (${dt}s) $facts" >>"$summary"
     elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
         echo "$name: fail (budget of ${budget}s exceeded; last: $(tail -n 1 "$tmp" | cut -c1-300))" >>"$summary"
     elif grep -q -E 'Device not supported|Target application terminated before first instrumented API call|Unable to find injection' "$tmp"; then
