@@ -43,10 +43,12 @@ use crate::error::{Error, Result};
 
 mod heap;
 mod route;
+mod task_count;
 mod tile_rule;
 mod workspace;
 pub use heap::{meta_entry, meta_parts, HeapLayout, NO_PAIR};
 pub use route::RankRoute;
+pub use task_count::TaskCounts;
 pub use tile_rule::{
     task_rows, tasks, tile_for, wide_tasks, TileCensus, TileMode, TileShape, DECODE_MAX_ROWS,
     WIDE_ROWS,

@@ -13,7 +13,7 @@ use flashmoe::config::{
 use flashmoe::gpu::layer::{
     from_dtype_bytes, to_dtype_bytes, GpuOptions, GpuWorld, MoeLayer, RankIo,
 };
-use flashmoe::plan::CELL_RECV;
+use flashmoe::plan::{TileMode, CELL_RECV};
 use flashmoe::reference::{self, RankInput, RouteOverrides};
 use flashmoe::weights::random_tokens;
 use flashmoe::{Error, ExpertWeights, LayerPlan, LayerWeights};
@@ -1003,5 +1003,81 @@ fn model_runs_its_layers_on_the_gpu() {
         );
         println!("R{ranks}: 3-layer model, normalised error {err:e}");
         assert!(err < 1e-4, "R{ranks}: model output error {err:e}");
+    }
+}
+
+/// The phase record's task counts by kind equal the tasks the plan's rule gives the
+/// kernel's own routing, under every tile mode, on 1 and 2 (emulated) ranks with a shared
+/// expert: the wide tasks' protocol (one reservation per pair list, GEMM1 counters advanced
+/// by the row blocks a task covers, the published total) runs each task exactly once.
+#[test]
+fn phase_record_counts_the_tasks_the_rule_gives() {
+    let Some((_gpu, stream)) = gpu_stream("phase_record_counts_the_tasks_the_rule_gives") else {
+        return;
+    };
+    for ranks in [1, 2] {
+        // 4 experts, top-2, 256 tokens per rank: pair lists of about 128 pairs on one rank
+        // (wide tasks) and 64 per source on two (prefill and decode tasks).
+        let mut cfg = MoeConfig::new(256, 256, 128, 4, 2);
+        cfg.world = ranks;
+        cfg.shared = Some(SharedExperts {
+            count: 1,
+            intermediate: 128,
+            gated: false,
+        });
+        let plan = LayerPlan::new(&cfg).unwrap();
+        let w = LayerWeights::random(&cfg, 11);
+        let x: Vec<Vec<f32>> = (0..ranks)
+            .map(|r| random_tokens(&cfg, cfg.tokens, 40 + r as u64))
+            .collect();
+        let inputs: Vec<RankInput> = x
+            .iter()
+            .map(|x| RankInput {
+                x,
+                tokens: cfg.tokens,
+                routing: None,
+            })
+            .collect();
+        let ov = RouteOverrides::default();
+        let mut layer = MoeLayer::new(
+            stream.clone(),
+            plan.clone(),
+            &w,
+            world(ranks),
+            GpuOptions::default(),
+        )
+        .unwrap();
+        let mut wide = 0;
+        for mode in TileMode::ALL {
+            layer.set_tile_mode(mode);
+            let out = layer.forward_host(&inputs, &ov).unwrap();
+            check_against_reference(&plan, &w, &inputs, &ov, &out, "phase record");
+            let rule = plan.clone().with_tile_mode(mode);
+            let routes: Vec<_> = out
+                .gates
+                .iter()
+                .map(|g| rule.route(&g.ids, &g.slots, cfg.top_k))
+                .collect();
+            let want = rule.expected_tasks(&routes, &vec![cfg.tokens; ranks]);
+            let got = layer.phases().unwrap();
+            println!("R{ranks} {mode:?}: {}", got.describe());
+            assert_eq!(
+                got.kind_tasks,
+                want.by_kind(),
+                "R{ranks} {mode:?}: tasks by kind"
+            );
+            assert_eq!(
+                got.tasks,
+                want.by_kind().iter().sum::<u64>(),
+                "R{ranks} {mode:?}"
+            );
+            if mode == TileMode::Auto {
+                let lists = out.gates.iter().flat_map(|g| g.expert_counts.iter());
+                wide += rule.tile_census(lists.map(|&c| c as usize)).wide;
+            }
+        }
+        if ranks == 1 {
+            assert!(wide > 0, "the one-rank case must run wide tasks");
+        }
     }
 }
