@@ -211,6 +211,21 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
     let samples = runner.time(&inputs, &ov, shape.warmup, shape.iters)?;
     // The last timed launch's phase times (device timestamps), before the roofline runs.
     let phases = runner.phases()?;
+    // What the kernel's task counts must be for this routing (the timed launches route
+    // exactly as the first, checked one).
+    let tasks_expected = match &phases {
+        Some(_) => {
+            let k = ov.effective_top_k(&cfg)?;
+            let routes: Vec<_> = first
+                .gates
+                .iter()
+                .map(|g| plan.route(&g.ids, &g.slots, k))
+                .collect();
+            let tokens: Vec<usize> = inputs.iter().map(|i| i.tokens).collect();
+            Some(plan.expected_tasks(&routes, &tokens).by_kind())
+        }
+        None => None,
+    };
     let latency = summarize(&samples).ok_or_else(|| Error::input("timing", "no finite samples"))?;
     let tiles_compare = if args.compare_tiles {
         compare_tiles(
@@ -257,6 +272,7 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
         tiles: plan.tile_mode.name().to_string(),
         tiles_compare,
         phases,
+        tasks_expected,
     })
 }
 

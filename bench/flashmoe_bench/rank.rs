@@ -211,6 +211,7 @@ fn rank_report(
         tiles: run.plan.tile_mode.name().to_string(),
         tiles_compare: Vec::new(),
         phases: None,
+        tasks_expected: None,
     })
 }
 

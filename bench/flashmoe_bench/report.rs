@@ -80,6 +80,9 @@ pub struct Report {
     pub tiles_compare: Vec<TilesCompare>,
     /// Where the last timed launch's time went (device timestamps; GPU only).
     pub phases: Option<flashmoe::gpu::layer::PhaseSplit>,
+    /// The tasks by kind (GEMM0, GEMM1, shared, reduce) the plan's rule gives the run's
+    /// routing ([`flashmoe::plan::LayerPlan::expected_tasks`]), with `phases`.
+    pub tasks_expected: Option<[u64; 4]>,
 }
 
 fn si(x: f64) -> String {
@@ -168,7 +171,17 @@ impl Report {
             _ => println!("  {:<10} not measured on this backend", "roofline"),
         }
         match &self.phases {
-            Some(p) => println!("  {:<10} {}", "phases", p.describe()),
+            Some(p) => {
+                let tasks = match self.tasks_expected {
+                    Some(e) if e == p.kind_tasks => " [tasks by kind as planned]".to_string(),
+                    Some(e) => format!(
+                        " [TASKS DIFFER from the plan's: gemm0/gemm1/shared/reduce {:?} run, {:?} planned]",
+                        p.kind_tasks, e
+                    ),
+                    None => String::new(),
+                };
+                println!("  {:<10} {}{tasks}", "phases", p.describe())
+            }
             None => println!(
                 "  {:<10} not measured (device timestamps: GPU only)",
                 "phases"
