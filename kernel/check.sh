@@ -16,10 +16,7 @@ ARCH=-gencode=arch=compute_90a,code=sm_90a
 
 "$NVCC" $ARCH -cubin -O3 -std=c++17 -I"$ROOT/kernel/include" -Xptxas -v \
     "$ROOT/kernel/flashmoe.cu" -o "$OUT/flashmoe.cubin" 2>"$OUT/p2p.log"
-if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$OUT/p2p.log"; then
-    echo "FAIL: flashmoe.cu spills" >&2
-    exit 1
-fi
+python3 "$ROOT/scripts/ptxas_spills.py" --section flashmoe "$OUT/p2p.log"
 grep -E "Used [0-9]+ registers" "$OUT/p2p.log" | sort | uniq -c
 echo "ok: flashmoe.cu, no spills"
 # No local memory (spills, or TileArgs reloaded from a caller's frame) in an mma K loop.
@@ -37,37 +34,14 @@ if [ -d "$SH/include" ]; then
         -c "$ROOT/kernel/flashmoe_nvshmem.cu" -o "$OUT/nvshmem.o" 2>"$OUT/nvshmem.log"
     "$NVCC" $ARCH -dlink -cubin "$OUT/nvshmem.o" -L"$SH/lib" -lnvshmem_device \
         -o "$OUT/flashmoe_nvshmem.cubin"
-    # Spills of the NVSHMEM build, per function. Here every phase and tile is inlined into
-    # one 128-register entry point (common.cuh, FM_PHASE: as -rdc calls, the tiles spill 36 to
-    # 224 bytes of callee-saved registers each), and the entry spills 12 (f32) to 20/76
-    # (bf16, f16: stores/loads) bytes. The SASS puts none of it in an mma K loop (below,
-    # when a cuobjdump is at hand: scripts/sass_loop_locals.py), so the check here is a
-    # ceiling against regressions: 96 bytes per entry point. NVSHMEM's own nvshmemi_quiet
-    # instantiations (from its headers) spill 8 bytes: reported, allowed.
-    python3 - "$OUT/nvshmem.log" <<'PY'
-import re, sys
-fn, bad = None, []
-for line in open(sys.argv[1]):
-    m = re.search(r"Function properties for (\S+)", line)
-    if m:
-        fn = m.group(1)
-        continue
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-    if m and fn and (int(m.group(1)) or int(m.group(2))):
-        worst = max(int(m.group(1)), int(m.group(2)))
-        lib = fn.startswith("_Z14nvshmemi_") or fn.startswith("nvshmemi_")
-        entry = fn.startswith("flashmoe_layer_nvshmem_")
-        if lib:
-            print(f"allowed (NVSHMEM's own): {fn}: {line.strip()}")
-        elif entry and worst <= 96:
-            print(f"within the 96-byte ceiling: {fn}: {line.strip()}")
-        else:
-            print(f"SPILL: {fn}: {line.strip()}")
-            bad.append(fn)
-if bad:
-    sys.exit(f"FAIL: flashmoe_nvshmem.cu spills past its ceiling in {len(bad)} function(s)")
-print("ok: flashmoe_nvshmem.cu spills within their ceilings")
-PY
+    # Spills of the NVSHMEM build, per function (scripts/ptxas_spills.py has the rules). Here
+    # every phase and tile is inlined into one 128-register entry point (common.cuh,
+    # FM_PHASE: as -rdc calls, the tiles spill 36 to 224 bytes of callee-saved registers
+    # each), and the entry spills 12 (f32) to 20/76 (bf16, f16: stores/loads) bytes. The SASS
+    # puts none of it in an mma K loop (below, when a cuobjdump is at hand:
+    # scripts/sass_loop_locals.py), so the rule is a ceiling against regressions: 96 bytes
+    # per entry point. NVSHMEM's own nvshmemi_quiet instantiations spill 8 bytes: allowed.
+    python3 "$ROOT/scripts/ptxas_spills.py" --section flashmoe_nvshmem "$OUT/nvshmem.log"
     grep -E "Used [0-9]+ registers" "$OUT/nvshmem.log" | sort | uniq -c
     if [ -n "$CUOBJDUMP" ]; then
         "$NVCC" $ARCH -dlink -cubin "$OUT/nvshmem.o" -L"$SH/lib" -lnvshmem_device -o "$OUT/sass.cubin"
