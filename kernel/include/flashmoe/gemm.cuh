@@ -153,6 +153,35 @@ __device__ __forceinline__ void mma_load_stage(const TileArgs& t, const char* co
     }
 }
 
+// The kStages-deep cp.async pipeline of every tensor-core tile (classic, decode, prefill):
+// load(buf, kc) issues K step kc's copies into stage buffer buf, compute(buf) runs the mma of
+// the step held in buf. One commit group per step (possibly empty), one __syncthreads per
+// step. kPrefetchTicket: take the block's next queue ticket once the prologue is in flight
+// (ticket.cuh; the decode and prefill tiles). Ends with every copy landed; the caller syncs
+// before reusing the arena.
+template <bool kPrefetchTicket, class Load, class Compute>
+__device__ __forceinline__ void cp_async_pipeline(uint32_t nk, Load&& load, Compute&& compute) {
+    // Prologue: steps 0 .. kStages-2 in flight.
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (uint32_t(s) < nk) load(s, uint32_t(s));
+        cp_async_commit();
+    }
+    if constexpr (kPrefetchTicket) prefetch_ticket();
+    for (uint32_t kc = 0; kc < nk; ++kc) {
+        // kStages-1+kc groups are committed; group kc must be complete: kStages-2 may pend.
+        cp_async_wait<kStages - 2>();
+        // Everyone's copies of step kc have landed, and everyone has finished step kc-1,
+        // whose buffer ((kc-1) % kStages) the load below overwrites.
+        __syncthreads();
+        const uint32_t next = kc + kStages - 1;
+        if (next < nk) load(int(next % kStages), next);
+        cp_async_commit();
+        compute(int(kc % kStages));
+    }
+    cp_async_wait<0>();  // only empty groups can remain
+}
+
 template <class D, bool kGated>
 __device__ __forceinline__ void mma_mainloop(const TileArgs& t, char* arena, float (&acc)[2][4][4]) {
     using T = typename D::T;
@@ -162,22 +191,9 @@ __device__ __forceinline__ void mma_mainloop(const TileArgs& t, char* arena, flo
     const char* arow[2];
 #pragma unroll
     for (int j = 0; j < kMmaRowsPerThread; ++j) arow[j] = a_row(t, (threadIdx.x + j * kThreads) / 8);
-    // Prologue: steps 0 .. kStages-2 in flight (one commit group each, possibly empty).
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-        if (uint32_t(s) < nk) mma_load_stage<D, kGated>(t, arow, arena, s, s);
-        cp_async_commit();
-    }
-    for (uint32_t kc = 0; kc < nk; ++kc) {
-        // kStages-1+kc groups are committed; group kc must be complete: kStages-2 may pend.
-        cp_async_wait<kStages - 2>();
-        // Everyone's copies of step kc have landed, and everyone has finished step kc-1,
-        // whose buffer ((kc-1) % kStages) the load below overwrites.
-        __syncthreads();
-        const uint32_t next = kc + kStages - 1;
-        if (next < nk) mma_load_stage<D, kGated>(t, arow, arena, int(next % kStages), next);
-        cp_async_commit();
-        const T* As = reinterpret_cast<const T*>(arena) + (kc % kStages) * 3 * kTileM * kLd;
+    const auto load = [&](int buf, uint32_t kc) { mma_load_stage<D, kGated>(t, arow, arena, buf, kc); };
+    cp_async_pipeline<false>(nk, load, [&](int buf) {
+        const T* As = reinterpret_cast<const T*>(arena) + buf * 3 * kTileM * kLd;
         const T* Bg = As + kTileM * kLd;
         const T* Bu = Bg + kTileN * kLd;
 #pragma unroll
@@ -199,8 +215,7 @@ __device__ __forceinline__ void mma_mainloop(const TileArgs& t, char* arena, flo
                 }
             }
         }
-    }
-    cp_async_wait<0>();  // only empty groups can remain; the caller syncs before reusing smem
+    });
 }
 
 // Output coordinates of accumulator element [g][q] of this thread (both paths).

@@ -103,24 +103,10 @@ __device__ __forceinline__ void decode_mainloop(const TileArgs& t, uint32_t n, c
     const uint32_t nk = t.k / kTileK;
     const uint32_t xr = threadIdx.x / 8;
     const char* xrow = xr < n ? a_row(t, xr) : nullptr;
-    // Prologue: steps 0 .. kStages-2 in flight (one commit group each, possibly empty).
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-        if (uint32_t(s) < nk) decode_load_stage<D, kGated>(t, xrow, n, arena, s, s);
-        cp_async_commit();
-    }
-    prefetch_ticket();  // the task loop's next ticket, while the stages load
-    for (uint32_t kc = 0; kc < nk; ++kc) {
-        // As run_tile: group kc complete, and every warp done with step kc-1 whose buffer
-        // the load below overwrites.
-        cp_async_wait<kStages - 2>();
-        __syncthreads();
-        const uint32_t next = kc + kStages - 1;
-        if (next < nk) decode_load_stage<D, kGated>(t, xrow, n, arena, int(next % kStages), next);
-        cp_async_commit();
-        decode_mma_stage<D, kGated>(arena, int(kc % kStages), n, acc);
-    }
-    cp_async_wait<0>();
+    // The task loop's next ticket is taken while the first stages load.
+    cp_async_pipeline<true>(
+        nk, [&](int buf, uint32_t kc) { decode_load_stage<D, kGated>(t, xrow, n, arena, buf, kc); },
+        [&](int buf) { decode_mma_stage<D, kGated>(arena, buf, n, acc); });
 }
 
 // Computes one decode tile into t.out (rows < out_rows), as run_tile<D, kEpi> would.

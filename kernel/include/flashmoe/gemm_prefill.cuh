@@ -157,7 +157,7 @@ __device__ __forceinline__ void prefill_load_stage(const PrefillLoader<S>& l, ch
     }
 }
 
-// The classic pipeline (mma_mainloop's prologue, waits and reuse point) with the prefill
+// The shared pipeline (cp_async_pipeline, gemm.cuh) with the prefill
 // warp tiling.
 template <class D, bool kGated, class S>
 __device__ __forceinline__ void prefill_mainloop(const TileArgs& t, char* arena, PrefillAcc<kGated, S>& acc) {
@@ -171,23 +171,10 @@ __device__ __forceinline__ void prefill_mainloop(const TileArgs& t, char* arena,
     l.b1 = t.b1;
     l.boff = uint32_t(threadIdx.x / 8) * uint32_t(t.b_stride) + (threadIdx.x % 8) * 16;
     l.b32 = 32 * uint32_t(t.b_stride);
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-        if (uint32_t(s) < nk) prefill_load_stage<D, kGated, S>(l, arena, s, s);
-        cp_async_commit();
-    }
-    prefetch_ticket();  // the task loop's next ticket, while the stages load
-    for (uint32_t kc = 0; kc < nk; ++kc) {
-        // As mma_mainloop: group kc complete, every warp done with step kc-1 whose buffer
-        // the load below overwrites.
-        cp_async_wait<kStages - 2>();
-        __syncthreads();
-        const uint32_t next = kc + kStages - 1;
-        if (next < nk) prefill_load_stage<D, kGated, S>(l, arena, int(next % kStages), next);
-        cp_async_commit();
-        prefill_mma_stage<D, kGated, S>(arena, int(kc % kStages), acc);
-    }
-    cp_async_wait<0>();
+    // The task loop's next ticket is taken while the first stages load.
+    cp_async_pipeline<true>(
+        nk, [&](int buf, uint32_t kc) { prefill_load_stage<D, kGated, S>(l, arena, buf, kc); },
+        [&](int buf) { prefill_mma_stage<D, kGated, S>(arena, buf, acc); });
 }
 
 // Computes one prefill tile of kRows (64, or 128 for a wide task) rows into t.out (rows <
