@@ -330,6 +330,37 @@ __device__ __forceinline__ float epilogue_value(const TileArgs& t, int col, floa
     return g;
 }
 
+// One FFMA step of the f32 tiles at depth kk: this thread's R rows (As, k-major, from row
+// ty * R) times its 4 columns (from tx * 4) of the gate (and up) matrix, one fmaf chain per
+// output in k order. R = 4: the classic tile; R = 2: the f32 decode tile.
+template <int R, bool kGated>
+__device__ __forceinline__ void ffma_step(const float* As, const float* Bg, const float* Bu, int kk,
+                                          int ty, int tx, float (&acc)[2][R][4]) {
+    static_assert(R == 2 || R == 4, "rows per thread: a float2 or a float4 of As");
+    float av[R];
+    if constexpr (R == 4) {
+        const float4 a = *reinterpret_cast<const float4*>(As + kk * kLdF + ty * 4);
+        av[0] = a.x, av[1] = a.y, av[2] = a.z, av[3] = a.w;
+    } else {
+        const float2 a = *reinterpret_cast<const float2*>(As + kk * kLdF + ty * 2);
+        av[0] = a.x, av[1] = a.y;
+    }
+    const float4 b = *reinterpret_cast<const float4*>(Bg + kk * kLdF + tx * 4);
+    const float bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[0][i][j] = fmaf(av[i], bv[j], acc[0][i][j]);
+    if constexpr (kGated) {
+        const float4 u = *reinterpret_cast<const float4*>(Bu + kk * kLdF + tx * 4);
+        const float uv[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < R; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[1][i][j] = fmaf(av[i], uv[j], acc[1][i][j]);
+    }
+}
+
 template <bool kGated, class DA>
 __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, float (&acc)[2][4][4]) {
     constexpr bool kF32Layer = DA::kCode == FM_DTYPE_F32;
@@ -350,24 +381,7 @@ __device__ __forceinline__ void ffma_mainloop(const TileArgs& t, char* arena, fl
         f32_put_stage<kGated, kF32Layer>(p, As, Bg, Bu);
         __syncthreads();
 #pragma unroll 4
-        for (int kk = 0; kk < kTileK; ++kk) {
-            const float4 a = *reinterpret_cast<const float4*>(As + kk * kLdF + ty * 4);
-            const float av[4] = {a.x, a.y, a.z, a.w};
-            const float4 b = *reinterpret_cast<const float4*>(Bg + kk * kLdF + tx * 4);
-            const float bv[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[0][i][j] = fmaf(av[i], bv[j], acc[0][i][j]);
-            if constexpr (kGated) {
-                const float4 u = *reinterpret_cast<const float4*>(Bu + kk * kLdF + tx * 4);
-                const float uv[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) acc[1][i][j] = fmaf(av[i], uv[j], acc[1][i][j]);
-            }
-        }
+        for (int kk = 0; kk < kTileK; ++kk) ffma_step<4, kGated>(As, Bg, Bu, kk, ty, tx, acc);
     }
 }
 

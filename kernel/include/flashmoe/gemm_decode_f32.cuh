@@ -62,24 +62,7 @@ __device__ FM_PHASE void run_decode_tile_f32(const TileArgs& targs, uint32_t n, 
         __syncthreads();
         if (!active) continue;
 #pragma unroll 4
-        for (int kk = 0; kk < kTileK; ++kk) {
-            const float2 a = *reinterpret_cast<const float2*>(As + kk * kLdF + ty * 2);
-            const float av[2] = {a.x, a.y};
-            const float4 b = *reinterpret_cast<const float4*>(Bg + kk * kLdF + tx * 4);
-            const float bv[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-            for (int i = 0; i < 2; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[0][i][j] = fmaf(av[i], bv[j], acc[0][i][j]);
-            if constexpr (kGated) {
-                const float4 u = *reinterpret_cast<const float4*>(Bu + kk * kLdF + tx * 4);
-                const float uv[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-                for (int i = 0; i < 2; ++i)
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) acc[1][i][j] = fmaf(av[i], uv[j], acc[1][i][j]);
-            }
-        }
+        for (int kk = 0; kk < kTileK; ++kk) ffma_step<2, kGated>(As, Bg, Bu, kk, ty, tx, acc);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
