@@ -1016,8 +1016,8 @@ fn phase_record_counts_the_tasks_the_rule_gives() {
         return;
     };
     for ranks in [1, 2] {
-        // 4 experts, top-2, 256 tokens per rank: pair lists of about 128 pairs on one rank
-        // (wide tasks) and 64 per source on two (prefill and decode tasks).
+        // 4 experts, top-2, 256 tokens per rank (128 on the last of two): pair lists of about
+        // 128 pairs on one rank (wide tasks), 64 and 32 per source on two (prefill, decode).
         let mut cfg = MoeConfig::new(256, 256, 128, 4, 2);
         cfg.world = ranks;
         cfg.shared = Some(SharedExperts {
@@ -1027,17 +1027,9 @@ fn phase_record_counts_the_tasks_the_rule_gives() {
         });
         let plan = LayerPlan::new(&cfg).unwrap();
         let w = LayerWeights::random(&cfg, 11);
-        let x: Vec<Vec<f32>> = (0..ranks)
-            .map(|r| random_tokens(&cfg, cfg.tokens, 40 + r as u64))
-            .collect();
-        let inputs: Vec<RankInput> = x
-            .iter()
-            .map(|x| RankInput {
-                x,
-                tokens: cfg.tokens,
-                routing: None,
-            })
-            .collect();
+        let data = Inputs::random(&cfg, 11);
+        let inputs = data.rank_inputs(&cfg);
+        let tokens: Vec<usize> = inputs.iter().map(|i| i.tokens).collect();
         let ov = RouteOverrides::default();
         let mut layer = MoeLayer::new(
             stream.clone(),
@@ -1058,7 +1050,7 @@ fn phase_record_counts_the_tasks_the_rule_gives() {
                 .iter()
                 .map(|g| rule.route(&g.ids, &g.slots, cfg.top_k))
                 .collect();
-            let want = rule.expected_tasks(&routes, &vec![cfg.tokens; ranks]);
+            let want = rule.expected_tasks(&routes, &tokens);
             let got = layer.phases().unwrap();
             println!("R{ranks} {mode:?}: {}", got.describe());
             assert_eq!(
