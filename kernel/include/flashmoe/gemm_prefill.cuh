@@ -53,24 +53,14 @@ struct PrefillShape {
                   "kStages stages of kRows A rows and two 64-row B matrices fit the arena");
 };
 
-// The tiling of each epilogue kind and block tile (see the header comment for the ratios).
+// The tiling of each epilogue kind and block tile (see the header comment for the ratios):
+// the largest warp tile of 64 accumulators (32 x 32 per matrix gated, 32 x 64 plain), and
+// the warps a block tile of kRows x 64 leaves over split K: gated 2 (64 rows) or 1 (128),
+// plain 4 or 2.
 template <bool kGated, int kRows>
-struct PrefillFor;
-template <>
-struct PrefillFor<false, 64> {
-    using S = PrefillShape<64, 32, 64, 4>;
-};
-template <>
-struct PrefillFor<true, 64> {
-    using S = PrefillShape<64, 32, 32, 2>;
-};
-template <>
-struct PrefillFor<false, 128> {
-    using S = PrefillShape<128, 32, 64, 2>;
-};
-template <>
-struct PrefillFor<true, 128> {
-    using S = PrefillShape<128, 32, 32, 1>;
+struct PrefillFor {
+    static constexpr int kWarpN = kGated ? 32 : 64;
+    using S = PrefillShape<kRows, 32, kWarpN, kWarps * 32 * kWarpN / (kRows * kTileN)>;
 };
 
 template <bool kGated>
