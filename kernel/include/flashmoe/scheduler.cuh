@@ -104,10 +104,13 @@ __device__ __forceinline__ uint32_t tasks_of(const Ctx& c, uint32_t count) {
 
 // Pushes the GEMM0 tasks of pair list `unit0` (its row block 0) of `count` pairs: the g0
 // column tiles of each row block that starts a task, with one reservation (single thread;
-// ordering as push_tasks).
+// ordering as push_tasks). Adds the list's tasks to `tasks`.
 template <class D>
-__device__ __forceinline__ bool push_gemm0_tasks(const Ctx& c, uint32_t unit0, uint32_t count) {
-    const uint32_t g0 = c.L->intermediate / kTileN, n = tasks_of<D>(c, count) * g0;
+__device__ __forceinline__ bool push_gemm0_tasks(const Ctx& c, uint32_t unit0, uint32_t count,
+                                                 uint32_t& tasks) {
+    const uint32_t list_tasks = tasks_of<D>(c, count);
+    tasks += list_tasks;
+    const uint32_t g0 = c.L->intermediate / kTileN, n = list_tasks * g0;
     if (n == 0) return true;
     uint64_t base;
     if (!reserve_entries(c, n, base)) return false;
@@ -139,14 +142,13 @@ __device__ __forceinline__ uint64_t on_dispatch(const Ctx& c, uint32_t s, uint32
         c.pair_base()[s * L.max_local + l] = base;
         base += counts[l];
         blocks += blocks_of(counts[l]);
-        tasks += tasks_of<D>(c, counts[l]);
     }
     const uint32_t g1_tasks = c.stop_after_gemm0() ? 0 : g1;
     const uint32_t reduce = c.no_reduce() ? 0 : blocks_of(rows) * g1;
     reinterpret_cast<uint32_t*>(c.ws + L.ws_gemm1_done)[s] = 0u - blocks * g1;
     reinterpret_cast<uint32_t*>(c.ws + L.ws_reduce_done)[s] = 0u - reduce;
     for (uint32_t l = 0; l < c.R->local_experts && !failed; ++l) {
-        failed = !push_gemm0_tasks<D>(c, (s * L.max_local + l) * c.row_blocks(), counts[l]);
+        failed = !push_gemm0_tasks<D>(c, (s * L.max_local + l) * c.row_blocks(), counts[l], tasks);
     }
     if (!failed && blocks == 0 && !c.stop_after_gemm0()) failed = !source_gemm1_done(c, s);
     return uint64_t(tasks) * (g0 + g1_tasks) + reduce;
