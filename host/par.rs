@@ -1,28 +1,63 @@
-//! An order-preserving parallel map over the machine's threads, for the host's few coarse
-//! loops that dominate a bench's set-up (random experts, reference rows). Scoped std
-//! threads: each item is milliseconds to seconds of work, so a pool buys nothing here.
+//! Order-preserving parallel maps over the machine's threads (std scoped threads, one part
+//! of consecutive items per thread): packing experts, generating random experts, reference
+//! rows and router logits. Each item is milliseconds to seconds of work, so a pool buys
+//! nothing here.
 
-/// `f` over `items` on up to the machine's threads (consecutive items per thread); the
-/// results in the items' order. A panic in `f` is resumed on the caller's thread.
+/// The machine's threads.
+pub(crate) fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `f` over `items` on up to the machine's threads; the results in the items' order. A
+/// panic in `f` is resumed on the caller's thread.
 pub(crate) fn map_in_order<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads <= 1 || items.len() <= 1 {
+    if threads() <= 1 || items.len() <= 1 {
         return items.iter().map(f).collect();
     }
-    let per = items.len().div_ceil(threads);
-    let f = &f;
+    spread(items, |part| part.iter().map(&f).collect())
+}
+
+/// `f` over consecutive parts of `items`, one part per thread, results in order.
+pub(crate) fn spread<T: Sync, R: Send>(items: &[T], f: impl Fn(&[T]) -> Vec<R> + Sync) -> Vec<R> {
+    spread_over(items, threads(), f)
+}
+
+/// [`spread`] over at most `threads` threads.
+pub(crate) fn spread_over<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&[T]) -> Vec<R> + Sync,
+) -> Vec<R> {
+    let per = items.len().div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
-        let parts: Vec<_> = items
-            .chunks(per)
-            .map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
+        let parts: Vec<_> = items.chunks(per).map(|p| s.spawn(|| f(p))).collect();
+        join_all(parts)
     })
 }
 
+/// [`spread`] over mutable parts.
+pub(crate) fn spread_mut<T: Send, R: Send>(
+    items: &mut [T],
+    f: impl Fn(&mut [T]) -> Vec<R> + Sync,
+) -> Vec<R> {
+    let per = items.len().div_ceil(threads()).max(1);
+    std::thread::scope(|s| {
+        let f = &f;
+        let parts: Vec<_> = items
+            .chunks_mut(per)
+            .map(|p| s.spawn(move || f(p)))
+            .collect();
+        join_all(parts)
+    })
+}
+
+/// The results of `parts` in order; a panic in one is resumed here.
+fn join_all<R>(parts: Vec<std::thread::ScopedJoinHandle<'_, Vec<R>>>) -> Vec<R> {
+    parts
+        .into_iter()
+        .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        .collect()
+}
 #[cfg(test)]
 mod tests {
     use super::map_in_order;

@@ -91,7 +91,7 @@ pub struct CpuExecutor {
 pub const MAX_THREADS: usize = 1024;
 
 fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    crate::par::threads()
 }
 
 /// Helper threads of rank `rank` out of `threads` in all for `world` ranks: the threads

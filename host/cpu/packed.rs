@@ -3,6 +3,7 @@
 
 use super::gemm::PackedMatrix;
 use crate::config::MoeConfig;
+use crate::par::{spread, spread_mut, spread_over, threads};
 use crate::weights::{ExpertWeights, LayerWeights};
 use crate::Dtype;
 
@@ -149,48 +150,4 @@ pub fn packing_threads(cfg: &MoeConfig) -> usize {
     let packed_layer = cfg.experts * f32_expert / 4 * cfg.dtype.size();
     let fit = (packed_layer / 4).checked_div(f32_expert).unwrap_or(1);
     threads().min(fit).max(1)
-}
-
-/// Threads to pack with: the machine's.
-fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// `f` over consecutive parts of `items`, one part per thread, results in order.
-fn spread<T: Sync, R: Send>(items: &[T], f: impl Fn(&[T]) -> Vec<R> + Sync) -> Vec<R> {
-    spread_over(items, threads(), f)
-}
-
-/// [`spread`] over at most `threads` threads.
-fn spread_over<T: Sync, R: Send>(
-    items: &[T],
-    threads: usize,
-    f: impl Fn(&[T]) -> Vec<R> + Sync,
-) -> Vec<R> {
-    let per = items.len().div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = items.chunks(per).map(|p| s.spawn(|| f(p))).collect();
-        join_all(parts)
-    })
-}
-
-/// [`spread`] over mutable parts.
-fn spread_mut<T: Send, R: Send>(items: &mut [T], f: impl Fn(&mut [T]) -> Vec<R> + Sync) -> Vec<R> {
-    let per = items.len().div_ceil(threads()).max(1);
-    std::thread::scope(|s| {
-        let f = &f;
-        let parts: Vec<_> = items
-            .chunks_mut(per)
-            .map(|p| s.spawn(move || f(p)))
-            .collect();
-        join_all(parts)
-    })
-}
-
-/// The results of `parts` in order; a panic in one is resumed here.
-fn join_all<R>(parts: Vec<std::thread::ScopedJoinHandle<'_, Vec<R>>>) -> Vec<R> {
-    parts
-        .into_iter()
-        .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-        .collect()
 }

@@ -11,7 +11,7 @@ pub(crate) fn logits64(x: &[f32], tokens: usize, router: &[f32], h: usize) -> Ve
     // 1 G multiply-adds). Each token's logits are computed alone, so the chunks change
     // no value.
     let experts = router.len() / h.max(1);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = crate::par::threads();
     if threads > 1 && tokens >= 2 * PAR_MIN_TOKENS && tokens * experts * h >= PAR_MIN_WORK {
         let per = tokens.div_ceil(threads).max(PAR_MIN_TOKENS);
         let firsts: Vec<usize> = (0..tokens).step_by(per).collect();
