@@ -101,11 +101,6 @@ __device__ __forceinline__ bool block_bcast(const Ctx& c, bool v) {
     return r;
 }
 
-// True while no block of this rank group has hit an error (block-uniform).
-__device__ __forceinline__ bool block_ok(const Ctx& c) {
-    return block_bcast(c, threadIdx.x == 0 ? !aborted(c) : true);
-}
-
 // Barrier of the blocks of one rank group (never across ranks: real GPUs could not).
 //
 // sync[0] counts arrivals, sync[1] is the generation. A block reads the generation BEFORE
