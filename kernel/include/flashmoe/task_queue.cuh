@@ -72,12 +72,12 @@ __device__ __forceinline__ bool check_pairs(const Ctx& c, const Unit& u, const u
     return !__syncthreads_or(bad);
 }
 
-// Completion of GEMM0 tile `idx` (recomputed from idx alone: nothing else of the tile stays
-// live across run_tile, the f32 gated tile is at the register budget). run_gemm0 passes
-// Misc::task's index rather than keeping idx live across the tile call: with the wide tile,
-// that one register spilled.
-__device__ __forceinline__ bool gemm0_finished(const Ctx& c, uint32_t idx) {
+// Completion of the GEMM0 tile the block holds (its index read back from Misc::task, where
+// take_task left it: nothing of the tile stays live across the tile call, where the f32
+// gated tile is at the register budget and the wide tile made one kept index spill).
+__device__ __forceinline__ bool gemm0_finished(const Ctx& c) {
     const FmLayerParams& L = *c.L;
+    const uint32_t idx = block_misc()->task & kTaskIndexMask;
     const uint32_t g0 = L.intermediate / kTileN, g1 = L.hidden / kTileN, unit = idx / g0;
     bool ok = true;
     if (threadIdx.x == 0) {
@@ -162,7 +162,7 @@ __device__ FM_PHASE bool run_gemm0(const Ctx& c, uint32_t idx) {
     } else {
         routed_tile<D, kEpiActPlain>(c, t, clamp);
     }
-    return gemm0_finished(c, block_misc()->task & kTaskIndexMask);  // == idx (take_task)
+    return gemm0_finished(c);
 }
 
 // GEMM1 tile: act[s][pair] x w1 (+ b1) rounded into y[s][pair]. The last GEMM1 tile of the
