@@ -26,6 +26,7 @@
 #include "flashmoe/gemm_prefill.cuh"
 #include "flashmoe/phases.cuh"
 #include "flashmoe/reduce.cuh"
+#include "flashmoe/routed_args.cuh"
 #include "flashmoe/scheduler.cuh"
 #include "flashmoe/sync.cuh"
 #include "flashmoe/ticket.cuh"
@@ -38,37 +39,12 @@ static_assert(kTaskG0 == 0 && kTaskG1 == 1 && kTaskShared == 2 && kTaskReduce ==
                   kPhaseKindTasks == kPhaseKindNs + 4,
               "phase_task_done keeps one time and one count word per task kind");
 
-// A routed task's place: (source, local expert, row block) of `unit`, and its pairs: the
-// block's, or those of the block and the next for a wide task (tile_rule.cuh task_rows).
-struct Unit {
-    uint32_t s, l, p0, rows;  // source, local expert, first pair, valid rows (<= 128)
-};
-
-template <class D>
-__device__ __forceinline__ Unit unit_of(const Ctx& c, uint32_t unit) {
-    const FmLayerParams& L = *c.L;
-    const uint32_t rb = unit % c.row_blocks(), sl = unit / c.row_blocks();
-    Unit u;
-    u.s = sl / L.max_local;
-    u.l = sl % L.max_local;
-    u.p0 = c.pair_base()[u.s * L.max_local + u.l] + rb * kTileM;
-    // Only row blocks that start a task are pushed (push_gemm0_tasks), so rows != 0.
-    u.rows = task_rows<D::kCode>(L, recv_meta(c, u.s).counts[u.l], rb);
-    return u;
-}
-
 // Every pair-list entry of the task must name a row source s sent (else its A rows would
 // be read from outside them): FM_STATUS_BAD_SIGNAL. Block-uniform (rows <= 128 < kThreads).
 __device__ __forceinline__ bool check_pairs(const Ctx& c, const Unit& u, const uint32_t* pairs) {
-    const uint32_t rows = dispatch_rows(c, u.s);
-    bool bad = false;
-    if (uint32_t(threadIdx.x) < u.rows) {
-        const uint32_t q = pairs[threadIdx.x];
-        if (q >= rows) {
-            fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_EXPERT, (uint64_t(u.s) << 16) | u.l, rows, q, 0);
-            bad = true;
-        }
-    }
+    uint32_t q = 0;
+    const bool bad = pair_out_of_range(c, u, pairs, q);
+    if (bad) fail(c, FM_STATUS_BAD_SIGNAL, FM_STAGE_EXPERT, (uint64_t(u.s) << 16) | u.l, dispatch_rows(c, u.s), q, 0);
     return !__syncthreads_or(bad);
 }
 
@@ -129,33 +105,10 @@ __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, con
 template <class D>
 __device__ FM_PHASE bool run_gemm0(const Ctx& c, uint32_t idx) {
     const FmLayerParams& L = *c.L;
-    constexpr uint64_t es = sizeof(typename D::T);
-    const uint32_t g0 = L.intermediate / kTileN, H = L.hidden, I = L.intermediate;
-    const uint32_t unit = idx / g0, nt = idx % g0;
-    const Unit u = unit_of<D>(c, unit);
-    const uint32_t* pairs = recv_meta(c, u.s).pairs + u.p0;
-    if (!check_pairs(c, u, pairs)) return false;
-    TileArgs t;
-    t.a = c.heap + heap_row(L, L.heap_dispatch_rows, kCellRecv, u.s, 0);
-    t.a_stride = L.heap_stride_row;
-    t.a_rows = u.rows;
-    t.gather = pairs;
-    const char* w0 = reinterpret_cast<const char*>(c.R->w0) + u.l * (uint64_t(c.gemm0_width()) * H * es);
-    t.b0 = w0 + uint64_t(nt) * kTileN * H * es;
-    t.b1 = w0 + (uint64_t(I) + nt * kTileN) * H * es;
-    t.b_stride = H * es;
-    t.k = H;
-    t.out = c.scratch() + L.ws_act + u.s * L.ws_act_stride_source + uint64_t(u.p0) * L.ws_act_stride_row +
-            uint64_t(nt) * kTileN * es;
-    t.out_stride = L.ws_act_stride_row;
-    t.out_rows = u.rows;
-    t.bias0 = nullptr;
-    t.bias1 = nullptr;
-    if (c.R->b0 != 0) {
-        const float* b0 = reinterpret_cast<const float*>(c.R->b0) + uint64_t(u.l) * c.gemm0_width();
-        t.bias0 = b0 + nt * kTileN;
-        t.bias1 = c.gated() ? b0 + I + nt * kTileN : nullptr;
-    }
+    const uint32_t g0 = L.intermediate / kTileN;
+    const Unit u = unit_of<D>(c, idx / g0);
+    if (!check_pairs(c, u, unit_pairs(c, u))) return false;
+    const TileArgs t = gemm0_args<D>(c, u, idx % g0);
     const Clamp clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset};
     if (c.gated()) {
         routed_tile<D, kEpiActGated>(c, t, clamp);
@@ -170,27 +123,9 @@ __device__ FM_PHASE bool run_gemm0(const Ctx& c, uint32_t idx) {
 template <class D>
 __device__ FM_PHASE bool run_gemm1(const Ctx& c, uint32_t idx) {
     const FmLayerParams& L = *c.L;
-    constexpr uint64_t es = sizeof(typename D::T);
-    const uint32_t g1 = L.hidden / kTileN, H = L.hidden, I = L.intermediate;
-    const uint32_t unit = idx / g1, nt = idx % g1;
-    const Unit u = unit_of<D>(c, unit);
-    TileArgs t;
-    t.a = c.scratch() + L.ws_act + u.s * L.ws_act_stride_source + uint64_t(u.p0) * L.ws_act_stride_row;
-    t.a_stride = L.ws_act_stride_row;
-    t.a_rows = u.rows;
-    t.gather = nullptr;
-    t.b0 = reinterpret_cast<const char*>(c.R->w1) + u.l * (uint64_t(H) * I * es) +
-           uint64_t(nt) * kTileN * I * es;
-    t.b1 = nullptr;
-    t.b_stride = I * es;
-    t.k = I;
-    t.out = c.scratch() + L.ws_y + u.s * L.ws_y_stride_source + uint64_t(u.p0) * L.ws_y_stride_row +
-            uint64_t(nt) * kTileN * es;
-    t.out_stride = L.ws_y_stride_row;
-    t.out_rows = u.rows;
-    t.bias0 = c.R->b1 != 0 ? reinterpret_cast<const float*>(c.R->b1) + uint64_t(u.l) * H + nt * kTileN
-                           : nullptr;
-    t.bias1 = nullptr;
+    const uint32_t g1 = L.hidden / kTileN;
+    const Unit u = unit_of<D>(c, idx / g1);
+    const TileArgs t = gemm1_args<D>(c, u, idx % g1);
     routed_tile<D, kEpiStore>(c, t, Clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset});
     bool ok = true;
     if (threadIdx.x == 0) {
