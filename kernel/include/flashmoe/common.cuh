@@ -141,6 +141,13 @@ struct Misc {
     uint32_t task;            // task taken by thread 0
     uint32_t state;           // state of the task take
     uint32_t ticket;          // next queue ticket, taken ahead by a tile (kNoTicket: none)
+    uint32_t peek;            // the task of `ticket` if its entry was out when the last prefill
+                              // tile's mainloop ended (next_stage.cuh), else kNoPeek
+    uint32_t staged_ticket;   // the ticket whose task's step 0 is in flight (kNoTicket: none)
+    uint32_t staged;          // 1: the task being run has its step 0 in flight
+    uint32_t peek_cap;        // queue entries peek_next may read (0: the mode stages nothing)
+    uint32_t epoch;           // low word of this launch's epoch (entries' high word)
+    const uint64_t* queue;    // the rank's queue entries, for peek_next
     unsigned long long sum;   // block reductions
     unsigned long long mark;  // phase times: %globaltimer at the last lap (thread 0)
     unsigned long long phase[FM_PHASE_WORDS];  // this block's phase times (phases.cuh)

@@ -157,13 +157,16 @@ __device__ __forceinline__ void mma_load_stage(const TileArgs& t, const char* co
 // load(buf, kc) issues K step kc's copies into stage buffer buf, compute(buf) runs the mma of
 // the step held in buf. One commit group per step (possibly empty), one __syncthreads per
 // step. kPrefetchTicket: take the block's next queue ticket once the prologue is in flight
-// (ticket.cuh; the decode and prefill tiles). Ends with every copy landed; the caller syncs
-// before reusing the arena.
+// (ticket.cuh; the decode and prefill tiles). staged: step 0 is already in buffer 0's
+// flight, committed as the oldest group by the tile before (next_stage.cuh), so the
+// prologue issues steps 1 .. kStages-2 only and the group count below is unchanged. Ends
+// with every copy landed; the caller syncs before reusing the arena.
 template <bool kPrefetchTicket, class Load, class Compute>
-__device__ __forceinline__ void cp_async_pipeline(uint32_t nk, Load&& load, Compute&& compute) {
+__device__ __forceinline__ void cp_async_pipeline(uint32_t nk, bool staged, Load&& load, Compute&& compute) {
     // Prologue: steps 0 .. kStages-2 in flight.
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
+        if (s == 0 && staged) continue;
         if (uint32_t(s) < nk) load(s, uint32_t(s));
         cp_async_commit();
     }
@@ -192,7 +195,7 @@ __device__ __forceinline__ void mma_mainloop(const TileArgs& t, char* arena, flo
 #pragma unroll
     for (int j = 0; j < kMmaRowsPerThread; ++j) arow[j] = a_row(t, (threadIdx.x + j * kThreads) / 8);
     const auto load = [&](int buf, uint32_t kc) { mma_load_stage<D, kGated>(t, arow, arena, buf, kc); };
-    cp_async_pipeline<false>(nk, load, [&](int buf) {
+    cp_async_pipeline<false>(nk, false, load, [&](int buf) {
         const T* As = reinterpret_cast<const T*>(arena) + buf * 3 * kTileM * kLd;
         const T* Bg = As + kTileM * kLd;
         const T* Bu = Bg + kTileN * kLd;

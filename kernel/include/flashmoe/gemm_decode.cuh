@@ -105,7 +105,7 @@ __device__ __forceinline__ void decode_mainloop(const TileArgs& t, uint32_t n, c
     const char* xrow = xr < n ? a_row(t, xr) : nullptr;
     // The task loop's next ticket is taken while the first stages load.
     cp_async_pipeline<true>(
-        nk, [&](int buf, uint32_t kc) { decode_load_stage<D, kGated>(t, xrow, n, arena, buf, kc); },
+        nk, false, [&](int buf, uint32_t kc) { decode_load_stage<D, kGated>(t, xrow, n, arena, buf, kc); },
         [&](int buf) { decode_mma_stage<D, kGated>(arena, buf, n, acc); });
 }
 

@@ -123,8 +123,11 @@ struct PrefillLoader {
     uint32_t b32;               // 32 * b_stride
 };
 
+// up = false (with kGated): the gate rows only, for prefill_stage0 of a plain tile (the B up
+// rows of a stage are then left as they are; a plain tile never reads them).
 template <class D, bool kGated, class S>
-__device__ __forceinline__ void prefill_load_stage(const PrefillLoader<S>& l, char* arena, int buf, uint32_t kc) {
+__device__ __forceinline__ void prefill_load_stage(const PrefillLoader<S>& l, char* arena, int buf, uint32_t kc,
+                                                   bool up = true) {
     using T = typename D::T;
     T* As = reinterpret_cast<T*>(arena) + buf * S::kStageRows * kLd;
     T* Bg = As + S::kRows * kLd;
@@ -143,17 +146,17 @@ __device__ __forceinline__ void prefill_load_stage(const PrefillLoader<S>& l, ch
         const int r = r0 + j * (kThreads / 8);
         const uint32_t bo = l.boff + j * l.b32 + koff;
         cp_async16(Bg + r * kLd + ch * 8, l.b0 + bo, true);
-        if constexpr (kGated) cp_async16(Bu + r * kLd + ch * 8, l.b1 + bo, true);
+        if constexpr (kGated) {
+            if (up) cp_async16(Bu + r * kLd + ch * 8, l.b1 + bo, true);
+        }
     }
 }
 
-// The shared pipeline (cp_async_pipeline, gemm.cuh) with the prefill
-// warp tiling.
-template <class D, bool kGated, class S>
-__device__ __forceinline__ void prefill_mainloop(const TileArgs& t, char* arena, PrefillAcc<kGated, S>& acc) {
+// The loader of tile t's stages (see PrefillLoader).
+template <class S>
+__device__ __forceinline__ PrefillLoader<S> prefill_loader(const TileArgs& t) {
     static_assert(kMmaRowsPerThread == 2 && kThreads / 8 == 32,
                   "the loader keeps B rows tid / 8 and tid / 8 + 32 per matrix");
-    const uint32_t nk = t.k / kTileK;
     PrefillLoader<S> l;
 #pragma unroll
     for (int j = 0; j < S::kARows; ++j) l.arow[j] = a_row(t, threadIdx.x / 8 + j * (kThreads / 8));
@@ -161,17 +164,45 @@ __device__ __forceinline__ void prefill_mainloop(const TileArgs& t, char* arena,
     l.b1 = t.b1;
     l.boff = uint32_t(threadIdx.x / 8) * uint32_t(t.b_stride) + (threadIdx.x % 8) * 16;
     l.b32 = 32 * uint32_t(t.b_stride);
+    return l;
+}
+
+// The shared pipeline (cp_async_pipeline, gemm.cuh) with the prefill warp tiling; staged:
+// step 0 is already in flight (prefill_stage0).
+template <class D, bool kGated, class S>
+__device__ __forceinline__ void prefill_mainloop(const TileArgs& t, bool staged, char* arena,
+                                                 PrefillAcc<kGated, S>& acc) {
+    const uint32_t nk = t.k / kTileK;
+    const PrefillLoader<S> l = prefill_loader<S>(t);
     // The task loop's next ticket is taken while the first stages load.
     cp_async_pipeline<true>(
-        nk, [&](int buf, uint32_t kc) { prefill_load_stage<D, kGated, S>(l, arena, buf, kc); },
+        nk, staged, [&](int buf, uint32_t kc) { prefill_load_stage<D, kGated, S>(l, arena, buf, kc); },
         [&](int buf) { prefill_mma_stage<D, kGated, S>(arena, buf, acc); });
+}
+
+// Issues step 0 of tile t (kRows rows, gated or not) into stage buffer 0 as one commit
+// group: what the tile's own pipeline prologue would issue first, for a tile that runs it
+// with staged = true. Block-wide; stage buffer 0 must be free. One body for both epilogue
+// kinds (gated at run time): the stage layout and the loader do not depend on it.
+template <class D, int kRows>
+__device__ __forceinline__ void prefill_stage0(const TileArgs& t, char* arena, bool gated) {
+    using G = typename PrefillFor<true, kRows>::S;
+    using P = typename PrefillFor<false, kRows>::S;
+    static_assert(G::kStageRows == P::kStageRows && G::kARows == P::kARows,
+                  "gated and plain tiles of kRows rows load the same stage layout");
+    prefill_load_stage<D, true, G>(prefill_loader<G>(t), arena, 0, 0, gated);
+    cp_async_commit();
 }
 
 // Computes one prefill tile of kRows (64, or 128 for a wide task) rows into t.out (rows <
 // out_rows), as run_tile<D, kEpi> would row block by row block. Block-wide; starts and ends
 // with the arena free.
+// staged: step 0 is in flight (prefill_stage0, issued after the tile before). Once the
+// mainloop is done, thread 0 looks whether the block's next task is already out
+// (peek_next, ticket.cuh) while the partials are written.
 template <class D, int kEpi, int kRows>
-__device__ FM_PHASE void run_prefill_tile(const TileArgs& t, char* arena, uint32_t mlp, const Clamp& k) {
+__device__ FM_PHASE void run_prefill_tile(const TileArgs& t, char* arena, uint32_t mlp, const Clamp& k,
+                                          bool staged) {
     static_assert(D::kTensorCore && kEpi != kEpiStoreF32,
                   "the prefill tile is the routed bf16/f16 GEMM0 / GEMM1 tile");
     constexpr bool kGated = kEpi == kEpiActGated;
@@ -195,9 +226,10 @@ __device__ FM_PHASE void run_prefill_tile(const TileArgs& t, char* arena, uint32
         // A private copy: the loader's fields stay in registers instead of being reloaded
         // from the caller's frame after every cp.async (their "memory" clobbers).
         const TileArgs tl = t;
-        prefill_mainloop<D, kGated, S>(tl, arena, acc);
+        prefill_mainloop<D, kGated, S>(tl, staged, arena, acc);
     }
     __syncthreads();  // every warp is done with the stages: reuse them for the partials
+    peek_next();
     // Partials P[K split][B matrix][row][column].
     float* P = reinterpret_cast<float*>(arena);
     __builtin_assume(__isShared(P));  // shared-memory stores and loads, not generic ones

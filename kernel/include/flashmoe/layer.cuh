@@ -90,7 +90,7 @@ __device__ uint32_t check_params(const Ctx& c, uint64_t& expected, uint64_t& obs
         return bad(13, FM_ROUTER_HASH_SQRTSOFTPLUS, L.router);
     if (L.router == FM_ROUTER_SPARSEMIXER && c.k > 2) return bad(5, 2, c.k);
     if (L.stop_after > FM_STOP_COMBINE) return bad(15, FM_STOP_COMBINE, L.stop_after);
-    if (L.tile_mode > FM_TILES_NARROW) return bad(19, FM_TILES_NARROW, L.tile_mode);
+    if (L.tile_mode > FM_TILES_AUTO_SERIAL) return bad(19, FM_TILES_AUTO_SERIAL, L.tile_mode);
     if (L.n_group > 1 &&
         (L.n_group > FM_MAX_GROUPS || L.experts % L.n_group || L.topk_group == 0 ||
          L.topk_group > L.n_group || c.k > L.topk_group * (L.experts / L.n_group) ||
@@ -267,6 +267,9 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
 
     // ---- experts ----
     ok = ok && process_tasks<D>(c);
+    // A block that left the task loop on an error may still have a next task's step 0 in
+    // flight (next_stage.cuh): it lands before the arena is used again or the block exits.
+    if constexpr (kEarlyStageBuild) cp_async_wait<0>();
     if (stops_after(c, FM_STOP_GEMM1)) return rank_exit(c);
 
     // ---- combine ----

@@ -120,11 +120,14 @@
 // prefill tile (bf16/f16: tokens as M, 64x64, larger warp tiles with K split between warps,
 // gemm_prefill.cuh) or the classic 64x64 tile (f32).
 // FM_TILES_NARROW: as auto without wide tasks (every task one block). FM_TILES_CLASSIC: every
-// task one block, classic tile. Evaluated per task by fm::task_rows and fm::tile_for
+// task one block, classic tile. FM_TILES_AUTO_SERIAL: auto's tasks and tiles, but no tile
+// starts the next task's first stage during its epilogue (next_stage.cuh; auto and narrow
+// do): the A/B switch of that overlap. Evaluated per task by fm::task_rows and fm::tile_for
 // (tile_rule.cuh) and by the host (host/plan/tile_rule.rs), identically.
 #define FM_TILES_AUTO 0u
 #define FM_TILES_CLASSIC 1u
 #define FM_TILES_NARROW 2u
+#define FM_TILES_AUTO_SERIAL 3u
 #define FM_DECODE_MAX_ROWS 32
 // peer_scope: the memory scope of the fences and acquires toward peers' heaps.
 // FM_SCOPE_SYSTEM: peers may be other GPUs (NVSHMEM worlds). FM_SCOPE_GPU: every heap of the

@@ -24,6 +24,7 @@
 #include "flashmoe/gemm_decode.cuh"
 #include "flashmoe/gemm_decode_f32.cuh"
 #include "flashmoe/gemm_prefill.cuh"
+#include "flashmoe/next_stage.cuh"
 #include "flashmoe/phases.cuh"
 #include "flashmoe/reduce.cuh"
 #include "flashmoe/routed_args.cuh"
@@ -76,16 +77,23 @@ template <class D, int kEpi>
 __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, const Clamp& clamp) {
     if constexpr (D::kTensorCore) {
         const TileChoice tc = tile_for<D::kCode>(*c.L, t.a_rows);
-        if (tc.kind == kTileDecode) {
-            run_decode_tile<D, kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);
-            return;
-        }
+        // Step 0 in flight (take_task, next_stage.cuh): the tile before issued it for this
+        // task's shape, which the same rows give here.
+        const bool staged = kEarlyStageBuild && block_misc()->staged != 0;
         if (tc.kind == kTilePrefill) {
-            run_prefill_tile<D, kEpi, kTileM>(t, c.smem, c.L->mlp, clamp);
+            run_prefill_tile<D, kEpi, kTileM>(t, c.smem, c.L->mlp, clamp, staged);
             return;
         }
         if (tc.kind == kTileWide) {
-            run_prefill_tile<D, kEpi, 2 * kTileM>(t, c.smem, c.L->mlp, clamp);
+            run_prefill_tile<D, kEpi, 2 * kTileM>(t, c.smem, c.L->mlp, clamp, staged);
+            return;
+        }
+        if (staged) {  // never (only prefill and wide tiles are staged); kept for safety
+            cp_async_wait<0>();
+            __syncthreads();
+        }
+        if (tc.kind == kTileDecode) {
+            run_decode_tile<D, kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);
             return;
         }
     } else {
@@ -101,7 +109,8 @@ __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, con
 }
 
 // GEMM0 tile: A rows gathered through s's pair list from its dispatch rows, written to
-// act[s][pair]. The row block's last tile publishes its GEMM1 tiles.
+// act[s][pair]. Then the next task's early step 0 (next_stage.cuh: it overlaps the
+// completion step's fence and atomics); the row block's last tile publishes its GEMM1 tiles.
 template <class D>
 __device__ FM_PHASE bool run_gemm0(const Ctx& c, uint32_t idx) {
     const FmLayerParams& L = *c.L;
@@ -115,11 +124,12 @@ __device__ FM_PHASE bool run_gemm0(const Ctx& c, uint32_t idx) {
     } else {
         routed_tile<D, kEpiActPlain>(c, t, clamp);
     }
+    stage_next<D>(c);
     return gemm0_finished(c);
 }
 
-// GEMM1 tile: act[s][pair] x w1 (+ b1) rounded into y[s][pair]. The last GEMM1 tile of the
-// source hands it to the reduce.
+// GEMM1 tile: act[s][pair] x w1 (+ b1) rounded into y[s][pair]. Then the next task's early
+// step 0, as for GEMM0; the last GEMM1 tile of the source hands it to the reduce.
 template <class D>
 __device__ FM_PHASE bool run_gemm1(const Ctx& c, uint32_t idx) {
     const FmLayerParams& L = *c.L;
@@ -127,6 +137,7 @@ __device__ FM_PHASE bool run_gemm1(const Ctx& c, uint32_t idx) {
     const Unit u = unit_of<D>(c, idx / g1);
     const TileArgs t = gemm1_args<D>(c, u, idx % g1);
     routed_tile<D, kEpiStore>(c, t, Clamp{L.mlp_alpha, L.mlp_limit, L.mlp_up_offset});
+    stage_next<D>(c);
     bool ok = true;
     if (threadIdx.x == 0) {
         __threadfence();
@@ -255,6 +266,12 @@ __device__ FM_PHASE void take_task(const Ctx& c) {
     const uint32_t ahead = m->ticket;
     m->ticket = kNoTicket;
     const uint32_t ticket = ahead != kNoTicket ? ahead : atomicAdd(c.queue_ctl() + 1, 1u);
+    // The ticket taken ahead is the one whose step 0 the last tile may have issued.
+    if constexpr (kEarlyStageBuild) {
+        m->staged = ahead != kNoTicket && m->staged_ticket == ahead ? 1u : 0u;
+        m->staged_ticket = kNoTicket;
+        m->peek = kNoPeek;  // set again only by a prefill or wide tile of this task
+    }
     uint32_t task = 0, state = 0;
     const bool ok = wait_until(
         c, [&](uint64_t& seen) {

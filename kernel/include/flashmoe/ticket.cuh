@@ -5,16 +5,40 @@
 #define FLASHMOE_TICKET_CUH
 
 #include "flashmoe/common.cuh"
+#include "flashmoe/sync.cuh"
 
 namespace fm {
 
 constexpr uint32_t kNoTicket = 0xFFFFFFFFu;  // Misc::ticket: no ticket taken ahead
+constexpr uint32_t kNoPeek = 0xFFFFFFFFu;    // Misc::peek: no published entry seen (kind 3: never staged)
 
-// Thread 0, once per launch before any task: no ticket taken ahead, and the queue for
-// prefetch_ticket. Thread 0 alone reads and writes both.
+// Whether this build starts next tasks early (next_stage.cuh): the P2P build. In the
+// NVSHMEM build every phase is inlined into one entry point at the register budget, and the
+// early step 0 took its spills from 20 / 76 to 40 / 128 bytes (stores / loads, bf16), past
+// scripts/ptxas_spills.py's ceiling; there every tile fills its own pipeline.
+#ifdef FM_NVSHMEM
+constexpr bool kEarlyStageBuild = false;
+#else
+constexpr bool kEarlyStageBuild = true;
+#endif
+
+// Whether the run's mode starts next tasks early (next_stage.cuh): auto and narrow.
+__device__ __forceinline__ bool early_stage_mode(const FmLayerParams& L) {
+    return kEarlyStageBuild && (L.tile_mode == FM_TILES_AUTO || L.tile_mode == FM_TILES_NARROW);
+}
+
+// Thread 0, once per launch before any task: no ticket taken ahead, no early step 0, and
+// the queue for prefetch_ticket. Thread 0 alone reads and writes both.
 __device__ __forceinline__ void init_ticket_prefetch(const Ctx& c) {
     if (threadIdx.x != 0) return;
     c.misc->ticket = kNoTicket;
+    c.misc->staged_ticket = kNoTicket;  // no early step 0 in flight (next_stage.cuh)
+    c.misc->staged = 0;
+    c.misc->peek = kNoPeek;
+    const uint64_t cap = c.L->ws_queue_capacity;  // tickets are u32
+    c.misc->peek_cap = early_stage_mode(*c.L) ? uint32_t(cap < 0xFFFFFFFFull ? cap : 0xFFFFFFFFull) : 0u;
+    c.misc->epoch = uint32_t(c.n);
+    c.misc->queue = c.queue();
     c.misc->queue_ctl = c.queue_ctl();
 }
 
@@ -35,6 +59,23 @@ __device__ __forceinline__ void prefetch_ticket() {
     asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(th) : "l"(ctl) : "memory");
     const uint32_t tail = uint32_t(th), head = uint32_t(th >> 32);
     if (int32_t(tail - head) > 0) m->ticket = atomicAdd(ctl + 1, 1u);
+}
+
+// Thread 0 of a prefill or wide tile whose mainloop is done: the task of the ticket taken
+// ahead if its entry is already published (one acquire load, no wait), into Misc::peek for
+// stage_next (next_stage.cuh). Everything it reads is in Misc (init_ticket_prefetch), so
+// the tile keeps nothing of the task loop live for it; peek_cap is 0 in modes that do not
+// stage, and entries carry the launch's epoch in their high word (scheduler.cuh).
+__device__ __forceinline__ void peek_next() {
+    if (!kEarlyStageBuild || threadIdx.x != 0) return;
+    Misc* const m = block_misc();
+    uint32_t task = kNoPeek;
+    const uint32_t ticket = m->ticket;
+    if (ticket != kNoTicket && ticket < m->peek_cap) {
+        const uint64_t e = ld_acquire_gpu(m->queue + ticket);
+        if (uint32_t(e >> 32) == m->epoch) task = uint32_t(e);
+    }
+    m->peek = task;
 }
 
 }  // namespace fm

@@ -24,10 +24,11 @@ struct TileChoice {
 
 constexpr uint32_t kRuleBlockRows = 64;  // == TILE_M (scheduler.cuh checks it)
 
-// Whether the run pairs row blocks into wide tasks: auto, bf16/f16 (f32 has no wide tile).
+// Whether the run pairs row blocks into wide tasks: auto (and auto-serial, the same tasks),
+// bf16/f16 (f32 has no wide tile).
 template <uint32_t kDtype>
 __device__ __forceinline__ bool wide_tasks(const FmLayerParams& L) {
-    return L.tile_mode == FM_TILES_AUTO && kDtype != FM_DTYPE_F32;
+    return (L.tile_mode == FM_TILES_AUTO || L.tile_mode == FM_TILES_AUTO_SERIAL) && kDtype != FM_DTYPE_F32;
 }
 
 // Rows of the task of row block rb (rb * 64 < count) of a pair list of `count` pairs: the
