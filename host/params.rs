@@ -66,6 +66,9 @@ pub const TILES_AUTO: u32 = 0;
 pub const TILES_CLASSIC: u32 = 1;
 /// `FM_TILES_NARROW`: auto without wide tasks ([`crate::plan::TileMode::Narrow`]).
 pub const TILES_NARROW: u32 = 2;
+/// `FM_TILES_AUTO_SERIAL`: auto's tiles without the early first stage of the next task
+/// ([`crate::plan::TileMode::AutoSerial`]).
+pub const TILES_AUTO_SERIAL: u32 = 3;
 /// `FM_DECODE_MAX_ROWS` (== [`crate::plan::DECODE_MAX_ROWS`]).
 pub const DECODE_MAX_ROWS: u32 = 32;
 /// `FM_SCOPE_SYSTEM`: fences and acquires toward peers at system scope (NVSHMEM worlds).
@@ -440,6 +443,7 @@ mod tests {
         assert_eq!(TILES_AUTO, crate::plan::TileMode::Auto.code());
         assert_eq!(TILES_CLASSIC, crate::plan::TileMode::Classic.code());
         assert_eq!(TILES_NARROW, crate::plan::TileMode::Narrow.code());
+        assert_eq!(TILES_AUTO_SERIAL, crate::plan::TileMode::AutoSerial.code());
     }
 
     #[test]

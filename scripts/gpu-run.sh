@@ -15,10 +15,11 @@ set -u
 # step budgets, seconds (name budget) -- keep the sum <= 420
 BUDGETS="
 facts 8
-stages-w1 15
+stages-w1 13
 stages-w1n 10
-stages-e2 15
-stages-e4 20
+stages-w1s 10
+stages-e2 12
+stages-e4 15
 stages-f32 15
 stages-ds 15
 test-gpu_abi 15
@@ -123,6 +124,11 @@ step stages-w1 stages.txt "$bench" stages --backend gpu --preset tiny --tokens 5
 # The same layer with no wide task (--tiles narrow: 64-row prefill and decode tiles only), so
 # that a failure of stages-w1 alone points at the wide tile.
 step stages-w1n stages.txt "$bench" stages --backend gpu --preset tiny --tokens 512 --tiles narrow
+# The same layer without the early first stage of the next task (--tiles auto-serial: auto's
+# tiles; in auto and narrow a routed tile issues the next task's step 0 before its
+# completion step, kernel/include/flashmoe/next_stage.cuh), so that a failure of stages-w1
+# and stages-w1n with this step passing points at that overlap.
+step stages-w1s stages.txt "$bench" stages --backend gpu --preset tiny --tokens 512 --tiles auto-serial
 # gpt-oss style: top-k of biased logits, clamped SwiGLU with expert biases.
 step stages-e2 stages.txt "$bench" stages --backend gpu --preset tiny --world emulated:2 \
     --router topk-softmax --mlp clamped-swiglu
@@ -175,9 +181,9 @@ else
 fi
 
 # ---- a short bench of every preset (checked before timed), each with every tile rule in
-#      one process (auto, then classic and narrow, and the ratios of their medians); deepseek-v3 with
-#      64 of its 256 experts: generating its 11 G parameters on the host alone outlasts the
-#      budget
+#      one process (auto, then classic, narrow and auto-serial, and the ratios of their
+#      medians); deepseek-v3 with 64 of its 256 experts: generating its 11 G parameters on the
+#      host alone outlasts the budget
 for p in tiny flashmoe-paper qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b; do
     step "bench-$p" bench.txt "$bench" layer --backend gpu --preset "$p" --iters 10 --warmup 2 --check-tokens 16 \
         --compare-tiles

@@ -28,7 +28,7 @@ fn model_json(tiles: &str) -> Value {
 /// (the tiny preset is bf16, so `auto` gives its small blocks decode tiles).
 #[test]
 fn model_runs_and_reports_every_tile_rule() {
-    for tiles in ["auto", "narrow", "classic"] {
+    for tiles in ["auto", "narrow", "classic", "auto-serial"] {
         let j = model_json(tiles);
         assert_eq!(j["tiles"], tiles, "{j}");
         let err = j["max_rel_error"]

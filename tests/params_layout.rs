@@ -90,6 +90,7 @@ fn rust_constants() -> BTreeMap<&'static str, u64> {
         ("FM_TILES_AUTO", params::TILES_AUTO as u64),
         ("FM_TILES_CLASSIC", params::TILES_CLASSIC as u64),
         ("FM_TILES_NARROW", params::TILES_NARROW as u64),
+        ("FM_TILES_AUTO_SERIAL", params::TILES_AUTO_SERIAL as u64),
         ("FM_DECODE_MAX_ROWS", params::DECODE_MAX_ROWS as u64),
         ("FM_SCOPE_SYSTEM", params::SCOPE_SYSTEM as u64),
         ("FM_SCOPE_GPU", params::SCOPE_GPU as u64),

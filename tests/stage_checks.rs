@@ -58,9 +58,9 @@ fn tile_tasks(text: &str, stage: &str) -> [usize; 4] {
 #[test]
 fn the_gemm_stages_cover_every_tile_path_of_the_rule() {
     // 128 tokens per rank (world 2, 8 experts, top-2): short blocks (decode tile) and
-    // blocks over 32 rows (prefill tile) under auto and narrow; every block classic under
-    // classic.
-    for tiles in ["auto", "narrow"] {
+    // blocks over 32 rows (prefill tile) under auto, narrow and auto-serial; every block
+    // classic under classic.
+    for tiles in ["auto", "narrow", "auto-serial"] {
         let (ok, text) = stages(&["--world", "2", "--tiles", tiles]);
         assert!(ok, "{text}");
         for s in ["gemm0", "gemm1"] {

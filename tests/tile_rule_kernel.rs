@@ -39,7 +39,7 @@ fn kernel_rule() -> KernelRule {
              }}\n\
            }}\n}}\n\
          int main() {{\n\
-           for (uint32_t mode : {{FM_TILES_AUTO, FM_TILES_CLASSIC, FM_TILES_NARROW}}) {{\n\
+           for (uint32_t mode : {{FM_TILES_AUTO, FM_TILES_CLASSIC, FM_TILES_NARROW, FM_TILES_AUTO_SERIAL}}) {{\n\
              all<FM_DTYPE_BF16>(mode); all<FM_DTYPE_F16>(mode); all<FM_DTYPE_F32>(mode);\n\
            }}\n  return 0;\n}}\n"
     );
@@ -93,7 +93,7 @@ fn dtype_of(code: u32) -> Dtype {
 fn the_kernels_tile_rule_is_the_plans() {
     let rule = kernel_rule();
     let modes = TileMode::ALL.len();
-    assert_eq!(modes, 3, "auto, classic and narrow");
+    assert_eq!(modes, 4, "auto, classic, narrow and auto-serial");
     assert_eq!(
         rule.tiles.len(),
         modes * 3 * WIDE_ROWS,

@@ -219,9 +219,11 @@ pub struct ShapeArgs {
     /// a pair list form one 128-row wide task when block 2j+1 has more than 32 rows; other
     /// blocks: decode tiles for at most 32 rows, in f32 too; above, prefill tiles with
     /// larger warp tiles in bf16/f16 and the classic tile in f32; the decode and prefill
-    /// tiles take the block's next ticket ahead), `narrow` (auto without wide tasks: every
-    /// task one 64-row block) or `classic` (every block the 64x64 classic tile, the path
-    /// before the rule). Used by `layer`, `stages` and `model` (every layer).
+    /// tiles take the block's next ticket ahead, and on one node a routed tile issues the
+    /// next task's first stage before its completion step), `narrow` (auto without wide
+    /// tasks: every task one 64-row block), `classic` (every block the 64x64 classic tile,
+    /// the path before the rule) or `auto-serial` (auto without the early first stage).
+    /// Used by `layer`, `stages` and `model` (every layer).
     #[arg(long, default_value = "auto", value_parser = parse_tiles)]
     pub tiles: TileMode,
 }
@@ -421,6 +423,7 @@ mod tests {
         assert_eq!(parse_tiles("auto"), Ok(TileMode::Auto));
         assert_eq!(parse_tiles("classic"), Ok(TileMode::Classic));
         assert_eq!(parse_tiles("narrow"), Ok(TileMode::Narrow));
+        assert_eq!(parse_tiles("auto-serial"), Ok(TileMode::AutoSerial));
         assert!(parse_tiles("wide").is_err());
         let cli =
             Cli::try_parse_from(["flashmoe-bench", "stages", "--tiles", "narrow"]).expect("parses");

@@ -276,8 +276,8 @@ pub fn run(args: &LayerArgs) -> Result<Report> {
     })
 }
 
-/// `--compare-tiles`: each other tile rule on the same layer (of auto, narrow and
-/// classic), checked against the same reference rows and timed like the first; empty when
+/// `--compare-tiles`: each other tile rule on the same layer (of auto, classic, narrow
+/// and auto-serial), checked against the same reference rows and timed like the first; empty when
 /// the backend cannot switch.
 #[allow(clippy::too_many_arguments)]
 fn compare_tiles(

@@ -26,7 +26,7 @@ pub struct Wire {
 /// One other tile rule timed on the same layer (`--compare-tiles`).
 #[derive(Debug, Clone, Serialize)]
 pub struct TilesCompare {
-    /// Its name (`auto`, `narrow` or `classic`).
+    /// Its name (`auto`, `classic`, `narrow` or `auto-serial`).
     pub other: String,
     /// Its median latency (ms).
     pub median_ms: f64,
@@ -74,7 +74,7 @@ pub struct Report {
     pub pairs: u64,
     /// Dispatch bytes on the wire, when measured (single-process runs).
     pub wire: Option<Wire>,
-    /// Tile rule of the routed GEMMs (`auto`, `narrow` or `classic`).
+    /// Tile rule of the routed GEMMs (`auto`, `classic`, `narrow` or `auto-serial`).
     pub tiles: String,
     /// The other tile rules on the same layer, when compared (empty otherwise).
     pub tiles_compare: Vec<TilesCompare>,

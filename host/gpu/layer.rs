@@ -1079,9 +1079,9 @@ impl MoeLayer {
     }
 
     /// The tile rule of the next launches ([`crate::plan::TileMode`]): the A/B switch
-    /// between the rule with wide tasks (auto), without them (narrow) and the classic
-    /// path. A captured graph
-    /// keeps the mode it was captured with.
+    /// between the rule with wide tasks (auto), without them (narrow), the classic path,
+    /// and auto without the early first stage of the next task (auto-serial). A captured
+    /// graph keeps the mode it was captured with.
     pub fn set_tile_mode(&mut self, mode: crate::plan::TileMode) {
         self.plan.tile_mode = mode;
         self.params.layer.tile_mode = mode.code();

@@ -505,16 +505,34 @@ fn the_tile_rule_by_rows() {
     assert_eq!("classic".parse::<TileMode>(), Ok(TileMode::Classic));
     assert_eq!("auto".parse::<TileMode>(), Ok(TileMode::Auto));
     assert_eq!("narrow".parse::<TileMode>(), Ok(TileMode::Narrow));
+    assert_eq!("auto-serial".parse::<TileMode>(), Ok(TileMode::AutoSerial));
     let err = "prefill".parse::<TileMode>().unwrap_err();
     assert!(
         err.contains("auto") && err.contains("narrow") && err.contains("classic"),
         "{err}"
     );
+    // auto-serial changes only the kernel's pipeline: auto's tasks and shapes everywhere.
+    for dtype in [Bf16, F16, F32] {
+        for count in 0..=300usize {
+            for rb in 0..count.div_ceil(TILE_M) {
+                assert_eq!(
+                    task_rows(TileMode::AutoSerial, dtype, count, rb),
+                    task_rows(TileMode::Auto, dtype, count, rb)
+                );
+            }
+        }
+        for rows in 1..=WIDE_ROWS {
+            assert_eq!(
+                tile_for(TileMode::AutoSerial, dtype, rows),
+                tile_for(TileMode::Auto, dtype, rows)
+            );
+        }
+    }
     for m in TileMode::ALL {
         assert_eq!(m.name().parse::<TileMode>(), Ok(m));
     }
     let codes: Vec<u32> = TileMode::ALL.iter().map(|m| m.code()).collect();
-    assert_eq!(codes, [0, 1, 2]);
+    assert_eq!(codes, [0, 1, 2, 3]);
 }
 
 #[test]

@@ -33,7 +33,9 @@
 //!   `kRows` = 128), so each weight tile is read once for both blocks.
 //!
 //! [`TileMode::Narrow`] is auto without wide tasks (every task one block), and
-//! [`TileMode::Classic`] every task one block with the classic tile.
+//! [`TileMode::Classic`] every task one block with the classic tile. [`TileMode::AutoSerial`]
+//! has auto's tasks and shapes; only the kernel's pipeline differs (no tile issues the next
+//! task's first stage early, `next_stage.cuh`), so everything here treats it as auto.
 //!
 //! The kernel evaluates the same rule per task (`fm::task_rows` and `fm::tile_for` in
 //! tile_rule.cuh, documented in params.h next to `FM_TILES_AUTO`); the CPU executor runs one
@@ -63,11 +65,21 @@ pub enum TileMode {
     /// As [`TileMode::Auto`] without wide tasks: every task is one block
     /// (`FM_TILES_NARROW`, the rule before wide tasks).
     Narrow,
+    /// Auto's tasks and tile shapes, but no tile starts the next task's first stage before
+    /// its own completion step (`FM_TILES_AUTO_SERIAL`; auto and narrow do, in the P2P
+    /// build): the A/B switch of that overlap, kept until a GPU has compared them. The
+    /// outputs are auto's, bit for bit.
+    AutoSerial,
 }
 
 impl TileMode {
-    /// Every mode, in the order of their codes (auto 0, classic 1, narrow 2).
-    pub const ALL: [TileMode; 3] = [TileMode::Auto, TileMode::Classic, TileMode::Narrow];
+    /// Every mode, in the order of their codes (auto 0, classic 1, narrow 2, auto-serial 3).
+    pub const ALL: [TileMode; 4] = [
+        TileMode::Auto,
+        TileMode::Classic,
+        TileMode::Narrow,
+        TileMode::AutoSerial,
+    ];
 
     /// The `FM_TILES_*` code of the mode.
     pub fn code(self) -> u32 {
@@ -75,15 +87,17 @@ impl TileMode {
             TileMode::Auto => 0,
             TileMode::Classic => 1,
             TileMode::Narrow => 2,
+            TileMode::AutoSerial => 3,
         }
     }
 
-    /// The mode's name on the command line (`auto`, `classic`, `narrow`).
+    /// The mode's name on the command line (`auto`, `classic`, `narrow`, `auto-serial`).
     pub fn name(self) -> &'static str {
         match self {
             TileMode::Auto => "auto",
             TileMode::Classic => "classic",
             TileMode::Narrow => "narrow",
+            TileMode::AutoSerial => "auto-serial",
         }
     }
 }
@@ -94,8 +108,11 @@ impl std::str::FromStr for TileMode {
         match s {
             "auto" => Ok(TileMode::Auto),
             "narrow" => Ok(TileMode::Narrow),
+            "auto-serial" => Ok(TileMode::AutoSerial),
             "classic" => Ok(TileMode::Classic),
-            _ => Err(format!("`{s}`: expected auto, narrow or classic")),
+            _ => Err(format!(
+                "`{s}`: expected auto, narrow, classic or auto-serial"
+            )),
         }
     }
 }
@@ -130,10 +147,10 @@ impl TileShape {
     }
 }
 
-/// Whether a run of `mode` and `dtype` pairs row blocks into wide tasks: auto in bf16/f16
-/// (f32 has no wide tile).
+/// Whether a run of `mode` and `dtype` pairs row blocks into wide tasks: auto (and
+/// auto-serial, the same tasks) in bf16/f16 (f32 has no wide tile).
 pub fn wide_tasks(mode: TileMode, dtype: Dtype) -> bool {
-    mode == TileMode::Auto && dtype != Dtype::F32
+    matches!(mode, TileMode::Auto | TileMode::AutoSerial) && dtype != Dtype::F32
 }
 
 /// The rows of the task of row block `rb` of a pair list of `count` pairs (`rb * TILE_M <
