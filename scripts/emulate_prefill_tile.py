@@ -212,11 +212,20 @@ def run_loader_and_pipeline():
                     assert bo + 16 <= 64 * bs
             assert len(seen) == 64 * 8
     S = 3
-    for nk in range(1, 12):
+    # staged: step 0 was issued into buffer 0 and committed as its own group before the tile
+    # (next_stage.cuh, after the previous tile's last barrier); the prologue skips step 0's
+    # load and commit (cp_async_pipeline's staged).
+    for nk, staged in [(n, st) for n in range(1, 12) for st in (False, True)]:
         buf = {}          # buffer -> (step, group) last loaded into it
         pending = []      # (buffer, issue iteration, step) of every load
         groups = 0        # commit groups so far (empty ones too)
+        if staged:
+            buf[0] = (0, groups)
+            pending.append((0, -1, 0))
+            groups += 1
         for s in range(S - 1):
+            if s == 0 and staged:
+                continue
             if s < nk:
                 buf[s % S] = (s, groups)
                 pending.append((s % S, -1, s))
@@ -231,12 +240,12 @@ def run_loader_and_pipeline():
                 pending.append((nxt % S, kc, nxt))
             groups += 1
             step, g = buf[kc % S]
-            assert step == kc and g < complete, (nk, kc)   # landed, and the right step
+            assert step == kc and g < complete, (nk, kc, staged)   # landed, the right step
             reads.append((kc, kc % S))
         # A load issued at iteration i (after that iteration's barrier) into buffer b may
         # land any time until its step is read: no read of b from iteration i on until then.
         for b, i, step in pending:
-            assert all(rb != b for it, rb in reads if i <= it < step), (nk, b, i, step)
+            assert all(rb != b for it, rb in reads if i <= it < step), (nk, b, i, step, staged)
     for out_rows in range(1, 129):
         cells = [(i // 8, i % 8) for i in range(out_rows * 8)]
         assert len(set(cells)) == out_rows * 8 and all(r < out_rows for r, _ in cells)
@@ -248,7 +257,7 @@ def run_loader_and_pipeline():
         assert seen == {(r, c) for r in range(rows) for c in range(8)}, rows
         stage = (rows + 128) * (64 + 8)
         assert 3 * stage * 2 <= ARENA_BYTES
-    print("ok loader offsets, pipeline reuse, epilogue bounds")
+    print("ok loader offsets, pipeline reuse (with and without a staged step 0), epilogue bounds")
 
 run_loader_and_pipeline()
 
