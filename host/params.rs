@@ -76,7 +76,7 @@ pub const SCOPE_SYSTEM: u32 = 0;
 /// `FM_SCOPE_GPU`: every heap of the world is on this GPU (single and emulated worlds).
 pub const SCOPE_GPU: u32 = 1;
 /// `FM_PHASE_WORDS` (== [`crate::plan::PHASE_WORDS`]).
-pub const PHASE_WORDS: u32 = 16;
+pub const PHASE_WORDS: u32 = 17;
 /// `FM_PHASE_MAX_BLOCKS` (== [`crate::plan::PHASE_MAX_BLOCKS`]).
 pub const PHASE_MAX_BLOCKS: u32 = 1024;
 

@@ -72,9 +72,9 @@ pub const REGION_ALIGN: u64 = 256;
 
 /// u64 words of one block's phase times in the workspace (`FM_PHASE_WORDS`): launch start,
 /// gate, dispatch, expert tiles, idle waits, combine (ns), tasks run, launch end, then the
-/// expert tiles' ns by task kind (routed GEMM0, routed GEMM1, shared, reduce) and the tasks
-/// of each kind.
-pub const PHASE_WORDS: usize = 16;
+/// expert tiles' ns by task kind (routed GEMM0, routed GEMM1, shared, reduce), the tasks
+/// of each kind, and the routed tasks that started with their first stage in flight.
+pub const PHASE_WORDS: usize = 17;
 /// Blocks per rank whose phase times are kept (`FM_PHASE_MAX_BLOCKS`); blocks past it
 /// record nothing.
 pub const PHASE_MAX_BLOCKS: usize = 1024;

@@ -1063,6 +1063,13 @@ fn phase_record_counts_the_tasks_the_rule_gives() {
                 want.by_kind().iter().sum::<u64>(),
                 "R{ranks} {mode:?}"
             );
+            if matches!(mode, TileMode::Classic | TileMode::AutoSerial) {
+                assert_eq!(
+                    got.staged_tasks, 0,
+                    "R{ranks} {mode:?}: no early first stage"
+                );
+            }
+            assert!(got.staged_tasks <= got.kind_tasks[0] + got.kind_tasks[1]);
             if mode == TileMode::Auto {
                 let lists = out.gates.iter().flat_map(|g| g.expert_counts.iter());
                 wide += rule.tile_census(lists.map(|&c| c as usize)).wide;
@@ -1071,5 +1078,56 @@ fn phase_record_counts_the_tasks_the_rule_gives() {
         if ranks == 1 {
             assert!(wide > 0, "the one-rank case must run wide tasks");
         }
+    }
+}
+
+/// The early first stage (kernel/include/flashmoe/next_stage.cuh) runs and changes no bit.
+/// 8 blocks against 1024 tokens on 4 experts, top-2 (pair lists of about 512 pairs: 128-row
+/// wide tasks under auto, 64-row prefill tasks under narrow, hundreds of GEMM tasks), so
+/// tiles take their next ticket ahead while published entries wait, and some routed tasks
+/// must start with their step 0 already in flight under auto and narrow; none under
+/// auto-serial. auto and auto-serial run the same tiles in the same order per output, so
+/// their outputs are equal bit for bit; every mode matches the reference.
+#[test]
+fn early_first_stage_runs_and_changes_no_bit() {
+    let Some((_gpu, stream)) = gpu_stream("early_first_stage_runs_and_changes_no_bit") else {
+        return;
+    };
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        let mut cfg = MoeConfig::new(1024, 512, 256, 4, 2);
+        cfg.dtype = dtype;
+        let plan = LayerPlan::new(&cfg).unwrap();
+        let w = LayerWeights::random(&cfg, 21);
+        let data = Inputs::random(&cfg, 21);
+        let inputs = data.rank_inputs(&cfg);
+        let ov = RouteOverrides::default();
+        let opts = GpuOptions {
+            blocks_per_rank: Some(8),
+            ..GpuOptions::default()
+        };
+        let mut layer = MoeLayer::new(stream.clone(), plan.clone(), &w, world(1), opts).unwrap();
+        let mut outs = Vec::new();
+        for mode in [TileMode::AutoSerial, TileMode::Auto, TileMode::Narrow] {
+            layer.set_tile_mode(mode);
+            let out = layer.forward_host(&inputs, &ov).unwrap();
+            check_against_reference(&plan, &w, &inputs, &ov, &out, "early first stage");
+            let p = layer.phases().unwrap();
+            println!("{dtype:?} {mode:?}: {}", p.describe());
+            let routed = p.kind_tasks[0] + p.kind_tasks[1];
+            if mode == TileMode::AutoSerial {
+                assert_eq!(p.staged_tasks, 0, "{dtype:?} {mode:?}");
+            } else {
+                assert!(
+                    p.staged_tasks > 0 && p.staged_tasks <= routed,
+                    "{dtype:?} {mode:?}: {} of {routed} routed tasks staged",
+                    p.staged_tasks
+                );
+            }
+            outs.push(out.out);
+        }
+        assert!(
+            outs[0] == outs[1],
+            "{dtype:?}: auto differs from auto-serial"
+        );
     }
 }

@@ -30,6 +30,10 @@ pub struct PhaseSplit {
     pub kind_ns: [u64; 4],
     /// Of `tasks`, by task kind (as `kind_ns`).
     pub kind_tasks: [u64; 4],
+    /// Routed tasks that started with their first stage already in flight, issued by the
+    /// block's previous tile (the kernel's early first stage, `next_stage.cuh`; auto and
+    /// narrow in the single-node build, never in auto-serial or classic).
+    pub staged_tasks: u64,
 }
 
 /// The task kinds of [`PhaseSplit::kind_ns`], as the report names them.
@@ -60,6 +64,7 @@ impl PhaseSplit {
                 self.kind_ns[k] += r[8 + k];
                 self.kind_tasks[k] += r[12 + k];
             }
+            self.staged_tasks += r[16];
         }
         self.launch_ns = self.end_ns.saturating_sub(self.start_ns);
     }
@@ -88,7 +93,7 @@ impl PhaseSplit {
             })
             .collect();
         format!(
-            "gate {:.1}%  dispatch {:.1}%  expert tiles {:.1}%  idle waits {:.1}%  combine {:.1}%  ({} tasks on {} blocks, launch {:.1} us); tiles: {}",
+            "gate {:.1}%  dispatch {:.1}%  expert tiles {:.1}%  idle waits {:.1}%  combine {:.1}%  ({} tasks on {} blocks, launch {:.1} us); tiles: {}; {} routed tasks started with their first stage in flight",
             pct(self.gate_ns),
             pct(self.dispatch_ns),
             pct(self.tiles_ns),
@@ -97,7 +102,8 @@ impl PhaseSplit {
             self.tasks,
             self.blocks,
             self.launch_ns as f64 / 1e3,
-            if kinds.is_empty() { "none".to_string() } else { kinds.join("  ") }
+            if kinds.is_empty() { "none".to_string() } else { kinds.join("  ") },
+            self.staged_tasks
         )
     }
 }
@@ -110,11 +116,11 @@ mod tests {
     fn records_sum_by_phase_and_skip_silent_blocks() {
         let mut w = vec![0u64; 3 * PHASE_WORDS];
         w[..PHASE_WORDS].copy_from_slice(&[
-            1000, 10, 20, 300, 40, 30, 5, 1400, 200, 60, 0, 40, 2, 2, 0, 1,
+            1000, 10, 20, 300, 40, 30, 5, 1400, 200, 60, 0, 40, 2, 2, 0, 1, 3,
         ]);
         // Block 1 recorded nothing.
         w[2 * PHASE_WORDS..].copy_from_slice(&[
-            1100, 12, 8, 200, 60, 20, 3, 1500, 100, 100, 0, 0, 1, 2, 0, 0,
+            1100, 12, 8, 200, 60, 20, 3, 1500, 100, 100, 0, 0, 1, 2, 0, 0, 1,
         ]);
         let mut s = PhaseSplit::default();
         s.add_records(&w, 3);
@@ -134,8 +140,13 @@ mod tests {
         assert_eq!(s.total_ns(), 700);
         assert_eq!(s.kind_ns, [300, 160, 0, 40]);
         assert_eq!(s.kind_tasks, [3, 4, 0, 1]);
+        assert_eq!(s.staged_tasks, 4);
         let d = s.describe();
         assert!(d.starts_with("gate 3.1%"), "{d}");
+        assert!(
+            d.ends_with("; 4 routed tasks started with their first stage in flight"),
+            "{d}"
+        );
         // 300 of 500 ns of tiles in 3 GEMM0 tasks: 60%, 0.10 us each; no shared task.
         assert!(d.contains("gemm0 60.0% (3 x 0.10 us)"), "{d}");
         assert!(

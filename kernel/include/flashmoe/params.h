@@ -138,8 +138,9 @@
 // each block's thread 0 at its exit: %globaltimer at entry, ns in gate, dispatch (and the
 // scheduler's polling), expert tiles, idle ticket waits, combine, tasks run, %globaltimer at
 // exit, then the expert tiles' ns by task kind (routed GEMM0, routed GEMM1, shared expert,
-// reduce) and the tasks run of each kind. Blocks past FM_PHASE_MAX_BLOCKS record nothing.
-#define FM_PHASE_WORDS 16
+// reduce) and the tasks run of each kind, then the routed tasks that started with their first
+// stage already in flight (next_stage.cuh). Blocks past FM_PHASE_MAX_BLOCKS record nothing.
+#define FM_PHASE_WORDS 17
 #define FM_PHASE_MAX_BLOCKS 1024
 
 // Shape and layout of the layer: identical for every rank.

@@ -1,6 +1,6 @@
 // Phase times of one launch, per block (FmLayerParams::ws_phase_times, params.h): where the
 // launch's time goes. Thread 0 of each block laps %globaltimer at phase boundaries into Misc
-// (shared memory: no register stays live across the phases) and stores the 16 words at exit.
+// (shared memory: no register stays live across the phases) and stores the 17 words at exit.
 #ifndef FLASHMOE_PHASES_CUH
 #define FLASHMOE_PHASES_CUH
 
@@ -21,8 +21,9 @@ enum PhaseWord : int {
     kPhaseEnd = 7,       // %globaltimer at exit
     kPhaseKindNs = 8,    // 8 + kind (TaskKind: GEMM0, GEMM1, shared, reduce): ns of kPhaseTiles
     kPhaseKindTasks = 12,  // 12 + kind: tasks of kPhaseTasks
+    kPhaseStaged = 16,   // routed tasks taken with their step 0 in flight (next_stage.cuh)
 };
-static_assert(FM_PHASE_WORDS == 16, "the record has the 16 words above");
+static_assert(FM_PHASE_WORDS == 17, "the record has the 17 words above");
 
 __device__ FM_PHASE void phase_start(const Ctx& c) {
     if (threadIdx.x != 0) return;

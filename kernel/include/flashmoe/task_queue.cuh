@@ -269,6 +269,7 @@ __device__ FM_PHASE void take_task(const Ctx& c) {
     // The ticket taken ahead is the one whose step 0 the last tile may have issued.
     if constexpr (kEarlyStageBuild) {
         m->staged = ahead != kNoTicket && m->staged_ticket == ahead ? 1u : 0u;
+        m->phase[kPhaseStaged] += m->staged;
         m->staged_ticket = kNoTicket;
         m->peek = kNoPeek;  // set again only by a prefill or wide tile of this task
     }
