@@ -1082,19 +1082,24 @@ fn phase_record_counts_the_tasks_the_rule_gives() {
 }
 
 /// The early first stage (kernel/include/flashmoe/next_stage.cuh) runs and changes no bit.
-/// 8 blocks against 1024 tokens on 4 experts, top-2 (pair lists of about 512 pairs: 128-row
-/// wide tasks under auto, 64-row prefill tasks under narrow, hundreds of GEMM tasks), so
-/// tiles take their next ticket ahead while published entries wait, and some routed tasks
-/// must start with their step 0 already in flight under auto and narrow; none under
-/// auto-serial. auto and auto-serial run the same tiles in the same order per output, so
-/// their outputs are equal bit for bit; every mode matches the reference.
+/// 8 blocks against hundreds of routed GEMM tasks, so tiles take their next ticket ahead
+/// while published entries wait, and some routed tasks must start with their step 0
+/// already in flight under auto and narrow; none under auto-serial. Prefill shapes: 1024
+/// tokens on 4 experts, top-2 (pair lists of about 512 pairs: 128-row wide tasks under
+/// auto, 64-row prefill tasks under narrow); decode shapes: 128 tokens on 32 experts, top-2
+/// (about 8 pairs per list). auto and auto-serial run the same tiles in the same order per
+/// output, so their outputs are equal bit for bit; every mode matches the reference.
 #[test]
 fn early_first_stage_runs_and_changes_no_bit() {
     let Some((_gpu, stream)) = gpu_stream("early_first_stage_runs_and_changes_no_bit") else {
         return;
     };
-    for dtype in [Dtype::Bf16, Dtype::F16] {
-        let mut cfg = MoeConfig::new(1024, 512, 256, 4, 2);
+    let shapes = [(1024, 4), (128, 32)];
+    for (dtype, (tokens, experts)) in [Dtype::Bf16, Dtype::F16]
+        .into_iter()
+        .flat_map(|d| shapes.map(|s| (d, s)))
+    {
+        let mut cfg = MoeConfig::new(tokens, 512, 256, experts, 2);
         cfg.dtype = dtype;
         let plan = LayerPlan::new(&cfg).unwrap();
         let w = LayerWeights::random(&cfg, 21);
@@ -1112,14 +1117,14 @@ fn early_first_stage_runs_and_changes_no_bit() {
             let out = layer.forward_host(&inputs, &ov).unwrap();
             check_against_reference(&plan, &w, &inputs, &ov, &out, "early first stage");
             let p = layer.phases().unwrap();
-            println!("{dtype:?} {mode:?}: {}", p.describe());
+            println!("{dtype:?} {tokens}x{experts} {mode:?}: {}", p.describe());
             let routed = p.kind_tasks[0] + p.kind_tasks[1];
             if mode == TileMode::AutoSerial {
-                assert_eq!(p.staged_tasks, 0, "{dtype:?} {mode:?}");
+                assert_eq!(p.staged_tasks, 0, "{dtype:?} {tokens}x{experts} {mode:?}");
             } else {
                 assert!(
                     p.staged_tasks > 0 && p.staged_tasks <= routed,
-                    "{dtype:?} {mode:?}: {} of {routed} routed tasks staged",
+                    "{dtype:?} {tokens}x{experts} {mode:?}: {} of {routed} routed tasks staged",
                     p.staged_tasks
                 );
             }

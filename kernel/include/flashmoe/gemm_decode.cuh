@@ -36,10 +36,11 @@ static_assert(2 * 2 * kDecodeMaxN * kDecodeCStride * 4 <= kArenaBytes<Dt<FM_DTYP
 static_assert(kDecodeMaxN * 8 <= kThreads, "one thread per 16-byte chunk of the token rows");
 
 // Loads K step kc into stage buf: 64 weight rows (x2 gated) as run_tile's B, and the n token
-// rows (zero past a_rows; `xrow` is this thread's row, resolved once per tile).
+// rows (zero past a_rows; `xrow` is this thread's row, resolved once per tile). up = false
+// (with kGated): no up rows, for decode_stage0 of a plain tile (which never reads them).
 template <class D, bool kGated>
 __device__ __forceinline__ void decode_load_stage(const TileArgs& t, const char* xrow, uint32_t n,
-                                                  char* arena, int buf, uint32_t kc) {
+                                                  char* arena, int buf, uint32_t kc, bool up = true) {
     using T = typename D::T;
     T* Wg = reinterpret_cast<T*>(arena) + buf * kDecodeStageHalves;
     T* Wu = Wg + kTileN * kLd;
@@ -51,7 +52,7 @@ __device__ __forceinline__ void decode_load_stage(const TileArgs& t, const char*
         const int r = i / 8, ch = i % 8;
         cp_async16(Wg + r * kLd + ch * 8, t.b0 + r * t.b_stride + koff + ch * 16, true);
         if constexpr (kGated) {
-            cp_async16(Wu + r * kLd + ch * 8, t.b1 + r * t.b_stride + koff + ch * 16, true);
+            if (up) cp_async16(Wu + r * kLd + ch * 8, t.b1 + r * t.b_stride + koff + ch * 16, true);
         }
     }
     if (uint32_t(threadIdx.x) < n * 8) {
@@ -97,23 +98,40 @@ __device__ __forceinline__ void decode_mma_stage(const char* arena, int buf, uin
     }
 }
 
+// This thread's token row of a decode tile of n tokens (nullptr past them or past a_rows).
+__device__ __forceinline__ const char* decode_xrow(const TileArgs& t, uint32_t n) {
+    const uint32_t xr = threadIdx.x / 8;
+    return xr < n ? a_row(t, xr) : nullptr;
+}
+
+// staged: step 0 is already in flight (decode_stage0).
 template <class D, bool kGated>
-__device__ __forceinline__ void decode_mainloop(const TileArgs& t, uint32_t n, char* arena,
+__device__ __forceinline__ void decode_mainloop(const TileArgs& t, uint32_t n, bool staged, char* arena,
                                                 float (&acc)[2][kDecodeNBlocks][4]) {
     const uint32_t nk = t.k / kTileK;
-    const uint32_t xr = threadIdx.x / 8;
-    const char* xrow = xr < n ? a_row(t, xr) : nullptr;
+    const char* xrow = decode_xrow(t, n);
     // The task loop's next ticket is taken while the first stages load.
     cp_async_pipeline<true>(
-        nk, false, [&](int buf, uint32_t kc) { decode_load_stage<D, kGated>(t, xrow, n, arena, buf, kc); },
+        nk, staged, [&](int buf, uint32_t kc) { decode_load_stage<D, kGated>(t, xrow, n, arena, buf, kc); },
         [&](int buf) { decode_mma_stage<D, kGated>(arena, buf, n, acc); });
 }
 
+// Issues step 0 of decode tile t (n tokens, gated or not) into stage buffer 0 as one commit
+// group, as the tile's own prologue would, for a tile run with staged = true (next_stage.cuh).
+// Block-wide; stage buffer 0 must be free. The stage layout does not depend on gated.
+template <class D>
+__device__ __forceinline__ void decode_stage0(const TileArgs& t, uint32_t n, char* arena, bool gated) {
+    decode_load_stage<D, true>(t, decode_xrow(t, n), n, arena, 0, 0, gated);
+    cp_async_commit();
+}
+
 // Computes one decode tile into t.out (rows < out_rows), as run_tile<D, kEpi> would.
-// Block-wide; starts and ends with the arena free.
+// Block-wide; starts and ends with the arena free. staged: step 0 is in flight
+// (decode_stage0, issued after the tile before); once the K loop is done, thread 0 looks
+// whether the block's next task is already out (peek_next, ticket.cuh).
 template <class D, int kEpi>
 __device__ FM_PHASE void run_decode_tile(const TileArgs& t, uint32_t n, char* arena, uint32_t mlp,
-                                         const Clamp& k) {
+                                         const Clamp& k, bool staged) {
     static_assert(D::kTensorCore && kEpi != kEpiStoreF32,
                   "the decode tile is the routed bf16/f16 GEMM0 / GEMM1 tile");
     constexpr bool kGated = kEpi == kEpiActGated;
@@ -129,9 +147,10 @@ __device__ FM_PHASE void run_decode_tile(const TileArgs& t, uint32_t n, char* ar
         // instead of being reloaded from the caller's frame after every cp.async (their
         // "memory" clobbers): the SASS of the K loop had 5 to 9 local loads per stage.
         const TileArgs tl = t;
-        decode_mainloop<D, kGated>(tl, n, arena, acc);
+        decode_mainloop<D, kGated>(tl, n, staged, arena, acc);
     }
     __syncthreads();  // every warp is done with the stages: reuse them for the partials
+    peek_next();
     // Partials C[K half][gate / up][token][column].
     float* C = reinterpret_cast<float*>(arena);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -6,11 +6,13 @@
 // issuing from inside it kept the task loop's context live across the tile and spilled.
 //
 // When. The block took its next ticket ahead (prefetch_ticket, ticket.cuh), the ticket's
-// entry was already published when a prefill or wide tile's mainloop ended (peek_next,
+// entry was already published when a decode, prefill or wide tile's K loop ended (peek_next,
 // ticket.cuh), the mode allows it (FM_TILES_AUTO, FM_TILES_NARROW; not
 // FM_TILES_AUTO_SERIAL, the A/B switch, nor classic), and that task is a routed GEMM0 or
-// GEMM1 task whose tile is prefill or wide. Anything else: no early stage, and the next
-// tile fills its pipeline as before.
+// GEMM1 task whose tile is decode, prefill or wide (every routed bf16/f16 tile outside
+// classic mode). Anything else: no early stage, and the next tile fills its pipeline as
+// before. At decode the tasks are short weight streams (a qwen3-30b-a3b GEMM0 tile reads
+// 512 KB), so one exposed load latency per task is a visible share of each.
 //
 // Why it is safe.
 //  - Its inputs are ready: an entry is published only once its inputs are complete
@@ -33,6 +35,7 @@
 #define FLASHMOE_NEXT_STAGE_CUH
 
 #include "flashmoe/common.cuh"
+#include "flashmoe/gemm_decode.cuh"
 #include "flashmoe/gemm_prefill.cuh"
 #include "flashmoe/routed_args.cuh"
 #include "flashmoe/scheduler.cuh"
@@ -41,11 +44,15 @@
 
 namespace fm {
 
-// Step 0 of routed tile t (rows from its task) if its tile is prefill or wide. Returns
-// whether it issued it. Block-uniform.
+// Step 0 of routed tile t (rows from its task) if its tile is decode, prefill or wide.
+// Returns whether it issued it. Block-uniform.
 template <class D>
 __device__ __forceinline__ bool stage_tile(const Ctx& c, const TileArgs& t, bool gated) {
     const TileChoice tc = tile_for<D::kCode>(*c.L, t.a_rows);
+    if (tc.kind == kTileDecode) {
+        decode_stage0<D>(t, tc.tokens, c.smem, gated);
+        return true;
+    }
     if (tc.kind == kTilePrefill) {
         prefill_stage0<D, kTileM>(t, c.smem, gated);
         return true;

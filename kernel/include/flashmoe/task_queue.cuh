@@ -80,6 +80,10 @@ __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, con
         // Step 0 in flight (take_task, next_stage.cuh): the tile before issued it for this
         // task's shape, which the same rows give here.
         const bool staged = kEarlyStageBuild && block_misc()->staged != 0;
+        if (tc.kind == kTileDecode) {
+            run_decode_tile<D, kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp, staged);
+            return;
+        }
         if (tc.kind == kTilePrefill) {
             run_prefill_tile<D, kEpi, kTileM>(t, c.smem, c.L->mlp, clamp, staged);
             return;
@@ -88,13 +92,9 @@ __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, con
             run_prefill_tile<D, kEpi, 2 * kTileM>(t, c.smem, c.L->mlp, clamp, staged);
             return;
         }
-        if (staged) {  // never (only prefill and wide tiles are staged); kept for safety
+        if (staged) {  // never (classic tiles run only in classic mode, which stages nothing)
             cp_async_wait<0>();
             __syncthreads();
-        }
-        if (tc.kind == kTileDecode) {
-            run_decode_tile<D, kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp);
-            return;
         }
     } else {
         // f32 has no wide task (task_rows never gives it more than kTileM rows), so tile_for
@@ -271,7 +271,7 @@ __device__ FM_PHASE void take_task(const Ctx& c) {
         m->staged = ahead != kNoTicket && m->staged_ticket == ahead ? 1u : 0u;
         m->phase[kPhaseStaged] += m->staged;
         m->staged_ticket = kNoTicket;
-        m->peek = kNoPeek;  // set again only by a prefill or wide tile of this task
+        m->peek = kNoPeek;  // set again only by a decode, prefill or wide tile of this task
     }
     uint32_t task = 0, state = 0;
     const bool ok = wait_until(

@@ -61,8 +61,8 @@ __device__ __forceinline__ void prefetch_ticket() {
     if (int32_t(tail - head) > 0) m->ticket = atomicAdd(ctl + 1, 1u);
 }
 
-// Thread 0 of a prefill or wide tile whose mainloop is done: the task of the ticket taken
-// ahead if its entry is already published (one acquire load, no wait), into Misc::peek for
+// Thread 0 of a decode, prefill or wide tile whose K loop is done: the task of the ticket
+// taken ahead if its entry is already published (one acquire load, no wait), into Misc::peek for
 // stage_next (next_stage.cuh). Everything it reads is in Misc (init_ticket_prefetch), so
 // the tile keeps nothing of the task loop live for it; peek_cap is 0 in modes that do not
 // stage, and entries carry the launch's epoch in their high word (scheduler.cuh).
