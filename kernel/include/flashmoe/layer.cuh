@@ -268,8 +268,12 @@ __device__ __forceinline__ void layer(const FmKernelParams& p) {
     // ---- experts ----
     ok = ok && process_tasks<D>(c);
     // A block that left the task loop on an error may still have a next task's step 0 in
-    // flight (next_stage.cuh): it lands before the arena is used again or the block exits.
-    if constexpr (kEarlyStageBuild) cp_async_wait<0>();
+    // flight (next_stage.cuh): every thread's copies land, and the barrier makes that hold
+    // block-wide before anything may use the arena again or the block exits.
+    if constexpr (kEarlyStageBuild) {
+        cp_async_wait<0>();
+        __syncthreads();
+    }
     if (stops_after(c, FM_STOP_GEMM1)) return rank_exit(c);
 
     // ---- combine ----

@@ -14,8 +14,8 @@ constexpr uint32_t kNoPeek = 0xFFFFFFFFu;    // Misc::peek: no published entry s
 
 // Whether this build starts next tasks early (next_stage.cuh): the P2P build. In the
 // NVSHMEM build every phase is inlined into one entry point at the register budget, and the
-// early step 0 took its spills from 20 / 76 to 40 / 128 bytes (stores / loads, bf16), past
-// scripts/ptxas_spills.py's ceiling; there every tile fills its own pipeline.
+// early step 0 took its spills from 20 / 84 to 40 / 128 bytes (stores / loads, bf16), past
+// scripts/ptxas_spills.py's ceiling of 96; there every tile fills its own pipeline.
 #ifdef FM_NVSHMEM
 constexpr bool kEarlyStageBuild = false;
 #else
@@ -28,7 +28,9 @@ __device__ __forceinline__ bool early_stage_mode(const FmLayerParams& L) {
 }
 
 // Thread 0, once per launch before any task: no ticket taken ahead, no early step 0, and
-// the queue for prefetch_ticket. Thread 0 alone reads and writes both.
+// the queue for prefetch_ticket. Thread 0 alone reads and writes Misc::ticket and
+// Misc::staged_ticket; Misc::peek and Misc::staged are written by thread 0 and read by every
+// thread after a block barrier (next_stage.cuh).
 __device__ __forceinline__ void init_ticket_prefetch(const Ctx& c) {
     if (threadIdx.x != 0) return;
     c.misc->ticket = kNoTicket;
