@@ -141,8 +141,8 @@ __device__ __forceinline__ void mma_load_stage(const TileArgs& t, const char* co
     const uint64_t koff = uint64_t(kc) * kTileK * sizeof(T);
 #pragma unroll
     for (int j = 0; j < kMmaRowsPerThread; ++j) {
-        const int i = threadIdx.x + j * kThreads;
-        const int r = i / 8, ch = i % 8;
+        const uint32_t i = threadIdx.x + j * kThreads;
+        const uint32_t r = i / 8, ch = i % 8;
         const bool valid = arow[j] != nullptr;
         const char* src = valid ? arow[j] + koff + ch * 16 : t.b0;
         cp_async16(As + r * kLd + ch * 8, src, valid);
@@ -425,10 +425,14 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
         }
     }
     __syncthreads();
+    // The store loops run a fixed count per thread (unrolled; unsigned indices): a loop
+    // bounded by threadIdx.x made ptxas keep tid + 256 and its sign word live across the
+    // task loop in the NVSHMEM entry, where they spilled.
+    __builtin_assume(tile_tid<kF32Layer>() < kThreads);
     if constexpr (kEpi == kEpiStoreF32) {
-        for (int i = tile_tid<kF32Layer>(); i < kTileM * (kTileN / 4); i += kThreads) {
-            const int r = i / (kTileN / 4), v = i % (kTileN / 4);
-            if (uint32_t(r) < t.out_rows) {
+        for (uint32_t i = tile_tid<kF32Layer>(); i < kTileM * (kTileN / 4); i += kThreads) {
+            const uint32_t r = i / (kTileN / 4), v = i % (kTileN / 4);
+            if (r < t.out_rows) {
                 *reinterpret_cast<float4*>(t.out + r * t.out_stride + v * 16) =
                     *reinterpret_cast<const float4*>(C + r * kCStride + v * 4);
             }
@@ -436,9 +440,9 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
     } else {
         constexpr int V = kVec<D>;
         constexpr int kPerRow = kTileN / V;
-        for (int i = tile_tid<kF32Layer>(); i < kTileM * kPerRow; i += kThreads) {
-            const int r = i / kPerRow, v = i % kPerRow;
-            if (uint32_t(r) < t.out_rows) {
+        for (uint32_t i = tile_tid<kF32Layer>(); i < kTileM * kPerRow; i += kThreads) {
+            const uint32_t r = i / kPerRow, v = i % kPerRow;
+            if (r < t.out_rows) {
                 float f[V];
 #pragma unroll
                 for (int e = 0; e < V; ++e) f[e] = C[r * kCStride + v * V + e];

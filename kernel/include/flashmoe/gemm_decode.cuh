@@ -48,15 +48,15 @@ __device__ __forceinline__ void decode_load_stage(const TileArgs& t, const char*
     const uint64_t koff = uint64_t(kc) * kTileK * sizeof(T);
 #pragma unroll
     for (int j = 0; j < kMmaRowsPerThread; ++j) {
-        const int i = threadIdx.x + j * kThreads;
-        const int r = i / 8, ch = i % 8;
+        const uint32_t i = threadIdx.x + j * kThreads;
+        const uint32_t r = i / 8, ch = i % 8;
         cp_async16(Wg + r * kLd + ch * 8, t.b0 + r * t.b_stride + koff + ch * 16, true);
         if constexpr (kGated) {
             if (up) cp_async16(Wu + r * kLd + ch * 8, t.b1 + r * t.b_stride + koff + ch * 16, true);
         }
     }
     if (uint32_t(threadIdx.x) < n * 8) {
-        const int r = threadIdx.x / 8, ch = threadIdx.x % 8;
+        const uint32_t r = threadIdx.x / 8, ch = threadIdx.x % 8;
         const bool valid = xrow != nullptr;
         cp_async16(X + r * kLd + ch * 8, valid ? xrow + koff + ch * 16 : t.b0, valid);
     }

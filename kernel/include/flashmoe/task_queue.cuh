@@ -167,6 +167,22 @@ __device__ FM_PHASE bool run_reduce(const Ctx& c, uint32_t idx) {
     return true;
 }
 
+// Completion of the shared-expert GEMM0 tile the block holds (its index read back from
+// Misc::task, as gemm0_finished: kept live across the tile, the row block and the first
+// GEMM1 index spilled in the NVSHMEM f32 entry). The row block's last tile publishes its
+// shared GEMM1 tiles. Thread 0 only; returns true elsewhere.
+__device__ __forceinline__ bool shared_gemm0_finished(const Ctx& c) {
+    if (threadIdx.x != 0) return true;
+    const FmLayerParams& L = *c.L;
+    const uint32_t idx = block_misc()->task & kTaskIndexMask;
+    const uint32_t g1 = L.hidden / kTileN, sg0 = L.shared_width / kTileN, rb = idx / sg0;
+    __threadfence();
+    uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_shared_done) + rb;
+    if (atom_add_acq_rel(done, 1) + 1 == sg0 && !c.stop_after_gemm0())
+        return push_tasks(c, kTaskShared, c.token_row_blocks() * sg0 + rb * g1, g1);
+    return true;
+}
+
 // Shared-expert tile: GEMM0 (x -> shared act) below index token_row_blocks * sg0, GEMM1
 // (shared act -> f32 shared out) from there.
 template <class D>
@@ -204,12 +220,7 @@ __device__ FM_PHASE bool run_shared(const Ctx& c, uint32_t idx) {
         } else {
             run_tile<D, kEpiActPlain>(t, c.smem, L.mlp, clamp);
         }
-        if (threadIdx.x == 0) {
-            __threadfence();
-            uint32_t* done = reinterpret_cast<uint32_t*>(c.ws + L.ws_shared_done) + rb;
-            if (atom_add_acq_rel(done, 1) + 1 == sg0 && !c.stop_after_gemm0())
-                ok = push_tasks(c, kTaskShared, first_g1 + rb * g1, g1);
-        }
+        ok = shared_gemm0_finished(c);
     } else {
         t.a = sact;
         t.a_stride = L.ws_shared_act_stride_row;
