@@ -425,10 +425,10 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
         }
     }
     __syncthreads();
-    // The store loops run a fixed count per thread (unrolled; unsigned indices): a loop
-    // bounded by threadIdx.x made ptxas keep tid + 256 and its sign word live across the
-    // task loop in the NVSHMEM entry, where they spilled.
-    __builtin_assume(tile_tid<kF32Layer>() < kThreads);
+    // Unsigned indices and a known thread count: with int indices and an unknown trip
+    // count, ptxas kept tid + 256 and its sign word live across the whole task loop of the
+    // NVSHMEM entry point, where they spilled.
+    __builtin_assume(threadIdx.x < kThreads);
     if constexpr (kEpi == kEpiStoreF32) {
         for (uint32_t i = tile_tid<kF32Layer>(); i < kTileM * (kTileN / 4); i += kThreads) {
             const uint32_t r = i / (kTileN / 4), v = i % (kTileN / 4);

@@ -14,8 +14,9 @@ constexpr uint32_t kNoPeek = 0xFFFFFFFFu;    // Misc::peek: no published entry s
 
 // Whether this build starts next tasks early (next_stage.cuh): the P2P build. In the
 // NVSHMEM build every phase is inlined into one entry point at the register budget, and the
-// early step 0 took its spills from 20 / 84 to 40 / 128 bytes (stores / loads, bf16), past
-// scripts/ptxas_spills.py's ceiling of 96; there every tile fills its own pipeline.
+// early step 0 takes its spills from none to 52 / 104 bytes (stores / loads, bf16; tried
+// 2026-12-02), and scripts/ptxas_spills.py allows none; there every tile fills its own
+// pipeline.
 #ifdef FM_NVSHMEM
 constexpr bool kEarlyStageBuild = false;
 #else
