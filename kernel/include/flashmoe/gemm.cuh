@@ -427,7 +427,8 @@ __device__ FM_PHASE void run_tile(const TileArgs& t, char* arena, uint32_t mlp, 
     __syncthreads();
     // Unsigned indices and a known thread count: with int indices and an unknown trip
     // count, ptxas kept tid + 256 and its sign word live across the whole task loop of the
-    // NVSHMEM entry point, where they spilled.
+    // NVSHMEM entry point, where they spilled. (layer() refuses any block size but kThreads
+    // before a tile runs, so the assumption holds.)
     __builtin_assume(threadIdx.x < kThreads);
     if constexpr (kEpi == kEpiStoreF32) {
         for (uint32_t i = tile_tid<kF32Layer>(); i < kTileM * (kTileN / 4); i += kThreads) {
