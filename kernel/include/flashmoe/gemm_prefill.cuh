@@ -133,17 +133,17 @@ __device__ __forceinline__ void prefill_load_stage(const PrefillLoader<S>& l, ch
     T* Bg = As + S::kRows * kLd;
     T* Bu = Bg + kTileN * kLd;
     const uint32_t koff = kc * uint32_t(kTileK * sizeof(T));
-    const int r0 = threadIdx.x / 8, ch = threadIdx.x % 8;
+    const uint32_t r0 = threadIdx.x / 8, ch = threadIdx.x % 8;
 #pragma unroll
     for (int j = 0; j < S::kARows; ++j) {
-        const int r = r0 + j * (kThreads / 8);
+        const uint32_t r = r0 + j * (kThreads / 8);
         const bool valid = l.arow[j] != nullptr;
         const char* src = valid ? l.arow[j] + koff + ch * 16 : l.b0;
         cp_async16(As + r * kLd + ch * 8, src, valid);
     }
 #pragma unroll
     for (int j = 0; j < kMmaRowsPerThread; ++j) {
-        const int r = r0 + j * (kThreads / 8);
+        const uint32_t r = r0 + j * (kThreads / 8);
         const uint32_t bo = l.boff + j * l.b32 + koff;
         cp_async16(Bg + r * kLd + ch * 8, l.b0 + bo, true);
         if constexpr (kGated) {
