@@ -348,19 +348,14 @@ __device__ __forceinline__ void ffma_step(const float* As, const float* Bg, cons
         const float2 a = *reinterpret_cast<const float2*>(As + kk * kLdF + ty * 2);
         av[0] = a.x, av[1] = a.y;
     }
-    const float4 b = *reinterpret_cast<const float4*>(Bg + kk * kLdF + tx * 4);
-    const float bv[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
-    for (int i = 0; i < R; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[0][i][j] = fmaf(av[i], bv[j], acc[0][i][j]);
-    if constexpr (kGated) {
-        const float4 u = *reinterpret_cast<const float4*>(Bu + kk * kLdF + tx * 4);
-        const float uv[4] = {u.x, u.y, u.z, u.w};
+    for (int m = 0; m < (kGated ? 2 : 1); ++m) {  // gate (B), then up (Bu) when gated
+        const float4 b = *reinterpret_cast<const float4*>((m == 0 ? Bg : Bu) + kk * kLdF + tx * 4);
+        const float bv[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
         for (int i = 0; i < R; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) acc[1][i][j] = fmaf(av[i], uv[j], acc[1][i][j]);
+            for (int j = 0; j < 4; ++j) acc[m][i][j] = fmaf(av[i], bv[j], acc[m][i][j]);
     }
 }
 
