@@ -78,7 +78,8 @@ __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, con
     if constexpr (D::kTensorCore) {
         const TileChoice tc = tile_for<D::kCode>(*c.L, t.a_rows);
         // Step 0 in flight (take_task, next_stage.cuh): the tile before issued it for this
-        // task's shape, which the same rows give here.
+        // task's shape, which the same rows give here (stage_tile stages only the decode,
+        // prefill and wide shapes, so a classic tile never finds it set).
         const bool staged = kEarlyStageBuild && block_misc()->staged != 0;
         if (tc.kind == kTileDecode) {
             run_decode_tile<D, kEpi>(t, tc.tokens, c.smem, c.L->mlp, clamp, staged);
@@ -91,10 +92,6 @@ __device__ __forceinline__ void routed_tile(const Ctx& c, const TileArgs& t, con
         if (tc.kind == kTileWide) {
             run_prefill_tile<D, kEpi, 2 * kTileM>(t, c.smem, c.L->mlp, clamp, staged);
             return;
-        }
-        if (staged) {  // never (classic tiles run only in classic mode, which stages nothing)
-            cp_async_wait<0>();
-            __syncthreads();
         }
     } else {
         // f32 has no wide task (task_rows never gives it more than kTileM rows), so tile_for
