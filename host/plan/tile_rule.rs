@@ -104,16 +104,15 @@ impl TileMode {
 
 impl std::str::FromStr for TileMode {
     type Err = String;
+    /// The mode whose [`TileMode::name`] is `s`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(TileMode::Auto),
-            "narrow" => Ok(TileMode::Narrow),
-            "auto-serial" => Ok(TileMode::AutoSerial),
-            "classic" => Ok(TileMode::Classic),
-            _ => Err(format!(
-                "`{s}`: expected auto, narrow, classic or auto-serial"
-            )),
-        }
+        TileMode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = TileMode::ALL.iter().map(|m| m.name()).collect();
+                format!("`{s}`: expected one of {}", names.join(", "))
+            })
     }
 }
 
